@@ -1,0 +1,33 @@
+# protheus-broker — developer entry points.  `make run` (demo) and `make test` are the quick start.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: run test test-floor lint bench venv clean
+
+$(VENV)/.done: setup.cfg
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q twisted pyopenssl service-identity configobj zope.interface \
+		hypothesis cryptography psutil mypy mypy-zope
+	touch $@
+
+venv: $(VENV)/.done
+
+run: venv  ## the demo: broker on etc/demo.ini plus three sample AppServers (Ctrl-C stops all)
+	$(PY) -m protheus_broker.demo
+
+test: venv  ## all tests, newest Twisted from PyPI
+	$(PY) -m twisted.trial --temp-directory=/tmp/_trial_temp_protheus tests
+
+test-floor:  ## all tests under Debian 12's own python3-twisted 22.4
+	/usr/bin/python3 -m twisted.trial --temp-directory=/tmp/_trial_temp_protheus_floor tests
+
+lint: venv
+	$(VENV)/bin/mypy protheus_broker
+
+bench: venv  ## broker vs direct vs HAProxy on 127.0.0.1 (needs haproxy)
+	$(PY) bench/bench.py
+
+clean:
+	rm -rf $(VENV) _trial_temp* build *.egg-info twisted/plugins/dropin.cache

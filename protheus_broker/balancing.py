@@ -1,0 +1,131 @@
+"""The six TOTVS ``SORT_METHOD`` strategies: pure, clock-free ranking of servers.
+
+A balancer ranks the servers that may take a new session, most preferred first.  The broker tries
+them in that order, so a refused or timed-out server falls over to the next one.  Nothing here does
+I/O or reads a clock: callers pass ``now`` and the servers' current figures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+from zope.interface import Attribute, Interface, implementer
+
+from .config import SortMethod
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """What an AppServer's agent last reported, and when (broker clock, seconds)."""
+
+    memory_bytes: int
+    users: int
+    threads: int
+    cpu_percent: float
+    taken_at: float
+
+
+class Rankable(Protocol):
+    """What a balancer reads of a server (the pool's ``Backend`` satisfies it)."""
+
+    @property
+    def index(self) -> int: ...  # position in the server table (the config's order)
+
+    @property
+    def active(self) -> int: ...  # sessions through this broker now, including ones being opened
+
+    @property
+    def metrics(self) -> Metrics | None: ...
+
+
+class IBalancer(Interface):
+    """Ranks the available servers for one new session."""
+
+    method = Attribute("The SortMethod this balancer implements.")
+
+    def rank(servers: Sequence[Rankable], now: float) -> list[Rankable]:  # type: ignore[misc]
+        """Return *servers* (all available) most preferred first.  May advance internal state
+        (round robin), so call it exactly once per new session."""
+
+
+def _by_connections(servers: Sequence[Rankable]) -> list[Rankable]:
+    return sorted(servers, key=lambda s: (s.active, s.index))
+
+
+@implementer(IBalancer)
+class ConnectionBalancer:
+    """``CONNECTION``: fewest sessions through the broker; ties go to the earlier table entry."""
+
+    method = SortMethod.CONNECTION
+
+    def rank(self, servers: Sequence[Rankable], now: float) -> list[Rankable]:
+        return _by_connections(servers)
+
+
+@implementer(IBalancer)
+class RoundRobinBalancer:
+    """``ROUND_ROBIN``: the next server in table order after the last one chosen, whatever the
+    counts.  A server that is not available is skipped; the sequence carries on after it."""
+
+    method = SortMethod.ROUND_ROBIN
+
+    def __init__(self) -> None:
+        self._last_index = -1
+
+    def rank(self, servers: Sequence[Rankable], now: float) -> list[Rankable]:
+        if not servers:
+            return []
+        ordered = sorted(servers, key=lambda s: s.index)
+        after = [s for s in ordered if s.index > self._last_index]
+        ranked = after + [s for s in ordered if s.index <= self._last_index]
+        self._last_index = ranked[0].index
+        return ranked
+
+
+_METRIC_OF: dict[SortMethod, Callable[[Metrics], float]] = {
+    SortMethod.SERVER_MEMORY: lambda m: m.memory_bytes,
+    SortMethod.SERVER_USERS: lambda m: m.users,
+    SortMethod.SERVER_THREADS: lambda m: m.threads,
+    SortMethod.SERVER_CPU: lambda m: m.cpu_percent,
+}
+
+
+@implementer(IBalancer)
+class MetricBalancer:
+    """``SERVER_MEMORY/USERS/THREADS/CPU``: lowest reported figure first.
+
+    Servers whose last report is older than *max_age* seconds (or that never reported) rank after
+    every server with a fresh report, among themselves by connections: with no fresh report at
+    all this is exactly ``CONNECTION``.  Ties on the figure go to fewer connections, then table order.
+    """
+
+    def __init__(self, method: SortMethod, max_age: float) -> None:
+        if method not in _METRIC_OF:
+            raise ValueError(f"{method} is not a metric method")
+        self.method = method
+        self.max_age = max_age
+        self._figure = _METRIC_OF[method]
+
+    def is_fresh(self, metrics: Metrics | None, now: float) -> bool:
+        return metrics is not None and 0 <= now - metrics.taken_at <= self.max_age
+
+    def rank(self, servers: Sequence[Rankable], now: float) -> list[Rankable]:
+        fresh = [s for s in servers if self.is_fresh(s.metrics, now)]
+        stale = [s for s in servers if not self.is_fresh(s.metrics, now)]
+
+        def key(server: Rankable) -> tuple[float, int, int]:
+            figure = self._figure(server.metrics)  # type: ignore[arg-type]
+            return (figure if math.isfinite(figure) else math.inf, server.active, server.index)
+
+        return sorted(fresh, key=key) + _by_connections(stale)
+
+
+def make_balancer(method: SortMethod, metrics_max_age: float = 3.0) -> IBalancer:
+    """The balancer for *method* (pass the config's ``effective_sort_method``)."""
+    if method is SortMethod.CONNECTION:
+        return ConnectionBalancer()
+    if method is SortMethod.ROUND_ROBIN:
+        return RoundRobinBalancer()
+    return MetricBalancer(method, metrics_max_age)

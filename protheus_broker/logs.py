@@ -1,0 +1,35 @@
+"""TOTVS console-log keys mapped onto twisted.logger."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.logger import FileLogObserver, formatEvent, formatEventAsClassicLogText
+from twisted.logger._interfaces import LogEvent
+from twisted.python.logfile import LogFile
+
+from .config import GeneralConfig
+
+
+def _plain_line(event: LogEvent) -> str | None:
+    text = formatEvent(event)
+    if not text:
+        return None
+    return f"[{event.get('log_namespace', '-')}] {text}\n"
+
+
+def console_file_observer(general: GeneralConfig) -> tuple[FileLogObserver, LogFile] | None:
+    """An observer writing to ``ConsoleFile`` (rotated at ``ConsoleMaxSize``), or None if unset.
+
+    ``ConsoleLogDate=1`` puts the date and time on each line, as TOTVS does.
+    """
+    if not general.console_file:
+        return None
+    path = os.path.abspath(general.console_file)
+    logfile = LogFile.fromFullPath(path, rotateLength=general.console_max_size or None,
+                                   maxRotatedFiles=5)
+    if general.console_log_date:
+        observer = FileLogObserver(logfile, formatEventAsClassicLogText)
+    else:
+        observer = FileLogObserver(logfile, _plain_line)
+    return observer, logfile

@@ -1,0 +1,217 @@
+"""The pool of AppServers behind one listener: state, live counts and metrics, no I/O.
+
+Servers join, drain and leave at run time (admin actions, config reload, later managed nodes);
+a server that leaves while it still carries sessions stays, draining, until its last session ends.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from twisted.logger import Logger
+
+from .balancing import IBalancer, Metrics
+from .config import RemoteServer
+
+log = Logger()
+
+
+class ServerState(enum.Enum):
+    """Where a server stands for new sessions."""
+
+    UP = "up"  # takes new sessions
+    SUSPENDED = "suspended"  # monitoring missed it or a connect just failed; no new sessions
+    DOWN = "down"  # known dead or marked down by an admin; no new sessions
+    DRAINING = "draining"  # existing sessions carry on, no new ones (admin drain or leaving)
+
+
+class Backend:
+    """One AppServer as the broker sees it."""
+
+    __slots__ = (
+        "server_id", "host", "port", "index", "state", "active", "total", "connect_failures",
+        "metrics", "leaving", "reason",
+    )
+
+    def __init__(self, server: RemoteServer, index: int) -> None:
+        self.server_id = server.server_id
+        self.host = server.host
+        self.port = server.port
+        self.index = index
+        self.state = ServerState.UP
+        self.active = 0  # sessions through the broker, counted from the moment it is chosen
+        self.total = 0  # sessions that reached this server since start
+        self.connect_failures = 0
+        self.metrics: Metrics | None = None
+        self.leaving = False  # removed from the config: goes when its last session ends
+        self.reason = "configured"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def available(self) -> bool:
+        return self.state is ServerState.UP
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        """A plain dict for logs, status pages and tests."""
+        metrics = None
+        if self.metrics is not None:
+            metrics = {
+                "memory_bytes": self.metrics.memory_bytes, "users": self.metrics.users,
+                "threads": self.metrics.threads, "cpu_percent": self.metrics.cpu_percent,
+                "age_seconds": round(now - self.metrics.taken_at, 3),
+            }
+        return {
+            "id": self.server_id, "address": self.address, "state": self.state.value,
+            "reason": self.reason, "connections": self.active, "total": self.total,
+            "connect_failures": self.connect_failures, "leaving": self.leaving, "metrics": metrics,
+        }
+
+
+@dataclass
+class ReconfigureResult:
+    """What a config reload changed in the pool."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    draining: list[str] = field(default_factory=list)  # removed but still carrying sessions
+    kept: list[str] = field(default_factory=list)
+
+
+class UnknownServer(KeyError):
+    """No server with that id in the pool."""
+
+
+class ServerPool:
+    """The server table of one listener and the balancer that ranks it."""
+
+    def __init__(self, servers: Iterable[RemoteServer], balancer: IBalancer) -> None:
+        self.balancer = balancer
+        self._backends: dict[str, Backend] = {}
+        for server in servers:
+            self._add(server)
+
+    def __iter__(self) -> Iterator[Backend]:
+        return iter(self._backends.values())
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    def get(self, server_id: str) -> Backend:
+        try:
+            return self._backends[server_id]
+        except KeyError:
+            raise UnknownServer(server_id) from None
+
+    def _add(self, server: RemoteServer) -> Backend:
+        index = max((b.index for b in self._backends.values()), default=-1) + 1
+        backend = Backend(server, index)
+        self._backends[server.server_id] = backend
+        return backend
+
+    # --- choosing -------------------------------------------------------------------------
+
+    def candidates(self, now: float) -> list[Backend]:
+        """The servers to try for one new session, best first (call once per session)."""
+        available = [b for b in self._backends.values() if b.available]
+        return self.balancer.rank(available, now)  # type: ignore[return-value]
+
+    # --- session accounting (only sessions through the broker count) -----------------------
+
+    def session_opening(self, backend: Backend) -> None:
+        """A session was sent to *backend*: count it now, so a burst spreads."""
+        backend.active += 1
+
+    def session_connected(self, backend: Backend) -> None:
+        backend.total += 1
+
+    def session_closed(self, backend: Backend) -> None:
+        """A session on *backend* ended (or its connect attempt failed)."""
+        backend.active -= 1
+        if backend.leaving and backend.active == 0:
+            self._forget(backend)
+
+    def connect_failed(self, backend: Backend, reason: str) -> None:
+        """A connect to *backend* failed while opening a session."""
+        backend.connect_failures += 1
+        backend.reason = f"connect failed: {reason}"
+
+    # --- metrics (fed by monitoring; tests feed it directly) ---------------------------------
+
+    def report_metrics(self, server_id: str, metrics: Metrics) -> None:
+        self.get(server_id).metrics = metrics
+
+    # --- run-time membership ----------------------------------------------------------------
+
+    def set_state(self, server_id: str, state: ServerState, reason: str) -> Backend:
+        backend = self.get(server_id)
+        if backend.state is not state:
+            log.info(
+                "server {server_id} ({address}) {old} -> {new}: {reason}",
+                server_id=server_id, address=backend.address, old=backend.state.value,
+                new=state.value, reason=reason,
+            )
+        backend.state = state
+        backend.reason = reason
+        return backend
+
+    def add(self, server: RemoteServer) -> Backend:
+        """A server joins the pool and takes sessions at once."""
+        if server.server_id in self._backends:
+            raise ValueError(f"server {server.server_id} is already in the pool")
+        backend = self._add(server)
+        log.info("server {server_id} ({address}) joined the pool", server_id=server.server_id,
+                 address=backend.address)
+        return backend
+
+    def remove(self, server_id: str) -> bool:
+        """A server leaves: at once if idle, else it drains first.  True if it is gone now."""
+        backend = self.get(server_id)
+        if backend.active == 0:
+            self._forget(backend)
+            return True
+        backend.leaving = True
+        self.set_state(server_id, ServerState.DRAINING, "leaving the pool")
+        return False
+
+    def _forget(self, backend: Backend) -> None:
+        for key, entry in list(self._backends.items()):
+            if entry is not backend:
+                continue
+            del self._backends[key]
+            log.info("server {server_id} ({address}) left the pool", server_id=backend.server_id,
+                     address=backend.address)
+
+    def reconfigure(self, servers: Iterable[RemoteServer]) -> ReconfigureResult:
+        """Make the pool match a reloaded server list without dropping any session.
+
+        A server whose address changed is a new server under the same id: the old one drains.
+        """
+        result = ReconfigureResult()
+        wanted = {s.server_id: s for s in servers}
+        for backend in list(self._backends.values()):
+            new = wanted.get(backend.server_id)
+            if new is not None and (new.host, new.port) == (backend.host, backend.port):
+                result.kept.append(backend.server_id)
+                if backend.leaving:  # back in the config before it finished draining
+                    backend.leaving = False
+                    self.set_state(backend.server_id, ServerState.UP, "back in the config")
+                continue
+            del self._backends[backend.server_id]
+            if backend.active:
+                backend.leaving = True
+                backend.state = ServerState.DRAINING
+                backend.reason = "removed from the config"
+                self._backends[f"{backend.server_id}~{backend.address}"] = backend
+                result.draining.append(backend.server_id)
+            else:
+                result.removed.append(backend.server_id)
+        for server_id, server in wanted.items():
+            if server_id not in self._backends:
+                self._add(server)
+                result.added.append(server_id)
+        return result

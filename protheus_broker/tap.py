@@ -1,0 +1,144 @@
+"""``twistd -n protheus-broker --config PATH``: wiring only."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger, globalLogPublisher
+from twisted.python import usage
+
+from . import __version__
+from .balancing import make_balancer
+from .config import DEFAULT_CONFIG_PATH, BrokerConfig, ConfigError, load_config
+from .logs import console_file_observer
+from .pool import ServerPool
+from .proxy import BrokerFactory
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH]"
+    longdesc = (
+        "Load-balancing broker for TOTVS Protheus AppServers: SmartClient desktop sessions are "
+        "spread over the REMOTE_SERVER_xx of [BALANCE_SMART_CLIENT_DESKTOP] by SORT_METHOD. "
+        "SIGHUP reloads the config without dropping sessions."
+    )
+    optParameters = [
+        ["config", "c", DEFAULT_CONFIG_PATH, "The broker's appserver.ini."],
+    ]
+
+
+class BrokerService(MultiService):
+    """The broker: one listener and its pool, built from one config, reloadable on SIGHUP."""
+
+    def __init__(self, reactor: Any, config: BrokerConfig) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        desktop = config.desktop
+        self.pool = ServerPool(
+            desktop.servers, make_balancer(desktop.effective_sort_method, desktop.metrics_max_age)
+        )
+        self.factory = BrokerFactory(
+            reactor, self.pool, connect_timeout=desktop.connect_timeout,
+            max_sessions=desktop.max_sessions, sort_method=desktop.effective_sort_method.value,
+        )
+        self.port: Any = None
+        self.started_at = reactor.seconds()
+        self._console: Any = None
+        self._previous_sighup: Any = None
+
+    def privilegedStartService(self) -> None:
+        desktop = self.config.desktop
+        try:
+            self.port = self.reactor.listenTCP(
+                desktop.local_port, self.factory, backlog=1024, interface=desktop.local_interface
+            )
+        except CannotListenError as exc:
+            where = f"{desktop.local_interface or '*'}:{desktop.local_port}"
+            raise SystemExit(
+                f"protheus-broker: {self.config.path}: LOCAL_SERVER_PORT: cannot listen on "
+                f"{where}: {exc.socketError}"
+            ) from None
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        console = console_file_observer(self.config.general)
+        if console is not None:
+            self._console = console
+            globalLogPublisher.addObserver(console[0])
+        for warning in self.config.warnings:
+            log.warn("config: {warning}", warning=warning)
+        if not self.config.general.console_log:
+            log.warn("config: ConsoleLog=0: under twistd the log goes where twistd sends it "
+                     "(--logfile, --syslog, the journal); it is not switched off")
+        host = self.port.getHost()
+        desktop = self.config.desktop
+        log.info(
+            "protheus-broker {version} listening on {host}:{port} ({service}); {count} AppServers, "
+            "SORT_METHOD={sort_method}, MONITORING_TYPE={monitoring}",
+            version=__version__, host=host.host, port=host.port, service=desktop.service_name,
+            count=len(self.pool), sort_method=desktop.effective_sort_method.value,
+            monitoring=desktop.monitoring_type.value,
+        )
+        try:
+            self._previous_sighup = signal.signal(
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
+            )
+        except ValueError:  # not the main thread (tests): reload() is still callable
+            self._previous_sighup = None
+        super().startService()
+
+    def stopService(self) -> Any:
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+        if self._console is not None:
+            globalLogPublisher.removeObserver(self._console[0])
+            self._console[1].close()
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+    def reload(self) -> bool:
+        """Re-read the config and apply it without dropping any session.  False if it is bad."""
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: {error}", error=str(exc))
+            return False
+        for warning in new.warnings:
+            log.warn("config: {warning}", warning=warning)
+        old, desktop = self.config.desktop, new.desktop
+        if (desktop.local_port, desktop.local_interface) != (old.local_port, old.local_interface):
+            log.warn("reload: LOCAL_SERVER_PORT/LOCAL_SERVER_INTERFACE changed; restart to apply")
+        result = self.pool.reconfigure(desktop.servers)
+        if desktop.effective_sort_method != old.effective_sort_method or (
+            desktop.metrics_max_age != old.metrics_max_age
+        ):
+            self.pool.balancer = make_balancer(desktop.effective_sort_method, desktop.metrics_max_age)
+        self.factory.connect_timeout = desktop.connect_timeout
+        self.factory.max_sessions = desktop.max_sessions
+        self.factory.sort_method = desktop.effective_sort_method.value
+        self.config = new
+        log.info(
+            "reloaded {path}: added {added}, removed {removed}, draining {draining}, kept {kept}; "
+            "SORT_METHOD={sort_method}", path=new.path, added=result.added or "none",
+            removed=result.removed or "none", draining=result.draining or "none",
+            kept=len(result.kept), sort_method=desktop.effective_sort_method.value,
+        )
+        return True
+
+
+def makeService(options: Options) -> BrokerService:
+    from twisted.internet import reactor
+
+    try:
+        config = load_config(options["config"])
+    except ConfigError as exc:
+        raise SystemExit(f"protheus-broker: {exc}") from None
+    return BrokerService(reactor, config)

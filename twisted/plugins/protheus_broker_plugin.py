@@ -1,0 +1,16 @@
+"""twistd plugins of protheus-broker: lazy, nothing heavy imported here."""
+
+from twisted.application.service import ServiceMaker
+
+protheusBroker = ServiceMaker(
+    "protheus-broker",
+    "protheus_broker.tap",
+    "Load-balancing broker for TOTVS Protheus AppServers (SmartClient desktop).",
+    "protheus-broker",
+)
+protheusAppServerSim = ServiceMaker(
+    "protheus-appserver-sim",
+    "protheus_broker.sim_tap",
+    "Sample AppServer for demos, tests and benchmarks (greets, then echoes).",
+    "protheus-appserver-sim",
+)
