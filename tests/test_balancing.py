@@ -1,0 +1,232 @@
+"""Balancing: the seed's worked examples as tests, metric methods, and pool membership."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from protheus_broker.balancing import (
+    ConnectionBalancer,
+    MetricBalancer,
+    Metrics,
+    RoundRobinBalancer,
+    make_balancer,
+)
+from protheus_broker.config import RemoteServer, SortMethod
+from protheus_broker.pool import Backend, ServerPool, ServerState
+
+
+def servers(count: int) -> list[RemoteServer]:
+    return [RemoteServer(f"{n:02d}", "127.0.0.1", 5000 + n) for n in range(1, count + 1)]
+
+
+class Broker:
+    """The seed's 'broker screen': open and close sessions, see where they land."""
+
+    def __init__(self, method: SortMethod, count: int = 3) -> None:
+        self.pool = ServerPool(servers(count), make_balancer(method))
+        self.sessions: list[Backend] = []
+
+    def login(self, now: float = 0.0) -> str:
+        backend = self.pool.candidates(now)[0]
+        self.pool.session_opening(backend)
+        self.pool.session_connected(backend)
+        self.sessions.append(backend)
+        return backend.server_id
+
+    def logout(self, server_id: str) -> None:
+        backend = next(b for b in reversed(self.sessions) if b.server_id == server_id)
+        self.sessions.remove(backend)
+        self.pool.session_closed(backend)
+
+    def screen(self) -> dict[str, int]:
+        return {b.server_id: b.active for b in self.pool}
+
+
+class ConnectionWorkedExampleTests(SynchronousTestCase):
+    def test_seed_connection_sequence(self) -> None:
+        """Seed 001, CONNECTION: 1, 2, 3; user on 2 leaves; next goes to 2; an MDI tab adds one."""
+        broker = Broker(SortMethod.CONNECTION)
+        self.assertEqual(broker.screen(), {"01": 0, "02": 0, "03": 0})
+        self.assertEqual(broker.login(), "01")  # all zero: any, the first
+        self.assertEqual(broker.login(), "02")  # 2 or 3
+        self.assertEqual(broker.login(), "03")  # must be 3
+        broker.logout("02")
+        self.assertEqual(broker.screen(), {"01": 1, "02": 0, "03": 1})
+        self.assertEqual(broker.login(), "02")  # the freed server, fewest connections
+        # A new MDI tab is one more connection; with all at 1 it goes to the first, not 2.
+        self.assertEqual(broker.screen(), {"01": 1, "02": 1, "03": 1})
+
+
+class RoundRobinWorkedExampleTests(SynchronousTestCase):
+    def test_seed_round_robin_sequence(self) -> None:
+        """Seed 001, ROUND_ROBIN: 1, 2, 3; 3 closes; next still 1, then 2, then 3."""
+        broker = Broker(SortMethod.ROUND_ROBIN)
+        self.assertEqual(broker.login(), "01")  # SIGAMDI menu
+        self.assertEqual(broker.login(), "02")  # MDI tab 'Consulta Genérica'
+        self.assertEqual(broker.login(), "03")  # a new SmartClient
+        broker.logout("03")
+        self.assertEqual(broker.screen(), {"01": 1, "02": 1, "03": 0})
+        self.assertEqual(broker.login(), "01")  # next in sequence, although 3 has zero
+        self.assertEqual(broker.login(), "02")
+        self.assertEqual(broker.login(), "03")
+
+    def test_down_server_skipped_sequence_continues(self) -> None:
+        """A down server is skipped and the sequence carries on after it."""
+        broker = Broker(SortMethod.ROUND_ROBIN)
+        broker.pool.set_state("02", ServerState.DOWN, "test")
+        self.assertEqual([broker.login() for _ in range(4)], ["01", "03", "01", "03"])
+        broker.pool.set_state("02", ServerState.UP, "test")
+        self.assertEqual([broker.login(), broker.login()], ["01", "02"])  # after 03 comes 01
+
+    def test_failover_order_is_the_rest_of_the_sequence(self) -> None:
+        """The ranking after the first choice is the rest of the sequence (failover order)."""
+        balancer = RoundRobinBalancer()
+        pool = ServerPool(servers(4), balancer)
+        self.assertEqual([b.server_id for b in pool.candidates(0)], ["01", "02", "03", "04"])
+        self.assertEqual([b.server_id for b in pool.candidates(0)], ["02", "03", "04", "01"])
+
+
+class MetricBalancerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.now = 100.0
+
+    def pool_with(self, method: SortMethod, reports: dict[str, Metrics | None]) -> ServerPool:
+        pool = ServerPool(servers(len(reports)), make_balancer(method, metrics_max_age=3.0))
+        for server_id, metrics in reports.items():
+            if metrics is not None:
+                pool.report_metrics(server_id, metrics)
+        return pool
+
+    def test_each_method_chooses_its_lowest_figure(self) -> None:
+        """SERVER_MEMORY/USERS/THREADS/CPU each pick the server lowest in their own figure."""
+        t = self.now
+        reports: dict[str, Metrics | None] = {
+            "01": Metrics(memory_bytes=300, users=1, threads=90, cpu_percent=50.0, taken_at=t),
+            "02": Metrics(memory_bytes=100, users=9, threads=80, cpu_percent=70.0, taken_at=t),
+            "03": Metrics(memory_bytes=200, users=5, threads=10, cpu_percent=20.0, taken_at=t),
+        }
+        expected = {
+            SortMethod.SERVER_MEMORY: ["02", "03", "01"],
+            SortMethod.SERVER_USERS: ["01", "03", "02"],
+            SortMethod.SERVER_THREADS: ["03", "02", "01"],
+            SortMethod.SERVER_CPU: ["03", "01", "02"],
+        }
+        for method, order in expected.items():
+            pool = self.pool_with(method, reports)
+            self.assertEqual([b.server_id for b in pool.candidates(self.now)], order, method)
+
+    def test_stale_and_missing_metrics_rank_last_by_connections(self) -> None:
+        """A server without a fresh report ranks after those with one, by its connections."""
+        t = self.now
+        pool = self.pool_with(SortMethod.SERVER_MEMORY, {
+            "01": Metrics(1, 0, 0, 0.0, taken_at=t - 10),  # stale though lowest
+            "02": Metrics(500, 0, 0, 0.0, taken_at=t - 1),
+            "03": None,
+        })
+        pool.session_opening(pool.get("01"))
+        self.assertEqual([b.server_id for b in pool.candidates(self.now)], ["02", "03", "01"])
+
+    def test_no_fresh_metrics_is_connection(self) -> None:
+        """With no fresh report anywhere, SERVER_* ranks exactly as CONNECTION."""
+        pool = self.pool_with(SortMethod.SERVER_CPU, {"01": None, "02": None, "03": None})
+        pool.session_opening(pool.get("01"))
+        pool.session_opening(pool.get("02"))
+        self.assertEqual([b.server_id for b in pool.candidates(self.now)], ["03", "01", "02"])
+
+    def test_equal_figures_tie_on_connections(self) -> None:
+        """Equal figures go to fewer connections, then table order."""
+        t = self.now
+        pool = self.pool_with(SortMethod.SERVER_USERS, {s: Metrics(0, 3, 0, 0.0, t) for s in ("01", "02", "03")})
+        pool.session_opening(pool.get("01"))
+        self.assertEqual([b.server_id for b in pool.candidates(self.now)], ["02", "03", "01"])
+
+    def test_not_a_metric_method(self) -> None:
+        """MetricBalancer refuses a non-metric method."""
+        self.assertRaises(ValueError, MetricBalancer, SortMethod.ROUND_ROBIN, 3.0)
+
+
+class InvariantTests(SynchronousTestCase):
+    @given(
+        st.sampled_from(list(SortMethod)),
+        st.lists(st.sampled_from([ServerState.UP, ServerState.DOWN, ServerState.DRAINING,
+                                  ServerState.SUSPENDED]), min_size=1, max_size=8),
+        st.lists(st.integers(0, 5), min_size=8, max_size=8),
+    )
+    def test_rank_is_a_permutation_of_available_servers(self, method, states, loads) -> None:  # type: ignore[no-untyped-def]
+        """Every method ranks each available server exactly once and never a down one."""
+        pool = ServerPool(servers(len(states)), make_balancer(method))
+        for backend, state, load in zip(list(pool), states, loads):
+            backend.state = state
+            backend.active = load
+            backend.metrics = Metrics(load * 7 % 5, load, load, float(load), taken_at=0.0)
+        ranked = [b.server_id for b in pool.candidates(1.0)]
+        up = [b.server_id for b in pool if b.state is ServerState.UP]
+        self.assertEqual(sorted(ranked), sorted(up))
+
+    @given(st.lists(st.sampled_from(["open", "close"]), max_size=60))
+    def test_connection_keeps_counts_within_one(self, ops: list[str]) -> None:
+        """CONNECTION with closes always from the busiest keeps servers within one session."""
+        pool = ServerPool(servers(3), ConnectionBalancer())
+        for op in ops:
+            if op == "open":
+                pool.session_opening(pool.candidates(0)[0])
+            else:
+                busiest = max(pool, key=lambda b: b.active)
+                if busiest.active:
+                    pool.session_closed(busiest)
+            counts = [b.active for b in pool]
+            self.assertLessEqual(max(counts) - min(counts), 1)
+
+
+class PoolMembershipTests(SynchronousTestCase):
+    def test_join_drain_ready_leave(self) -> None:
+        """Servers join at run time; a draining server takes no new session; an idle one leaves."""
+        pool = ServerPool(servers(2), ConnectionBalancer())
+        pool.add(RemoteServer("NEW", "127.0.0.1", 6000))
+        self.assertEqual([b.server_id for b in pool.candidates(0)], ["01", "02", "NEW"])
+        pool.set_state("01", ServerState.DRAINING, "admin")
+        self.assertEqual([b.server_id for b in pool.candidates(0)], ["02", "NEW"])
+        pool.set_state("01", ServerState.UP, "admin")
+        self.assertTrue(pool.remove("NEW"))
+        self.assertEqual([b.server_id for b in pool], ["01", "02"])
+        self.assertRaises(ValueError, pool.add, RemoteServer("01", "h", 1))
+
+    def test_busy_server_leaves_after_its_last_session(self) -> None:
+        """A server removed while it carries sessions drains and goes when the last one ends."""
+        pool = ServerPool(servers(2), ConnectionBalancer())
+        busy = pool.get("01")
+        pool.session_opening(busy)
+        self.assertFalse(pool.remove("01"))
+        self.assertEqual(busy.state, ServerState.DRAINING)
+        self.assertEqual([b.server_id for b in pool.candidates(0)], ["02"])
+        pool.session_closed(busy)
+        self.assertEqual([b.server_id for b in pool], ["02"])
+
+    def test_reconfigure_keeps_sessions(self) -> None:
+        """A reload adds new servers, removes idle ones, drains busy ones; sessions are untouched."""
+        pool = ServerPool(servers(3), ConnectionBalancer())
+        busy = pool.get("02")
+        pool.session_opening(busy)
+        result = pool.reconfigure([RemoteServer("01", "127.0.0.1", 5001),
+                                   RemoteServer("04", "127.0.0.1", 5004),
+                                   RemoteServer("03", "127.0.0.1", 6003)])  # 03 moved
+        self.assertEqual((result.added, result.removed, result.draining, result.kept),
+                         (["04", "03"], ["03"], ["02"], ["01"]))
+        self.assertEqual(busy.state, ServerState.DRAINING)
+        self.assertEqual(busy.active, 1)
+        self.assertEqual(sorted(b.address for b in pool.candidates(0)),
+                         ["127.0.0.1:5001", "127.0.0.1:5004", "127.0.0.1:6003"])
+        pool.session_closed(busy)
+        self.assertNotIn(busy, list(pool))
+        self.assertEqual(pool.get("03").port, 6003)
+
+    def test_snapshot(self) -> None:
+        """A server's snapshot shows state, counts and metric age."""
+        pool = ServerPool(servers(1), ConnectionBalancer())
+        pool.report_metrics("01", Metrics(10, 1, 2, 3.0, taken_at=5.0))
+        snap = pool.get("01").snapshot(now=7.5)
+        self.assertEqual(snap["state"], "up")
+        self.assertEqual(snap["metrics"], {"memory_bytes": 10, "users": 1, "threads": 2,
+                                           "cpu_percent": 3.0, "age_seconds": 2.5})
