@@ -1,0 +1,278 @@
+"""The proxy over real sockets on 127.0.0.1 (port 0), all in this process, bounded in time."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import socket
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import ClientCreator, Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from protheus_broker.balancing import ConnectionBalancer
+from protheus_broker.pool import ServerPool
+from protheus_broker.proxy import READ_SIZE, BrokerFactory
+from protheus_broker.sim import AppServerSimFactory, greeting
+
+from .helpers import LogCatcher, servers
+
+MB = 1024 * 1024
+
+
+def stream(seed: int, size: int, chunk: int = 64 * 1024) -> Any:
+    """A reproducible random byte stream, in chunks."""
+    rng = random.Random(seed)
+    left = size
+    while left:
+        n = min(chunk, left)
+        yield rng.randbytes(n)
+        left -= n
+
+
+@implementer(IHalfCloseableProtocol)
+class Peer(Protocol):
+    """A test peer: sends a random stream (then half-closes), hashes all it receives."""
+
+    def __init__(self, send_seed: int | None = None, send_size: int = 0, half_close: bool = True,
+                 wait_for_eof: bool = False) -> None:
+        self.received = 0
+        self.digest = hashlib.sha256()
+        self.done: defer.Deferred[Peer] = defer.Deferred()
+        self.eof = defer.Deferred()
+        self._chunks = stream(send_seed, send_size) if send_seed is not None else iter(())
+        self.half_close = half_close
+        self.wait_for_eof = wait_for_eof
+        self.got_eof = False
+
+    def connectionMade(self) -> None:
+        if not self.wait_for_eof:
+            self._start_sending()
+
+    def _start_sending(self) -> None:
+        self.transport.registerProducer(self, False)  # pull: resumeProducing when drained
+
+    def resumeProducing(self) -> None:
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            self.transport.unregisterProducer()
+            if self.half_close:
+                self.transport.loseWriteConnection()
+            return
+        self.transport.write(chunk)
+
+    def stopProducing(self) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        self.digest.update(data)
+
+    def readConnectionLost(self) -> None:
+        self.got_eof = True
+        self.eof.callback(self)
+        if self.wait_for_eof:
+            self._start_sending()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        if self.got_eof:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self.done.called:
+            self.done.callback(self)
+
+
+def expected_digest(seed: int, size: int) -> str:
+    digest = hashlib.sha256()
+    for chunk in stream(seed, size):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+class RealSocketTests(TestCase):
+    timeout = 60
+
+    def listen(self, factory: Factory) -> int:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def broker(self, backend_ports: list[int], **options: Any) -> tuple[BrokerFactory, int]:
+        pool = ServerPool(servers(*backend_ports), ConnectionBalancer())
+        factory = BrokerFactory(reactor, pool, sort_method="CONNECTION", **options)
+        return factory, self.listen(factory)
+
+    def connect(self, port: int, protocol: Protocol) -> defer.Deferred:
+        factory = Factory.forProtocol(lambda: protocol)
+        return ClientCreator(reactor, lambda: protocol).connectTCP("127.0.0.1", port)
+
+    async def _read_greeting(self, port: int) -> bytes:
+        peer = Peer()
+        await self.connect(port, peer)
+        peer.transport.loseWriteConnection()
+        await peer.done
+        return peer
+
+    def backend_factory(self, make: Any) -> Factory:
+        factory = Factory()
+        factory.protocol = make
+        return factory
+
+    @defer.inlineCallbacks
+    def test_random_data_both_ways_byte_exact(self) -> Any:
+        """32 MB of random data each way arrives byte-exact; the client half-closes first."""
+        size = 32 * MB
+        server_peers: list[Peer] = []
+
+        def make_server() -> Peer:
+            peer = Peer(send_seed=2, send_size=size, half_close=True)
+            server_peers.append(peer)
+            return peer
+
+        backend_port = self.listen(self.backend_factory(make_server))
+        factory, port = self.broker([backend_port])
+        logs = LogCatcher(self)
+        client = Peer(send_seed=1, send_size=size)
+        yield self.connect(port, client)
+        yield client.done
+        yield server_peers[0].done
+        self.assertEqual(client.received, size)
+        self.assertEqual(client.digest.hexdigest(), expected_digest(2, size))
+        self.assertEqual(server_peers[0].received, size)
+        self.assertEqual(server_peers[0].digest.hexdigest(), expected_digest(1, size))
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        [event] = logs.ended()
+        self.assertEqual((event["bytes_in"], event["bytes_out"]), (size, size))
+        self.assertEqual(factory.sessions, {})
+        self.assertEqual(factory.pool.get("01").active, 0)
+
+    @defer.inlineCallbacks
+    def test_half_close_from_server_first(self) -> Any:
+        """The server sends and half-closes; the client, after EOF, still sends 4 MB that arrive."""
+        size = 4 * MB
+        got: list[Peer] = []
+
+        def make_server() -> Peer:
+            peer = Peer(send_seed=7, send_size=size)  # sends then half-closes
+            got.append(peer)
+            return peer
+
+        backend_port = self.listen(self.backend_factory(make_server))
+        _, port = self.broker([backend_port])
+        client = Peer(send_seed=8, send_size=size, wait_for_eof=True)
+        yield self.connect(port, client)
+        yield client.done
+        yield got[0].done
+        self.assertEqual(client.digest.hexdigest(), expected_digest(7, size))
+        self.assertEqual(got[0].digest.hexdigest(), expected_digest(8, size))
+
+    @defer.inlineCallbacks
+    def test_failover_on_refused_and_timed_out_servers(self) -> Any:
+        """A refused server and one that never answers are skipped: the client lands on the third."""
+        refused = socket.socket()
+        refused.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        self.addCleanup(refused.close)
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        self.addCleanup(silent.close)
+        fillers = []
+        for _ in range(3):  # fill the accept queue: further SYNs are dropped, connect hangs
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(silent.getsockname())
+            fillers.append(filler)
+            self.addCleanup(filler.close)
+        good = self.listen(AppServerSimFactory("good"))
+        logs = LogCatcher(self)
+        factory, port = self.broker(
+            [refused.getsockname()[1], silent.getsockname()[1], good], connect_timeout=0.5)
+        client = yield self._read_greeting(port)
+        self.assertEqual(client.received, len(greeting("good", 1)))
+        failures = [b.connect_failures for b in factory.pool]
+        self.assertEqual(failures, [1, 1, 0])
+        reasons = " ".join(logs.texts())
+        self.assertIn("Connection was refused", reasons)
+        self.assertIn("timeout", reasons.lower())
+
+    @defer.inlineCallbacks
+    def test_no_server_up_closes_client(self) -> Any:
+        """With no server reachable the client is closed without data."""
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))
+        self.addCleanup(dead.close)
+        _, port = self.broker([dead.getsockname()[1]])
+        client = yield self._read_greeting(port)
+        self.assertEqual(client.received, 0)
+
+    @defer.inlineCallbacks
+    def test_session_cap(self) -> Any:
+        """With MAX_SESSIONS=1 a second client is closed at once; after the first leaves, served."""
+        backend = self.listen(AppServerSimFactory("only"))
+        _, port = self.broker([backend], max_sessions=1)
+        first = Peer()
+        yield self.connect(port, first)
+        second = yield self._read_greeting(port)
+        self.assertEqual(second.received, 0)
+        first.transport.loseConnection()
+        yield first.done
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        third = yield self._read_greeting(port)
+        self.assertEqual(third.received, len(greeting("only", 2)))
+
+    @defer.inlineCallbacks
+    def test_backpressure_keeps_broker_buffers_bounded(self) -> Any:
+        """200 MB toward a reader that stalls: the broker never holds more than ~2 reads; all
+        200 MB then arrive intact once the reader resumes."""
+        size = 200 * MB
+        readers: list[Peer] = []
+
+        def make_reader() -> Peer:
+            peer = Peer()
+            readers.append(peer)
+            return peer
+
+        backend_port = self.listen(self.backend_factory(make_reader))
+        factory, port = self.broker([backend_port])
+        client = Peer(send_seed=3, send_size=size)
+        yield self.connect(port, client)
+        while not readers:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        reader = readers[0]
+        reader.transport.pauseProducing()  # the AppServer stops reading
+
+        peak = 0
+
+        def buffered() -> int:
+            total = 0
+            for session in factory.sessions.values():
+                for side in (session.client, session.server):
+                    if side is not None:
+                        t = side.transport
+                        total += len(t.dataBuffer) - t.offset + t._tempDataLen
+            return total
+
+        def sample() -> None:
+            nonlocal peak
+            peak = max(peak, buffered())
+
+        sampler = task.LoopingCall(sample)
+        sampler.start(0.005)
+        yield task.deferLater(reactor, 1.0, lambda: None)  # stalled: the client must be held back
+        stalled_at = reader.received
+        self.assertLess(stalled_at + 2 * MB, size)  # far from done: flow really stopped
+        reader.transport.resumeProducing()
+        yield reader.eof
+        sampler.stop()
+        self.assertEqual(reader.received, size)
+        self.assertEqual(reader.digest.hexdigest(), expected_digest(3, size))
+        self.assertLessEqual(peak, 2 * READ_SIZE + 64 * 1024, f"broker buffered {peak} bytes")
+        reader.transport.loseConnection()
+        yield client.done
