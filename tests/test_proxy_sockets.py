@@ -194,7 +194,7 @@ class RealSocketTests(TestCase):
         logs = LogCatcher(self)
         factory, port = self.broker(
             [refused.getsockname()[1], silent.getsockname()[1], good], connect_timeout=0.5)
-        client = yield self._read_greeting(port)
+        client = yield defer.ensureDeferred(self._read_greeting(port))
         self.assertEqual(client.received, len(greeting("good", 1)))
         failures = [b.connect_failures for b in factory.pool]
         self.assertEqual(failures, [1, 1, 0])
@@ -209,7 +209,7 @@ class RealSocketTests(TestCase):
         dead.bind(("127.0.0.1", 0))
         self.addCleanup(dead.close)
         _, port = self.broker([dead.getsockname()[1]])
-        client = yield self._read_greeting(port)
+        client = yield defer.ensureDeferred(self._read_greeting(port))
         self.assertEqual(client.received, 0)
 
     @defer.inlineCallbacks
@@ -219,12 +219,12 @@ class RealSocketTests(TestCase):
         _, port = self.broker([backend], max_sessions=1)
         first = Peer()
         yield self.connect(port, first)
-        second = yield self._read_greeting(port)
+        second = yield defer.ensureDeferred(self._read_greeting(port))
         self.assertEqual(second.received, 0)
         first.transport.loseConnection()
         yield first.done
         yield task.deferLater(reactor, 0.05, lambda: None)
-        third = yield self._read_greeting(port)
+        third = yield defer.ensureDeferred(self._read_greeting(port))
         self.assertEqual(third.received, len(greeting("only", 2)))
 
     @defer.inlineCallbacks
