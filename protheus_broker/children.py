@@ -27,6 +27,8 @@ def twistd_argv(plugin: str, *args: str) -> list[str]:
 class TwistdChild(ProcessProtocol):
     """One daemon: its output lines, the port it reports listening on, its exit."""
 
+    transport: Any
+
     def __init__(self, name: str, echo: Callable[[str, bytes], None] | None = None) -> None:
         self.name = name
         self.echo = echo

@@ -26,7 +26,11 @@ def stop_all(reactor: Any, children: list[TwistdChild], grace: float = 5.0) -> d
     """SIGTERM each child by pid, SIGKILL any still there after *grace* seconds; wait for all."""
     for child in children:
         child.signal("TERM")
-    killer = reactor.callLater(grace, lambda: [c.signal("KILL") for c in children])
+    def kill() -> None:
+        for child in children:
+            child.signal("KILL")
+
+    killer = reactor.callLater(grace, kill)
     done = defer.DeferredList([c.ended for c in children])
     done.addBoth(lambda result: killer.cancel() if killer.active() else None)
     return done

@@ -75,6 +75,7 @@ def send_now(transport: Any, data: bytes) -> None:
 class _Pipe(Protocol):
     """One side of a proxied session: relays what it reads to its peer."""
 
+    transport: Any  # an ITCPTransport (or a TLS one) once connected
     session: Session
     peer: _Pipe | None = None
     received = 0

@@ -27,6 +27,8 @@ def greeting(name: str, session: int) -> bytes:
 class EchoSession(Protocol):
     """One SmartClient session on the sample AppServer: its own number and byte count."""
 
+    transport: Any
+
     def __init__(self, factory: AppServerSimFactory) -> None:
         self.factory = factory
         self.number = next(factory.numbers)
