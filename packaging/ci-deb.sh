@@ -45,7 +45,7 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 end_step() {
   if [ -n "$step_name" ]; then
     local took; took=$(elapsed "$step_start" "$(now)")
-    timings+=("$(printf '%-52s %6ss' "$step_name" "$took")")
+    timings+=("$(printf '%-50s %6ss' "$step_name" "$took")")
     echo "--- $step_name: ${took}s"
   fi
   step_name=""
@@ -57,7 +57,7 @@ summary() {
   echo
   echo "=== ci-deb.sh timings"
   local line; for line in "${timings[@]}"; do echo "$line"; done
-  printf '%-52s %6ss\n' "total" "$(elapsed "$t0" "$(now)")"
+  printf '%-50s %6ss\n' "total" "$(elapsed "$t0" "$(now)")"
 }
 
 stop_pid() {  # stop one process we started: TERM, wait up to 10 s, then KILL
@@ -105,7 +105,7 @@ build() {  # build in a fresh copy $work/$1; leaves the .deb path in $deb_built
   echo "  built $(basename "$deb_built") ($(stat -c %s "$deb_built") bytes)"
 }
 
-step "build dependencies"
+step "build dependencies (apt-get build-dep ./, lintian, systemd)"
 clean_tree "$work/deps"
 if ! (cd "$work/deps" && dpkg-checkbuilddeps) 2>/dev/null || [ "$build_only" -eq 0 ]; then
   as_root || fail "build dependencies missing and not root: $(cd "$work/deps" && dpkg-checkbuilddeps 2>&1 || true)"
@@ -125,7 +125,8 @@ if ! (cd "$work/deps" && dpkg-checkbuilddeps) 2>/dev/null || [ "$build_only" -eq
   echo "  installed: build-dep ./ ${extra[*]}"
 fi
 
-step "build the .deb (dpkg-buildpackage -us -uc -b, DEB_BUILD_OPTIONS='${DEB_BUILD_OPTIONS:-}')"
+step "build #1 (dpkg-buildpackage, trial suite)"
+echo "  DEB_BUILD_OPTIONS='${DEB_BUILD_OPTIONS:-}'"
 build build-1
 rm -f "$outdir"/${PKG}_*.deb
 cp "$deb_built" "$outdir/"
@@ -157,7 +158,7 @@ echo "${lintian_out:-  (no tags)}"
 if grep -qE '^[EW]: ' <<<"$lintian_out"; then fail "lintian errors or warnings"; fi
 echo "  lintian: no errors, no warnings"
 
-step "reproducibility: second build in another directory"
+step "build #2 elsewhere, compare sha256"
 build build-2
 sha2=$(sha256sum "$deb_built" | cut -d' ' -f1)
 if [ "$sha1" != "$sha2" ]; then
@@ -190,7 +191,7 @@ grep -q 'protheus-broker' <<<"$help" || fail "twistd3 --help does not list proth
 grep -q 'protheus-appserver-sim' <<<"$help" || fail "twistd3 --help does not list protheus-appserver-sim"
 echo "  installed; unit enabled, not started; user, config, state dir present; twistd3 lists both plugins"
 
-step "systemd-analyze verify and security"
+step "systemd-analyze verify, security"
 man_opt=()
 if ! command -v man >/dev/null || [ ! -e /usr/share/man/man8/protheus-broker.8.gz ]; then
   man_opt=(--man=no); echo "  (man pages not installed on this machine: --man=no)"
@@ -207,7 +208,7 @@ for u in "$unit" "$work/protheus-appserver-sim@5000.service"; do
   awk -v s="${score##* }" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(s <= m) }' || fail "exposure of $u above $MAX_EXPOSURE"
 done
 
-step "smoke test: two sample AppServers + the unit's ExecStart, as the service user"
+step "smoke test: 2 sample AppServers + unit ExecStart"
 user=$(sed -n 's/^User=//p' "$unit"); [ -n "$user" ] || fail "no User= in $unit"
 workdir=$(sed -n 's/^WorkingDirectory=//p' "$unit"); workdir=${workdir:-/}
 exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
@@ -311,7 +312,30 @@ for pid in "${pids[@]}"; do stop_pid "$pid"; done
 pids=()
 echo "  stopped broker and sample AppServers by pid"
 
-step "apt remove keeps the config, apt purge removes everything"
+step "upgrade to a rebuilt newer version"
+# Same tree, one more changelog entry, tests skipped (they ran twice above).  Checks what an
+# upgrade must keep: the plugins in twistd3 (trigger), the conffile, the enabled unit.
+clean_tree "$work/upgrade/src"
+new_version="$(dpkg-parsechangelog -l "$work/upgrade/src/debian/changelog" -S Version)+ciupgrade1"
+{ printf '%s (%s) unstable; urgency=medium\n\n  * ci-deb.sh upgrade test build.\n\n' "$PKG" "$new_version"
+  printf ' -- %s  %s\n\n' "$(dpkg-parsechangelog -l "$work/upgrade/src/debian/changelog" -S Maintainer)" \
+    "$(date -R -d "@$(dpkg-parsechangelog -l "$work/upgrade/src/debian/changelog" -S Timestamp)")"
+  cat "$work/upgrade/src/debian/changelog"; } >"$work/upgrade/changelog"
+mv "$work/upgrade/changelog" "$work/upgrade/src/debian/changelog"
+(cd "$work/upgrade/src" && env PATH="$CLEAN_PATH" DEB_BUILD_OPTIONS=nocheck dpkg-buildpackage -us -uc -b) \
+  >"$logs/build-upgrade.log" 2>&1 || { tail -n 40 "$logs/build-upgrade.log"; fail "building $new_version"; }
+ini_sum=$(md5sum </etc/protheus-broker/appserver.ini)
+apt-get install -y "$(ls "$work"/upgrade/${PKG}_*_all.deb)" >"$logs/apt-upgrade.log" 2>&1 \
+  || { cat "$logs/apt-upgrade.log"; fail "apt-get install $new_version"; }
+[ "$(dpkg-query -W -f='${Version}' "$PKG")" = "$new_version" ] || fail "not upgraded to $new_version"
+help=$(twistd3 --help)
+grep -q 'protheus-broker' <<<"$help" || fail "after the upgrade twistd3 --help does not list protheus-broker"
+[ "$(md5sum </etc/protheus-broker/appserver.ini)" = "$ini_sum" ] || fail "the upgrade changed appserver.ini"
+[ -L /etc/systemd/system/multi-user.target.wants/protheus-broker.service ] || fail "unit no longer enabled"
+grep -q 'enabled but not started' "$logs/apt-upgrade.log" && fail "postinst ran its first-install start logic on upgrade"
+echo "  upgraded $(basename "$deb") -> $new_version: plugins listed, conffile kept, unit enabled"
+
+step "remove (keeps config), purge (removes all)"
 apt-get remove -y -qq "$PKG" >"$logs/apt-remove.log" 2>&1 || { cat "$logs/apt-remove.log"; fail "apt-get remove"; }
 [ -f /etc/protheus-broker/appserver.ini ] || fail "apt remove deleted /etc/protheus-broker/appserver.ini"
 echo "  after remove: /etc/protheus-broker/appserver.ini kept"
