@@ -105,7 +105,7 @@ build() {  # build in a fresh copy $work/$1; leaves the .deb path in $deb_built
   echo "  built $(basename "$deb_built") ($(stat -c %s "$deb_built") bytes)"
 }
 
-step "build dependencies (apt-get build-dep ./, lintian, systemd)"
+step "build deps (apt-get build-dep ./ + lintian systemd)"
 clean_tree "$work/deps"
 if ! (cd "$work/deps" && dpkg-checkbuilddeps) 2>/dev/null || [ "$build_only" -eq 0 ]; then
   as_root || fail "build dependencies missing and not root: $(cd "$work/deps" && dpkg-checkbuilddeps 2>&1 || true)"
@@ -144,7 +144,7 @@ step "check the .deb's contents"
 # (grep reads here-strings, never a pipe: with pipefail an early grep -q exit fails the writer)
 contents=$(dpkg-deb -c "$deb" | awk '{print $6}')
 grep -q 'dropin\.cache' <<<"$contents" && fail "dropin.cache in the .deb"
-grep -qE '/(\.hypothesis|_trial_temp|tests)/' <<<"$contents" && fail "test leftovers in the .deb"
+grep -qE 'dist-packages/(.*/)?(\.hypothesis|_trial_temp|tests|etc)/' <<<"$contents" && fail "test leftovers in the .deb"
 ours=$(grep '^\./usr/lib/python3/dist-packages/twisted/' <<<"$contents" | grep -v '/$' || true)
 [ "$ours" = "./usr/lib/python3/dist-packages/twisted/plugins/protheus_broker_plugin.py" ] \
   || fail "under twisted/ only the plugin file may be shipped, found: $ours"
@@ -168,7 +168,7 @@ if [ "$sha1" != "$sha2" ]; then
 fi
 echo "  reproducible: both builds sha256 $sha1"
 
-step "install (apt-get install ./$(basename "$deb"))"
+step "install: apt-get install ./$(basename "$deb")"
 if dpkg-query -W -f='${Status}' "$PKG" 2>/dev/null | grep -qv 'not-installed'; then
   echo "  $PKG left by an earlier run: purging it first"
   apt-get purge -y -qq "$PKG" >"$logs/apt-prepurge.log" 2>&1 || fail "purging the earlier $PKG"
