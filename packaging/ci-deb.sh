@@ -83,13 +83,16 @@ as_root() { [ "$(id -u)" -eq 0 ]; }
 # --- build ----------------------------------------------------------------------------------
 clean_tree() {  # a clean copy of the committed tree in $1
   mkdir -p "$1"
-  if git -C "$repo" rev-parse --verify -q HEAD >/dev/null; then
-    if [ -n "$(git -C "$repo" status --porcelain --untracked-files=no)" ]; then
-      echo "note: uncommitted changes are not built (building HEAD $(git -C "$repo" rev-parse --short HEAD))"
+  local git=(git -c safe.directory="$repo" -C "$repo")   # the checkout may belong to another user
+  if command -v git >/dev/null && "${git[@]}" rev-parse --verify -q HEAD >/dev/null; then
+    if [ -n "$("${git[@]}" status --porcelain --untracked-files=no)" ]; then
+      echo "  note: uncommitted changes are not built (building HEAD $("${git[@]}" rev-parse --short HEAD))"
     fi
-    git -C "$repo" archive --format=tar HEAD | tar -x -C "$1"
-  else
-    tar -C "$repo" --exclude=.git --exclude=.venv --exclude=dist --exclude=.pybuild -cf - . | tar -x -C "$1"
+    "${git[@]}" archive --format=tar HEAD | tar -x -C "$1"
+  else  # not a git checkout (a release tarball): copy it without build and test leftovers
+    tar -C "$repo" --exclude=.git --exclude=.venv --exclude=./dist --exclude=.pybuild --exclude=./build \
+      --exclude='_trial_temp*' --exclude=.hypothesis --exclude=__pycache__ --exclude='*.egg-info' \
+      --exclude=dropin.cache -cf - . | tar -x -C "$1"
   fi
 }
 
@@ -105,7 +108,8 @@ build() {  # build in a fresh copy $work/$1; leaves the .deb path in $deb_built
   echo "  built $(basename "$deb_built") ($(stat -c %s "$deb_built") bytes)"
 }
 
-step "build deps (apt-get build-dep ./ + lintian systemd)"
+if [ "$build_only" -eq 1 ]; then step "build deps (dpkg-checkbuilddeps)"
+else step "build deps (apt-get build-dep ./ + lintian systemd)"; fi
 clean_tree "$work/deps"
 if ! (cd "$work/deps" && dpkg-checkbuilddeps) 2>/dev/null || [ "$build_only" -eq 0 ]; then
   as_root || fail "build dependencies missing and not root: $(cd "$work/deps" && dpkg-checkbuilddeps 2>&1 || true)"
