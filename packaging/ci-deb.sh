@@ -101,7 +101,7 @@ build() {  # build in a fresh copy $work/$1; leaves the .deb path in $deb_built
   clean_tree "$dir/src"
   if ! (cd "$dir/src" && env PATH="$CLEAN_PATH" dpkg-buildpackage -us -uc -b) >"$logs/$1.log" 2>&1; then
     tail -n 60 "$logs/$1.log"
-    fail "dpkg-buildpackage (full log: $logs/$1.log)"
+    fail "dpkg-buildpackage (full log: $logs/$1.log; if tests of code in progress fail, DEB_BUILD_OPTIONS=nocheck skips them)"
   fi
   grep -E '^(Ran [0-9]+ tests|PASSED|FAILED)' "$logs/$1.log" | sed 's/^/  trial: /' || true
   deb_built=$(ls "$dir"/${PKG}_*_all.deb)
@@ -116,10 +116,10 @@ if ! (cd "$work/deps" && dpkg-checkbuilddeps) 2>/dev/null || [ "$build_only" -eq
   if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then apt-get update -qq; fi
   extra=()
   [ "$build_only" -eq 1 ] || extra=(lintian systemd)
-  if ! (cd "$work/deps" && apt-get build-dep -y -qq ./ >"$logs/apt-build-dep.log" 2>&1); then
+  if ! (cd "$work/deps" && apt-get build-dep -y -qq --no-install-recommends ./ >"$logs/apt-build-dep.log" 2>&1); then
     echo "  apt-get build-dep failed: apt-get update and retry"   # stale package lists
     apt-get update -qq
-    (cd "$work/deps" && apt-get build-dep -y -qq ./ >"$logs/apt-build-dep.log" 2>&1) \
+    (cd "$work/deps" && apt-get build-dep -y -qq --no-install-recommends ./ >"$logs/apt-build-dep.log" 2>&1) \
       || { tail -n 30 "$logs/apt-build-dep.log"; fail "apt-get build-dep"; }
   fi
   if [ "${#extra[@]}" -gt 0 ]; then
