@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 from zope.interface import Attribute, Interface, implementer
 
@@ -38,6 +38,9 @@ class Rankable(Protocol):
 
     @property
     def metrics(self) -> Metrics | None: ...
+
+    @property
+    def placed_since_report(self) -> int: ...  # sessions sent to it since its latest report
 
 
 class IBalancer(Interface):
@@ -92,21 +95,46 @@ _METRIC_OF: dict[SortMethod, Callable[[Metrics], float]] = {
 }
 
 
+#: What one more session is assumed to add to a server's figure until its next report shows the
+#: real effect (burst accounting).  A SmartClient connection is one user and one AppServer thread;
+#: memory and CPU are configurable (``SESSION_MEMORY_MB``, ``SESSION_CPU_PERCENT``).
+DEFAULT_SESSION_COST: dict[SortMethod, float] = {
+    SortMethod.SERVER_MEMORY: 20 * 1024 * 1024,
+    SortMethod.SERVER_USERS: 1.0,
+    SortMethod.SERVER_THREADS: 1.0,
+    SortMethod.SERVER_CPU: 2.0,
+}
+
+
 @implementer(IBalancer)
 class MetricBalancer:
-    """``SERVER_MEMORY/USERS/THREADS/CPU``: lowest reported figure first.
+    """``SERVER_MEMORY/USERS/THREADS/CPU``: lowest estimated figure first.
+
+    The estimate is the latest reported figure plus *session_cost* for each session placed on the
+    server since that report, so a burst of logins inside one report interval spreads as the
+    metric intends instead of all landing on the server that was lowest at the last report.
 
     Servers whose last report is older than *max_age* seconds (or that never reported) rank after
     every server with a fresh report, among themselves by connections: with no fresh report at
-    all this is exactly ``CONNECTION``.  Ties on the figure go to fewer connections, then table order.
+    all this is exactly ``CONNECTION``.  Ties on the estimate go to fewer connections, then table
+    order.
     """
 
-    def __init__(self, method: SortMethod, max_age: float) -> None:
+    def __init__(self, method: SortMethod, max_age: float, session_cost: float | None = None) -> None:
         if method not in _METRIC_OF:
             raise ValueError(f"{method} is not a metric method")
         self.method = method
         self.max_age = max_age
+        self.session_cost = DEFAULT_SESSION_COST[method] if session_cost is None else session_cost
         self._figure = _METRIC_OF[method]
+
+    def estimate(self, server: Rankable) -> float:
+        """The server's figure as it stands now: the report plus sessions placed since."""
+        assert server.metrics is not None
+        figure = self._figure(server.metrics)
+        if not math.isfinite(figure):
+            return math.inf
+        return figure + server.placed_since_report * self.session_cost
 
     def is_fresh(self, metrics: Metrics | None, now: float) -> bool:
         return metrics is not None and 0 <= now - metrics.taken_at <= self.max_age
@@ -116,16 +144,18 @@ class MetricBalancer:
         stale = [s for s in servers if not self.is_fresh(s.metrics, now)]
 
         def key(server: Rankable) -> tuple[float, int, int]:
-            figure = self._figure(server.metrics)  # type: ignore[arg-type]
-            return (figure if math.isfinite(figure) else math.inf, server.active, server.index)
+            return (self.estimate(server), server.active, server.index)
 
         return sorted(fresh, key=key) + _by_connections(stale)
 
 
-def make_balancer(method: SortMethod, metrics_max_age: float = 3.0) -> IBalancer:
+def make_balancer(
+    method: SortMethod, metrics_max_age: float = 3.0,
+    session_costs: Mapping[SortMethod, float] | None = None,
+) -> IBalancer:
     """The balancer for *method* (pass the config's ``effective_sort_method``)."""
     if method is SortMethod.CONNECTION:
         return ConnectionBalancer()
     if method is SortMethod.ROUND_ROBIN:
         return RoundRobinBalancer()
-    return MetricBalancer(method, metrics_max_age)
+    return MetricBalancer(method, metrics_max_age, (session_costs or {}).get(method))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from configobj import ConfigObj, ConfigObjError, DuplicateError  # type: ignore[import-untyped]
 
@@ -71,6 +71,45 @@ class MonitoringType(enum.Enum):
         """True when a permanent channel reports live metrics (what SERVER_* methods need)."""
         return self in (MonitoringType.SMARTCLIENT_ACTIVE, MonitoringType.SMARTCLIENT_SSL_ACTIVE)
 
+    @property
+    def uses_agent(self) -> bool:
+        """True when the broker talks to each server's agent (all but CONNECTION and DISABLED)."""
+        return self not in (MonitoringType.CONNECTION, MonitoringType.DISABLED)
+
+    @property
+    def uses_tls(self) -> bool:
+        """True when the agent channel is mutual TLS."""
+        return self in (MonitoringType.SMARTCLIENT_SSL, MonitoringType.SMARTCLIENT_SSL_ACTIVE)
+
+
+#: Where an agent listens when no ``AGENT_SERVER_<id>`` / ``AGENT_PORT`` says otherwise.
+DEFAULT_AGENT_PORT = 7077
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for one end of a mutual-TLS agent channel: our certificate, its key, the CA."""
+
+    certificate: str
+    key: str
+    ca: str
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    """How the broker watches its servers (``MONITORING_TYPE`` and the keys that go with it)."""
+
+    agents: dict[str, tuple[str, int]] = field(default_factory=dict)  # server id -> agent host, port
+    secret: bytes | None = field(default=None, repr=False)
+    tls: TLSFiles | None = None
+    probe_interval: float = 60.0
+    heartbeat_interval: float = 1.0
+    suspend_misses: int = 1
+    down_misses: int = 3
+    suspect_time: float = 10.0
+    session_memory_bytes: int = 20 * 1024 * 1024
+    session_cpu_percent: float = 2.0
+
 
 @dataclass(frozen=True)
 class RemoteServer:
@@ -109,6 +148,7 @@ class DesktopBalanceConfig:
     metrics_max_age: float = 3.0
     service_name: str = "protheus-broker"
     service_display_name: str = "protheus-broker"
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     @property
     def effective_sort_method(self) -> SortMethod:
@@ -133,6 +173,7 @@ class BrokerConfig:
 _SECTION_RE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*$")
 _KEY_RE = re.compile(r"^\s*([^=\s][^=]*?)\s*=(.*)$")
 _SERVER_KEY_RE = re.compile(r"^REMOTE_SERVER_([A-Z0-9]+)$")
+_AGENT_KEY_RE = re.compile(r"^AGENT_SERVER_([A-Z0-9]+)$")
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*|[A-Za-z0-9]([A-Za-z0-9.\-_]*[A-Za-z0-9])?)$")
 
 
@@ -289,7 +330,7 @@ def _port(section: _Section, key: str, text: str, allow_zero: bool = False) -> i
     return port
 
 
-def _remote_server(section: _Section, key: str, server_id: str) -> RemoteServer:
+def _host_port(section: _Section, key: str) -> tuple[str, int]:
     value = section.raw(key) or ""
     fields = value.split()
     if len(fields) == 1:
@@ -300,7 +341,99 @@ def _remote_server(section: _Section, key: str, server_id: str) -> RemoteServer:
     if not _HOST_RE.match(host):
         raise section.error(key, f"{host!r} is not a host name or IP address")
     host = host.strip("[]")  # [::1] as people write it; connectTCP wants ::1
-    return RemoteServer(server_id=server_id, host=host, port=_port(section, key, port_text))
+    return host, _port(section, key, port_text)
+
+
+def _remote_server(section: _Section, key: str, server_id: str) -> RemoteServer:
+    host, port = _host_port(section, key)
+    return RemoteServer(server_id=server_id, host=host, port=port)
+
+
+#: The shortest shared secret we accept: shorter ones are guessable offline from one handshake.
+MIN_SECRET_LENGTH = 16
+
+
+def _readable_file(section: _Section, key: str, required_because: str | None) -> str | None:
+    """The path in *key*, checked readable; missing and *required_because* given: an error."""
+    path = section.text(key, "")
+    if not path:
+        if required_because:
+            raise section.error(key, f"is required {required_because}")
+        return None
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise section.error(key, f"cannot read {path!r}: {exc.strerror or exc}") from None
+    return path
+
+
+def _secret(section: _Section, prefix: str, required_because: str | None) -> bytes | None:
+    """``<prefix>SECRET`` (inline) or ``<prefix>SECRET_FILE`` (first line of a file)."""
+    inline_key, file_key = f"{prefix}SECRET", f"{prefix}SECRET_FILE"
+    inline = section.text(inline_key, "")
+    path = _readable_file(section, file_key, None)
+    if inline and path:
+        raise section.error(file_key, f"give {inline_key} or {file_key}, not both")
+    if path:
+        with open(path, "rb") as handle:
+            lines = handle.read().splitlines()
+        secret, key = (lines[0].strip() if lines else b""), file_key
+    elif inline:
+        secret, key = inline.encode(), inline_key
+    else:
+        if required_because:
+            raise section.error(inline_key, f"{inline_key} or {file_key} is required {required_because}")
+        return None
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise section.error(key, f"the secret is too short ({len(secret)} bytes; at least "
+                                 f"{MIN_SECRET_LENGTH})")
+    return secret
+
+
+def _tls_files(section: _Section, prefix: str, required_because: str | None) -> TLSFiles | None:
+    """``<prefix>SSL_CERTIFICATE``, ``<prefix>SSL_KEY``, ``<prefix>SSL_CA``: all three or none."""
+    keys = [f"{prefix}SSL_CERTIFICATE", f"{prefix}SSL_KEY", f"{prefix}SSL_CA"]
+    given = [k for k in keys if section.text(k, "")]
+    if not given and not required_because:
+        return None
+    why = required_because or f"with {given[0]} (mutual TLS needs all three)"
+    certificate, key, ca = (_readable_file(section, k, why) for k in keys)
+    return TLSFiles(certificate=certificate or "", key=key or "", ca=ca or "")
+
+
+def _monitoring(section: _Section, monitoring_type: MonitoringType,
+                servers: list[RemoteServer]) -> MonitoringConfig:
+    ids = {s.server_id: s for s in servers}
+    agent_port = _port(section, "AGENT_PORT", section.text("AGENT_PORT", str(DEFAULT_AGENT_PORT)))
+    agents = {s.server_id: (s.host, agent_port) for s in servers}
+    for key in section.values:
+        match = _AGENT_KEY_RE.match(key)
+        if match:
+            if match.group(1) not in ids:
+                raise section.error(key, f"no REMOTE_SERVER_{match.group(1)} for this agent")
+            agents[match.group(1)] = _host_port(section, key)
+    because = f"with MONITORING_TYPE={monitoring_type.value}"
+    tls = _tls_files(section, "AGENT_", because if monitoring_type.uses_tls else None)
+    secret_needed = monitoring_type.uses_agent and not monitoring_type.uses_tls
+    secret = _secret(section, "AGENT_", because if secret_needed else None)
+    suspend_misses = section.integer("HEARTBEAT_SUSPEND_MISSES", 1, 1, 1000)
+    down_misses = section.integer("HEARTBEAT_DOWN_MISSES", 3, 1, 1000)
+    if down_misses < suspend_misses:
+        raise section.error("HEARTBEAT_DOWN_MISSES",
+                            f"{down_misses} is below HEARTBEAT_SUSPEND_MISSES ({suspend_misses})")
+    return MonitoringConfig(
+        agents=agents,
+        secret=secret,
+        tls=tls,
+        probe_interval=section.number("MONITORING_INTERVAL", 60.0, 0.1, 86400.0),
+        heartbeat_interval=section.number("HEARTBEAT_INTERVAL", 1.0, 0.05, 3600.0),
+        suspend_misses=suspend_misses,
+        down_misses=down_misses,
+        suspect_time=section.number("SUSPECT_TIME", 10.0, 0.0, 86400.0),
+        session_memory_bytes=int(section.number("SESSION_MEMORY_MB", 20.0, 0.0, 1024.0 * 1024) * 1024 * 1024),
+        session_cpu_percent=section.number("SESSION_CPU_PERCENT", 2.0, 0.0, 100000.0),
+    )
 
 
 def _sort_method(section: _Section) -> SortMethod:
@@ -343,6 +476,8 @@ def _desktop(section: _Section, warnings: list[str]) -> DesktopBalanceConfig:
             servers.append(_remote_server(section, key, match.group(1)))
         elif key.startswith("REMOTE_SERVER"):
             raise section.error(key, "server id must be letters and digits after REMOTE_SERVER_")
+        elif key.startswith("AGENT_SERVER") and not _AGENT_KEY_RE.match(key):
+            raise section.error(key, "server id must be letters and digits after AGENT_SERVER_")
     if not servers:
         raise ConfigError(
             section.path,
@@ -360,17 +495,19 @@ def _desktop(section: _Section, warnings: list[str]) -> DesktopBalanceConfig:
             )
         seen.setdefault(server.address, server.server_id)
 
+    monitoring_type = _monitoring_type(section)
     config = DesktopBalanceConfig(
         local_port=local_port,
         servers=tuple(servers),
         local_interface=section.text("LOCAL_SERVER_INTERFACE", ""),
         sort_method=_sort_method(section),
-        monitoring_type=_monitoring_type(section),
+        monitoring_type=monitoring_type,
         connect_timeout=section.number("CONNECT_TIMEOUT", 5.0, 0.1, 300.0),
         max_sessions=section.integer("MAX_SESSIONS", 10000, 0, 1_000_000),
         metrics_max_age=section.number("METRICS_MAX_AGE", 3.0, 0.1, 3600.0),
         service_name=section.text("SERVICE_NAME", "protheus-broker"),
         service_display_name=section.text("SERVICE_DISPLAY_NAME", "protheus-broker"),
+        monitoring=_monitoring(section, monitoring_type, servers),
     )
     if config.sort_method != config.effective_sort_method:
         warnings.append(
@@ -391,8 +528,8 @@ def _general(section: _Section) -> GeneralConfig:
     )
 
 
-def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
-    """Parse ini text into a :class:`BrokerConfig`, or raise :class:`ConfigError`."""
+def _read_ini(text: str, path: str) -> tuple[ConfigObj, _Located]:
+    """configobj over normalised TOTVS text; syntax problems are one-line :class:`ConfigError`s."""
     lines, where = _normalise(text)
     try:
         raw = ConfigObj(lines, interpolation=False, list_values=True, encoding=None)
@@ -412,7 +549,12 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
         raise ConfigError(
             path, f"expected 'KEY = value' or '[SECTION]', got {shown!r}", line=exc.line_number
         ) from None
+    return raw, where
 
+
+def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
+    """Parse ini text into a :class:`BrokerConfig`, or raise :class:`ConfigError`."""
+    raw, where = _read_ini(text, path)
     warnings: list[str] = []
     top_level = [k for k in raw.scalars]
     if top_level:
@@ -438,8 +580,7 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
     return BrokerConfig(path=path, general=general, desktop=desktop, warnings=tuple(warnings))
 
 
-def load_config(path: str) -> BrokerConfig:
-    """Read and parse the ini file at *path*; every problem is a :class:`ConfigError`."""
+def _read_file(path: str) -> str:
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -449,4 +590,113 @@ def load_config(path: str) -> BrokerConfig:
         raise ConfigError(path, "is a directory, not an ini file") from None
     except OSError as exc:
         raise ConfigError(path, f"cannot read: {exc.strerror or exc}") from None
-    return parse_config(_decode(path, data), os.fspath(path))
+    return _decode(path, data)
+
+
+def load_config(path: str) -> BrokerConfig:
+    """Read and parse the ini file at *path*; every problem is a :class:`ConfigError`."""
+    return parse_config(_read_file(path), os.fspath(path))
+
+
+# --- the agent's own ini ----------------------------------------------------------------------
+
+DEFAULT_AGENT_CONFIG_PATH = "/etc/protheus-broker/agent.ini"
+AGENT_SECTION = "AGENT"
+_APPSERVER_SECTION_RE = re.compile(r"^APPSERVER_([A-Z0-9_\-]+)$")
+
+
+@dataclass(frozen=True)
+class WatchedAppServer:
+    """One ``[APPSERVER_<name>]`` the agent watches.
+
+    The process is found by ``PID_FILE`` if given, else by ``PROCESS_NAME`` listening on ``PORT``,
+    else as whatever process listens on ``PORT``.
+    """
+
+    name: str
+    port: int
+    host: str = "127.0.0.1"
+    pid_file: str | None = None
+    process_name: str | None = None
+    users_file: str | None = None
+
+    @property
+    def found_by(self) -> str:
+        if self.pid_file:
+            return f"pid file {self.pid_file}"
+        if self.process_name:
+            return f"process {self.process_name!r} listening on port {self.port}"
+        return f"the process listening on port {self.port}"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """``protheus-agent``'s ini: where it listens, how brokers authenticate, what it watches."""
+
+    path: str
+    port: int
+    appservers: tuple[WatchedAppServer, ...]
+    interface: str = ""
+    secret: bytes | None = field(default=None, repr=False)
+    tls: TLSFiles | None = None
+    sample_interval: float = 1.0
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+
+def _watched(section: _Section, name: str) -> WatchedAppServer:
+    port_text = section.raw("PORT")
+    if not port_text:
+        raise ConfigError(section.path, "PORT is missing: the AppServer's listening port",
+                          line=section.where.sections.get(section.name), key=f"[{section.name}]")
+    return WatchedAppServer(
+        name=name,
+        port=_port(section, "PORT", port_text),
+        host=section.text("HOST", "127.0.0.1"),
+        pid_file=section.text("PID_FILE", "") or None,
+        process_name=section.text("PROCESS_NAME", "") or None,
+        users_file=section.text("USERS_FILE", "") or None,
+    )
+
+
+def parse_agent_config(text: str, path: str = "<agent config>") -> AgentConfig:
+    """Parse the agent's ini text into an :class:`AgentConfig`, or raise :class:`ConfigError`."""
+    raw, where = _read_ini(text, path)
+    warnings: list[str] = []
+    sections = {name: _Section(path, name, dict(raw[name]), where) for name in raw.sections}
+    if AGENT_SECTION not in sections:
+        raise ConfigError(path, f"no [{AGENT_SECTION}] section: where the agent listens and how "
+                                "brokers authenticate")
+    agent = sections[AGENT_SECTION]
+    port = _port(agent, "PORT", agent.text("PORT", str(DEFAULT_AGENT_PORT)), allow_zero=True)
+    tls = _tls_files(agent, "", None)
+    secret = _secret(agent, "", None if tls else "when SSL_CERTIFICATE/SSL_KEY/SSL_CA are not set "
+                                                 "(no broker may connect unauthenticated)")
+    watched: list[WatchedAppServer] = []
+    for name, section in sections.items():
+        match = _APPSERVER_SECTION_RE.match(name)
+        if match:
+            watched.append(_watched(section, match.group(1)))
+        elif name != AGENT_SECTION:
+            warnings.append(f"{path}:{where.sections[name]}: unknown section [{name}]; ignored")
+    if not watched:
+        raise ConfigError(path, "no [APPSERVER_<name>] section: the agent has nothing to watch")
+    ports: dict[int, str] = {}
+    for server in watched:
+        if server.port in ports:
+            section = sections[f"APPSERVER_{server.name}"]
+            raise section.error("PORT", f"port {server.port} is also [APPSERVER_{ports[server.port]}]'s")
+        ports[server.port] = server.name
+    config = AgentConfig(
+        path=path, port=port, appservers=tuple(watched), interface=agent.text("INTERFACE", ""),
+        secret=secret, tls=tls, sample_interval=agent.number("SAMPLE_INTERVAL", 1.0, 0.05, 3600.0),
+    )
+    for section in sections.values():
+        if section.name == AGENT_SECTION or _APPSERVER_SECTION_RE.match(section.name):
+            for key in section.unknown_keys():
+                warnings.append(f"{path}:{section.line(key)}: [{section.name}] {key}: unknown key; ignored")
+    return replace(config, warnings=tuple(warnings))
+
+
+def load_agent_config(path: str) -> AgentConfig:
+    """Read and parse the agent's ini file at *path*; every problem is a :class:`ConfigError`."""
+    return parse_agent_config(_read_file(path), os.fspath(path))

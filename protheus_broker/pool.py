@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from twisted.logger import Logger
 
@@ -32,7 +32,7 @@ class Backend:
 
     __slots__ = (
         "server_id", "host", "port", "index", "state", "active", "total", "connect_failures",
-        "metrics", "leaving", "reason",
+        "metrics", "leaving", "reason", "placed_since_report", "suspect_until", "monitor_status",
     )
 
     def __init__(self, server: RemoteServer, index: int) -> None:
@@ -47,6 +47,9 @@ class Backend:
         self.metrics: Metrics | None = None
         self.leaving = False  # removed from the config: goes when its last session ends
         self.reason = "configured"
+        self.placed_since_report = 0  # burst accounting for the SERVER_* methods
+        self.suspect_until: float | None = None  # suspended by a failed connect, until then
+        self.monitor_status: dict[str, object] = {}  # what the monitor says (link, misses, ...)
 
     @property
     def address(self) -> str:
@@ -69,6 +72,9 @@ class Backend:
             "id": self.server_id, "address": self.address, "state": self.state.value,
             "reason": self.reason, "connections": self.active, "total": self.total,
             "connect_failures": self.connect_failures, "leaving": self.leaving, "metrics": metrics,
+            "placed_since_report": self.placed_since_report,
+            "suspect_for": None if self.suspect_until is None else round(max(0.0, self.suspect_until - now), 3),
+            "monitor": dict(self.monitor_status),
         }
 
 
@@ -87,10 +93,20 @@ class UnknownServer(KeyError):
 
 
 class ServerPool:
-    """The server table of one listener and the balancer that ranks it."""
+    """The server table of one listener and the balancer that ranks it.
 
-    def __init__(self, servers: Iterable[RemoteServer], balancer: IBalancer) -> None:
+    A failed connect while opening a session suspends the server at once for *suspect_time*
+    seconds (whatever the monitoring), so the next sessions do not try it first; it is tried again
+    after that, or sooner when its monitor reports it healthy.  *clock* (an ``IReactorTime``)
+    times that; without one the time of the latest ``candidates(now)`` call is used.
+    """
+
+    def __init__(self, servers: Iterable[RemoteServer], balancer: IBalancer,
+                 clock: Any = None, suspect_time: float = 10.0) -> None:
         self.balancer = balancer
+        self.clock = clock
+        self.suspect_time = suspect_time
+        self._last_now = 0.0
         self._backends: dict[str, Backend] = {}
         for server in servers:
             self._add(server)
@@ -115,9 +131,19 @@ class ServerPool:
 
     # --- choosing -------------------------------------------------------------------------
 
+    def _now(self) -> float:
+        return float(self.clock.seconds()) if self.clock is not None else self._last_now
+
     def candidates(self, now: float) -> list[Backend]:
         """The servers to try for one new session, best first (call once per session)."""
-        available = [b for b in self._backends.values() if b.available]
+        self._last_now = now
+        available = []
+        for backend in self._backends.values():
+            if backend.suspect_until is not None and backend.suspect_until <= now:
+                self.set_state(backend.server_id, ServerState.UP,
+                               f"suspect for {self.suspect_time:g}s after a failed connect; trying it again")
+            if backend.available:
+                available.append(backend)
         return self.balancer.rank(available, now)  # type: ignore[return-value]
 
     # --- session accounting (only sessions through the broker count) -----------------------
@@ -125,6 +151,7 @@ class ServerPool:
     def session_opening(self, backend: Backend) -> None:
         """A session was sent to *backend*: count it now, so a burst spreads."""
         backend.active += 1
+        backend.placed_since_report += 1
 
     def session_connected(self, backend: Backend) -> None:
         backend.total += 1
@@ -136,14 +163,40 @@ class ServerPool:
             self._forget(backend)
 
     def connect_failed(self, backend: Backend, reason: str) -> None:
-        """A connect to *backend* failed while opening a session."""
+        """A connect to *backend* failed while opening a session: suspend it at once."""
         backend.connect_failures += 1
-        backend.reason = f"connect failed: {reason}"
+        if backend.placed_since_report:
+            backend.placed_since_report -= 1  # that session went elsewhere
+        if backend.state is ServerState.UP and self.suspect_time > 0:
+            self.set_state(backend.server_id, ServerState.SUSPENDED, f"connect failed: {reason}")
+            backend.suspect_until = self._now() + self.suspect_time
+        else:
+            backend.reason = f"connect failed: {reason}"
 
-    # --- metrics (fed by monitoring; tests feed it directly) ---------------------------------
+    # --- monitoring (fed by monitor.py; tests feed it directly) ------------------------------
 
     def report_metrics(self, server_id: str, metrics: Metrics) -> None:
-        self.get(server_id).metrics = metrics
+        """A fresh report: it already shows the sessions placed before it."""
+        backend = self.get(server_id)
+        backend.metrics = metrics
+        backend.placed_since_report = 0
+
+    def monitor_verdict(self, server_id: str, state: ServerState, reason: str,
+                        observed_at: float | None = None) -> None:
+        """What monitoring concludes (UP, SUSPENDED or DOWN), from an observation made at
+        *observed_at*.  A server that is draining or leaving stays so; a good verdict observed
+        after a failed connect ends that suspicion early (an older one does not)."""
+        backend = self._backends.get(server_id)
+        if backend is None or backend.leaving or backend.state is ServerState.DRAINING:
+            return
+        if backend.suspect_until is not None:
+            if state is ServerState.UP and (
+                observed_at is None or observed_at < backend.suspect_until - self.suspect_time
+            ):
+                return  # the good news predates the failed connect
+        elif state is backend.state:
+            return
+        self.set_state(server_id, state, reason)
 
     # --- run-time membership ----------------------------------------------------------------
 
@@ -157,6 +210,7 @@ class ServerPool:
             )
         backend.state = state
         backend.reason = reason
+        backend.suspect_until = None
         return backend
 
     def add(self, server: RemoteServer) -> Backend:

@@ -72,6 +72,7 @@ class SyntaxTests(SynchronousTestCase):
             'SERVICE_DISPLAY_NAME = "A; B # C"\n'
             "sort_method = protheus_threads\n"
             "MONITORING_TYPE = smartclient_active\n"
+            "AGENT_SECRET = sixteen-chars-or-more\n"
         )
         self.assertFalse(config.general.console_log)
         self.assertTrue(config.general.console_log_date)
