@@ -3,6 +3,8 @@
 #
 #   packaging/ci-deb.sh [OUTDIR]               full run, as root on Debian 12 (CI: .ci/run)
 #   packaging/ci-deb.sh --build-only [OUTDIR]  only build the .deb into OUTDIR (make deb)
+#   packaging/ci-deb.sh --with-systemd [OUTDIR] full run, then the same .deb under a real systemd
+#                                               (packaging/systemd-nspawn-test.sh, about 60 s)
 #
 # OUTDIR defaults to ./dist.  The .deb is built from a clean copy of the committed tree
 # (git archive HEAD) with a PATH free of pyenv/venv pythons.  DEB_BUILD_OPTIONS is passed
@@ -15,11 +17,13 @@ PKG=protheus-broker
 MAX_EXPOSURE=3.0
 
 build_only=0
+with_systemd=0
 outdir=dist
 for arg in "$@"; do
   case "$arg" in
     --build-only) build_only=1 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --with-systemd) with_systemd=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     -*) echo "ci-deb.sh: unknown option $arg" >&2; exit 2 ;;
     *) outdir=$arg ;;
   esac
@@ -362,6 +366,12 @@ if grep -qs protheus /usr/lib/python3/dist-packages/twisted/plugins/dropin.cache
 fi
 echo "  after purge: no config, state, logs, plugin, units; twistd3 lists no protheus plugin"
 echo "  (the system user protheus-broker is kept, as Debian does; see README.Debian)"
+
+if [ "$with_systemd" -eq 1 ]; then
+  step "under a real systemd (systemd-nspawn-test.sh)"
+  bash "$repo/packaging/systemd-nspawn-test.sh" "$deb" "$(ls "$work"/upgrade/${PKG}_*_all.deb)" \
+    || fail "packaging/systemd-nspawn-test.sh"
+fi
 
 end_step
 echo
