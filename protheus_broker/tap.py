@@ -13,7 +13,9 @@ from twisted.python import usage
 from . import __version__
 from .balancing import make_balancer
 from .config import DEFAULT_CONFIG_PATH, BrokerConfig, ConfigError, load_config
+from .config import DesktopBalanceConfig, SortMethod
 from .logs import console_file_observer
+from .monitor import make_monitor
 from .pool import ServerPool
 from .proxy import BrokerFactory
 
@@ -32,6 +34,13 @@ class Options(usage.Options):
     ]
 
 
+def _balancer(desktop: DesktopBalanceConfig) -> Any:
+    monitoring = desktop.monitoring
+    costs = {SortMethod.SERVER_MEMORY: float(monitoring.session_memory_bytes),
+             SortMethod.SERVER_CPU: monitoring.session_cpu_percent}
+    return make_balancer(desktop.effective_sort_method, desktop.metrics_max_age, costs)
+
+
 class BrokerService(MultiService):
     """The broker: one listener and its pool, built from one config, reloadable on SIGHUP."""
 
@@ -40,9 +49,12 @@ class BrokerService(MultiService):
         self.reactor = reactor
         self.config = config
         desktop = config.desktop
-        self.pool = ServerPool(
-            desktop.servers, make_balancer(desktop.effective_sort_method, desktop.metrics_max_age)
-        )
+        self.pool = ServerPool(desktop.servers, _balancer(desktop), clock=reactor,
+                               suspect_time=desktop.monitoring.suspect_time)
+        self.monitor = make_monitor(reactor, self.pool, desktop.monitoring_type, desktop.monitoring,
+                                    connect_timeout=desktop.connect_timeout)
+        if self.monitor is not None:
+            self.monitor.setServiceParent(self)
         self.factory = BrokerFactory(
             reactor, self.pool, connect_timeout=desktop.connect_timeout,
             max_sessions=desktop.max_sessions, sort_method=desktop.effective_sort_method.value,
@@ -67,6 +79,13 @@ class BrokerService(MultiService):
         super().privilegedStartService()
 
     def startService(self) -> None:
+        # SIGHUP first: whoever reads "listening on" may reload at once.
+        try:
+            self._previous_sighup = signal.signal(
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
+            )
+        except ValueError:  # not the main thread (tests): reload() is still callable
+            self._previous_sighup = None
         console = console_file_observer(self.config.general)
         if console is not None:
             self._console = console
@@ -85,12 +104,6 @@ class BrokerService(MultiService):
             count=len(self.pool), sort_method=desktop.effective_sort_method.value,
             monitoring=desktop.monitoring_type.value,
         )
-        try:
-            self._previous_sighup = signal.signal(
-                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
-            )
-        except ValueError:  # not the main thread (tests): reload() is still callable
-            self._previous_sighup = None
         super().startService()
 
     def stopService(self) -> Any:
@@ -117,10 +130,15 @@ class BrokerService(MultiService):
         if (desktop.local_port, desktop.local_interface) != (old.local_port, old.local_interface):
             log.warn("reload: LOCAL_SERVER_PORT/LOCAL_SERVER_INTERFACE changed; restart to apply")
         result = self.pool.reconfigure(desktop.servers)
-        if desktop.effective_sort_method != old.effective_sort_method or (
-            desktop.metrics_max_age != old.metrics_max_age
-        ):
-            self.pool.balancer = make_balancer(desktop.effective_sort_method, desktop.metrics_max_age)
+        self.pool.balancer = _balancer(desktop)
+        self.pool.suspect_time = desktop.monitoring.suspect_time
+        if (desktop.monitoring_type, desktop.monitoring.tls, desktop.monitoring.heartbeat_interval,
+                desktop.monitoring.probe_interval) != (old.monitoring_type, old.monitoring.tls,
+                                                        old.monitoring.heartbeat_interval,
+                                                        old.monitoring.probe_interval):
+            log.warn("reload: MONITORING_TYPE, AGENT_SSL_* or the intervals changed; restart to apply")
+        elif self.monitor is not None:
+            self.monitor.reconfigure(desktop.monitoring)  # type: ignore[attr-defined]
         self.factory.connect_timeout = desktop.connect_timeout
         self.factory.max_sessions = desktop.max_sessions
         self.factory.sort_method = desktop.effective_sort_method.value

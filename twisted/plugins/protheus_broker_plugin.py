@@ -14,3 +14,9 @@ protheusAppServerSim = ServiceMaker(
     "Sample AppServer for demos, tests and benchmarks (greets, then echoes).",
     "protheus-appserver-sim",
 )
+protheusAgent = ServiceMaker(
+    "protheus-agent",
+    "protheus_broker.agent_tap",
+    "Agent beside TOTVS AppServers: reports their memory, CPU, threads and users to the broker.",
+    "protheus-agent",
+)

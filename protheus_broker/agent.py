@@ -1,0 +1,242 @@
+"""``protheus-agent``: beside each AppServer, measures it and reports to the broker over AMP.
+
+The agent listens (plain TCP with a shared secret, or mutual TLS); brokers connect, authenticate
+(``amp_commands``), name the AppServer by its port, and then receive a ``Report`` every interval
+they asked for.  Every ``SAMPLE_INTERVAL`` the agent measures each watched AppServer (psutil, see
+``metrics_probe``) and checks that it accepts a local connect; when that answer changes, every
+broker watching it hears at once instead of at its next interval.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.internet import defer, task
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from . import amp_commands as cmd
+from .config import AgentConfig, WatchedAppServer
+from .metrics_probe import ProbeProblem, ProcessFigures, ProcessProbe, host_figures
+
+log = Logger()
+
+#: Seconds a broker has to finish the handshake before the agent hangs up.
+HANDSHAKE_TIMEOUT = 10.0
+#: The shortest report interval a broker may ask for.
+MIN_INTERVAL = 0.05
+
+
+@dataclass(frozen=True)
+class AppServerSample:
+    """One measurement of one AppServer (agent clock)."""
+
+    figures: ProcessFigures | None
+    accepting: bool
+    problem: str
+    taken_at: float
+
+
+class AppServerWatch:
+    """One watched AppServer: its probe, its latest sample, the broker channels that follow it."""
+
+    def __init__(self, reactor: Any, watched: WatchedAppServer,
+                 measure: Callable[[], ProcessFigures] | None = None, connect_timeout: float = 1.0) -> None:
+        self.reactor = reactor
+        self.watched = watched
+        self.measure = measure or ProcessProbe(watched).measure
+        self.connect_timeout = connect_timeout
+        self.latest = AppServerSample(None, False, "not sampled yet", reactor.seconds())
+        self.links: set[AgentProtocol] = set()
+
+    async def sample(self) -> AppServerSample:
+        """Measure the process and try a local connect; tell the brokers at once on a change."""
+        figures: ProcessFigures | None = None
+        problem = ""
+        try:
+            figures = self.measure()
+        except ProbeProblem as exc:
+            problem = f"cannot measure: {exc}"
+        refused = await self._connect_check()
+        if refused:
+            problem = f"local connect to {self.watched.host}:{self.watched.port} failed: {refused}"
+        accepting = figures is not None and not refused
+        previous = self.latest
+        self.latest = AppServerSample(figures, accepting, problem, self.reactor.seconds())
+        if previous.accepting != accepting or (previous.problem != problem and problem):
+            if problem:
+                log.warn("AppServer {name} (port {port}) not accepting: {problem}",
+                         name=self.watched.name, port=self.watched.port, problem=problem)
+            else:
+                log.info("AppServer {name} (port {port}) accepting connections (pid {pid})",
+                         name=self.watched.name, port=self.watched.port, pid=figures.pid if figures else None)
+            for link in list(self.links):
+                link.push()
+        return self.latest
+
+    async def _connect_check(self) -> str:
+        """'' if the AppServer accepts a local connect, else why not."""
+        endpoint = HostnameEndpoint(self.reactor, self.watched.host, self.watched.port,
+                                    timeout=self.connect_timeout)
+        try:
+            protocol = await connectProtocol(endpoint, Protocol())
+        except Exception as exc:
+            return str(exc).strip().rstrip(".") or type(exc).__name__
+        protocol.transport.loseConnection()
+        return ""
+
+
+class Agent:
+    """The agent's logic: the watched AppServers, the secret, the host's figures.  No listener."""
+
+    def __init__(self, reactor: Any, config: AgentConfig,
+                 watches: dict[int, AppServerWatch] | None = None,
+                 host: tuple[int, int] | None = None) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.secret = config.secret
+        self.watches = watches if watches is not None else {
+            w.port: AppServerWatch(reactor, w) for w in config.appservers}
+        self.physical_memory, self.cpu_count = host or host_figures()
+
+    def sample_all(self) -> defer.Deferred[Any]:
+        return defer.DeferredList([defer.ensureDeferred(w.sample()) for w in self.watches.values()])
+
+    def report_values(self, watch: AppServerWatch) -> dict[str, Any]:
+        sample = watch.latest
+        figures = sample.figures
+        return {
+            "memory_bytes": figures.memory_bytes if figures else 0,
+            "users": figures.users if figures else 0,
+            "threads": figures.threads if figures else 0,
+            "cpu_percent": figures.cpu_percent if figures else 0.0,
+            "accepting": sample.accepting,
+            "problem": sample.problem,
+            "age": max(0.0, self.reactor.seconds() - sample.taken_at),
+            "physical_memory": self.physical_memory,
+            "cpu_count": self.cpu_count,
+        }
+
+
+class AgentProtocol(amp.AMP):
+    """The agent's end of one broker channel."""
+
+    transport: Any
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__()
+        self.agent = agent
+        self.watch: AppServerWatch | None = None
+        self.broker_nonce = b""
+        self.agent_nonce = b""
+        self.authenticated = False
+        self.pusher: task.LoopingCall | None = None
+        self.peer = "?"
+        self.timeout: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.timeout = self.agent.reactor.callLater(HANDSHAKE_TIMEOUT, self._too_slow)
+
+    def _too_slow(self) -> None:
+        log.warn("broker {peer}: no handshake within {timeout:g}s; dropping it",
+                 peer=self.peer, timeout=HANDSHAKE_TIMEOUT)
+        self.transport.abortConnection()
+
+    def _refuse(self, why: str) -> None:
+        log.error("broker {peer} refused: {why}; dropping it", peer=self.peer, why=why)
+        self.agent.reactor.callLater(0, self.transport.loseConnection)  # after the error is sent
+
+    @cmd.Hello.responder
+    def hello(self, version: int, appserver_port: int, broker_nonce: bytes) -> dict[str, Any]:
+        if version != cmd.PROTOCOL_VERSION:
+            self._refuse(f"protocol version {version} (this agent speaks {cmd.PROTOCOL_VERSION})")
+            raise cmd.UnsupportedVersion(f"agent speaks version {cmd.PROTOCOL_VERSION}")
+        watch = self.agent.watches.get(appserver_port)
+        if watch is None:
+            ports = ", ".join(str(p) for p in sorted(self.agent.watches))
+            self._refuse(f"asked for AppServer port {appserver_port}, not watched here ({ports})")
+            raise cmd.UnknownAppServer(f"no AppServer on port {appserver_port} here (watching {ports})")
+        if len(broker_nonce) != cmd.NONCE_BYTES:
+            self._refuse("malformed challenge")
+            raise cmd.AuthenticationFailed("malformed challenge")
+        self.watch = watch
+        self.broker_nonce = broker_nonce
+        self.agent_nonce = os.urandom(cmd.NONCE_BYTES)
+        return {
+            "agent_nonce": self.agent_nonce,
+            "agent_proof": cmd.proof(self.agent.secret, b"agent", broker_nonce, self.agent_nonce,
+                                     appserver_port),
+            "appserver": watch.watched.name,
+        }
+
+    @cmd.Authenticate.responder
+    def authenticate(self, broker_proof: bytes, interval: float) -> dict[str, Any]:
+        watch = self.watch
+        if watch is None:
+            self._refuse("Authenticate before Hello")
+            raise cmd.AuthenticationFailed("Hello first")
+        expected = cmd.proof(self.agent.secret, b"broker", self.agent_nonce, self.broker_nonce,
+                             watch.watched.port)
+        if not cmd.proof_matches(expected, broker_proof):
+            self._refuse("wrong proof (a different AGENT_SECRET, or not our broker)")
+            raise cmd.AuthenticationFailed("wrong proof")
+        if not (interval == 0 or MIN_INTERVAL <= interval <= 3600):
+            self._refuse(f"report interval {interval!r} out of range")
+            raise cmd.AuthenticationFailed("bad interval")
+        self.authenticated = True
+        if self.timeout is not None and self.timeout.active():
+            self.timeout.cancel()
+        log.info("broker {peer} authenticated for AppServer {name} (port {port}); "
+                 "{what}", peer=self.peer, name=watch.watched.name, port=watch.watched.port,
+                 what=f"reports every {interval:g}s" if interval else "probe")
+        if interval:
+            watch.links.add(self)
+            self.pusher = task.LoopingCall(self.push)
+            self.pusher.clock = self.agent.reactor
+            self.pusher.start(interval, now=False)
+            self.agent.reactor.callLater(0, self.push)  # the first report right after the answer
+        return {}
+
+    def push(self) -> None:
+        """Send the latest sample (also the heartbeat)."""
+        if self.watch is not None and self.authenticated and self.transport is not None:
+            self.callRemote(cmd.Report, **self.agent.report_values(self.watch))
+
+    @cmd.Sample.responder
+    def sample(self) -> dict[str, Any]:
+        if not self.authenticated or self.watch is None:
+            self._refuse("Sample before authentication")
+            raise cmd.NotAuthenticated("authenticate first")
+        return self.agent.report_values(self.watch)
+
+    @cmd.Report.responder
+    def report(self, **values: Any) -> dict[str, Any]:
+        self._refuse("sent a Report to the agent")
+        return {}
+
+    def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
+        super().connectionLost(reason)
+        if self.timeout is not None and self.timeout.active():
+            self.timeout.cancel()
+        if self.pusher is not None and self.pusher.running:
+            self.pusher.stop()
+        if self.watch is not None:
+            self.watch.links.discard(self)
+
+
+class AgentFactory(Factory):
+    noisy = False
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def buildProtocol(self, addr: Any) -> AgentProtocol:
+        return AgentProtocol(self.agent)

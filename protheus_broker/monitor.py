@@ -1,0 +1,450 @@
+"""Backend monitoring on the broker side: ``MONITORING_TYPE`` made real.
+
+- :class:`Health`: one server's heartbeat state machine (Up / Suspended / Down), no I/O.
+- :func:`validate_report`: an agent's report becomes :class:`~.balancing.Metrics` or is refused
+  with a reason (negative, NaN, more memory than the host has...).
+- :class:`AgentLink`: the broker's end of an AMP agent channel (handshake, reports, one sample).
+- :class:`ActiveMonitor`: ``SMARTCLIENT_ACTIVE`` / ``SMARTCLIENT_SSL_ACTIVE``: a permanent channel
+  per server (``ClientService`` with backoff) and one watchdog that counts missed heartbeats.
+- :class:`ProbeMonitor`: ``CONNECTION`` / ``SMARTCLIENT`` / ``SMARTCLIENT_SSL``: every
+  ``MONITORING_INTERVAL`` seconds connect, check, disconnect.
+
+Verdicts go to the pool (``ServerPool.monitor_verdict``), which logs one event per state change.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, task
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from . import amp_commands as cmd
+from .balancing import Metrics
+from .config import MonitoringConfig, MonitoringType
+from .pool import Backend, ServerPool, ServerState
+
+log = Logger()
+
+#: Values no real AppServer reports: anything past these is a bad agent, not a busy server.
+MAX_PHYSICAL_MEMORY = 1 << 50  # 1 PiB
+MAX_COUNT = 10_000_000  # users, threads
+MAX_CPU_COUNT = 65536
+MAX_AGE = 3600.0
+
+
+class BadReport(ValueError):
+    """A report with malformed or absurd values; the text names the value and why."""
+
+
+def validate_report(values: dict[str, Any], now: float) -> tuple[Metrics, bool, str]:
+    """Check an agent's report; return (metrics on the broker's clock, accepting, problem)."""
+    physical = values["physical_memory"]
+    cpus = values["cpu_count"]
+    if not 0 < physical <= MAX_PHYSICAL_MEMORY:
+        raise BadReport(f"physical_memory {physical} is not a host's memory size")
+    if not 0 < cpus <= MAX_CPU_COUNT:
+        raise BadReport(f"cpu_count {cpus} is out of range (1 to {MAX_CPU_COUNT})")
+    memory = values["memory_bytes"]
+    if not 0 <= memory <= physical:
+        raise BadReport(f"memory_bytes {memory} is negative or above the host's physical memory ({physical})")
+    for name in ("users", "threads"):
+        if not 0 <= values[name] <= MAX_COUNT:
+            raise BadReport(f"{name} {values[name]} is out of range (0 to {MAX_COUNT})")
+    cpu = values["cpu_percent"]
+    if not (math.isfinite(cpu) and 0.0 <= cpu <= 100.0 * cpus):
+        raise BadReport(f"cpu_percent {cpu} is not a number from 0 to {100 * cpus} ({cpus} CPUs)")
+    age = values["age"]
+    if not (math.isfinite(age) and 0.0 <= age <= MAX_AGE):
+        raise BadReport(f"age {age} is not a number of seconds from 0 to {MAX_AGE:g}")
+    metrics = Metrics(memory_bytes=memory, users=values["users"], threads=values["threads"],
+                      cpu_percent=cpu, taken_at=now - age)
+    return metrics, bool(values["accepting"]), str(values.get("problem") or "")
+
+
+class Health:
+    """One server's monitoring state: Up, Suspended (missed heartbeats), Down.
+
+    Active mode: the watchdog calls :meth:`check` (every half interval); a heartbeat is *missed*
+    when none arrived within half an interval of its due time, so with a 1 s interval and
+    ``suspend_misses = 1`` a dead server is Suspended at most 2 s after its last report.
+    Probe modes: each failed probe is one miss (:meth:`failed`).  A good report or probe
+    (:meth:`heard`) makes it Up again; a report saying the AppServer does not accept makes it
+    Down at once.  *on_change(state, reason)* is called once per change.
+    """
+
+    def __init__(self, interval: float, suspend_misses: int, down_misses: int, now: float,
+                 on_change: Callable[[ServerState, str], None]) -> None:
+        self.interval = interval
+        self.suspend_misses = suspend_misses
+        self.down_misses = down_misses
+        self.on_change = on_change
+        self.state = ServerState.UP
+        self.last_heard = now  # startup counts as heard: the agent gets its first interval
+        self.misses = 0
+
+    def _become(self, state: ServerState, reason: str) -> None:
+        if state is not self.state:
+            self.state = state
+            self.on_change(state, reason)
+
+    def heard(self, now: float, accepting: bool = True, problem: str = "") -> None:
+        was = self.state
+        self.last_heard = now
+        self.misses = 0
+        if accepting:
+            self._become(ServerState.UP, "reports resumed" if was is not ServerState.UP else "reporting")
+        else:
+            self._become(ServerState.DOWN, f"agent: AppServer not accepting: {problem or 'no reason given'}")
+
+    def check(self, now: float) -> None:
+        """Count missed heartbeats (active mode's watchdog)."""
+        missed = math.floor((now - self.last_heard) / self.interval - 0.5)
+        if missed <= self.misses:
+            return
+        self.misses = missed
+        self._judge(f"no report for {now - self.last_heard:.1f}s ({missed} missed heartbeat"
+                    f"{'s' if missed > 1 else ''})")
+
+    def failed(self, reason: str) -> None:
+        """One failed probe (probe modes), or a lost link counted as a miss."""
+        self.misses += 1
+        self._judge(f"{reason} ({self.misses} failed check{'s' if self.misses > 1 else ''})")
+
+    def _judge(self, reason: str) -> None:
+        if self.misses >= self.down_misses:
+            self._become(ServerState.DOWN, reason)
+        elif self.misses >= self.suspend_misses and self.state is ServerState.UP:
+            self._become(ServerState.SUSPENDED, reason)
+
+
+class _Watched:
+    """A monitored server: its health, its link/service, what the monitor last said."""
+
+    def __init__(self, monitor: _MonitorBase, backend: Backend, now: float) -> None:
+        self.server_id = backend.server_id
+        self.backend = backend
+        self.health = Health(monitor.interval, monitor.settings.suspend_misses,
+                             monitor.settings.down_misses, now,
+                             lambda state, reason: monitor.verdict(self, state, reason))
+        self.service: Any = None
+        self.link: AgentLink | None = None
+        self.last_problem = ""
+        self.reports = 0
+        self.bad_reports = 0
+        host, port = monitor.settings.agents.get(backend.server_id, (backend.host, 0))
+        self.agent_address = (host, port)
+
+
+class _MonitorBase(MultiService):
+    """What both monitors share: the watched servers, verdicts, reports, endpoints."""
+
+    interval: float
+
+    def __init__(self, reactor: Any, pool: ServerPool, monitoring_type: MonitoringType,
+                 settings: MonitoringConfig, connect_timeout: float = 5.0) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.pool = pool
+        self.monitoring_type = monitoring_type
+        self.settings = settings
+        self.connect_timeout = connect_timeout
+        self.watched: dict[str, _Watched] = {}
+
+    def verdict(self, watched: _Watched, state: ServerState, reason: str) -> None:
+        backend = watched.backend
+        backend.monitor_status["state"] = state.value
+        self.pool.monitor_verdict(backend.server_id, state, f"{self.monitoring_type.value}: {reason}")
+
+    def report(self, watched: _Watched, values: dict[str, Any], peer: str) -> bool:
+        """A report from an authenticated agent; False (logged) if its values are bad."""
+        now = self.reactor.seconds()
+        try:
+            metrics, accepting, problem = validate_report(values, now)
+        except BadReport as exc:
+            watched.bad_reports += 1
+            log.warn("server {server_id}: report from agent {peer} refused: {reason}",
+                     server_id=watched.server_id, peer=peer, reason=str(exc))
+            return False
+        watched.reports += 1
+        self.pool.report_metrics(watched.server_id, metrics)
+        status = watched.backend.monitor_status
+        status.update(last_report_at=now, problem=problem, accepting=accepting)
+        watched.health.heard(now, accepting, problem)
+        if accepting:  # ends a failed-connect suspicion if observed after it
+            self.pool.monitor_verdict(watched.server_id, ServerState.UP,
+                                      f"{self.monitoring_type.value}: agent reports it accepting",
+                                      observed_at=metrics.taken_at)
+        return True
+
+    def link_failed(self, watched: _Watched, why: str) -> None:
+        """Log a channel problem once per distinct reason (retries repeat it)."""
+        watched.backend.monitor_status["link"] = f"failed: {why}"
+        if why != watched.last_problem:
+            watched.last_problem = why
+            host, port = watched.agent_address
+            log.error("server {server_id}: agent {peer}: {why}", server_id=watched.server_id,
+                      peer=f"{host}:{port}", why=why)
+
+    def agent_endpoint(self, watched: _Watched) -> Any:
+        host, port = watched.agent_address
+        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+        if self.monitoring_type.uses_tls:
+            from .tls import client_options
+
+            assert self.settings.tls is not None
+            return wrapClientTLS(client_options(self.settings.tls, host), endpoint)
+        return endpoint
+
+    def add(self, backend: Backend) -> _Watched:
+        watched = _Watched(self, backend, self.reactor.seconds())
+        self.watched[backend.server_id] = watched
+        backend.monitor_status.update(type=self.monitoring_type.value, state="up",
+                                      agent=f"{watched.agent_address[0]}:{watched.agent_address[1]}")
+        return watched
+
+    def remove(self, server_id: str) -> None:
+        self.watched.pop(server_id, None)
+
+    def reconfigure(self, settings: MonitoringConfig) -> None:
+        """Follow the pool after a reload: watch servers that joined, forget those that left."""
+        self.settings = settings
+        current = {b.server_id: b for b in self.pool if not b.leaving}
+        for server_id in list(self.watched):
+            if server_id not in current or current[server_id] is not self.watched[server_id].backend:
+                self.remove(server_id)
+        for server_id, backend in current.items():
+            if server_id not in self.watched:
+                self.add(backend)
+
+
+def _describe(reason: Failure) -> str:
+    value = reason.value
+    if isinstance(value, amp.RemoteAmpError):
+        return f"refused by the agent: {value.description}"
+    text = str(value).strip().rstrip(".")
+    return text or type(value).__name__
+
+
+class AgentLink(amp.AMP):
+    """The broker's end of one agent channel: authenticate, then take reports (active) or ask
+    for one sample and hang up (probe).  Reports before authentication drop the channel."""
+
+    transport: Any
+
+    def __init__(self, monitor: _MonitorBase, watched: _Watched, interval: float) -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.watched = watched
+        self.interval = interval  # 0: probe (one Sample, no pushed reports)
+        self.authenticated = False
+        self.ready: defer.Deferred[AgentLink] = defer.Deferred()
+        self.peer = "?"
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        defer.ensureDeferred(self._handshake()).addErrback(self._handshake_failed)
+
+    async def _handshake(self) -> None:
+        secret = self.monitor.settings.secret
+        port = self.watched.backend.port
+        broker_nonce = os.urandom(cmd.NONCE_BYTES)
+        answer = await self.callRemote(cmd.Hello, version=cmd.PROTOCOL_VERSION,
+                                       appserver_port=port, broker_nonce=broker_nonce)
+        expected = cmd.proof(secret, b"agent", broker_nonce, answer["agent_nonce"], port)
+        if not cmd.proof_matches(expected, answer["agent_proof"]):
+            raise cmd.AuthenticationFailed(
+                "the agent's proof is wrong (a different AGENT_SECRET, or not our agent)")
+        await self.callRemote(
+            cmd.Authenticate, interval=self.interval,
+            broker_proof=cmd.proof(secret, b"broker", answer["agent_nonce"], broker_nonce, port))
+        self.authenticated = True
+        self.watched.last_problem = ""
+        self.watched.backend.monitor_status["link"] = "authenticated"
+        self.ready.callback(self)
+
+    def _handshake_failed(self, failure: Failure) -> None:
+        if self.ready.called:
+            return
+        why = f"handshake failed: {_describe(failure)}"
+        self.monitor.link_failed(self.watched, why)
+        self.ready.errback(Failure(cmd.AuthenticationFailed(why)))
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    @cmd.Report.responder
+    def report(self, **values: Any) -> dict[str, Any]:
+        if not self.authenticated:
+            log.warn("server {server_id}: report from unauthenticated peer {peer}; dropping it",
+                     server_id=self.watched.server_id, peer=self.peer)
+            self.transport.loseConnection()
+            return {}
+        self.monitor.report(self.watched, values, self.peer)
+        return {}
+
+    def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
+        super().connectionLost(reason)
+        if not self.ready.called:
+            self.ready.errback(Failure(cmd.AuthenticationFailed(
+                f"channel closed before the handshake finished: {_describe(reason)}")))
+            self.ready.addErrback(lambda _: None)
+        if self.monitor.watched.get(self.watched.server_id) is self.watched and self.watched.link is self:
+            self.watched.link = None
+            if self.authenticated:
+                self.watched.backend.monitor_status["link"] = f"lost: {_describe(reason)}"
+                log.warn("server {server_id}: agent channel to {peer} lost: {why}",
+                         server_id=self.watched.server_id, peer=self.peer, why=_describe(reason))
+
+
+class _LinkFactory(Factory):
+    noisy = False
+
+    def __init__(self, monitor: ActiveMonitor, watched: _Watched) -> None:
+        self.monitor = monitor
+        self.watched = watched
+
+    def buildProtocol(self, addr: Any) -> AgentLink:
+        link = AgentLink(self.monitor, self.watched, self.monitor.interval)
+        link.ready.addCallbacks(self._up, lambda _: None)
+        self.watched.link = link
+        return link
+
+    def _up(self, link: AgentLink) -> None:
+        log.info("server {server_id}: agent channel to {peer} authenticated{tls}",
+                 server_id=self.watched.server_id, peer=link.peer,
+                 tls=" (mutual TLS)" if self.monitor.monitoring_type.uses_tls else "")
+
+
+def _handshake_done(link: Any) -> defer.Deferred[AgentLink]:
+    ready: defer.Deferred[AgentLink] = link.ready
+    return ready
+
+
+class ActiveMonitor(_MonitorBase):
+    """``SMARTCLIENT_ACTIVE`` / ``SMARTCLIENT_SSL_ACTIVE``: a permanent agent channel per server,
+    reconnected with backoff, and one watchdog for all servers every half heartbeat interval."""
+
+    def __init__(self, reactor: Any, pool: ServerPool, monitoring_type: MonitoringType,
+                 settings: MonitoringConfig, connect_timeout: float = 5.0) -> None:
+        super().__init__(reactor, pool, monitoring_type, settings, connect_timeout)
+        self.interval = settings.heartbeat_interval
+        self.watchdog = task.LoopingCall(self.check)
+        self.watchdog.clock = reactor
+        for backend in pool:
+            if not backend.leaving:
+                self.add(backend)
+
+    def add(self, backend: Backend) -> _Watched:
+        watched = super().add(backend)
+        service = ClientService(
+            self.agent_endpoint(watched), _LinkFactory(self, watched),
+            retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=10.0, factor=1.5),
+            clock=self.reactor,
+            prepareConnection=_handshake_done,  # a failed handshake backs off too
+        )
+        watched.service = service
+        service.setServiceParent(self)
+        return watched
+
+    def remove(self, server_id: str) -> None:
+        watched = self.watched.get(server_id)
+        super().remove(server_id)
+        if watched is not None and watched.service is not None:
+            watched.service.disownServiceParent()
+
+    def check(self) -> None:
+        """The watchdog: count missed heartbeats of every server."""
+        now = self.reactor.seconds()
+        for watched in list(self.watched.values()):
+            watched.health.check(now)
+
+    def startService(self) -> None:
+        super().startService()
+        self.watchdog.start(self.interval / 2, now=False)
+
+    def stopService(self) -> Any:
+        if self.watchdog.running:
+            self.watchdog.stop()
+        return super().stopService()
+
+
+class ProbeMonitor(_MonitorBase):
+    """``CONNECTION``: connect to the AppServer, disconnect.  ``SMARTCLIENT`` (``_SSL``): the
+    exploratory login: connect to the agent (over mutual TLS), authenticate, ask for one sample,
+    disconnect; the sample says whether the AppServer accepts.  Every ``MONITORING_INTERVAL``."""
+
+    def __init__(self, reactor: Any, pool: ServerPool, monitoring_type: MonitoringType,
+                 settings: MonitoringConfig, connect_timeout: float = 5.0) -> None:
+        super().__init__(reactor, pool, monitoring_type, settings, connect_timeout)
+        self.interval = settings.probe_interval
+        self.loop = task.LoopingCall(self.probe_all)
+        self.loop.clock = reactor
+        for backend in pool:
+            if not backend.leaving:
+                self.add(backend)
+
+    def probe_all(self) -> defer.Deferred[Any]:
+        return defer.DeferredList([self.probe(w) for w in list(self.watched.values())])
+
+    def probe(self, watched: _Watched) -> defer.Deferred[None]:
+        """One probe of one server; its result goes to the server's health."""
+        if self.monitoring_type is MonitoringType.CONNECTION:
+            backend = watched.backend
+            endpoint = HostnameEndpoint(self.reactor, backend.host, backend.port,
+                                        timeout=self.connect_timeout)
+            attempt = connectProtocol(endpoint, Protocol())
+            attempt.addCallback(lambda proto: proto.transport.loseConnection())
+            attempt.addCallbacks(lambda _: watched.health.heard(self.reactor.seconds()),
+                                 lambda f: watched.health.failed(f"connect failed: {_describe(f)}"))
+            return attempt
+        return defer.ensureDeferred(self._exploratory_login(watched))
+
+    async def _exploratory_login(self, watched: _Watched) -> None:
+        link = AgentLink(self, watched, 0.0)
+        timeout = self.reactor.callLater(max(self.connect_timeout, 1.0) * 2, self._give_up, link)
+        try:
+            await connectProtocol(self.agent_endpoint(watched), link)
+            await link.ready
+            values = await link.callRemote(cmd.Sample)
+        except Exception as exc:  # every failure is one failed probe, with its reason
+            watched.health.failed(_describe(Failure(exc)) if str(exc) else type(exc).__name__)
+            return
+        finally:
+            if timeout.active():
+                timeout.cancel()
+            if link.transport is not None:
+                link.transport.loseConnection()
+        if not self.report(watched, values, link.peer):
+            watched.health.failed("bad report")
+
+    def _give_up(self, link: AgentLink) -> None:
+        if link.transport is not None:
+            link.transport.abortConnection()
+
+    def startService(self) -> None:
+        super().startService()
+        self.loop.start(self.interval, now=True)
+
+    def stopService(self) -> Any:
+        if self.loop.running:
+            self.loop.stop()
+        return super().stopService()
+
+
+def make_monitor(reactor: Any, pool: ServerPool, monitoring_type: MonitoringType,
+                 settings: MonitoringConfig, connect_timeout: float = 5.0) -> Service | None:
+    """The monitor for *monitoring_type*, or None for ``DISABLED``."""
+    if monitoring_type is MonitoringType.DISABLED:
+        return None
+    kind = ActiveMonitor if monitoring_type.is_active else ProbeMonitor
+    return kind(reactor, pool, monitoring_type, settings, connect_timeout)
