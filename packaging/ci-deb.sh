@@ -184,39 +184,58 @@ fi
 apt-get install -y "$deb" >"$logs/apt-install.log" 2>&1 || { cat "$logs/apt-install.log"; fail "apt-get install"; }
 grep -A20 '^Setting up protheus-broker' "$logs/apt-install.log" | sed 's/^/  | /'
 dpkg-query -W -f='${Status}\n' "$PKG" | grep -q 'install ok installed' || fail "$PKG is not installed"
-grep -q 'enabled but not started' "$logs/apt-install.log" \
-  || fail "postinst did not say it left the shipped placeholder config unstarted"
+for daemon in protheus-broker protheus-agent; do
+  grep -q "^$daemon: enabled but not started" "$logs/apt-install.log" \
+    || fail "postinst did not say it left $daemon's shipped placeholder config unstarted"
+  [ -L "/etc/systemd/system/multi-user.target.wants/$daemon.service" ] || fail "$daemon.service not enabled"
+done
 unit=$(dpkg -L "$PKG" | grep '/systemd/system/protheus-broker\.service$')
+agent_unit=$(dpkg -L "$PKG" | grep '/systemd/system/protheus-agent\.service$')
 sim_unit=$(dpkg -L "$PKG" | grep '/systemd/system/protheus-appserver-sim@\.service$')
-[ -L /etc/systemd/system/multi-user.target.wants/protheus-broker.service ] || fail "protheus-broker.service not enabled"
 [ -e /etc/systemd/system/multi-user.target.wants/protheus-appserver-sim@.service ] && fail "the sim template got enabled"
 getent passwd protheus-broker >/dev/null || fail "no protheus-broker user"
-for path in /etc/protheus-broker/appserver.ini /var/lib/protheus-broker; do
-  [ -e "$path" ] || fail "$path missing"
+for spec in /etc/protheus-broker:750 /etc/protheus-broker/appserver.ini:640 /etc/protheus-broker/agent.ini:640 \
+    /var/lib/protheus-broker:750; do
+  path=${spec%:*}; [ -e "$path" ] || fail "$path missing"
+  got=$(stat -c '%a %G' "$path"); [ "$got" = "${spec##*:} protheus-broker" ] || fail "$path is '$got', not '${spec##*:} protheus-broker'"
 done
 help=$(twistd3 --help)
-grep -q 'protheus-broker' <<<"$help" || fail "twistd3 --help does not list protheus-broker"
-grep -q 'protheus-appserver-sim' <<<"$help" || fail "twistd3 --help does not list protheus-appserver-sim"
-echo "  installed; unit enabled, not started; user, config, state dir present; twistd3 lists both plugins"
+for plugin in protheus-broker protheus-agent protheus-appserver-sim; do
+  grep -q "$plugin" <<<"$help" || fail "twistd3 --help does not list $plugin"
+done
+echo "  installed; broker and agent units enabled, not started; sim template not enabled"
+echo "  /etc/protheus-broker 750, its configs 640, group protheus-broker; twistd3 lists the 3 plugins"
 
 step "systemd-analyze verify, security"
 man_opt=()
 if ! command -v man >/dev/null || [ ! -e /usr/share/man/man8/protheus-broker.8.gz ]; then
   man_opt=(--man=no); echo "  (man pages not installed on this machine: --man=no)"
 fi
-for u in "$unit" "$sim_unit"; do
+for u in "$unit" "$agent_unit" "$sim_unit"; do
   systemd-analyze verify "${man_opt[@]}" "$u" || fail "systemd-analyze verify $u"
   echo "  verify ok: $u"
 done
 cp "$sim_unit" "$work/protheus-appserver-sim@5000.service"   # score an instance of the template
-for u in "$unit" "$work/protheus-appserver-sim@5000.service"; do
+for u in "$unit" "$agent_unit" "$work/protheus-appserver-sim@5000.service"; do
   score=$(systemd-analyze security --offline=yes "$u" | sed -n 's/.*Overall exposure level for \([^:]*\): \([0-9.]*\).*/\1 \2/p')
   [ -n "$score" ] || fail "no exposure score for $u"
   echo "  exposure: $score (limit $MAX_EXPOSURE)"
   awk -v s="${score##* }" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(s <= m) }' || fail "exposure of $u above $MAX_EXPOSURE"
 done
 
-step "smoke test: 2 sample AppServers + unit ExecStart"
+step "ExecCondition: the shipped placeholders are skipped"
+for spec in "$unit:/etc/protheus-broker/appserver.ini" "$agent_unit:/etc/protheus-broker/agent.ini"; do
+  u=${spec%%:*}; conf=${spec#*:}
+  condition=$(sed -n 's/^ExecCondition=//p' "$u"); [ -n "$condition" ] || fail "no ExecCondition in $u"
+  eval "set -- $condition"   # our own unit file: split it as systemd does (no specifiers used)
+  if runuser -u protheus-broker -- "$@" >/dev/null; then fail "$(basename "$u"): ExecCondition lets the placeholder run"; fi
+  cp -p "$conf" "$work/conf.bak"; echo "; edited" >>"$conf"
+  runuser -u protheus-broker -- "$@" >/dev/null || { cp -p "$work/conf.bak" "$conf"; fail "$(basename "$u"): ExecCondition refuses an edited config"; }
+  cp -p "$work/conf.bak" "$conf"
+  echo "  $(basename "$u"): skipped with the shipped $conf, runs once it is edited"
+done
+
+step "smoke test: 2 sample AppServers, broker, agent"
 user=$(sed -n 's/^User=//p' "$unit"); [ -n "$user" ] || fail "no User= in $unit"
 workdir=$(sed -n 's/^WorkingDirectory=//p' "$unit"); workdir=${workdir:-/}
 exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
@@ -315,10 +334,36 @@ client "$port_broker" || fail "session through the broker"
 grep -q 'reloaded' "$logs/broker.log" || { cat "$logs/broker.log"; fail "the broker did not log a reload after SIGHUP"; }
 echo "  broker log: $(grep -m1 -o 'reloaded .*' "$logs/broker.log")"
 
+# The agent: the unit's own ExecStart as the service user, watching both sample AppServers.
+agent_exec=$(sed -n 's/^ExecStart=//p' "$agent_unit")
+[[ "$agent_exec" =~ --config\ [^\ ]+ ]] || fail "no --config PATH in $agent_unit's ExecStart"
+agent_ini=$work/agent.ini
+cat >"$agent_ini" <<AGENT_INI
+; ci-deb.sh smoke test
+[AGENT]
+PORT = 0
+INTERFACE = 127.0.0.1
+SECRET = $(head -c 24 /dev/urandom | base64)
+SAMPLE_INTERVAL = 0.2
+[APPSERVER_A]
+PORT = $port_a
+[APPSERVER_B]
+PORT = $port_b
+AGENT_INI
+chmod 0644 "$agent_ini"
+agent_cmd=${agent_exec/"${BASH_REMATCH[0]}"/--config $agent_ini}
+read -r -a agent_argv <<<"$agent_cmd"
+start_as_user agent "${agent_argv[@]}"; agent_pid=$started_pid; port_agent=$(wait_listening agent)
+sleep 1   # five samples
+kill -0 "$agent_pid" 2>/dev/null || { cat "$logs/agent.log"; fail "the agent exited"; }
+grep -q Traceback "$logs/agent.log" && { cat "$logs/agent.log"; fail "traceback in the agent's log"; }
+echo "  agent on 127.0.0.1:$port_agent (pid $agent_pid): $(grep -o 'watching .*' "$logs/agent.log" | head -n1)"
+stop_pid "$agent_pid"
+
 for pid in "$broker_pid" "$sim_a_pid" "$sim_b_pid"; do stop_pid "$pid"; done
 for pid in "${pids[@]}"; do stop_pid "$pid"; done
 pids=()
-echo "  stopped broker and sample AppServers by pid"
+echo "  stopped broker, agent and sample AppServers by pid"
 
 step "upgrade to a rebuilt newer version"
 # Same tree, one more changelog entry, tests skipped (they ran twice above).  Checks what an
@@ -337,11 +382,12 @@ apt-get install -y "$(ls "$work"/upgrade/${PKG}_*_all.deb)" >"$logs/apt-upgrade.
   || { cat "$logs/apt-upgrade.log"; fail "apt-get install $new_version"; }
 [ "$(dpkg-query -W -f='${Version}' "$PKG")" = "$new_version" ] || fail "not upgraded to $new_version"
 help=$(twistd3 --help)
-grep -q 'protheus-broker' <<<"$help" || fail "after the upgrade twistd3 --help does not list protheus-broker"
+grep -q 'protheus-agent' <<<"$help" || fail "after the upgrade twistd3 --help does not list protheus-agent"
 [ "$(md5sum </etc/protheus-broker/appserver.ini)" = "$ini_sum" ] || fail "the upgrade changed appserver.ini"
 [ -L /etc/systemd/system/multi-user.target.wants/protheus-broker.service ] || fail "unit no longer enabled"
+[ "$(stat -c '%a %G' /etc/protheus-broker/appserver.ini)" = "640 protheus-broker" ] || fail "the upgrade reset appserver.ini's mode"
 grep -q 'enabled but not started' "$logs/apt-upgrade.log" && fail "postinst ran its first-install start logic on upgrade"
-echo "  upgraded $(basename "$deb") -> $new_version: plugins listed, conffile kept, unit enabled"
+echo "  upgraded $(basename "$deb") -> $new_version: plugins listed, conffile and its mode kept, unit enabled"
 
 step "remove (keeps config), purge (removes all)"
 apt-get remove -y -qq "$PKG" >"$logs/apt-remove.log" 2>&1 || { cat "$logs/apt-remove.log"; fail "apt-get remove"; }
@@ -353,8 +399,9 @@ for path in /etc/protheus-broker /var/lib/protheus-broker /var/log/protheus-brok
     /usr/lib/python3/dist-packages/protheus_broker \
     /usr/lib/python3/dist-packages/twisted/plugins/protheus_broker_plugin.py \
     /usr/lib/python3/dist-packages/twisted/plugins/__pycache__/protheus_broker_plugin.cpython-311.pyc \
-    /usr/share/protheus-broker "$unit" "$sim_unit" \
-    /etc/systemd/system/multi-user.target.wants/protheus-broker.service; do
+    /usr/share/protheus-broker "$unit" "$agent_unit" "$sim_unit" \
+    /etc/systemd/system/multi-user.target.wants/protheus-broker.service \
+    /etc/systemd/system/multi-user.target.wants/protheus-agent.service; do
   { [ -e "$path" ] || [ -L "$path" ]; } && left+=("$path")
 done
 [ "${#left[@]}" -eq 0 ] || fail "left after purge: ${left[*]}"
@@ -364,7 +411,9 @@ if grep -q protheus <<<"$help"; then fail "twistd3 --help still lists protheus p
 if grep -qs protheus /usr/lib/python3/dist-packages/twisted/plugins/dropin.cache; then
   fail "Twisted's plugin cache still names protheus_broker_plugin"
 fi
-echo "  after purge: no config, state, logs, plugin, units; twistd3 lists no protheus plugin"
+statoverrides=$(dpkg-statoverride --list | grep protheus-broker || true)
+[ -z "$statoverrides" ] || fail "statoverrides left after purge: $statoverrides"
+echo "  after purge: no config, state, logs, plugin, units, statoverrides; twistd3 lists no protheus plugin"
 echo "  (the system user protheus-broker is kept, as Debian does; see README.Debian)"
 
 if [ "$with_systemd" -eq 1 ]; then

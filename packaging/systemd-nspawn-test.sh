@@ -66,26 +66,44 @@ pid() { systemctl show -p MainPID --value protheus-broker; }
 
 check "systemd is PID 1" [ "$(ps -p 1 -o comm=)" = systemd ]
 dpkg -i /share/old.deb >/share/dpkg-1.log 2>&1
-check "fresh install with the shipped example: enabled" systemctl -q is-enabled protheus-broker
-check "fresh install with the shipped example: not started" inactive
+for unit in protheus-broker protheus-agent; do
+  check "fresh install: $unit enabled" systemctl -q is-enabled $unit
+  check "fresh install: $unit not started" bash -c "! systemctl -q is-active $unit"
+done
 check "postinst says why" grep -q 'enabled but not started' /share/dpkg-1.log
-systemctl start protheus-appserver-sim@5000
-check "shipped example + sample AppServer on :5000 starts" systemctl start protheus-broker
+systemctl start protheus-appserver-sim@5000 protheus-appserver-sim@5001
+systemctl start protheus-broker
+check "systemctl start with the shipped placeholder: skipped by ExecCondition" inactive
+check "the journal says why" bash -c 'journalctl -u protheus-broker | grep -q "is the shipped example"'
+echo 'REMOTE_SERVER_02 = 127.0.0.1 5001' >>/etc/protheus-broker/appserver.ini
+check "an edited config starts" systemctl start protheus-broker
 sleep 2
 check "session through the hardened unit" greets
 check "state and log dirs owned by the user" [ "$(stat -c %U /var/lib/protheus-broker /var/log/protheus-broker | sort -u)" = protheus-broker ]
 before=$(pid); systemctl reload protheus-broker; sleep 1
 check "reload keeps the process" [ "$(pid)" = "$before" ]
 check "reload logged" bash -c 'journalctl -u protheus-broker | grep -q reloaded'
-check "online exposure <= 3.0" bash -c 'systemd-analyze security protheus-broker | awk "/Overall exposure/ {exit !(\$(NF-2) <= 3.0)}"'
+for unit in protheus-broker protheus-agent; do
+  check "online exposure of $unit <= 3.0" bash -c "systemd-analyze security $unit | awk '/Overall exposure/ {exit !(\$(NF-2) <= 3.0)}'"
+done
+head -c 24 /dev/urandom | base64 >/etc/protheus-broker/agent.secret
+chgrp protheus-broker /etc/protheus-broker/agent.secret; chmod 0640 /etc/protheus-broker/agent.secret
+sed -i 's|^;SECRET_FILE = |SECRET_FILE = |' /etc/protheus-broker/agent.ini
+printf '[APPSERVER_02]\nPORT = 5001\n' >>/etc/protheus-broker/agent.ini
+check "a configured agent starts" systemctl start protheus-agent
+sleep 3
+check "the agent stays up (it reads /proc of the sample AppServers)" systemctl -q is-active protheus-agent
+journalctl -u protheus-agent | tail -n 5
 if [ -e /share/new.deb ]; then
   before=$(pid); dpkg -i /share/new.deb >/share/dpkg-2.log 2>&1; sleep 2
   check "upgrade restarts a running broker" [ "$(pid)" != "$before" ] && check "still serving after upgrade" greets
+  check "agent still running after upgrade" systemctl -q is-active protheus-agent
 fi
 dpkg -r protheus-broker >/share/dpkg-3.log 2>&1
-check "remove stops it" inactive
+check "remove stops the broker" inactive
+check "remove stops the agent and the sample AppServers" bash -c '! systemctl -q is-active protheus-agent protheus-appserver-sim@5000 protheus-appserver-sim@5001'
 check "remove keeps the config" [ -f /etc/protheus-broker/appserver.ini ]
-sed -i 's/^REMOTE_SERVER_01 = 127.0.0.1 5000/REMOTE_SERVER_01 = 127.0.0.1 5000\nREMOTE_SERVER_02 = 127.0.0.1 5000/' /etc/protheus-broker/appserver.ini
+systemctl start protheus-appserver-sim@5000 protheus-appserver-sim@5001 2>/dev/null || true
 dpkg -i /share/old.deb >/share/dpkg-4.log 2>&1; sleep 2
 check "install after remove with an edited config starts it" active
 echo 'LOCAL_SERVER_PORT = x' >>/etc/protheus-broker/appserver.ini
@@ -94,7 +112,6 @@ check "a bad config: the start limit stops the restart loop" [ "$(systemctl is-a
 check "a bad config: the journal names file, line and key" bash -c 'journalctl -u protheus-broker | grep -q "appserver.ini:[0-9]*: LOCAL_SERVER_PORT"'
 dpkg --purge protheus-broker >/share/dpkg-5.log 2>&1
 check "purge removes config, state, logs" bash -c '! ls -d /etc/protheus-broker /var/lib/protheus-broker /var/log/protheus-broker 2>/dev/null'
-systemctl stop protheus-appserver-sim@5000
 echo "$ok ok, $bad failed"
 [ "$bad" -eq 0 ] && touch /share/passed
 EOF
