@@ -111,7 +111,10 @@ systemctl restart protheus-broker; sleep 20
 check "a bad config: the start limit stops the restart loop" [ "$(systemctl is-active protheus-broker)" = failed ]
 check "a bad config: the journal names file, line and key" bash -c 'journalctl -u protheus-broker | grep -q "appserver.ini:[0-9]*: LOCAL_SERVER_PORT"'
 dpkg --purge protheus-broker >/share/dpkg-5.log 2>&1
-check "purge removes config, state, logs" bash -c '! ls -d /etc/protheus-broker /var/lib/protheus-broker /var/log/protheus-broker 2>/dev/null'
+check "purge removes state and logs" bash -c '! ls -d /var/lib/protheus-broker /var/log/protheus-broker 2>/dev/null'
+check "purge removes the configs, keeps (and names) the admin's agent.secret" \
+  bash -c '[ "$(ls /etc/protheus-broker)" = agent.secret ] && grep -q "/etc/protheus-broker kept" /share/dpkg-5.log'
+check "purge removes the statoverrides" bash -c '! dpkg-statoverride --list | grep -q protheus'
 echo "$ok ok, $bad failed"
 [ "$bad" -eq 0 ] && touch /share/passed
 EOF
