@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
@@ -46,11 +46,13 @@ class AppServerWatch:
     """One watched AppServer: its probe, its latest sample, the broker channels that follow it."""
 
     def __init__(self, reactor: Any, watched: WatchedAppServer,
-                 measure: Callable[[], ProcessFigures] | None = None, connect_timeout: float = 1.0) -> None:
+                 measure: Callable[[], ProcessFigures] | None = None, connect_timeout: float = 1.0,
+                 connect_check: Callable[[], Awaitable[str]] | None = None) -> None:
         self.reactor = reactor
         self.watched = watched
         self.measure = measure or ProcessProbe(watched).measure
         self.connect_timeout = connect_timeout
+        self.connect_check = connect_check or self._connect_check
         self.latest = AppServerSample(None, False, "not sampled yet", reactor.seconds())
         self.links: set[AgentProtocol] = set()
 
@@ -62,7 +64,7 @@ class AppServerWatch:
             figures = self.measure()
         except ProbeProblem as exc:
             problem = f"cannot measure: {exc}"
-        refused = await self._connect_check()
+        refused = await self.connect_check()
         if refused:
             problem = f"local connect to {self.watched.host}:{self.watched.port} failed: {refused}"
         accepting = figures is not None and not refused

@@ -87,7 +87,6 @@ class Authenticate(amp.Command):
     ]
     response = []  # type: ignore[var-annotated]
     errors = {**_HANDSHAKE_ERRORS, NotAuthenticated: b"NOT_AUTHENTICATED"}
-    fatalErrors = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
 
 
 #: What a report carries; the broker validates each value (see ``monitor.validate_report``).

@@ -22,10 +22,12 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import amp_commands as cmd
 from .balancing import Metrics
@@ -194,9 +196,13 @@ class _MonitorBase(MultiService):
             log.error("server {server_id}: agent {peer}: {why}", server_id=watched.server_id,
                       peer=f"{host}:{port}", why=why)
 
+    def tcp_endpoint(self, host: str, port: int) -> Any:
+        """Where the monitor connects to (tests replace this with in-memory endpoints)."""
+        return HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+
     def agent_endpoint(self, watched: _Watched) -> Any:
         host, port = watched.agent_address
-        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+        endpoint = self.tcp_endpoint(host, port)
         if self.monitoring_type.uses_tls:
             from .tls import client_options
 
@@ -246,7 +252,8 @@ class AgentLink(amp.AMP):
         self.watched = watched
         self.interval = interval  # 0: probe (one Sample, no pushed reports)
         self.authenticated = False
-        self.ready: defer.Deferred[AgentLink] = defer.Deferred()
+        self._outcome: Failure | AgentLink | None = None
+        self._waiters: list[defer.Deferred[AgentLink]] = []
         self.peer = "?"
 
     def connectionMade(self) -> None:
@@ -254,6 +261,28 @@ class AgentLink(amp.AMP):
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         defer.ensureDeferred(self._handshake()).addErrback(self._handshake_failed)
+
+    @property
+    def ready(self) -> defer.Deferred[AgentLink]:
+        """A new Deferred: fires with this link once authenticated, fails if that fails."""
+        if isinstance(self._outcome, Failure):
+            return defer.fail(self._outcome)
+        if self._outcome is not None:
+            return defer.succeed(self._outcome)
+        waiter: defer.Deferred[AgentLink] = defer.Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def _decide(self, outcome: Failure | AgentLink) -> None:
+        if self._outcome is not None:
+            return
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
 
     async def _handshake(self) -> None:
         secret = self.monitor.settings.secret
@@ -271,14 +300,14 @@ class AgentLink(amp.AMP):
         self.authenticated = True
         self.watched.last_problem = ""
         self.watched.backend.monitor_status["link"] = "authenticated"
-        self.ready.callback(self)
+        self._decide(self)
 
     def _handshake_failed(self, failure: Failure) -> None:
-        if self.ready.called:
+        if self._outcome is not None:
             return
         why = f"handshake failed: {_describe(failure)}"
         self.monitor.link_failed(self.watched, why)
-        self.ready.errback(Failure(cmd.AuthenticationFailed(why)))
+        self._decide(Failure(cmd.AuthenticationFailed(why)))
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -294,10 +323,8 @@ class AgentLink(amp.AMP):
 
     def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
         super().connectionLost(reason)
-        if not self.ready.called:
-            self.ready.errback(Failure(cmd.AuthenticationFailed(
-                f"channel closed before the handshake finished: {_describe(reason)}")))
-            self.ready.addErrback(lambda _: None)
+        self._decide(Failure(cmd.AuthenticationFailed(
+            f"channel closed before the handshake finished: {_describe(reason)}")))
         if self.monitor.watched.get(self.watched.server_id) is self.watched and self.watched.link is self:
             self.watched.link = None
             if self.authenticated:
@@ -325,6 +352,19 @@ class _LinkFactory(Factory):
                  tls=" (mutual TLS)" if self.monitor.monitoring_type.uses_tls else "")
 
 
+@implementer(IStreamClientEndpoint)
+class _AgentEndpoint:
+    """Builds the real endpoint at each connect: config files are read then, and tests that never
+    start the ClientService never build one."""
+
+    def __init__(self, monitor: _MonitorBase, watched: _Watched) -> None:
+        self.monitor = monitor
+        self.watched = watched
+
+    def connect(self, factory: IProtocolFactory) -> Any:
+        return self.monitor.agent_endpoint(self.watched).connect(factory)
+
+
 def _handshake_done(link: Any) -> defer.Deferred[AgentLink]:
     ready: defer.Deferred[AgentLink] = link.ready
     return ready
@@ -347,7 +387,7 @@ class ActiveMonitor(_MonitorBase):
     def add(self, backend: Backend) -> _Watched:
         watched = super().add(backend)
         service = ClientService(
-            self.agent_endpoint(watched), _LinkFactory(self, watched),
+            _AgentEndpoint(self, watched), _LinkFactory(self, watched),
             retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=10.0, factor=1.5),
             clock=self.reactor,
             prepareConnection=_handshake_done,  # a failed handshake backs off too
@@ -400,8 +440,7 @@ class ProbeMonitor(_MonitorBase):
         """One probe of one server; its result goes to the server's health."""
         if self.monitoring_type is MonitoringType.CONNECTION:
             backend = watched.backend
-            endpoint = HostnameEndpoint(self.reactor, backend.host, backend.port,
-                                        timeout=self.connect_timeout)
+            endpoint = self.tcp_endpoint(backend.host, backend.port)
             attempt = connectProtocol(endpoint, Protocol())
             attempt.addCallback(lambda proto: proto.transport.loseConnection())
             attempt.addCallbacks(lambda _: watched.health.heard(self.reactor.seconds()),
