@@ -85,14 +85,19 @@ trap cleanup EXIT
 as_root() { [ "$(id -u)" -eq 0 ]; }
 
 # --- build ----------------------------------------------------------------------------------
+git_=(git -c safe.directory="$repo" -C "$repo")   # the checkout may belong to another user
+rev=""   # every copy is of this one commit, even if HEAD moves while we run
+if command -v git >/dev/null && rev=$("${git_[@]}" rev-parse --verify -q HEAD); then
+  echo "building commit $("${git_[@]}" rev-parse --short "$rev") ($("${git_[@]}" log -1 --format=%s "$rev" | cut -c1-60))"
+  if [ -n "$("${git_[@]}" status --porcelain --untracked-files=no)" ]; then
+    echo "note: uncommitted changes are not built"
+  fi
+fi
+
 clean_tree() {  # a clean copy of the committed tree in $1
   mkdir -p "$1"
-  local git=(git -c safe.directory="$repo" -C "$repo")   # the checkout may belong to another user
-  if command -v git >/dev/null && "${git[@]}" rev-parse --verify -q HEAD >/dev/null; then
-    if [ -n "$("${git[@]}" status --porcelain --untracked-files=no)" ]; then
-      echo "  note: uncommitted changes are not built (building HEAD $("${git[@]}" rev-parse --short HEAD))"
-    fi
-    "${git[@]}" archive --format=tar HEAD | tar -x -C "$1"
+  if [ -n "$rev" ]; then
+    "${git_[@]}" archive --format=tar "$rev" | tar -x -C "$1"
   else  # not a git checkout (a release tarball): copy it without build and test leftovers
     tar -C "$repo" --exclude=.git --exclude=.venv --exclude=./dist --exclude=.pybuild --exclude=./build \
       --exclude='_trial_temp*' --exclude=.hypothesis --exclude=__pycache__ --exclude='*.egg-info' \
