@@ -7,7 +7,7 @@
 #                                               (packaging/systemd-nspawn-test.sh, about 60 s)
 #
 # OUTDIR defaults to ./dist.  The .deb is built from a clean copy of the committed tree
-# (git archive HEAD) with a PATH free of pyenv/venv pythons.  DEB_BUILD_OPTIONS is passed
+# (git archive of HEAD as it is at start) with a PATH free of pyenv/venv pythons.  DEB_BUILD_OPTIONS is passed
 # through (DEB_BUILD_OPTIONS=nocheck skips the trial suite).  Safe to run again on the same
 # machine: a protheus-broker left installed by an earlier run is purged first.
 set -euo pipefail
