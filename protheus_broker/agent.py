@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from twisted.internet import defer, task
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -25,6 +25,16 @@ from .config import AgentConfig, WatchedAppServer
 from .metrics_probe import ProbeProblem, ProcessFigures, ProcessProbe, host_figures
 
 log = Logger()
+
+
+class _QuietConnect(Factory):
+    """Connect-and-hang-up checks, every second: no 'Starting factory' lines in the log."""
+
+    noisy = False
+    protocol = Protocol
+
+
+_QUIET_CONNECT = _QuietConnect()
 
 #: Seconds a broker has to finish the handshake before the agent hangs up.
 HANDSHAKE_TIMEOUT = 10.0
@@ -86,7 +96,7 @@ class AppServerWatch:
         endpoint = HostnameEndpoint(self.reactor, self.watched.host, self.watched.port,
                                     timeout=self.connect_timeout)
         try:
-            protocol = await connectProtocol(endpoint, Protocol())
+            protocol: Any = await endpoint.connect(_QUIET_CONNECT)
         except Exception as exc:
             return str(exc).strip().rstrip(".") or type(exc).__name__
         protocol.transport.loseConnection()

@@ -36,6 +36,16 @@ from .pool import Backend, ServerPool, ServerState
 
 log = Logger()
 
+
+class _QuietConnect(Factory):
+    """Connect-and-hang-up checks, every second: no 'Starting factory' lines in the log."""
+
+    noisy = False
+    protocol = Protocol
+
+
+_QUIET_CONNECT = _QuietConnect()
+
 #: Values no real AppServer reports: anything past these is a bad agent, not a busy server.
 MAX_PHYSICAL_MEMORY = 1 << 50  # 1 PiB
 MAX_COUNT = 10_000_000  # users, threads
@@ -441,7 +451,7 @@ class ProbeMonitor(_MonitorBase):
         if self.monitoring_type is MonitoringType.CONNECTION:
             backend = watched.backend
             endpoint = self.tcp_endpoint(backend.host, backend.port)
-            attempt = connectProtocol(endpoint, Protocol())
+            attempt = endpoint.connect(_QUIET_CONNECT)
             attempt.addCallback(lambda proto: proto.transport.loseConnection())
             attempt.addCallbacks(lambda _: watched.health.heard(self.reactor.seconds()),
                                  lambda f: watched.health.failed(f"connect failed: {_describe(f)}"))
