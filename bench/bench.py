@@ -153,7 +153,8 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, log_path: Path, tim
         if proc.poll() is not None:
             raise RuntimeError(f"{log_path.stem} exited ({proc.returncode}):\n{_tail(log_path)}")
         try:
-            conns = ps.net_connections(kind="tcp")
+            conns = getattr(ps, "net_connections", None) or ps.connections  # psutil < 6
+            conns = conns(kind="tcp")
         except psutil.Error:
             conns = []
         if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns):
