@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-floor lint bench venv clean
+.PHONY: run test test-floor lint bench deb venv clean
 
 $(VENV)/.done: setup.cfg
 	python3 -m venv $(VENV)
@@ -28,6 +28,9 @@ lint: venv
 
 bench: venv  ## broker vs direct vs HAProxy on 127.0.0.1 (needs haproxy)
 	$(PY) bench/bench.py
+
+deb:  ## the Debian package in dist/ (build deps: apt-get build-dep ./); builds the last commit
+	bash packaging/ci-deb.sh --build-only dist
 
 clean:
 	rm -rf $(VENV) _trial_temp* build *.egg-info twisted/plugins/dropin.cache
