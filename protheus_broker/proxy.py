@@ -207,9 +207,12 @@ class Session(ClientFactory):
         assert backend is not None
         self.backend = None
         self.connector = None
+        self.broker.pool.session_closed(backend)
+        if self.client_lost:  # we stopped the attempt ourselves: not the server's fault
+            self._end("client left before a server answered")
+            return
         why = _describe(reason)
         self.failures.append(f"{backend.server_id} {backend.address}: {why}")
-        self.broker.pool.session_closed(backend)
         self.broker.pool.connect_failed(backend, why)
         log.warn(
             "session {session_id}: AppServer {server_id} ({address}) failed: {why}; trying the next",

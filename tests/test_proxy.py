@@ -192,6 +192,8 @@ class ProxySessionTests(SynchronousTestCase):
         self.assertEqual(connector.stoppedConnecting, True)
         h.attempt()[2].clientConnectionFailed(connector, Failure(ConnectError("stopped")))
         self.assertEqual(h.pool.get("01").active, 0)
+        self.assertEqual(h.pool.get("01").connect_failures, 0)  # not the server's fault
+        self.assertEqual(h.pool.get("01").state, ServerState.UP)
         [event] = h.logs.ended()
         self.assertEqual(event["how"], "client left before a server answered")
         self.assertEqual(len(h.reactor.tcpClients), 1)  # no further server tried
