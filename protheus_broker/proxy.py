@@ -29,6 +29,9 @@ log = Logger()
 READ_SIZE = 256 * 1024
 
 
+_EAGER_NEEDS = ("_tempDataLen", "offset", "dataBuffer", "socket", "_writeDisconnecting", "disconnecting")
+
+
 def tune(transport: ITransport) -> bool:
     """TCP_NODELAY and the larger read size; True if the transport allows eager sends."""
     set_nodelay = getattr(transport, "setTcpNoDelay", None)
@@ -39,7 +42,9 @@ def tune(transport: ITransport) -> bool:
             pass
     if isinstance(transport, tcp.Connection):
         transport.bufferSize = READ_SIZE
-        return True
+        # send_now reads FileDescriptor internals (the same in Twisted 22.4 and 26); a Twisted
+        # without them falls back to plain transport.write.
+        return all(hasattr(transport, name) for name in _EAGER_NEEDS)
     return False
 
 

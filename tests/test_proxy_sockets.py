@@ -276,3 +276,28 @@ class RealSocketTests(TestCase):
         self.assertLessEqual(peak, 2 * READ_SIZE + 64 * 1024, f"broker buffered {peak} bytes")
         reader.transport.loseConnection()
         yield client.done
+
+
+class EagerSendTests(TestCase):
+    def test_real_tcp_transport_is_eager(self) -> Any:
+        """A real TCP transport of this Twisted has what send_now needs (else it would fall back)."""
+        from protheus_broker.proxy import tune
+
+        server_side: list[Any] = []
+
+        class Grab(Protocol):
+            def connectionMade(self) -> None:
+                server_side.append(self.transport)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Grab), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = ClientCreator(reactor, Protocol)
+        d = client.connectTCP("127.0.0.1", port.getHost().port)
+
+        def check(proto: Protocol) -> Any:
+            self.assertTrue(tune(proto.transport))
+            self.assertEqual(proto.transport.bufferSize, 256 * 1024)
+            proto.transport.loseConnection()
+            return task.deferLater(reactor, 0.05, lambda: [t.loseConnection() for t in server_side])
+
+        return d.addCallback(check)
