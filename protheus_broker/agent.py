@@ -120,18 +120,21 @@ class Agent:
         return defer.DeferredList([defer.ensureDeferred(w.sample()) for w in self.watches.values()])
 
     def report_values(self, watch: AppServerWatch) -> dict[str, Any]:
+        """The arguments of a ``Report`` (or a ``Sample`` answer) for *watch*'s latest sample."""
         sample = watch.latest
         figures = sample.figures
         return {
-            "memory_bytes": figures.memory_bytes if figures else 0,
-            "users": figures.users if figures else 0,
-            "threads": figures.threads if figures else 0,
-            "cpu_percent": figures.cpu_percent if figures else 0.0,
-            "accepting": sample.accepting,
-            "problem": sample.problem,
-            "age": max(0.0, self.reactor.seconds() - sample.taken_at),
-            "physical_memory": self.physical_memory,
-            "cpu_count": self.cpu_count,
+            "figures": {
+                "memory_bytes": figures.memory_bytes if figures else 0,
+                "users": figures.users if figures else 0,
+                "threads": figures.threads if figures else 0,
+                "cpu_percent": figures.cpu_percent if figures else 0.0,
+                "accepting": sample.accepting,
+                "age": max(0.0, self.reactor.seconds() - sample.taken_at),
+                "physical_memory": self.physical_memory,
+                "cpu_count": self.cpu_count,
+                "problem": sample.problem,
+            },
         }
 
 
@@ -230,7 +233,7 @@ class AgentProtocol(amp.AMP):
         return self.agent.report_values(self.watch)
 
     @cmd.Report.responder
-    def report(self, **values: Any) -> dict[str, Any]:
+    def report(self, figures: dict[str, Any]) -> dict[str, Any]:
         self._refuse("sent a Report to the agent")
         return {}
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Any
 
 from twisted.protocols import amp
 
@@ -89,18 +90,43 @@ class Authenticate(amp.Command):
     errors = {**_HANDSHAKE_ERRORS, NotAuthenticated: b"NOT_AUTHENTICATED"}
 
 
-#: What a report carries; the broker validates each value (see ``monitor.validate_report``).
-REPORT_ARGUMENTS: list[tuple[bytes, amp.Argument]] = [
-    (b"memory_bytes", amp.Integer()),  # resident set size of the AppServer process
-    (b"users", amp.Integer()),  # established connections on its port (or what it publishes)
-    (b"threads", amp.Integer()),
-    (b"cpu_percent", amp.Float()),  # of one core; up to 100 x cpu_count
-    (b"accepting", amp.Boolean()),  # a local connect to its port succeeded
-    (b"problem", amp.Unicode()),  # why not accepting / not measured; empty when all is well
-    (b"age", amp.Float()),  # seconds since the sample was taken, on the agent's clock
-    (b"physical_memory", amp.Integer()),  # of the agent's host: the ceiling for memory_bytes
-    (b"cpu_count", amp.Integer()),
-]
+class Figures(amp.Argument):
+    """A report in one AMP value (one key instead of nine: reports are the hot path, a thousand
+    a second on a big farm).  Typed on both ends: a dict of exactly these fields; the numbers in
+    ASCII, then the problem text in UTF-8."""
+
+    INTEGERS = ("memory_bytes", "users", "threads", "physical_memory", "cpu_count")
+    FLOATS = ("cpu_percent", "age")
+    FIELDS = INTEGERS + FLOATS + ("accepting",)
+
+    def toString(self, inObject: dict[str, Any]) -> bytes:
+        parts = [str(int(inObject[name])) for name in self.INTEGERS]
+        parts += [repr(float(inObject[name])) for name in self.FLOATS]
+        parts.append("1" if inObject["accepting"] else "0")
+        parts.append(inObject.get("problem") or "")
+        return " ".join(parts).encode("utf-8")
+
+    def fromString(self, inString: bytes) -> dict[str, Any]:
+        parts = inString.decode("utf-8").split(" ", len(self.FIELDS))
+        if len(parts) != len(self.FIELDS) + 1 or parts[-2] not in ("0", "1"):
+            raise ValueError(f"malformed figures: {inString[:100]!r}")
+        problem = parts.pop()
+        values: dict[str, Any] = {}
+        for name, text in zip(self.INTEGERS, parts):
+            values[name] = int(text)
+        for name, text in zip(self.FLOATS, parts[len(self.INTEGERS):]):
+            values[name] = float(text)
+        values["accepting"] = parts[-1] == "1"
+        values["problem"] = problem
+        return values
+
+
+#: What a report carries; the broker validates each value (see ``monitor.validate_report``):
+#: memory_bytes (resident set of the AppServer process), users (established
+#: connections on its port, or what it publishes), threads, physical_memory and cpu_count of the
+#: agent's host (the ceilings), cpu_percent (of one core), age (seconds since the sample, agent
+#: clock), accepting (a local connect to its port succeeded), problem (why not accepting).
+REPORT_ARGUMENTS: list[tuple[bytes, amp.Argument]] = [(b"figures", Figures())]
 
 
 class Report(amp.Command):

@@ -322,13 +322,13 @@ class AgentLink(amp.AMP):
             self.transport.loseConnection()
 
     @cmd.Report.responder
-    def report(self, **values: Any) -> dict[str, Any]:
+    def report(self, figures: dict[str, Any]) -> dict[str, Any]:
         if not self.authenticated:
             log.warn("server {server_id}: report from unauthenticated peer {peer}; dropping it",
                      server_id=self.watched.server_id, peer=self.peer)
             self.transport.loseConnection()
             return {}
-        self.monitor.report(self.watched, values, self.peer)
+        self.monitor.report(self.watched, figures, self.peer)
         return {}
 
     def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
@@ -464,7 +464,8 @@ class ProbeMonitor(_MonitorBase):
         try:
             await connectProtocol(self.agent_endpoint(watched), link)
             await link.ready
-            values = await link.callRemote(cmd.Sample)
+            answer = await link.callRemote(cmd.Sample)
+            values = answer["figures"]
         except Exception as exc:  # every failure is one failed probe, with its reason
             watched.health.failed(_describe(Failure(exc)) if str(exc) else type(exc).__name__)
             return

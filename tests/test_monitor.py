@@ -437,7 +437,7 @@ class AuthenticationTests(SynchronousTestCase):
         class Rogue(amp.AMP):
             def connectionMade(self) -> None:
                 super().connectionMade()
-                self.callRemote(cmd.Report, **report())
+                self.callRemote(cmd.Report, figures=report())
 
         link, _ = h.connect("01", Rogue())
         self.assertTrue(closed(h.pumps[0]))
