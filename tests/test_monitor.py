@@ -565,3 +565,20 @@ class TLSChannelTests(SynchronousTestCase):
         h = self.channel("good", broker_stem="rogue")
         self.assertFalse(self.link.authenticated)
         self.assertEqual(h.monitor.watched["01"].reports, 0)
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_joined_and_left_servers_follow_a_reload(self) -> None:
+        """After a reload the monitor watches the servers that joined and forgets those that left;
+        a server whose address changed is watched anew."""
+        h = Harness(self)
+        from protheus_broker.config import RemoteServer
+
+        h.pool.reconfigure([RemoteServer("01", "127.0.0.1", 5001), RemoteServer("03", "127.0.0.1", 6003),
+                            RemoteServer("04", "127.0.0.1", 5004)])
+        old_03 = h.monitor.watched["03"]
+        h.monitor.reconfigure(h.settings)
+        self.assertEqual(sorted(h.monitor.watched), ["01", "03", "04"])
+        self.assertIsNot(h.monitor.watched["03"], old_03)
+        self.assertEqual(h.monitor.watched["03"].backend.port, 6003)
+        self.assertEqual(len(list(h.monitor)), 3)  # one ClientService per watched server
