@@ -138,7 +138,7 @@ class Agent:
         }
 
 
-class AgentProtocol(amp.AMP):
+class AgentProtocol(cmd.QuietAMP):
     """The agent's end of one broker channel."""
 
     transport: Any

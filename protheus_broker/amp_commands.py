@@ -21,10 +21,24 @@ import hashlib
 import hmac
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 PROTOCOL_VERSION = 1
 NONCE_BYTES = 32
+
+
+class QuietAMP(amp.AMP):
+    """AMP without its "connection established/lost" line per connection (probes connect every
+    minute per server); our protocols log what matters: authenticated, refused, lost."""
+
+    def makeConnection(self, transport: Any) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
 
 
 class AuthenticationFailed(Exception):

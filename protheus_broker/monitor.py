@@ -250,7 +250,7 @@ def _describe(reason: Failure) -> str:
     return text or type(value).__name__
 
 
-class AgentLink(amp.AMP):
+class AgentLink(cmd.QuietAMP):
     """The broker's end of one agent channel: authenticate, then take reports (active) or ask
     for one sample and hang up (probe).  Reports before authentication drop the channel."""
 
