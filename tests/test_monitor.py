@@ -582,3 +582,17 @@ class ReloadTests(SynchronousTestCase):
         self.assertIsNot(h.monitor.watched["03"], old_03)
         self.assertEqual(h.monitor.watched["03"].backend.port, 6003)
         self.assertEqual(len(list(h.monitor)), 3)  # one ClientService per watched server
+
+
+class MalformedReportTests(SynchronousTestCase):
+    def test_malformed_report_drops_the_channel(self) -> None:
+        """A report whose figures do not parse is logged and the channel dropped."""
+        h = Harness(self)
+        link, _ = h.connect("01")
+        self.assertTrue(link.authenticated)
+        before = h.monitor.watched["01"].reports
+        link.ampBoxReceived(amp.AmpBox({b"_command": b"Report", b"figures": b"1 2 three"}))
+        h.settle()
+        self.assertTrue(closed(h.pumps[0]))
+        self.assertEqual(h.monitor.watched["01"].reports, before)
+        self.assertTrue(any("malformed report" in t for t in h.logs.texts()))
