@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-floor lint bench deb venv clean
+.PHONY: run test test-floor lint bench bench-monitor certs deb venv clean
 
 $(VENV)/.done: setup.cfg
 	python3 -m venv $(VENV)
@@ -28,6 +28,12 @@ lint: venv
 
 bench: venv  ## broker vs direct vs HAProxy on 127.0.0.1 (needs haproxy)
 	$(PY) bench/bench.py
+
+bench-monitor: venv  ## broker CPU for 1,000 monitored servers at 1 report/s (plain and TLS)
+	$(PY) bench/monitor_bench.py && $(PY) bench/monitor_bench.py --tls
+
+certs: venv  ## demo/test certificates for the agent channel in etc/tls (not for git)
+	$(PY) -m protheus_broker.certs etc/tls --agent local=127.0.0.1,localhost
 
 deb:  ## the Debian package in dist/ (build deps: apt-get build-dep ./); builds the last commit
 	bash packaging/ci-deb.sh --build-only dist

@@ -144,6 +144,14 @@ class ServerPool:
                                f"suspect for {self.suspect_time:g}s after a failed connect; trying it again")
             if backend.available:
                 available.append(backend)
+        if not available:
+            # Last resort: a Suspended server is unconfirmed, not known dead (late reports under
+            # load, one failed connect).  Trying it beats refusing every login; Down and
+            # Draining servers are still never chosen.
+            available = [b for b in self._backends.values() if b.state is ServerState.SUSPENDED]
+            if available:
+                log.warn("no AppServer is up; trying the suspended ones: {servers}",
+                         servers=", ".join(b.server_id for b in available))
         return self.balancer.rank(available, now)  # type: ignore[return-value]
 
     # --- session accounting (only sessions through the broker count) -----------------------

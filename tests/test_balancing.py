@@ -163,6 +163,8 @@ class InvariantTests(SynchronousTestCase):
             backend.metrics = Metrics(load * 7 % 5, load, load, float(load), taken_at=0.0)
         ranked = [b.server_id for b in pool.candidates(1.0)]
         up = [b.server_id for b in pool if b.state is ServerState.UP]
+        if not up:  # last resort: the suspended ones, never down or draining
+            up = [b.server_id for b in pool if b.state is ServerState.SUSPENDED]
         self.assertEqual(sorted(ranked), sorted(up))
 
     @given(st.lists(st.sampled_from(["open", "close"]), max_size=60))
@@ -192,6 +194,19 @@ class PoolMembershipTests(SynchronousTestCase):
         self.assertTrue(pool.remove("NEW"))
         self.assertEqual([b.server_id for b in pool], ["01", "02"])
         self.assertRaises(ValueError, pool.add, RemoteServer("01", "h", 1))
+
+    def test_suspended_servers_are_the_last_resort(self) -> None:
+        """With no server up, suspended ones are tried (best first); down ones never."""
+        pool = ServerPool(servers(3), ConnectionBalancer())
+        pool.set_state("01", ServerState.DOWN, "test")
+        pool.set_state("02", ServerState.SUSPENDED, "test")
+        self.assertEqual([b.server_id for b in pool.candidates(0)], ["03"])
+        pool.set_state("03", ServerState.SUSPENDED, "test")
+        pool.session_opening(pool.get("02"))
+        self.assertEqual([b.server_id for b in pool.candidates(0)], ["03", "02"])
+        pool.set_state("02", ServerState.DRAINING, "test")
+        pool.set_state("03", ServerState.DOWN, "test")
+        self.assertEqual(pool.candidates(0), [])
 
     def test_busy_server_leaves_after_its_last_session(self) -> None:
         """A server removed while it carries sessions drains and goes when the last one ends."""
