@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import os
+
+from twisted.internet import reactor
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from protheus_broker.children import TwistdChild, spawn
+from protheus_broker.demo import stop_all
 
 from protheus_broker.config import RemoteServer
 
@@ -30,3 +36,27 @@ class LogCatcher:
 
     def ended(self) -> list[LogEvent]:
         return [e for e in self.events if "how" in e and "session_id" in e]
+
+
+class ProcessTestCase(TestCase):
+    """End-to-end tests with real daemons: each child is stopped by pid when the test ends."""
+
+    def setUp(self) -> None:
+        self.children: list[TwistdChild] = []
+        self.addCleanup(lambda: stop_all(reactor, self.children, grace=5))
+
+    def start(self, name: str, argv: list[str]) -> TwistdChild:
+        child = spawn(reactor, TwistdChild(name), argv, cwd=self.mktemp_dir())
+        self.children.append(child)
+        return child
+
+    def mktemp_dir(self) -> str:
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        return path
+
+    def write_ini(self, text: str, name: str = "appserver.ini") -> str:
+        path = os.path.join(self.mktemp_dir(), name)
+        with open(path, "w") as handle:
+            handle.write(text)
+        return path

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import ClientCreator
-from twisted.trial.unittest import TestCase
 
-from protheus_broker.children import TwistdChild, spawn, twistd_argv
-from protheus_broker.demo import stop_all
+from protheus_broker.children import TwistdChild, twistd_argv
 
+from .helpers import ProcessTestCase
 from .test_proxy_sockets import Peer
 
 
@@ -42,34 +40,14 @@ class Client(Peer):
         self.transport.loseConnection()
 
 
-class ProcessTests(TestCase):
+class ProcessTests(ProcessTestCase):
     timeout = 90
-
-    def start(self, name: str, argv: list[str]) -> TwistdChild:
-        child = spawn(reactor, TwistdChild(name), argv, cwd=self.mktemp_dir())
-        self.children.append(child)
-        return child
-
-    def mktemp_dir(self) -> str:
-        path = os.path.abspath(self.mktemp())
-        os.makedirs(path)
-        return path
-
-    def setUp(self) -> None:
-        self.children: list[TwistdChild] = []
-        self.addCleanup(lambda: stop_all(reactor, self.children, grace=5))
 
     async def sims(self, *names: str) -> dict[str, tuple[TwistdChild, int]]:
         started = {n: self.start(n, twistd_argv("protheus-appserver-sim", "--name", n,
                                                 "--port", "tcp:0:interface=127.0.0.1"))
                    for n in names}
         return {n: (c, await c.listening()) for n, c in started.items()}
-
-    def write_ini(self, lines: str) -> str:
-        path = os.path.join(self.mktemp_dir(), "appserver.ini")
-        with open(path, "w") as handle:
-            handle.write(lines)
-        return path
 
     def ini(self, sims: dict[str, tuple[TwistdChild, int]], extra: str = "") -> str:
         servers = "".join(f"REMOTE_SERVER_{n.upper()} = 127.0.0.1 {port}\n" for n, (_, port) in sims.items())

@@ -3,7 +3,6 @@ mutual TLS (SMARTCLIENT_SSL_ACTIVE), SORT_METHOD=SERVER_MEMORY."""
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from typing import Any
@@ -11,37 +10,16 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 
 from twisted.internet.protocol import ClientCreator
-from twisted.trial.unittest import TestCase
 
 from protheus_broker.certs import make_ca, make_cert, write_pair
-from protheus_broker.children import TwistdChild, spawn, twistd_argv
-from protheus_broker.demo import stop_all
+from protheus_broker.children import TwistdChild, twistd_argv
 
+from .helpers import ProcessTestCase
 from .test_e2e import Client
 
 
-class MonitoredBrokerTests(TestCase):
+class MonitoredBrokerTests(ProcessTestCase):
     timeout = 60
-
-    def setUp(self) -> None:
-        self.children: list[TwistdChild] = []
-        self.addCleanup(lambda: stop_all(reactor, self.children, grace=5))
-
-    def start(self, name: str, argv: list[str]) -> TwistdChild:
-        child = spawn(reactor, TwistdChild(name), argv, cwd=self.mktemp_dir())
-        self.children.append(child)
-        return child
-
-    def mktemp_dir(self) -> str:
-        path = os.path.abspath(self.mktemp())
-        os.makedirs(path)
-        return path
-
-    def write_ini(self, text: str) -> str:
-        path = os.path.join(self.mktemp_dir(), "config.ini")
-        with open(path, "w") as handle:
-            handle.write(text)
-        return path
 
     async def login(self, port: int) -> Client:
         """One SmartClient login through the broker; fails the test if no AppServer greets."""

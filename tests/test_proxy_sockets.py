@@ -110,10 +110,9 @@ class RealSocketTests(TestCase):
         return factory, self.listen(factory)
 
     def connect(self, port: int, protocol: Protocol) -> defer.Deferred:
-        factory = Factory.forProtocol(lambda: protocol)
         return ClientCreator(reactor, lambda: protocol).connectTCP("127.0.0.1", port)
 
-    async def _read_greeting(self, port: int) -> bytes:
+    async def _read_greeting(self, port: int) -> Peer:
         peer = Peer()
         await self.connect(port, peer)
         peer.transport.loseWriteConnection()
