@@ -10,11 +10,11 @@ is flushed.  Which server, and what happens when one fails, is ``Session``'s job
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Protocol as TypingProtocol, Sequence
 
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, ITransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, ITransport
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -122,10 +122,17 @@ class _Pipe(Protocol):
 
 
 class ClientSide(_Pipe):
-    """The accepted SmartClient connection."""
+    """The accepted SmartClient connection.
 
-    def __init__(self, broker: BrokerFactory) -> None:
+    *prefix* is what the client sent before it was recognised as a plain SmartClient (see
+    :class:`FirstBytes`); it goes to the server first.
+    """
+
+    def __init__(self, broker: BrokerFactory, prefix: bytes = b"", eof: bool = False) -> None:
         self.broker = broker
+        self.prefix = prefix
+        self.eof = eof  # the client half-closed before it was recognised
+        self.received = len(prefix)
 
     def connectionMade(self) -> None:
         self.transport.pauseProducing()  # nothing is read until a server is connected
@@ -140,6 +147,109 @@ class ServerSide(_Pipe):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.session.server_connected(self)
+
+
+class Recogniser(TypingProtocol):
+    """Something else that can arrive on the SmartClient port (the status query, the connector's
+    resumable protocol), told apart by the first bytes the client sends."""
+
+    #: short name for logs ("http-status", "resumable")
+    name: str
+
+    def recognise(self, prefix: bytes) -> bool | None:
+        """True: *prefix* (all bytes so far) is mine; False: it is not; None: I need more bytes."""
+
+    def take_over(self, broker: BrokerFactory, prefix: bytes) -> IProtocol:
+        """The protocol that serves this connection from now on; it is connected to the
+        transport, then given *prefix*."""
+
+
+#: Longest prefix a recogniser may ask for; a client still undecided after it is plain.
+MAX_PREFIX = 64
+
+
+@implementer(IHalfCloseableProtocol)
+class FirstBytes(Protocol):
+    """Reads a new connection's first bytes and hands it to the protocol they belong to.
+
+    A plain SmartClient (anything no recogniser claims, TLS included) becomes a
+    :class:`ClientSide`, so does a client that says nothing for *first_bytes_wait* seconds (it
+    waits for the server to speak).  Decided at the first byte that no recogniser can match, so a
+    SmartClient pays no wait.  After the hand-over this object is out of the data path: the
+    transport calls the new protocol directly.  (With a transport that cannot be re-pointed, as
+    some test doubles, it delegates.)  A client that half-closes before the decision is plain; its
+    EOF reaches the server after its bytes.
+    """
+
+    transport: Any
+
+    def __init__(self, broker: BrokerFactory) -> None:
+        self.broker = broker
+        self.buffer = b""
+        self.delegate: IProtocol | None = None
+        self.timer: Any = None
+
+    def connectionMade(self) -> None:
+        self.timer = self.broker.clock.callLater(self.broker.first_bytes_wait, self._silent)
+
+    def _silent(self) -> None:
+        self.timer = None
+        self._hand_over(ClientSide(self.broker, self.buffer))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.delegate is not None:  # only when the transport could not be re-pointed
+            self.delegate.dataReceived(data)
+            return
+        self.buffer += data
+        undecided = False
+        for recogniser in self.broker.recognisers:
+            verdict = recogniser.recognise(self.buffer[:MAX_PREFIX])
+            if verdict:
+                self._hand_over(recogniser.take_over(self.broker, self.buffer))
+                return
+            if verdict is None:
+                undecided = True
+        if not undecided or len(self.buffer) >= MAX_PREFIX:
+            self._hand_over(ClientSide(self.broker, self.buffer))
+
+    def _hand_over(self, protocol: IProtocol) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        transport = self.transport
+        if getattr(transport, "protocol", None) is self:  # TCP (and iosim) transports
+            transport.protocol = protocol
+        elif getattr(transport, "wrappedProtocol", None) is self:  # TLS termination
+            transport.wrappedProtocol = protocol
+        else:
+            self.delegate = protocol
+        self.buffer, prefix = b"", self.buffer
+        protocol.makeConnection(transport)
+        if prefix and not isinstance(protocol, ClientSide):  # a ClientSide holds it for its server
+            protocol.dataReceived(prefix)
+
+    def readConnectionLost(self) -> None:
+        if self.delegate is None:
+            self._hand_over(ClientSide(self.broker, self.buffer, eof=True))
+            return
+        half = IHalfCloseableProtocol(self.delegate, None)
+        if half is not None:
+            half.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        half = IHalfCloseableProtocol(self.delegate, None)
+        if half is not None:
+            half.writeConnectionLost()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        """Lost before a decision (or, on the fallback path, after it)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.delegate is not None:
+            self.delegate.connectionLost(reason)
 
 
 def _describe(reason: Failure) -> str:
@@ -235,9 +345,15 @@ class Session(ClientFactory):
             return
         client = self.client
         client.peer, server.peer = server, client
+        if client.prefix:
+            server.transport.write(client.prefix)
+            client.prefix = b""
         client.transport.registerProducer(server.transport, True)
         server.transport.registerProducer(client.transport, True)
-        client.transport.resumeProducing()
+        if client.eof:
+            client.readConnectionLost()
+        else:
+            client.transport.resumeProducing()
 
     # --- ending ---------------------------------------------------------------------------
 
@@ -274,7 +390,11 @@ class Session(ClientFactory):
 
 
 class BrokerFactory(ServerFactory):
-    """Accepts SmartClient connections for one pool, up to *max_sessions* at once (0: no cap)."""
+    """Accepts SmartClient connections for one pool, up to *max_sessions* at once (0: no cap).
+
+    With *recognisers*, each connection's first bytes decide what it is (:class:`FirstBytes`);
+    without, every connection is a SmartClient session from its first byte.
+    """
 
     noisy = False
 
@@ -285,6 +405,8 @@ class BrokerFactory(ServerFactory):
         connect_timeout: float = 5.0,
         max_sessions: int = 0,
         sort_method: str = "",
+        recognisers: Sequence[Recogniser] = (),
+        first_bytes_wait: float = 0.5,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
@@ -292,6 +414,8 @@ class BrokerFactory(ServerFactory):
         self.connect_timeout = connect_timeout
         self.max_sessions = max_sessions
         self.sort_method = sort_method
+        self.recognisers = list(recognisers)
+        self.first_bytes_wait = first_bytes_wait
         self.ids = itertools.count(1)
         self.sessions: dict[int, Session] = {}
         self.sessions_total = 0
@@ -300,10 +424,12 @@ class BrokerFactory(ServerFactory):
         self._refused_since_log = 0
         self._refusal_logged_at = -1e9
 
-    def buildProtocol(self, addr: Any) -> ClientSide | None:
+    def buildProtocol(self, addr: Any) -> Protocol | None:
         if self.max_sessions and len(self.sessions) >= self.max_sessions:
             self._refuse(addr)
             return None  # the reactor closes the connection at once
+        if self.recognisers:
+            return FirstBytes(self)
         return ClientSide(self)
 
     def _refuse(self, addr: Any) -> None:

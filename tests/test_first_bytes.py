@@ -1,0 +1,272 @@
+"""First-bytes dispatch on the SmartClient port: recognised protocols, plain clients, silence."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import ClientCreator, Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from protheus_broker.balancing import ConnectionBalancer
+from protheus_broker.pool import ServerPool
+from protheus_broker.proxy import MAX_PREFIX, BrokerFactory, ClientSide, FirstBytes
+from protheus_broker.sim import AppServerSimFactory, greeting
+
+from .helpers import servers
+from .test_proxy_sockets import MB, Peer, expected_digest
+
+
+class Recorder(Protocol):
+    """What a recognised connection's protocol is given."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = True
+
+
+class Magic:
+    """Claims connections that start with *magic*."""
+
+    def __init__(self, magic: bytes, name: str = "magic") -> None:
+        self.magic = magic
+        self.name = name
+        self.taken: list[Recorder] = []
+
+    def recognise(self, prefix: bytes) -> bool | None:
+        if prefix.startswith(self.magic):
+            return True
+        if self.magic.startswith(prefix):
+            return None
+        return False
+
+    def take_over(self, broker: BrokerFactory, prefix: bytes) -> Recorder:
+        protocol = Recorder()
+        self.taken.append(protocol)
+        return protocol
+
+
+class PointableTransport(StringTransport):
+    """A StringTransport with the ``protocol`` attribute real TCP transports have."""
+
+    protocol: Any = None
+
+
+class Harness:
+    def __init__(self, *recognisers: Magic, wait: float = 0.5) -> None:
+        self.reactor = MemoryReactorClock()
+        self.pool = ServerPool(servers(5001), ConnectionBalancer())
+        self.factory = BrokerFactory(self.reactor, self.pool, recognisers=recognisers,
+                                     first_bytes_wait=wait)
+
+    def accept(self, pointable: bool = True) -> tuple[Any, StringTransport]:
+        transport = PointableTransport() if pointable else StringTransport()
+        transport.peerAddr = IPv4Address("TCP", "10.0.0.9", 40000)
+        protocol = self.factory.buildProtocol(transport.peerAddr)
+        if pointable:
+            transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+
+class FirstBytesMemoryTests(SynchronousTestCase):
+    def test_no_recognisers_means_plain_session_at_once(self) -> None:
+        """Without recognisers nothing is sniffed: the session starts on accept, as before."""
+        factory = BrokerFactory(MemoryReactorClock(), ServerPool(servers(5001), ConnectionBalancer()))
+        self.assertIsInstance(factory.buildProtocol(None), ClientSide)
+
+    def test_recognised_connection_handed_over_with_its_prefix(self) -> None:
+        """Bytes split anywhere: once they match, the recogniser's protocol gets them all and the
+        transport points at it; no AppServer is contacted."""
+        magic = Magic(b"PBRK1")
+        h = Harness(magic)
+        sniffer, transport = h.accept()
+        self.assertIsInstance(sniffer, FirstBytes)
+        sniffer.dataReceived(b"PB")
+        self.assertEqual(magic.taken, [])
+        sniffer.dataReceived(b"RK1-hello")
+        [taken] = magic.taken
+        self.assertEqual(taken.data, b"PBRK1-hello")
+        self.assertIs(taken.transport, transport)
+        self.assertIs(transport.protocol, taken)
+        self.assertEqual(h.reactor.tcpClients, [])
+        self.assertEqual(h.reactor.getDelayedCalls(), [])  # the silence timer is cancelled
+
+    def test_plain_client_decided_at_first_unmatched_byte(self) -> None:
+        """A TLS ClientHello (or any SmartClient bytes) is plain at once: its bytes reach the server
+        first, before anything sent later."""
+        magic = Magic(b"GET ")
+        h = Harness(magic)
+        sniffer, transport = h.accept()
+        sniffer.dataReceived(b"\x16\x03\x01\x02\x00")
+        client = transport.protocol
+        self.assertIsInstance(client, ClientSide)
+        self.assertEqual(transport.producerState, "paused")
+        _, _, session, _, _ = h.reactor.tcpClients[0]
+        server = session.buildProtocol(None)
+        server_t = StringTransport()
+        server.makeConnection(server_t)
+        client.dataReceived(b"more")
+        self.assertEqual(server_t.value(), b"\x16\x03\x01\x02\x00more")
+        self.assertEqual(client.received, 9)
+        self.assertEqual(magic.taken, [])
+
+    def test_silent_client_becomes_plain_after_the_wait(self) -> None:
+        """A client that waits for the server to speak is connected after first_bytes_wait."""
+        h = Harness(Magic(b"PBRK1"), wait=0.3)
+        sniffer, transport = h.accept()
+        h.reactor.advance(0.29)
+        self.assertEqual(h.reactor.tcpClients, [])
+        h.reactor.advance(0.02)
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        self.assertIsInstance(transport.protocol, ClientSide)
+
+    def test_undecided_past_max_prefix_is_plain(self) -> None:
+        """A recogniser that keeps asking for more gets at most MAX_PREFIX bytes."""
+
+        class Greedy(Magic):
+            def recognise(self, prefix: bytes) -> bool | None:
+                return None
+
+        h = Harness(Greedy(b""))
+        sniffer, transport = h.accept()
+        sniffer.dataReceived(b"x" * (MAX_PREFIX - 1))
+        self.assertIs(transport.protocol, sniffer)
+        sniffer.dataReceived(b"y")
+        self.assertIsInstance(transport.protocol, ClientSide)
+
+    def test_first_claim_wins_among_recognisers(self) -> None:
+        """Recognisers are asked in order; one saying False does not stop another's claim."""
+        http, resumable = Magic(b"GET "), Magic(b"PBRK")
+        h = Harness(http, resumable)
+        sniffer, _ = h.accept()
+        sniffer.dataReceived(b"PBRK")
+        self.assertEqual((len(http.taken), len(resumable.taken)), (0, 1))
+
+    def test_eof_before_decision_reaches_the_server_after_the_bytes(self) -> None:
+        """A client that sends a little and half-closes while undecided is plain; the server gets
+        its bytes, then the EOF."""
+
+        class HalfCloseTransport(StringTransport):
+            write_closed = False
+
+            def loseWriteConnection(self) -> None:
+                self.write_closed = True
+
+        h = Harness(Magic(b"PBRK1"))
+        sniffer, transport = h.accept()
+        sniffer.dataReceived(b"PB")
+        sniffer.readConnectionLost()
+        _, _, session, _, _ = h.reactor.tcpClients[0]
+        server = session.buildProtocol(None)
+        server_t = HalfCloseTransport()
+        server.makeConnection(server_t)
+        self.assertEqual(server_t.value(), b"PB")
+        self.assertTrue(server_t.write_closed)
+        self.assertEqual(session.how, "client closed")
+
+    def test_lost_before_decision_leaves_nothing(self) -> None:
+        """A client gone before saying enough: no session, no timer, nothing counted."""
+        h = Harness(Magic(b"PBRK1"))
+        sniffer, _ = h.accept()
+        sniffer.dataReceived(b"PB")
+        sniffer.connectionLost(Failure(Exception("gone")))
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+        self.assertEqual((h.factory.sessions, h.factory.sessions_total), ({}, 0))
+
+    def test_transport_without_protocol_attribute_is_delegated(self) -> None:
+        """A transport that cannot be re-pointed still reaches the new protocol, loss included."""
+        magic = Magic(b"PBRK1")
+        h = Harness(magic)
+        sniffer, _ = h.accept(pointable=False)
+        sniffer.dataReceived(b"PBRK1")
+        sniffer.dataReceived(b"-later")
+        sniffer.connectionLost(Failure(Exception("gone")))
+        [taken] = magic.taken
+        self.assertEqual(taken.data, b"PBRK1-later")
+        self.assertTrue(taken.lost)
+
+
+class FirstBytesSocketTests(TestCase):
+    timeout = 60
+
+    def listen(self, factory: Factory) -> int:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_plain_bytes_exact_through_the_dispatcher(self) -> Any:
+        """8 MB each way through a broker with a recogniser: byte-exact, half-close passed on."""
+        size = 8 * MB
+        got: list[Peer] = []
+
+        def make_server() -> Peer:
+            peer = Peer(send_seed=12, send_size=size)
+            got.append(peer)
+            return peer
+
+        backend = Factory()
+        backend.protocol = make_server
+        pool = ServerPool(servers(self.listen(backend)), ConnectionBalancer())
+        magic = Magic(b"PBRK1")
+        port = self.listen(BrokerFactory(reactor, pool, recognisers=[magic]))
+        client = Peer(send_seed=11, send_size=size)
+        yield ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port)
+        yield client.done
+        yield got[0].done
+        self.assertEqual(client.digest.hexdigest(), expected_digest(12, size))
+        self.assertEqual(got[0].digest.hexdigest(), expected_digest(11, size))
+        self.assertEqual(magic.taken, [])
+
+    @defer.inlineCallbacks
+    def test_silent_client_gets_the_server_greeting(self) -> Any:
+        """A client that waits for the AppServer to speak gets its greeting after the wait."""
+        pool = ServerPool(servers(self.listen(AppServerSimFactory("quiet"))), ConnectionBalancer())
+        broker = BrokerFactory(reactor, pool, recognisers=[Magic(b"PBRK1")], first_bytes_wait=0.1)
+        port = self.listen(broker)
+        client = Peer(half_close=False)
+        yield ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port)
+        started = reactor.seconds()
+        while client.received < len(greeting("quiet", 1)):
+            yield task.deferLater(reactor, 0.01, lambda: None)
+            self.assertLess(reactor.seconds() - started, 5)
+        self.assertGreaterEqual(reactor.seconds() - started, 0.09)
+        client.transport.loseConnection()
+        yield client.done
+        while broker.sessions:  # the broker closes its AppServer side too
+            yield task.deferLater(reactor, 0.01, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_recognised_protocol_owns_the_real_transport(self) -> Any:
+        """A claimed connection is served by the recogniser's protocol over the real socket."""
+
+        class Echo(Recorder):
+            def dataReceived(self, data: bytes) -> None:
+                self.transport.write(hashlib.sha256(data).hexdigest().encode()[:8])
+
+        class EchoMagic(Magic):
+            def take_over(self, broker: BrokerFactory, prefix: bytes) -> Recorder:
+                return Echo()
+
+        pool = ServerPool(servers(1), ConnectionBalancer())
+        port = self.listen(BrokerFactory(reactor, pool, recognisers=[EchoMagic(b"PBRK1")]))
+        client = Peer(half_close=False)
+        yield ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port)
+        client.transport.write(b"PBRK1")
+        while client.received < 8:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        client.transport.loseConnection()
+        yield client.done
+        self.assertEqual(client.received, 8)
+        self.assertEqual(pool.get("01").connect_failures, 0)  # no AppServer was tried
