@@ -17,7 +17,6 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from . import amp_commands as cmd
