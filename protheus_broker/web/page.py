@@ -164,7 +164,7 @@ def _sha256(text: str) -> str:
 PAGE_HTML = (
     '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
     '<meta name="viewport" content="width=device-width, initial-scale=1">'
-    "<title>protheus-broker</title><style>" + CSS + "</style></head><body>" + BODY
+    "<link rel=\"icon\" href=\"data:,\"><title>protheus-broker</title><style>" + CSS + "</style></head><body>" + BODY
     + "<script>" + JS + "</script></body></html>\n"
 ).encode()
 
