@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Sequence
 
@@ -138,9 +139,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif args.command == "reload":
         method, path = "POST", "/api/v1/reload"
     elif args.command == "close":
-        method, path = "POST", f"/api/v1/sessions/{urllib.request.quote(args.arg)}/close"
+        method, path = "POST", f"/api/v1/sessions/{urllib.parse.quote(args.arg)}/close"
     else:
-        method, path = "POST", f"/api/v1/servers/{urllib.request.quote(args.arg, safe='')}/{args.command}"
+        method, path = "POST", f"/api/v1/servers/{urllib.parse.quote(args.arg, safe='')}/{args.command}"
     body = call(args.url, token, method, path)
     print(json.dumps(body, indent=2, sort_keys=True) if args.json else render(args.command, body))
     return 0

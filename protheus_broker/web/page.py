@@ -79,8 +79,7 @@ function renderChart(svg,legend,pool){
  var W=600,H=160,P=22,max=1;samples.forEach(function(x){ids.forEach(function(id){max=Math.max(max,x.connections[id]||0);});});
  var t0=samples[0].t,t1=samples[samples.length-1].t,span=Math.max(1,t1-t0);
  var NS="http://www.w3.org/2000/svg";svg.setAttribute("viewBox","0 0 "+W+" "+H);svg.setAttribute("preserveAspectRatio","none");
- var axis=document.createElementNS(NS,"text");axis.setAttribute("x",4);axis.setAttribute("y",14);axis.setAttribute("font-size",11);
- axis.setAttribute("fill","#667085");axis.textContent="max "+max+" · last "+dur(span);svg.appendChild(axis);
+ legend.appendChild(el("span",{"class":"scale"},"max "+max+" · last "+dur(span)));  // text outside the stretched svg
  ids.forEach(function(id,i){var pts=samples.map(function(x){var X=P+(W-2*P)*(x.t-t0)/span,
   Y=H-P-(H-2*P)*(x.connections[id]||0)/max;return X.toFixed(1)+","+Y.toFixed(1);}).join(" ");
   var line=document.createElementNS(NS,"polyline");line.setAttribute("points",pts);line.setAttribute("fill","none");
@@ -88,24 +87,25 @@ function renderChart(svg,legend,pool){
   line.setAttribute("vector-effect","non-scaling-stroke");line.setAttribute("data-server",id);svg.appendChild(line);
   var key=el("span",null,null);var sw=el("i");sw.style.background=COLORS[i%COLORS.length];key.appendChild(sw);
   key.appendChild(document.createTextNode(id));legend.appendChild(key);});}
-function renderPools(s){var box=$("pools");box.textContent="";
- s.pools.forEach(function(pool){var sec=el("section",{"class":"pool"});
-  sec.appendChild(el("h2",null,"Pool "+pool.name+" ("+pool.listen+")"));
-  sec.appendChild(el("div",{"class":"sub"},"SORT_METHOD "+pool.sort_method+(pool.sort_method!==pool.sort_method_configured?
-   " (configured "+pool.sort_method_configured+")":"")+" · MONITORING_TYPE "+pool.monitoring_type+" · "+pool.sessions+
-   " sessions"+(pool.max_sessions?" of "+pool.max_sessions:"")));
+var poolShape="";
+function serverCells(tr,sv){var m=sv.metrics,st=tr.querySelector(".state");tr.setAttribute("title",sv.reason||"");
+ st.textContent=sv.state;st.className="state s-"+sv.state;
+ [["address",sv.address],["connections",sv.connections],["standby",sv.standby],["total",sv.total],
+  ["failures",sv.connect_failures],["memory",metric(m,"memory_bytes",bytes)],["users",metric(m,"users")],
+  ["threads",metric(m,"threads")],["cpu",metric(m,"cpu_percent",function(v){return v.toFixed(1);})],
+  ["age",metric(m,"age_seconds",function(v){return v.toFixed(1)+"s";})]].forEach(function(x){
+  tr.querySelector("."+x[0]).textContent=String(x[1]);});}
+function buildPools(s){var box=$("pools");box.textContent="";
+ s.pools.forEach(function(pool,p){var sec=el("section",{"class":"pool","data-pool":p});
+  sec.appendChild(el("h2",null,"Pool "+pool.name+" ("+pool.listen+")"));sec.appendChild(el("div",{"class":"sub pool-sub"}));
   var wrap=el("div",{"class":"scroll"}),tab=el("table",{id:"servers"}),hr=el("tr");
   ["Server","Address","State","Connections","Standby","Total","Failures","Memory","Users","Threads","CPU %","Age","Actions"]
    .forEach(function(h){hr.appendChild(el("th",null,h));});var th=el("thead");th.appendChild(hr);tab.appendChild(th);
-  var tb=el("tbody");pool.servers.forEach(function(sv){var tr=el("tr",{"data-server":sv.id,title:sv.reason});
-   tr.appendChild(el("td",null,sv.id));tr.appendChild(el("td",null,sv.address));
-   var st=el("td");st.appendChild(el("span",{"class":"state s-"+sv.state},sv.state));tr.appendChild(st);
-   tr.appendChild(el("td",{"class":"n connections"},sv.connections));tr.appendChild(el("td",{"class":"n"},sv.standby));
-   tr.appendChild(el("td",{"class":"n"},sv.total));tr.appendChild(el("td",{"class":"n"},sv.connect_failures));
-   var m=sv.metrics;tr.appendChild(el("td",{"class":"n"},metric(m,"memory_bytes",bytes)));
-   tr.appendChild(el("td",{"class":"n"},metric(m,"users")));tr.appendChild(el("td",{"class":"n"},metric(m,"threads")));
-   tr.appendChild(el("td",{"class":"n"},metric(m,"cpu_percent",function(v){return v.toFixed(1);})));
-   tr.appendChild(el("td",{"class":"n"},metric(m,"age_seconds",function(v){return v.toFixed(1)+"s";})));
+  var tb=el("tbody");pool.servers.forEach(function(sv){var tr=el("tr",{"data-server":sv.id});
+   tr.appendChild(el("td",null,sv.id));tr.appendChild(el("td",{"class":"address"}));
+   var st=el("td");st.appendChild(el("span",{"class":"state"}));tr.appendChild(st);
+   ["connections","standby","total","failures","memory","users","threads","cpu","age"].forEach(function(c){
+    tr.appendChild(el("td",{"class":"n "+c}));});
    var a=el("td");[["drain","Drain",""],["ready","Ready",""],["down","Down","danger"]].forEach(function(x){
     var b=el("button",{"data-action":x[0],"data-server":sv.id,"class":x[2]},x[1]);
     b.addEventListener("click",function(){act("/api/v1/servers/"+encodeURIComponent(sv.id)+"/"+x[0],x[1]+" "+sv.id);});
@@ -113,14 +113,30 @@ function renderPools(s){var box=$("pools");box.textContent="";
   tab.appendChild(tb);wrap.appendChild(tab);sec.appendChild(wrap);
   sec.appendChild(el("div",{"class":"sub"},"Connections per server"));
   var svg=document.createElementNS("http://www.w3.org/2000/svg","svg");svg.setAttribute("id","chart");sec.appendChild(svg);
-  var legend=el("div",{"class":"legend"});sec.appendChild(legend);renderChart(svg,legend,pool);box.appendChild(sec);});}
-function renderSessions(d){var tb=$("sessions-body");tb.textContent="";
- d.sessions.forEach(function(x){var tr=el("tr",{"data-session":x.id});
+  sec.appendChild(el("div",{"class":"legend"}));box.appendChild(sec);});}
+// The table is built once per set of pools and servers and then updated in place, so a button
+// under the pointer is never replaced between a press and its release.
+function renderPools(s){var shape=JSON.stringify(s.pools.map(function(p){return [p.name,p.listen,
+  p.servers.map(function(v){return v.id;})];}));
+ if(shape!==poolShape){buildPools(s);poolShape=shape;}
+ s.pools.forEach(function(pool,p){var sec=document.querySelector('section[data-pool="'+p+'"]');
+  sec.querySelector(".pool-sub").textContent="SORT_METHOD "+pool.sort_method+(pool.sort_method!==pool.sort_method_configured?
+   " (configured "+pool.sort_method_configured+")":"")+" · MONITORING_TYPE "+pool.monitoring_type+" · "+pool.sessions+
+   " sessions"+(pool.max_sessions?" of "+pool.max_sessions:"");
+  pool.servers.forEach(function(sv){serverCells(sec.querySelector('tr[data-server="'+CSS.escape(sv.id)+'"]'),sv);});
+  renderChart(sec.querySelector("svg"),sec.querySelector(".legend"),pool);});}
+function renderSessions(d){var tb=$("sessions-body"),old={},rows=[];
+ Array.prototype.forEach.call(tb.children,function(tr){old[tr.getAttribute("data-session")]=tr;});
+ d.sessions.forEach(function(x){var tr=old[String(x.id)];  // kept rows keep their Close button
+  if(!tr){tr=el("tr",{"data-session":x.id});for(var i=0;i<8;i++){tr.appendChild(el("td",i>4?{"class":"n"}:null));}
+   var a=el("td"),b=el("button",{"class":"danger","data-action":"close","data-session":x.id},"Close");
+   b.addEventListener("click",function(){act("/api/v1/sessions/"+x.id+"/close","Close session "+x.id);});
+   a.appendChild(b);tr.appendChild(a);}
   [x.id,x.client,x.server||"–",x.state,new Date(x.started_at*1000).toLocaleTimeString(),dur(x.duration_seconds),
-   bytes(x.bytes_in),bytes(x.bytes_out)].forEach(function(v,i){tr.appendChild(el("td",i>4?{"class":"n"}:null,v));});
-  var a=el("td"),b=el("button",{"class":"danger","data-action":"close","data-session":x.id},"Close");
-  b.addEventListener("click",function(){act("/api/v1/sessions/"+x.id+"/close","Close session "+x.id);});
-  a.appendChild(b);tr.appendChild(a);tb.appendChild(tr);});
+   bytes(x.bytes_in),bytes(x.bytes_out)].forEach(function(v,i){tr.children[i].textContent=String(v);});
+  rows.push(tr);});
+ rows.forEach(function(tr,i){if(tb.children[i]!==tr){tb.insertBefore(tr,tb.children[i]||null);}});
+ while(tb.children.length>rows.length){tb.removeChild(tb.lastChild);}
  $("page-info").textContent="page "+d.page+" of "+d.pages+" · "+d.total+" sessions";
  $("standby-info").textContent=d.standby.length?d.standby.length+" in standby: "+d.standby.map(function(x){
   return "#"+x.session_id+" "+x.client+" → "+x.server_id;}).join(", "):"";
