@@ -9,7 +9,7 @@ $(VENV)/.done: setup.cfg
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q twisted pyopenssl service-identity configobj zope.interface \
-		hypothesis cryptography psutil mypy mypy-zope
+		hypothesis cryptography psutil prometheus-client selenium mypy mypy-zope
 	touch $@
 
 venv: $(VENV)/.done

@@ -22,6 +22,7 @@ DESKTOP_SECTION = "BALANCE_SMART_CLIENT_DESKTOP"
 GENERAL_SECTION = "GENERAL"
 #: TOTVS broker sections this version recognises but does not serve yet.
 FUTURE_SECTIONS = ("BALANCE_HTTP", "BALANCE_WEB_SERVICES")
+ADMIN_SECTION = "BROKER_ADMIN"
 
 
 class ConfigError(Exception):
@@ -166,6 +167,7 @@ class BrokerConfig:
     general: GeneralConfig
     desktop: DesktopBalanceConfig
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    admin: AdminConfig | None = None  # [BROKER_ADMIN]: the broker screen; None when absent
 
 
 # --- lexical layer: make TOTVS text readable by configobj, keeping line numbers ---------------
@@ -565,7 +567,7 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
     for name in sections:
         if name in FUTURE_SECTIONS:
             warnings.append(f"{path}:{where.sections[name]}: [{name}] is not supported yet; ignored")
-        elif name not in (DESKTOP_SECTION, GENERAL_SECTION):
+        elif name not in (DESKTOP_SECTION, GENERAL_SECTION, ADMIN_SECTION):
             warnings.append(f"{path}:{where.sections[name]}: unknown section [{name}]; ignored")
 
     if DESKTOP_SECTION not in sections:
@@ -573,11 +575,74 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
     desktop = _desktop(sections[DESKTOP_SECTION], warnings)
     general_section = sections.get(GENERAL_SECTION, _Section(path, GENERAL_SECTION, {}, where))
     general = _general(general_section)
+    admin = _admin(sections[ADMIN_SECTION], warnings) if ADMIN_SECTION in sections else None
 
-    for section in (sections[DESKTOP_SECTION], general_section):
+    checked = [sections[DESKTOP_SECTION], general_section]
+    if admin is not None:
+        checked.append(sections[ADMIN_SECTION])
+    for section in checked:
         for key in section.unknown_keys():
             warnings.append(f"{path}:{section.line(key)}: [{section.name}] {key}: unknown key; ignored")
-    return BrokerConfig(path=path, general=general, desktop=desktop, warnings=tuple(warnings))
+    return BrokerConfig(path=path, general=general, desktop=desktop, warnings=tuple(warnings),
+                        admin=admin)
+
+
+# --- [BROKER_ADMIN]: the broker screen (status page, JSON API, /metrics, admin actions) ---------
+
+DEFAULT_ADMIN_ENDPOINT = "tcp:8480:interface=127.0.0.1"
+
+
+class ReadAccess(enum.Enum):
+    """Who may read the status views without the admin token (actions always need it)."""
+
+    LOCALHOST = "LOCALHOST"  # clients on a loopback address (default)
+    ANYWHERE = "ANYWHERE"
+    NOWHERE = "NOWHERE"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """``[BROKER_ADMIN]``: where the broker screen listens and who may use it."""
+
+    endpoint: str = DEFAULT_ADMIN_ENDPOINT
+    token_hash: str | None = field(default=None, repr=False)  # ``pbkdf2_sha256$...``; None: no actions
+    read_access: ReadAccess = ReadAccess.LOCALHOST
+    port_status: bool = True  # answer GET /status, /status.json, /ping on LOCAL_SERVER_PORT
+    history_interval: float = 5.0  # seconds between samples of the connections chart
+    history_samples: int = 120
+
+
+def _admin(section: _Section, warnings: list[str]) -> AdminConfig:
+    from twisted.internet.endpoints import serverFromString
+
+    from .web.auth import HashError, parse_token_hash
+
+    endpoint = section.text("ENDPOINT", DEFAULT_ADMIN_ENDPOINT)
+    try:
+        serverFromString(None, endpoint)  # parses only; listening happens at start
+    except Exception as exc:  # endpoint parsers raise ValueError, KeyError, TypeError, ...
+        raise section.error("ENDPOINT", f"not a server endpoint string ({exc or type(exc).__name__}); "
+                                        f"e.g. {DEFAULT_ADMIN_ENDPOINT}") from None
+    token_hash = section.text("TOKEN_HASH", "") or None
+    if token_hash is not None:
+        try:
+            parse_token_hash(token_hash)
+        except HashError as exc:
+            raise section.error("TOKEN_HASH", f"{exc} (make one with: protheus-broker-ctl hash-token)") from None
+    else:
+        warnings.append(f"{section.path}:{section.where.sections.get(section.name)}: [{section.name}] "
+                        "no TOKEN_HASH: the screen is read-only (make one with: protheus-broker-ctl hash-token)")
+    access_text = section.text("READ_ACCESS", ReadAccess.LOCALHOST.value).upper()
+    try:
+        read_access = ReadAccess(access_text)
+    except ValueError:
+        raise section.error("READ_ACCESS", f"expected LOCALHOST, ANYWHERE or NOWHERE, got {access_text!r}") from None
+    return AdminConfig(
+        endpoint=endpoint, token_hash=token_hash, read_access=read_access,
+        port_status=section.boolean("PORT_STATUS", True),
+        history_interval=section.number("HISTORY_INTERVAL", 5.0, 0.1, 3600.0),
+        history_samples=section.integer("HISTORY_SAMPLES", 120, 2, 10000),
+    )
 
 
 def _read_file(path: str) -> str:

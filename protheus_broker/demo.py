@@ -36,6 +36,13 @@ def stop_all(reactor: Any, children: list[TwistdChild], grace: float = 5.0) -> d
     return done
 
 
+def screen_url(endpoint: str) -> str:
+    """``http://host:port/`` for a ``tcp:PORT:interface=HOST`` endpoint (as the demo has)."""
+    parts = endpoint.split(":")
+    options = dict(p.split("=", 1) for p in parts[2:] if "=" in p)
+    return f"http://{options.get('interface', '127.0.0.1')}:{parts[1]}/"
+
+
 async def run_demo(reactor: Any, ini: str = DEMO_INI) -> int:
     config = load_config(ini)
     children: list[TwistdChild] = []
@@ -55,7 +62,8 @@ async def run_demo(reactor: Any, ini: str = DEMO_INI) -> int:
             f"\nDemo running: broker on {host}:{port[-1]} -> {len(children) - 1} sample AppServers.\n"
             f"Try:  nc {host} {port[-1]}     (the first line names the AppServer you landed on;\n"
             f"      type a line and it echoes; open several to watch the balancing)\n"
-            f"Ctrl-C stops everything.\n\n"
+            + (f"Broker screen: {screen_url(config.admin.endpoint)}\n" if config.admin else "")
+            + "Ctrl-C stops everything.\n\n"
         )
         sys.stdout.flush()
         await defer.DeferredList([c.ended for c in children], fireOnOneCallback=True)

@@ -33,6 +33,7 @@ class Backend:
     __slots__ = (
         "server_id", "host", "port", "index", "state", "active", "total", "connect_failures",
         "metrics", "leaving", "reason", "placed_since_report", "suspect_until", "monitor_status",
+        "admin_hold",
     )
 
     def __init__(self, server: RemoteServer, index: int) -> None:
@@ -50,6 +51,7 @@ class Backend:
         self.placed_since_report = 0  # burst accounting for the SERVER_* methods
         self.suspect_until: float | None = None  # suspended by a failed connect, until then
         self.monitor_status: dict[str, object] = {}  # what the monitor says (link, misses, ...)
+        self.admin_hold = False  # marked down by an admin: monitoring does not bring it back
 
     @property
     def address(self) -> str:
@@ -195,7 +197,7 @@ class ServerPool:
         *observed_at*.  A server that is draining or leaving stays so; a good verdict observed
         after a failed connect ends that suspicion early (an older one does not)."""
         backend = self._backends.get(server_id)
-        if backend is None or backend.leaving or backend.state is ServerState.DRAINING:
+        if backend is None or backend.leaving or backend.state is ServerState.DRAINING or backend.admin_hold:
             return
         if backend.suspect_until is not None:
             if state is ServerState.UP and (

@@ -59,6 +59,9 @@ class BrokerService(MultiService):
             reactor, self.pool, connect_timeout=desktop.connect_timeout,
             max_sessions=desktop.max_sessions, sort_method=desktop.effective_sort_method.value,
         )
+        if config.admin is not None:  # the broker screen ([BROKER_ADMIN])
+            from .web.service import add_admin
+            add_admin(self, reactor, config.admin)
         self.port: Any = None
         self.started_at = reactor.seconds()
         self._console: Any = None

@@ -53,7 +53,11 @@ class SeedConfigTests(SynchronousTestCase):
         """The demo config is valid and has three local servers."""
         config = load_config(os.path.join(ETC, "demo.ini"))
         self.assertEqual(len(config.desktop.servers), 3)
-        self.assertEqual(config.warnings, ())
+        self.assertEqual(config.admin and config.admin.endpoint, "tcp:8480:interface=127.0.0.1")
+        # The one remark: the demo's broker screen is read-only (no admin token ships).
+        self.assertEqual([w.split(": ", 1)[1] for w in config.warnings],
+                         ["[BROKER_ADMIN] no TOKEN_HASH: the screen is read-only "
+                          "(make one with: protheus-broker-ctl hash-token)"])
 
 
 class SyntaxTests(SynchronousTestCase):

@@ -1,0 +1,1 @@
+"""The broker screen: status page, JSON API, Prometheus metrics and admin actions."""

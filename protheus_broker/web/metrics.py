@@ -1,0 +1,90 @@
+"""Prometheus ``/metrics``: a custom collector that reads the live broker at scrape time."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .. import __version__
+from .model import STATES, Broker, counters
+
+__all__ = ["BrokerCollector", "CONTENT_TYPE_LATEST", "render"]
+
+_PREFIX = "protheus_broker"
+
+
+class BrokerCollector:
+    """Yields the broker's metric families from its pool and factory, fresh at each scrape."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def collect(self) -> Iterator[Any]:
+        broker = self.broker
+        now = broker.reactor.seconds()
+        totals = counters(broker.factory)
+        pool_name = broker.config.desktop.service_name
+
+        info = GaugeMetricFamily(f"{_PREFIX}_info", "Broker version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        yield GaugeMetricFamily(f"{_PREFIX}_uptime_seconds", "Seconds since the broker started",
+                                value=now - broker.started_at)
+        yield GaugeMetricFamily(f"{_PREFIX}_sessions", "Sessions open now", value=totals["sessions"])
+        for key, help_text in (
+            ("sessions_total", "Sessions accepted since start"),
+            ("sessions_failed", "Sessions closed because no AppServer answered"),
+            ("sessions_refused", "Connections refused by MAX_SESSIONS"),
+            ("bytes_in", "Bytes from SmartClients to AppServers"),
+            ("bytes_out", "Bytes from AppServers to SmartClients"),
+            ("connect_failures", "Failed connects to AppServers"),
+            ("drops", "Resumable sessions whose client dropped (held in standby)"),
+            ("resumes", "Sessions resumed by a reconnecting client"),
+            ("expiries", "Standby sessions that expired unresumed"),
+            ("resume_failures", "Resume attempts refused"),
+            ("handshake_failures", "Failed TLS handshakes on the SmartClient port"),
+        ):
+            name = key[: -len("_total")] if key.endswith("_total") else key
+            yield CounterMetricFamily(f"{_PREFIX}_{name}", help_text, value=totals[key])
+        yield GaugeMetricFamily(f"{_PREFIX}_standby_sessions", "Sessions held in standby now",
+                                value=totals["standby"])
+
+        labels = ["pool", "server", "address"]
+        state = GaugeMetricFamily(f"{_PREFIX}_server_state", "1 for the server's current state",
+                                  labels=labels + ["state"])
+        connections = GaugeMetricFamily(f"{_PREFIX}_server_connections",
+                                        "Sessions through the broker on this server now", labels=labels)
+        total = CounterMetricFamily(f"{_PREFIX}_server_sessions", "Sessions that reached this server",
+                                    labels=labels)
+        failures = CounterMetricFamily(f"{_PREFIX}_server_connect_failures",
+                                       "Failed connects to this server", labels=labels)
+        memory = GaugeMetricFamily(f"{_PREFIX}_server_memory_bytes", "Reported memory", labels=labels)
+        users = GaugeMetricFamily(f"{_PREFIX}_server_users", "Reported users", labels=labels)
+        threads = GaugeMetricFamily(f"{_PREFIX}_server_threads", "Reported threads", labels=labels)
+        cpu = GaugeMetricFamily(f"{_PREFIX}_server_cpu_percent", "Reported CPU", labels=labels)
+        age = GaugeMetricFamily(f"{_PREFIX}_server_metrics_age_seconds", "Age of the last report",
+                                labels=labels)
+        for backend in broker.pool:
+            values = [pool_name, backend.server_id, backend.address]
+            for name in STATES:
+                state.add_metric(values + [name], 1 if backend.state.value == name else 0)
+            connections.add_metric(values, backend.active)
+            total.add_metric(values, backend.total)
+            failures.add_metric(values, backend.connect_failures)
+            metrics = backend.metrics
+            if metrics is not None:
+                memory.add_metric(values, metrics.memory_bytes)
+                users.add_metric(values, metrics.users)
+                threads.add_metric(values, metrics.threads)
+                cpu.add_metric(values, metrics.cpu_percent)
+                age.add_metric(values, max(0.0, now - metrics.taken_at))
+        yield from (state, connections, total, failures, memory, users, threads, cpu, age)
+
+
+def render(broker: Broker) -> bytes:
+    """The text exposition of the broker's metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BrokerCollector(broker))  # type: ignore[arg-type]
+    return generate_latest(registry)

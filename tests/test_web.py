@@ -1,0 +1,414 @@
+"""The broker screen in memory: every endpoint, auth failures, malformed requests, actions,
+Prometheus output and the status query on the SmartClient port."""
+
+from __future__ import annotations
+
+import json
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from protheus_broker.balancing import Metrics
+from protheus_broker.config import ConfigError, ReadAccess, parse_config
+from protheus_broker.pool import ServerState
+from protheus_broker.proxy import ClientSide, FirstBytes
+from protheus_broker.tap import BrokerService
+from protheus_broker.web.auth import TokenChecker, hash_token, origin_matches, parse_token_hash
+from protheus_broker.web.port_status import recognise_status_request
+
+TOKEN = "t0ken-for-tests-only-0123456789"
+TOKEN_HASH = hash_token(TOKEN, iterations=10_000)
+
+
+def ini(extra: str = "", admin: str | None = None) -> str:
+    admin_section = admin if admin is not None else f"[BROKER_ADMIN]\nENDPOINT = tcp:0:interface=127.0.0.1\nTOKEN_HASH = {TOKEN_HASH}\n"
+    return ("[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 1234\nREMOTE_SERVER_01 = 127.0.0.1 5001\n"
+            "REMOTE_SERVER_02 = 127.0.0.1 5002\nSORT_METHOD = CONNECTION\nMONITORING_TYPE = DISABLED\n"
+            + extra + admin_section)
+
+
+class Reply:
+    def __init__(self, raw: bytes) -> None:
+        head, _, self.body = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Harness:
+    """A BrokerService on a memory reactor, with the config written to a file (for reload)."""
+
+    def __init__(self, test: SynchronousTestCase, text: str | None = None) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(1_700_000_000)
+        self.path = test.mktemp()
+        self.write(text or ini())
+        from protheus_broker.config import load_config
+        self.service = BrokerService(self.reactor, load_config(self.path))
+        self.admin = [s for s in self.service if type(s).__name__ == "AdminService"][0]
+
+    def write(self, text: str) -> None:
+        with open(self.path, "w") as handle:
+            handle.write(text)
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None,
+                peer: str = "127.0.0.1", body: bytes = b"", site: Any = None) -> Reply:
+        site = site or self.admin.site
+        protocol = site.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        protocol.makeConnection(transport)
+        lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1:8480", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if body:
+            lines.append(f"Content-Length: {len(body)}")
+        protocol.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        return Reply(transport.value())
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {TOKEN}"}
+
+    def open_session(self, peer_port: int = 50000) -> Any:
+        """A SmartClient session connected to the first-ranked server."""
+        client = ClientSide(self.service.factory)
+        client.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", peer_port)))
+        session = client.session
+        server = session.buildProtocol(None)
+        server.makeConnection(StringTransport())
+        client.dataReceived(b"hello")
+        return session
+
+
+class ReadTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(self)
+
+    def test_page_is_self_contained_html(self) -> None:
+        """GET / serves the page with inline script and a CSP that allows nothing external."""
+        reply = self.h.request("GET", "/")
+        self.assertEqual(reply.status, 200)
+        self.assertIn(b"text/html", reply.headers[b"content-type"])
+        self.assertIn(b"<script>", reply.body)
+        self.assertNotIn(b"http://", reply.body.replace(b"http://www.w3.org/2000/svg", b""))
+        self.assertNotIn(b"https://", reply.body)
+        self.assertIn(b"default-src 'none'", reply.headers[b"content-security-policy"])
+        self.assertIn(b"frame-ancestors 'none'", reply.headers[b"content-security-policy"])
+
+    def test_status_lists_pool_servers_sessions_and_totals(self) -> None:
+        """/api/v1/status: servers with state and connections, totals, uptime and version."""
+        self.h.open_session()
+        self.h.service.pool.report_metrics("02", Metrics(1000, 3, 40, 12.5, self.h.reactor.seconds() - 2))
+        self.h.reactor.advance(10)
+        status = self.h.request("GET", "/api/v1/status").json()
+        pool = status["pools"][0]
+        self.assertEqual(pool["sort_method"], "CONNECTION")
+        self.assertEqual(pool["monitoring_type"], "DISABLED")
+        by_id = {s["id"]: s for s in pool["servers"]}
+        self.assertEqual(by_id["01"]["connections"], 1)
+        self.assertEqual(by_id["01"]["state"], "up")
+        self.assertEqual(by_id["02"]["metrics"]["users"], 3)
+        self.assertEqual(by_id["02"]["metrics"]["age_seconds"], 12.0)
+        self.assertEqual(status["totals"]["sessions"], 1)
+        self.assertEqual(status["totals"]["bytes_in"], 5)
+        self.assertEqual(status["uptime_seconds"], 10.0)
+        self.assertTrue(status["admin"]["actions"])
+
+    def test_history_samples_feed_the_chart(self) -> None:
+        """The sampler keeps connections per server in a ring for the chart."""
+        self.h.admin.startService()
+        self.addCleanup(self.h.admin.stopService)
+        self.h.open_session()
+        self.h.reactor.advance(5)
+        samples = self.h.request("GET", "/api/v1/history").json()["samples"]
+        self.assertEqual(samples[-1]["connections"], {"01": 1, "02": 0})
+        self.assertEqual(self.h.request("GET", "/api/v1/status").json()["pools"][0]["history"]["samples"], samples)
+
+    def test_sessions_are_paged(self) -> None:
+        """/api/v1/sessions pages live sessions with client, server, start and bytes."""
+        for port in range(3):
+            self.h.open_session(50000 + port)
+        page = self.h.request("GET", "/api/v1/sessions?page=2&per_page=2").json()
+        self.assertEqual((page["total"], page["pages"], page["page"]), (3, 2, 2))
+        [row] = page["sessions"]
+        self.assertEqual(row["client"], "10.0.0.9:50002")
+        self.assertEqual(row["bytes_in"], 5)
+        self.assertEqual(row["state"], "open")
+        self.assertEqual(page["standby"], [])
+
+    def test_standby_and_handshake_counters_are_read_when_present(self) -> None:
+        """The resumable-session store and TLS counter appear in status and metrics."""
+        class Standby:
+            count, drops, resumes, expiries, resume_failures = 1, 4, 3, 1, 2
+
+            def snapshot(self) -> list[dict[str, Any]]:
+                return [{"session_id": 7, "client": "10.1.1.1:1", "server_id": "02", "since": 1.0,
+                         "buffered_bytes": 10}]
+        self.h.service.factory.standby = Standby()
+        self.h.service.factory.handshake_failures = 9
+        status = self.h.request("GET", "/api/v1/status").json()
+        self.assertEqual(status["totals"]["resumes"], 3)
+        self.assertEqual(status["totals"]["handshake_failures"], 9)
+        self.assertEqual({s["id"]: s["standby"] for s in status["pools"][0]["servers"]}, {"01": 0, "02": 1})
+        text = self.h.request("GET", "/metrics").body.decode()
+        self.assertIn("protheus_broker_resumes_total 3.0", text)
+        self.assertIn("protheus_broker_handshake_failures_total 9.0", text)
+        self.assertIn("protheus_broker_standby_sessions 1.0", text)
+
+    def test_metrics_are_prometheus_text(self) -> None:
+        """/metrics: per-server state and connections, session counters, bytes."""
+        self.h.open_session()
+        reply = self.h.request("GET", "/metrics")
+        self.assertEqual(reply.status, 200)
+        self.assertIn(b"text/plain", reply.headers[b"content-type"])
+        text = reply.body.decode()
+        self.assertIn('protheus_broker_server_connections{address="127.0.0.1:5001",pool="protheus-broker",server="01"} 1.0', text)
+        self.assertIn('protheus_broker_server_state{address="127.0.0.1:5002",pool="protheus-broker",server="02",state="up"} 1.0', text)
+        self.assertIn("protheus_broker_sessions 1.0", text)
+        self.assertIn("protheus_broker_bytes_in_total 5.0", text)
+        self.assertIn("protheus_broker_sessions_total 1.0", text)
+
+    def test_remote_reader_needs_token_by_default(self) -> None:
+        """READ_ACCESS=LOCALHOST: a remote client gets 401 without a token, 200 with it."""
+        reply = self.h.request("GET", "/api/v1/status", peer="192.0.2.7")
+        self.assertEqual(reply.status, 401)
+        self.assertIn(b"Bearer", reply.headers[b"www-authenticate"])
+        self.assertIn("token is needed", reply.json()["error"])
+        self.assertEqual(self.h.request("GET", "/metrics", peer="192.0.2.7").status, 401)
+        self.assertEqual(self.h.request("GET", "/api/v1/status", self.h.auth(), peer="192.0.2.7").status, 200)
+
+    def test_wrong_token_refused_even_on_localhost(self) -> None:
+        """A wrong token is refused, not ignored."""
+        reply = self.h.request("GET", "/api/v1/status", {"Authorization": "Bearer nope"})
+        self.assertEqual(reply.status, 401)
+        self.assertEqual(self.h.request("GET", "/api/v1/status", {"Authorization": "Basic eDp5"}).status, 401)
+
+    def test_read_access_nowhere(self) -> None:
+        """READ_ACCESS=NOWHERE: even localhost needs the token."""
+        h = Harness(self, ini(admin=f"[BROKER_ADMIN]\nENDPOINT=tcp:0\nTOKEN_HASH={TOKEN_HASH}\nREAD_ACCESS=NOWHERE\n"))
+        self.assertEqual(h.service.config.admin.read_access, ReadAccess.NOWHERE)  # type: ignore[union-attr]
+        self.assertEqual(h.request("GET", "/api/v1/servers").status, 401)
+        self.assertEqual(h.request("GET", "/api/v1/servers", h.auth()).status, 200)
+
+
+class MalformedTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(self)
+
+    def test_unknown_paths_and_methods(self) -> None:
+        """Unknown path 404, wrong method 405 with Allow, all as JSON errors."""
+        reply = self.h.request("GET", "/api/v1/nothing")
+        self.assertEqual((reply.status, reply.json()["error"]), (404, "no such resource: /api/v1/nothing"))
+        reply = self.h.request("POST", "/api/v1/status", self.h.auth())
+        self.assertEqual(reply.status, 405)
+        self.assertEqual(reply.headers[b"allow"], b"GET, HEAD")
+        reply = self.h.request("GET", "/api/v1/servers/01/drain", self.h.auth())
+        self.assertEqual((reply.status, reply.headers[b"allow"]), (405, b"POST"))
+        self.assertEqual(self.h.request("POST", "/api/v1/servers/01/explode", self.h.auth()).status, 404)
+
+    def test_bad_query_and_ids(self) -> None:
+        """Bad paging and session ids are 400s that say what is wrong."""
+        reply = self.h.request("GET", "/api/v1/sessions?page=x")
+        self.assertEqual(reply.status, 400)
+        self.assertIn("page", reply.json()["error"])
+        self.assertEqual(self.h.request("GET", "/api/v1/sessions?per_page=100000").status, 400)
+        self.assertEqual(self.h.request("GET", "/api/v1/sessions?page=0").status, 400)
+        self.assertEqual(self.h.request("POST", "/api/v1/sessions/abc/close", self.h.auth()).status, 400)
+        self.assertEqual(self.h.request("GET", "/%ff%fe").status, 400)
+
+    def test_garbage_bytes_get_400_and_broker_keeps_serving(self) -> None:
+        """A non-HTTP request line gets 400 from twisted.web; the next request is served."""
+        protocol = self.h.admin.site.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"\x16\x03\x01garbage\r\n\r\n")
+        self.assertIn(b"400", transport.value().split(b"\r\n")[0])
+        self.assertEqual(self.h.request("GET", "/ping").status, 200)
+
+    def test_oversized_action_body(self) -> None:
+        """Actions take no body: a huge one is 413."""
+        reply = self.h.request("POST", "/api/v1/reload", self.h.auth(), body=b"x" * 70_000)
+        self.assertEqual(reply.status, 413)
+
+
+class ActionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(self)
+
+    def post(self, path: str, headers: dict[str, str] | None = None, **kw: Any) -> Reply:
+        return self.h.request("POST", path, self.h.auth() if headers is None else headers, **kw)
+
+    def test_drain_keeps_sessions_and_stops_new_ones(self) -> None:
+        """Drain: the existing session carries on, new sessions go elsewhere; ready puts it back."""
+        first = self.h.open_session()
+        self.assertEqual(first.backend.server_id, "01")
+        reply = self.post("/api/v1/servers/01/drain")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.json()["server"]["state"], "draining")
+        self.assertFalse(first.ended)
+        second = self.h.open_session(50001)
+        third = self.h.open_session(50002)
+        self.assertEqual((second.backend.server_id, third.backend.server_id), ("02", "02"))
+        self.assertEqual(self.post("/api/v1/servers/01/ready").json()["server"]["state"], "up")
+        self.assertEqual(self.h.open_session(50003).backend.server_id, "01")
+
+    def test_down_is_not_undone_by_monitoring(self) -> None:
+        """Down by an admin holds against a healthy monitor verdict until ready."""
+        self.post("/api/v1/servers/02/down")
+        self.h.service.pool.monitor_verdict("02", ServerState.UP, "probe ok")
+        self.assertEqual(self.h.service.pool.get("02").state, ServerState.DOWN)
+        self.post("/api/v1/servers/02/ready")
+        self.h.service.pool.monitor_verdict("02", ServerState.DOWN, "probe failed")
+        self.assertEqual(self.h.service.pool.get("02").state, ServerState.DOWN)
+
+    def test_unknown_server_404(self) -> None:
+        """An action on a server not in the pool is 404 naming it."""
+        reply = self.post("/api/v1/servers/99/drain")
+        self.assertEqual(reply.status, 404)
+        self.assertIn("'99'", reply.json()["error"])
+
+    def test_close_session(self) -> None:
+        """Close ends the session (both sides dropped) and it leaves the list."""
+        session = self.h.open_session()
+        self.assertEqual(self.post(f"/api/v1/sessions/{session.session_id}/close").status, 200)
+        self.assertTrue(session.client.transport.disconnecting or session.client.transport.disconnected
+                        if hasattr(session.client.transport, "disconnected") else True)
+        session.client.connectionLost(Failure(ConnectionDone()))  # memory transports do not report it
+        session.server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.h.request("GET", "/api/v1/sessions").json()["total"], 0)
+        self.assertEqual(self.post(f"/api/v1/sessions/{session.session_id}/close").status, 404)
+
+    def test_reload_applies_and_bad_reload_is_409(self) -> None:
+        """Reload re-reads the file; a broken file is refused with its error and nothing changes."""
+        self.h.write(ini("REMOTE_SERVER_03 = 127.0.0.1 5003\n"))
+        self.assertEqual(self.post("/api/v1/reload").status, 200)
+        self.assertEqual(len(self.h.service.pool), 3)
+        self.h.write(ini("REMOTE_SERVER_04 = 127.0.0.1 nope\n"))
+        reply = self.post("/api/v1/reload")
+        self.assertEqual(reply.status, 409)
+        self.assertIn("REMOTE_SERVER_04", reply.json()["error"])
+        self.assertEqual(len(self.h.service.pool), 3)
+
+    def test_actions_always_need_the_token(self) -> None:
+        """From localhost too: no token 401, wrong token 401, other scheme 401."""
+        self.assertEqual(self.post("/api/v1/servers/01/drain", {}).status, 401)
+        self.assertEqual(self.post("/api/v1/servers/01/drain", {"Authorization": "Bearer wrong"}).status, 401)
+        self.assertEqual(self.post("/api/v1/reload", {"Authorization": "Basic YTpi"}).status, 401)
+        self.assertEqual(self.h.service.pool.get("01").state, ServerState.UP)
+
+    def test_cross_site_origin_refused(self) -> None:
+        """An Origin that is not the page's own is refused even with a token (CSRF)."""
+        reply = self.post("/api/v1/servers/01/drain", {**self.h.auth(), "Origin": "http://evil.example"})
+        self.assertEqual(reply.status, 403)
+        reply = self.post("/api/v1/servers/01/drain", {**self.h.auth(), "Origin": "http://127.0.0.1:8480"})
+        self.assertEqual(reply.status, 200)
+
+    def test_no_token_hash_means_no_actions(self) -> None:
+        """Without TOKEN_HASH the screen is read-only: actions are 403."""
+        h = Harness(self, ini(admin="[BROKER_ADMIN]\nENDPOINT = tcp:0\n"))
+        reply = h.request("POST", "/api/v1/reload", {"Authorization": "Bearer anything"})
+        self.assertEqual(reply.status, 403)
+        self.assertIn("TOKEN_HASH", reply.json()["error"])
+
+    def test_wrong_tokens_are_rate_limited(self) -> None:
+        """After 10 wrong tokens in 10 s the broker answers 429 without hashing."""
+        for _ in range(10):
+            self.post("/api/v1/reload", {"Authorization": "Bearer wrong"})
+        self.assertEqual(self.post("/api/v1/reload", {"Authorization": "Bearer wrong"}).status, 429)
+        self.h.reactor.advance(11)
+        self.assertEqual(self.post("/api/v1/reload").status, 200)
+
+
+class PortStatusTests(SynchronousTestCase):
+    def test_recogniser_decides_at_first_mismatch(self) -> None:
+        """GET/HEAD of /ping, /status, /status.json is HTTP; anything else is SmartClient."""
+        self.assertIsNone(recognise_status_request(b"GE"))
+        self.assertIsNone(recognise_status_request(b"GET /sta"))
+        self.assertTrue(recognise_status_request(b"GET /status HTTP/1.1"))
+        self.assertTrue(recognise_status_request(b"HEAD /ping HTTP/1.0"))
+        self.assertTrue(recognise_status_request(b"GET /status.json?x=1 HTTP/1.1"))
+        self.assertFalse(recognise_status_request(b"GET /other HTTP/1.1"))
+        self.assertFalse(recognise_status_request(b"GET /statusx"))
+        self.assertFalse(recognise_status_request(b"\x00\x01"))
+        self.assertFalse(recognise_status_request(b"POST /status"))
+
+    def port_request(self, h: Harness, raw: bytes, peer: str = "127.0.0.1") -> bytes:
+        protocol = h.service.factory.buildProtocol(None)
+        self.assertIsInstance(protocol, FirstBytes)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 1))
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        protocol.dataReceived(raw)
+        return transport.value()
+
+    def test_status_on_smartclient_port(self) -> None:
+        """The SmartClient port answers /ping, /status and /status.json; no session is opened."""
+        h = Harness(self)
+        self.assertIn(b"pong", self.port_request(h, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"))
+        text = Reply(self.port_request(h, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"))
+        self.assertIn(b"server 01 127.0.0.1:5001 up connections 0", text.body)
+        js = Reply(self.port_request(h, b"GET /status.json HTTP/1.1\r\nHost: x\r\n\r\n")).json()
+        self.assertEqual(js["pools"][0]["servers"][0]["id"], "01")
+        self.assertEqual(h.service.factory.sessions_total, 0)
+        remote = Reply(self.port_request(h, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n", peer="192.0.2.1"))
+        self.assertEqual(remote.status, 401)
+
+    def test_other_bytes_stay_smartclient(self) -> None:
+        """A SmartClient's binary first bytes open a session as before."""
+        h = Harness(self)
+        self.port_request(h, b"\x01\x02binary")
+        self.assertEqual(h.service.factory.sessions_total, 1)
+
+    def test_port_status_off(self) -> None:
+        """PORT_STATUS=0: no recogniser, the port is plain SmartClient."""
+        h = Harness(self, ini(admin="[BROKER_ADMIN]\nENDPOINT=tcp:0\nPORT_STATUS=0\n"))
+        self.assertEqual(h.service.factory.recognisers, [])
+
+
+class ConfigAndAuthTests(SynchronousTestCase):
+    def test_defaults_and_absence(self) -> None:
+        """No [BROKER_ADMIN]: no screen; present: default endpoint on localhost 8480."""
+        self.assertIsNone(parse_config(ini(admin="")).admin)
+        config = parse_config(ini(admin="[BROKER_ADMIN]\n")).admin
+        assert config is not None
+        self.assertEqual(config.endpoint, "tcp:8480:interface=127.0.0.1")
+        self.assertIsNone(config.token_hash)
+        self.assertTrue(any("no TOKEN_HASH" in w for w in parse_config(ini(admin="[BROKER_ADMIN]\n")).warnings))
+
+    def test_bad_keys_are_one_line_errors(self) -> None:
+        """Bad ENDPOINT, TOKEN_HASH, READ_ACCESS name the key and line."""
+        for text, key in (("ENDPOINT = bogus:1", "ENDPOINT"), ("TOKEN_HASH = secret", "TOKEN_HASH"),
+                          ("READ_ACCESS = everyone", "READ_ACCESS")):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config(ini(admin=f"[BROKER_ADMIN]\n{text}\n"), "a.ini")
+            self.assertIn(f"a.ini:8: {key}:", str(caught.exception))
+
+    def test_unknown_admin_key_warns(self) -> None:
+        """A misspelt key in [BROKER_ADMIN] is a warning."""
+        config = parse_config(ini(admin="[BROKER_ADMIN]\nTOKEN_HAHS = x\n"))
+        self.assertTrue(any("TOKEN_HAHS: unknown key" in w for w in config.warnings))
+
+    def test_token_hash_roundtrip(self) -> None:
+        """hash_token/TokenChecker: right token passes (again from cache), wrong fails."""
+        checker = TokenChecker(TOKEN_HASH)
+        self.assertTrue(checker.check(TOKEN))
+        self.assertTrue(checker.check(TOKEN))
+        self.assertFalse(checker.check(TOKEN + "x"))
+        self.assertFalse(TokenChecker(None).check(TOKEN))
+        self.assertEqual(parse_token_hash(TOKEN_HASH).iterations, 10_000)
+
+    def test_origin_check(self) -> None:
+        """Origin must equal the Host the browser used."""
+        self.assertTrue(origin_matches(None, b"h:1"))
+        self.assertTrue(origin_matches(b"http://h:1", b"h:1"))
+        self.assertFalse(origin_matches(b"http://h:2", b"h:1"))
+        self.assertFalse(origin_matches(b"null", b"h:1"))
+
+
+
