@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402  (bench/bench.py: children, ports, sessions_sequential)
 
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 SCREEN_RE = re.compile(rb"broker screen at http://127\.0\.0\.1:(\d+)/")
 
 
@@ -65,7 +66,7 @@ def fetch_ms(url: str, times: int) -> tuple[float, float, int]:
     took, size = [], 0
     for _ in range(times):
         t0 = time.perf_counter()
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with NO_PROXY.open(url, timeout=30) as response:
             size = len(response.read())
         took.append((time.perf_counter() - t0) * 1000)
     return statistics.median(took), bench.percentile(took, 99), size

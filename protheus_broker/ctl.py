@@ -38,6 +38,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+#: The broker is reached directly: an http_proxy meant for the web (or the one Debian package
+#: builds set) must not swallow admin calls to a broker on this host or the LAN.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def call(url: str, token: str | None, method: str, path: str) -> Any:
     headers = {"Accept": "application/json"}
     if token:
@@ -45,7 +50,7 @@ def call(url: str, token: str | None, method: str, path: str) -> Any:
     request = urllib.request.Request(url.rstrip("/") + path, method=method, headers=headers,
                                      data=b"" if method == "POST" else None)
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with _OPENER.open(request, timeout=10) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         try:
