@@ -1,0 +1,253 @@
+"""TLS termination and upstream TLS over real sockets on 127.0.0.1 (port 0), in this process."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import ClientCreator, Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from protheus_broker.balancing import ConnectionBalancer
+from protheus_broker.pool import ServerPool
+from protheus_broker.proxy import BrokerFactory
+from protheus_broker.session_tls import SessionTLS
+from protheus_broker.sim import AppServerSimFactory, greeting
+from protheus_broker.sim_tap import tls_factory
+from protheus_broker.tls_config import SessionTLSConfig, TLSIdentity
+
+from .helpers import LogCatcher, servers
+from .test_proxy_sockets import MB, Peer, expected_digest
+from .tls_fixtures import certs
+
+
+class Reader(Peer):
+    """A peer that sends *size* bytes without half-closing and fires *complete* once it has
+    received *expect* bytes (TLS has no half-close: the test closes when both are done)."""
+
+    def __init__(self, send_seed: int | None = None, send_size: int = 0, expect: int = 1) -> None:
+        super().__init__(send_seed=send_seed, send_size=send_size, half_close=False)
+        self.expect = expect
+        self.complete: defer.Deferred[Reader] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.received >= self.expect and not self.complete.called:
+            self.complete.callback(self)
+
+
+def identity(name: str) -> TLSIdentity:
+    return TLSIdentity(certs().cert(name), certs().key(name))
+
+
+class SessionTLSTests(TestCase):
+    timeout = 60
+
+    def listen(self, factory: Any) -> int:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def tls_sim(self, name: str, cert: str, **kwargs: Any) -> int:
+        c = certs()
+        return self.listen(tls_factory(AppServerSimFactory(name, **kwargs), c.cert(cert), c.key(cert)))
+
+    def broker(self, ports: list[int], config: SessionTLSConfig) -> tuple[BrokerFactory, SessionTLS, int]:
+        factory = BrokerFactory(reactor, ServerPool(servers(*ports), ConnectionBalancer()),
+                                sort_method="CONNECTION")
+        tls = SessionTLS(reactor, config, factory)
+        return factory, tls, self.listen(tls.listening_factory())
+
+    async def tls_client(self, port: int, options: Any, expect: int = 1) -> Reader:
+        client = Reader(expect=expect)
+        await ClientCreator(reactor, lambda: client).connectSSL("127.0.0.1", port, options)
+        return client
+
+    async def greeted(self, port: int, options: Any, name: str, number: int = 1) -> Reader:
+        client = await self.tls_client(port, options, expect=len(greeting(name, number)))
+        await client.complete
+        return client
+
+    async def rejected(self, port: int, options: Any) -> Reader:
+        client = await self.tls_client(port, options)
+        await client.done
+        self.assertEqual(client.received, 0)
+        return client
+
+    def subject_cn(self, transport: Any) -> str:
+        return transport.getPeerCertificate().get_subject().CN  # type: ignore[no-any-return]
+
+    @defer.inlineCallbacks
+    def test_termination_serves_broker_certificate(self) -> Any:
+        """With termination the client sees the broker's certificate and reaches a plain AppServer."""
+        backend = self.listen(AppServerSimFactory("plain"))
+        _, _, port = self.broker([backend], SessionTLSConfig(server=identity("broker")))
+        client = yield defer.ensureDeferred(self.greeted(port, certs().client_options(), "plain"))
+        self.assertEqual(client.digest.digest(), __import__("hashlib").sha256(greeting("plain", 1)).digest())
+        self.assertEqual(self.subject_cn(client.transport), "broker")
+        client.transport.loseConnection()
+        yield client.done
+
+    @defer.inlineCallbacks
+    def test_fifty_megabytes_through_termination_and_upstream(self) -> Any:
+        """50 MB each way through TLS termination and TLS upstream arrive byte-exact."""
+        size = 50 * MB
+        servers_made: list[Reader] = []
+
+        def make_server() -> Reader:
+            peer = Reader(send_seed=12, send_size=size, expect=size)
+            servers_made.append(peer)
+            return peer
+
+        c = certs()
+        backend = self.listen(tls_factory(Factory.forProtocol(make_server), c.cert("appserver"),
+                                          c.key("appserver")))
+        factory, _, port = self.broker([backend], SessionTLSConfig(
+            server=identity("broker"), upstream=True, upstream_ca=c.ca_path))
+        client = Reader(send_seed=11, send_size=size, expect=size)
+        yield ClientCreator(reactor, lambda: client).connectSSL("127.0.0.1", port, c.client_options())
+        yield client.complete
+        while not servers_made:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield servers_made[0].complete
+        self.assertEqual(client.digest.hexdigest(), expected_digest(12, size))
+        self.assertEqual(servers_made[0].digest.hexdigest(), expected_digest(11, size))
+        client.transport.loseConnection()
+        yield servers_made[0].done
+        self.assertEqual(factory.handshake_failures, 0)
+
+    @defer.inlineCallbacks
+    def test_upstream_bad_certificates_fail_over(self) -> Any:
+        """AppServers with a foreign CA, a wrong name and an expired certificate are refused with
+        a logged reason and the session fails over to the good one."""
+        c = certs()
+        ports = [self.tls_sim("foreign", "foreign"), self.tls_sim("wrongname", "wrong-name"),
+                 self.tls_sim("expired", "expired"), self.tls_sim("good", "appserver")]
+        logs = LogCatcher(self)
+        factory, _, port = self.broker(ports, SessionTLSConfig(upstream=True, upstream_ca=c.ca_path))
+        client = Reader(expect=len(greeting("good", 1)))
+        yield ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port)
+        yield client.complete
+        self.assertEqual(client.digest.digest(), __import__("hashlib").sha256(greeting("good", 1)).digest())
+        self.assertEqual(factory.handshake_failures, 3)
+        failures = [e for e in logs.events if e.get("tls_failure")]
+        self.assertEqual([e["side"] for e in failures], ["AppServer"] * 3)
+        whys = [e["why"].lower() for e in failures]
+        self.assertIn("certificate verify failed", whys[0])
+        self.assertIn("mismatch", whys[1])
+        self.assertIn("expired", whys[2])
+        self.assertEqual([b.connect_failures for b in factory.pool], [1, 1, 1, 0])
+        client.transport.loseConnection()
+        yield client.done
+
+    @defer.inlineCallbacks
+    def test_upstream_verification_off(self) -> Any:
+        """SSL_UPSTREAM_VERIFY=0 accepts an AppServer certificate from an unknown CA."""
+        _, _, port = self.broker([self.tls_sim("foreign", "foreign")],
+                                 SessionTLSConfig(upstream=True, upstream_verify=False))
+        client = Reader(expect=len(greeting("foreign", 1)))
+        yield ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port)
+        yield client.complete
+        client.transport.loseConnection()
+        yield client.done
+
+    @defer.inlineCallbacks
+    def test_client_certificate_required(self) -> Any:
+        """With SSL_REQUIRE_CLIENT_CERT a client without a certificate is rejected (logged,
+        counted) and one with a CA-signed certificate is served."""
+        c = certs()
+        backend = self.listen(AppServerSimFactory("sim"))
+        logs = LogCatcher(self)
+        factory, _, port = self.broker([backend], SessionTLSConfig(
+            server=identity("broker"), client_ca=c.ca_path, require_client_cert=True))
+        yield defer.ensureDeferred(self.rejected(port, c.client_options()))
+        while factory.handshake_failures < 1:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        [event] = [e for e in logs.events if e.get("tls_failure")]
+        self.assertEqual(event["side"], "client")
+        self.assertIn("certificate", event["why"].lower())
+        self.assertEqual(factory.sessions_total, 0)  # no AppServer connection for it
+        client = yield defer.ensureDeferred(self.greeted(port, c.client_options(client="client"), "sim"))
+        client.transport.loseConnection()
+        yield client.done
+
+    @defer.inlineCallbacks
+    def test_client_trusting_another_ca_is_refused_and_others_served(self) -> Any:
+        """A client that does not trust the broker's CA fails its handshake; the broker logs it
+        and serves the next client."""
+        c = certs()
+        backend = self.listen(AppServerSimFactory("sim"))
+        logs = LogCatcher(self)
+        factory, _, port = self.broker([backend], SessionTLSConfig(server=identity("broker")))
+        yield defer.ensureDeferred(self.rejected(port, c.client_options(ca=c.other_ca_path)))
+        while factory.handshake_failures < 1:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        [event] = [e for e in logs.events if e.get("tls_failure")]
+        self.assertIn("unknown ca", event["why"].lower())
+        client = yield defer.ensureDeferred(self.greeted(port, c.client_options(), "sim"))
+        client.transport.loseConnection()
+        yield client.done
+
+    @defer.inlineCallbacks
+    def test_stalled_handshake_times_out(self) -> Any:
+        """A client that sends half a ClientHello and stalls is closed after SSL_HANDSHAKE_TIMEOUT."""
+        backend = self.listen(AppServerSimFactory("sim"))
+        logs = LogCatcher(self)
+        factory, _, port = self.broker([backend], SessionTLSConfig(server=identity("broker"),
+                                                                  handshake_timeout=0.2))
+        closed: defer.Deferred[None] = defer.Deferred()
+
+        class Staller(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a truncated hello
+
+            def connectionLost(self, reason: Any = None) -> None:
+                closed.callback(None)
+
+        started = reactor.seconds()
+        yield ClientCreator(reactor, Staller).connectTCP("127.0.0.1", port)
+        yield closed
+        self.assertGreaterEqual(reactor.seconds() - started, 0.15)
+        self.assertEqual(factory.handshake_failures, 1)
+        [event] = [e for e in logs.events if e.get("tls_failure")]
+        self.assertIn("SSL_HANDSHAKE_TIMEOUT=0.2s", event["why"])
+        self.assertEqual(factory.sessions_total, 0)
+
+    @defer.inlineCallbacks
+    def test_reload_swaps_certificate_keeping_sessions(self) -> Any:
+        """A reload with a new certificate: new handshakes get it, an open session keeps echoing."""
+        c = certs()
+        backend = self.listen(AppServerSimFactory("sim"))
+        factory, tls, port = self.broker([backend], SessionTLSConfig(server=identity("broker")))
+        first = yield defer.ensureDeferred(self.greeted(port, c.client_options(), "sim"))
+        self.assertEqual(self.subject_cn(first.transport), "broker")
+        tls.reload(SessionTLSConfig(server=identity("broker2")))
+        second = yield defer.ensureDeferred(self.greeted(port, c.client_options(), "sim", 2))
+        self.assertEqual(self.subject_cn(second.transport), "broker2")
+        first.expect = first.received + 5
+        first.complete = defer.Deferred()
+        first.transport.write(b"hello")
+        yield first.complete  # echoed through the session opened before the reload
+        self.assertEqual(len(factory.sessions), 2)
+        for client in (first, second):
+            client.transport.loseConnection()
+            yield client.done
+
+    def test_refused_port_is_plain_failover(self) -> None:
+        """Sanity: a closed port under upstream TLS is an ordinary connect failure (not a
+        handshake failure)."""
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))
+        self.addCleanup(dead.close)
+        factory, _, port = self.broker([dead.getsockname()[1]], SessionTLSConfig(upstream=True))
+
+        async def scenario() -> None:
+            client = Reader()
+            await ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port)
+            await client.done
+            self.assertEqual(client.received, 0)
+            self.assertEqual(factory.handshake_failures, 0)
+            self.assertEqual(factory.sessions_failed, 1)
+
+        return defer.ensureDeferred(scenario())  # type: ignore[return-value]
