@@ -28,7 +28,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLContextFactory
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+)
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -183,6 +187,44 @@ class ReloadableServerContext:
         return self.options.getContext()
 
 
+#: OpenSSL's X509_V_ERR_* codes a certificate check most often fails with, in words (OpenSSL's
+#: own error list only says "certificate verify failed").
+VERIFY_ERRORS = {
+    2: "unable to get the issuer certificate",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in the chain",
+    20: "unable to get local issuer certificate (not signed by a trusted CA)",
+    21: "unable to verify the first certificate",
+    23: "certificate revoked",
+    26: "unsuitable certificate purpose",
+}
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ExplainingCreator:
+    """Wraps a client connection creator to keep *why* a certificate failed verification
+    (expired, unknown CA ...) on the protocol as ``verify_error``, for the log line."""
+
+    def __init__(self, creator: Any) -> None:
+        self.creator = creator
+
+    def clientConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection = self.creator.clientConnectionForTLS(tls_protocol)
+
+        def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+            side = tls_protocol.wrappedProtocol
+            if not ok and getattr(side, "verify_error", None) is None:  # the first reason
+                why = VERIFY_ERRORS.get(errno, f"X509 verify error {errno}")
+                subject = cert.get_subject().CN or "?"
+                side.verify_error = f"{why} (CN={subject}, depth {depth})"
+            return bool(ok)
+
+        connection.set_verify(connection.get_verify_mode(), verify)
+        return connection
+
+
 class UpstreamTLS:
     """Client TLS options per AppServer host, and the factory wrapping for a session."""
 
@@ -206,9 +248,9 @@ class UpstreamTLS:
                 if self.authorities:
                     trust = (self.authorities[0] if len(self.authorities) == 1 else
                              ssl.trustRootFromCertificates(self.authorities))
-                creator = ssl.optionsForClientTLS(
+                creator = ExplainingCreator(ssl.optionsForClientTLS(
                     host, trustRoot=trust, clientCertificate=mine,
-                    extraCertificateOptions={"raiseMinimumTo": self.min_version})
+                    extraCertificateOptions={"raiseMinimumTo": self.min_version}))
             else:
                 extra: dict[str, Any] = {}
                 if mine is not None:
@@ -362,6 +404,7 @@ class TLSServerSide(ServerSide, _HandshakeTimer):
     handshake counts as a failed connection (the session tries the next AppServer)."""
 
     handshaken = False
+    verify_error: str | None = None  # set by ExplainingCreator
 
     def __init__(self, session: Session, upstream: UpstreamTLS) -> None:
         self.session = session
@@ -389,6 +432,8 @@ class TLSServerSide(ServerSide, _HandshakeTimer):
         else:
             why = (f"no handshake within SSL_HANDSHAKE_TIMEOUT={self.upstream.handshake_timeout:g}s"
                    if self.timed_out else describe_failure(reason))
+            if self.verify_error:
+                why = f"{why}: {self.verify_error}"
             backend = session.backend
             handshake_failed(session.broker, "AppServer",
                              f"{backend.server_id} ({backend.address})" if backend else "?", why)

@@ -76,6 +76,7 @@ def tls_factory(factory: AppServerSimFactory, cert: str, key: str, client_ca: st
     from twisted.internet import ssl
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
+    factory.tls = True
     with open(cert, "rb") as cert_file, open(key, "rb") as key_file:
         mine = ssl.PrivateCertificate.loadPEM(cert_file.read() + b"\n" + key_file.read())
     if client_ca:
