@@ -20,10 +20,13 @@ Handshake failures (either side) are logged with their reason and counted in
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any
 
+import service_identity
+import service_identity.cryptography
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
@@ -202,26 +205,60 @@ VERIFY_ERRORS = {
 }
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-class ExplainingCreator:
-    """Wraps a client connection creator to keep *why* a certificate failed verification
-    (expired, unknown CA ...) on the protocol as ``verify_error``, for the log line."""
+def identity_error(cert: x509.Certificate, host: str) -> str | None:
+    """Why *cert* is not the certificate of *host* (a DNS name or an IP address), or None."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        check: Any = service_identity.cryptography.verify_certificate_hostname
+    else:
+        check = service_identity.cryptography.verify_certificate_ip_address
+    try:
+        check(cert, host)
+    except service_identity.VerificationError:
+        names = ", ".join(_subject_names(cert)) or "no subjectAltName"
+        return f"the certificate is not for {host} (it names {names})"
+    except service_identity.CertificateError as exc:
+        return f"the certificate names no usable host ({exc})"
+    return None
 
-    def __init__(self, creator: Any) -> None:
+
+def _subject_names(cert: x509.Certificate) -> list[str]:
+    try:
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(name.value) for name in alt]
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class VerifyingCreator:
+    """Client connections to the AppServer at *host*: the chain checked against the CA by
+    OpenSSL and the leaf checked for *host* by service-identity, in one verify callback that
+    also keeps *why* a check failed (expired, unknown CA, wrong name) on the side protocol as
+    ``verify_error`` for the log line (OpenSSL itself only says "certificate verify failed")."""
+
+    def __init__(self, creator: Any, host: str) -> None:
         self.creator = creator
+        self.host = host
 
     def clientConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = self.creator.clientConnectionForTLS(tls_protocol)
+        side: Any = tls_protocol.wrappedProtocol
+        host = self.host
 
         def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
-            side = tls_protocol.wrappedProtocol
-            if not ok and getattr(side, "verify_error", None) is None:  # the first reason
+            why: str | None = None
+            if not ok:
                 why = VERIFY_ERRORS.get(errno, f"X509 verify error {errno}")
-                subject = cert.get_subject().CN or "?"
-                side.verify_error = f"{why} (CN={subject}, depth {depth})"
-            return bool(ok)
+                why = f"{why} (CN={cert.get_subject().CN or '?'}, depth {depth})"
+            elif depth == 0:
+                why = identity_error(cert.to_cryptography(), host)
+            if why is not None and getattr(side, "verify_error", None) is None:  # the first reason
+                side.verify_error = why
+            return why is None
 
-        connection.set_verify(connection.get_verify_mode(), verify)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
         return connection
 
 
@@ -248,9 +285,9 @@ class UpstreamTLS:
                 if self.authorities:
                     trust = (self.authorities[0] if len(self.authorities) == 1 else
                              ssl.trustRootFromCertificates(self.authorities))
-                creator = ExplainingCreator(ssl.optionsForClientTLS(
+                creator = VerifyingCreator(ssl.optionsForClientTLS(
                     host, trustRoot=trust, clientCertificate=mine,
-                    extraCertificateOptions={"raiseMinimumTo": self.min_version}))
+                    extraCertificateOptions={"raiseMinimumTo": self.min_version}), host)
             else:
                 extra: dict[str, Any] = {}
                 if mine is not None:
@@ -272,6 +309,8 @@ class SessionTLSProtocol(TLSMemoryBIOProtocol):
 
     def loseWriteConnection(self) -> None:
         self.loseConnection()
+        if self._producer is not None:  # the other side's transport: it has no more to give
+            self.unregisterProducer()  # TLS shuts down only once no producer is registered
 
 
 class SessionTLSFactory(TLSMemoryBIOFactory):
@@ -404,7 +443,7 @@ class TLSServerSide(ServerSide, _HandshakeTimer):
     handshake counts as a failed connection (the session tries the next AppServer)."""
 
     handshaken = False
-    verify_error: str | None = None  # set by ExplainingCreator
+    verify_error: str | None = None  # set by VerifyingCreator
 
     def __init__(self, session: Session, upstream: UpstreamTLS) -> None:
         self.session = session
@@ -416,6 +455,8 @@ class TLSServerSide(ServerSide, _HandshakeTimer):
         self.start_timer(self.upstream.clock, self.upstream.handshake_timeout, self.transport)
 
     def handshakeCompleted(self) -> None:
+        if self.transport.disconnecting:  # verification failed in a callback: connectionLost says why
+            return
         self.stop_timer()
         self.handshaken = True
         self.session.server_connected(self)
