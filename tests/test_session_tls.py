@@ -137,7 +137,9 @@ class OpenSSLClient(ProcessProtocol):
         self.ended.callback(None)
 
 
-class SessionTLSTests(TestCase):
+class TLSSocketCase(TestCase):
+    """Brokers, sample AppServers and TLS clients on 127.0.0.1; all closed before the test ends."""
+
     timeout = 30
 
     def setUp(self) -> None:
@@ -191,6 +193,10 @@ class SessionTLSTests(TestCase):
 
     def subject_cn(self, transport: Any) -> str:
         return transport.getPeerCertificate().get_subject().CN  # type: ignore[no-any-return]
+
+
+class SessionTLSTests(TLSSocketCase):
+    """Termination and upstream TLS."""
 
     @defer.inlineCallbacks
     def test_termination_serves_broker_certificate(self) -> Any:
@@ -363,3 +369,48 @@ class SessionTLSTests(TestCase):
             self.assertEqual(factory.sessions_failed, 1)
 
         return defer.ensureDeferred(scenario())  # type: ignore[return-value]
+
+
+class PassthroughTests(TLSSocketCase):
+    """No TLS keys: the client's TLS goes to the AppServer untouched, balancing still works."""
+
+    @defer.inlineCallbacks
+    def test_twisted_client_sees_appserver_certificate(self) -> Any:
+        """Twisted's TLS client through a passthrough broker verifies and sees the AppServer's
+        certificate, and sessions are balanced over two TLS AppServers."""
+        ports = [self.tls_sim("a", "appserver"), self.tls_sim("b", "appserver")]
+        factory, _, port = self.broker(ports, SessionTLSConfig())
+        first = yield defer.ensureDeferred(self.greeted(port, certs().client_options(), "a"))
+        second = yield defer.ensureDeferred(self.greeted(port, certs().client_options(), "b"))
+        self.assertEqual(first.head, greeting("a", 1))
+        self.assertEqual(second.head, greeting("b", 1))
+        self.assertEqual(self.subject_cn(first.transport), "appserver")
+        self.assertEqual(factory.handshake_failures, 0)
+        for client in (first, second):
+            client.transport.loseConnection()
+            yield client.done
+
+    @defer.inlineCallbacks
+    def test_openssl_s_client_sees_appserver_certificate(self) -> Any:
+        """``openssl s_client`` through a passthrough broker verifies the AppServer's certificate
+        (CA and IP) and its data is echoed back."""
+        backend = self.tls_sim("tlsapp", "appserver")
+        _, _, port = self.broker([backend], SessionTLSConfig())
+        client = OpenSSLClient()
+        process = reactor.spawnProcess(client, "openssl", [
+            "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", certs().ca_path,
+            "-verify_return_error", "-verify_ip", "127.0.0.1"], env=os.environ)
+
+        def kill() -> None:
+            if not client.ended.called:
+                process.signalProcess("KILL")
+
+        self.addCleanup(lambda: client.ended)
+        self.addCleanup(kill)
+        yield client.printed(greeting("tlsapp", 1))
+        self.assertIn(b"Verify return code: 0 (ok)", client.output)
+        self.assertRegex(client.output.decode(), r"subject=.*CN = appserver\n")
+        process.write(b"ping-through-the-broker\n")
+        yield client.printed(b"ping-through-the-broker")
+        process.closeStdin()  # s_client ends the session and exits
+        yield client.ended
