@@ -7,15 +7,17 @@ import os
 import socket
 from typing import Any, Callable
 
-from twisted.internet import defer, reactor, ssl, task
+from twisted.internet import defer, reactor, ssl
 from twisted.internet.protocol import ClientCreator, Factory, ProcessProtocol, Protocol
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from protheus_broker.balancing import ConnectionBalancer
+from protheus_broker.config import load_config
 from protheus_broker.pool import ServerPool
 from protheus_broker.proxy import BrokerFactory
 from protheus_broker.session_tls import SessionTLS
+from protheus_broker.tap import BrokerService
 from protheus_broker.sim import AppServerSimFactory, greeting
 from protheus_broker.sim_tap import tls_factory
 from protheus_broker.tls_config import SessionTLSConfig, TLSIdentity
@@ -414,3 +416,99 @@ class PassthroughTests(TLSSocketCase):
         yield client.printed(b"ping-through-the-broker")
         process.closeStdin()  # s_client ends the session and exits
         yield client.ended
+
+
+class TerminationPolicyTests(TLSSocketCase):
+    """Minimum TLS version, the verification-off warning, and reload through the service."""
+
+    @defer.inlineCallbacks
+    def test_min_version_refuses_older_clients(self) -> Any:
+        """SSL_MIN_VERSION=TLS1.3: a TLS 1.2-only client is refused with a logged reason, a
+        TLS 1.3 client is served."""
+        c = certs()
+        backend = self.sim("sim")
+        factory, _, port = self.broker([backend], SessionTLSConfig(server=identity("broker"),
+                                                                   min_version="1.3"))
+        with open(c.ca_path, "rb") as handle:
+            trust = ssl.Certificate.loadPEM(handle.read())
+        old = ssl.optionsForClientTLS("127.0.0.1", trustRoot=trust, extraCertificateOptions={
+            "lowerMaximumSecurityTo": ssl.TLSVersion.TLSv1_2})
+        failed = logged(tls_failure)
+        yield defer.ensureDeferred(self.rejected(port, old))
+        event = yield failed
+        self.assertIn("unsupported protocol", event["why"].lower())
+        self.assertEqual(factory.sessions_total, 0)
+        client = yield defer.ensureDeferred(self.greeted(port, c.client_options(), "sim"))
+        self.assertEqual(client.transport.getHandle().get_protocol_version_name(), "TLSv1.3")
+        client.transport.loseConnection()
+        yield client.done
+
+    def test_verification_off_warns_at_startup(self) -> None:
+        """SSL_UPSTREAM_VERIFY=0 is said at startup as a warning and in the startup line."""
+        factory = BrokerFactory(reactor, ServerPool(servers(1), ConnectionBalancer()))
+        logs = LogCatcher(self)
+        tls = SessionTLS(reactor, SessionTLSConfig(upstream=True, upstream_verify=False), factory)
+        tls.warn_at_startup()
+        [warning] = [t for t in logs.texts() if "SSL_UPSTREAM_VERIFY=0" in t]
+        self.assertIn("NOT checked", warning)
+        self.assertEqual(tls.describe(), "TLS passthrough, TLS to AppServers NOT VERIFIED")
+        verified = SessionTLS(reactor, SessionTLSConfig(upstream=True, upstream_ca=certs().ca_path),
+                              factory)
+        verified.warn_at_startup()
+        self.assertEqual(len([t for t in logs.texts() if "SSL_UPSTREAM_VERIFY" in t]), 1)
+
+    def start_service(self, ini: str) -> tuple[BrokerService, int]:
+        path = os.path.join(os.path.abspath(self.mktemp()), "appserver.ini")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as handle:
+            handle.write(ini)
+        service = BrokerService(reactor, load_config(path))
+        self.brokers.append(service.factory)
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service, service.port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_service_reload_rereads_certificates_keeping_sessions(self) -> Any:
+        """BrokerService.reload() (SIGHUP) re-reads the certificate files: new handshakes get the
+        new certificate, an open TLS session keeps working; a bad new file is refused with the
+        running certificate kept."""
+        c = certs()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cert, key = os.path.join(directory, "broker.pem"), os.path.join(directory, "broker.key")
+
+        def install(name: str) -> None:
+            for source, target in ((c.cert(name), cert), (c.key(name), key)):
+                with open(source, "rb") as src, open(target, "wb") as dst:
+                    dst.write(src.read())
+
+        install("broker")
+        backend = self.sim("sim")
+        service, port = self.start_service(
+            "[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\nLOCAL_SERVER_INTERFACE = 127.0.0.1\n"
+            f"SORT_METHOD = CONNECTION\nMONITORING_TYPE = DISABLED\nREMOTE_SERVER_01 = 127.0.0.1 {backend}\n"
+            f"SSL_CERTIFICATE = {cert}\nSSL_KEY = {key}\n")
+        first = yield defer.ensureDeferred(self.greeted(port, c.client_options(), "sim"))
+        self.assertEqual(self.subject_cn(first.transport), "broker")
+
+        install("broker2")
+        self.assertTrue(service.reload())
+        second = yield defer.ensureDeferred(self.greeted(port, c.client_options(), "sim", 2))
+        self.assertEqual(self.subject_cn(second.transport), "broker2")
+        first.expect, first.complete = first.received + 5, defer.Deferred()
+        first.transport.write(b"hello")
+        yield first.complete  # echoed through the session opened before the reload
+
+        install("expired")
+        logs = LogCatcher(self)
+        self.assertFalse(service.reload())
+        [refused] = [t for t in logs.texts() if "reload refused" in t]
+        self.assertIn(cert, refused)
+        self.assertIn("expired", refused)
+        third = yield defer.ensureDeferred(self.greeted(port, c.client_options(), "sim", 3))
+        self.assertEqual(self.subject_cn(third.transport), "broker2")
+        for client in (first, second, third):
+            client.transport.loseConnection()
+            yield client.done
