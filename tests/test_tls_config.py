@@ -174,3 +174,33 @@ class StartupFileTests(SynchronousTestCase):
         message = str(caught.exception.code)
         self.assertTrue(message.startswith(f"protheus-broker: {cert}: SSL_CERTIFICATE: certificate "), message)
         self.assertIn("expired on", message)
+
+
+class CertsCommandTests(SynchronousTestCase):
+    """``python -m protheus_broker.certs DIR --server NAME=HOSTS`` (what ``make certs`` runs)."""
+
+    def test_server_certificates_for_broker_and_appserver(self) -> None:
+        """The command writes a CA and server certificates valid for the given IPs and names,
+        signed by that CA, with 0600 keys that load as a TLS identity."""
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from protheus_broker.certs import main
+        from protheus_broker.session_tls import identity_error, load_certificates, load_identity
+
+        directory = self.mktemp()
+        self.assertEqual(main([directory, "--server", "broker-tls=127.0.0.1,localhost",
+                               "--server", "appserver=10.0.0.5"]), 0)
+        [ca] = load_certificates(os.path.join(directory, "ca.pem"), "ca")
+        for name, hosts, other in (("broker-tls", ["127.0.0.1", "localhost"], "10.0.0.5"),
+                                   ("appserver", ["10.0.0.5"], "127.0.0.1")):
+            cert_path, key_path = (os.path.join(directory, f"{name}.{ext}") for ext in ("pem", "key"))
+            [cert] = load_certificates(cert_path, "SSL_CERTIFICATE")
+            for host in hosts:
+                self.assertIsNone(identity_error(cert, host))
+            self.assertIsNotNone(identity_error(cert, other))
+            public = ca.public_key()
+            assert isinstance(public, ec.EllipticCurvePublicKey)
+            public.verify(cert.signature, cert.tbs_certificate_bytes,
+                          ec.ECDSA(cert.signature_hash_algorithm))  # raises if not signed by the CA
+            self.assertEqual(os.stat(key_path).st_mode & 0o777, 0o600)
+            load_identity(TLSIdentity(cert_path, key_path))
