@@ -50,6 +50,10 @@ from .tls_config import SessionTLSConfig, TLSIdentity
 log = Logger()
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+#: TLS 1.2 suites offered on the SmartClient port: forward secrecy and AEAD only (TLS 1.3 suites
+#: are all of that kind and are not affected).
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS"
+
 _PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
@@ -162,7 +166,7 @@ def load_authorities(path: str, key: str) -> list[ssl.Certificate]:
 # --- contexts ------------------------------------------------------------------------------------
 
 def server_options(config: SessionTLSConfig) -> ssl.CertificateOptions:
-    """Options for the SmartClient listener: TLS 1.2+ (or 1.3), Twisted's modern cipher list,
+    """Options for the SmartClient listener: TLS 1.2+ (or 1.3), forward-secret AEAD ciphers,
     client certificates checked against SSL_CLIENT_CA (and required) when configured."""
     assert config.server is not None
     loaded = load_identity(config.server)
@@ -172,7 +176,8 @@ def server_options(config: SessionTLSConfig) -> ssl.CertificateOptions:
                      requireCertificate=config.require_client_cert)
     options = ssl.CertificateOptions(
         privateKey=loaded.key, certificate=loaded.certificate, extraCertChain=loaded.chain or None,
-        raiseMinimumTo=_VERSIONS[config.min_version], **extra)
+        raiseMinimumTo=_VERSIONS[config.min_version],
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(SERVER_CIPHERS), **extra)
     options.getContext()  # build it now: problems show at startup, not at the first client
     return options
 
