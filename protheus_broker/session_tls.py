@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import service_identity
@@ -35,6 +35,7 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
+    IPushProducer,
 )
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
@@ -303,7 +304,7 @@ class UpstreamTLS:
 
     def wrap(self, session: Session, backend: Backend) -> TLSMemoryBIOFactory:
         """The factory to connect *session* to *backend* with."""
-        return SessionTLSFactory(self.creator(backend.host), True, _UpstreamFactory(session, self))
+        return UpstreamTLSFactory(self.creator(backend.host), True, _UpstreamFactory(session, self))
 
 
 # --- protocols -------------------------------------------------------------------------------
@@ -323,6 +324,36 @@ class SessionTLSFactory(TLSMemoryBIOFactory):
 
     protocol = SessionTLSProtocol
     noisy = False
+
+
+@implementer(IPushProducer)
+class _KeepOpen:
+    """The client's transport as producer of an AppServer TLS connection, minus
+    ``stopProducing``: a lost AppServer connection must not close the client by itself (the
+    session decides: end it, or fail over after a late TLS refusal)."""
+
+    def __init__(self, producer: Any) -> None:
+        self.producer = producer
+
+    def pauseProducing(self) -> None:
+        self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class UpstreamTLSProtocol(SessionTLSProtocol):
+    """The TLS connection to an AppServer."""
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        super().registerProducer(_KeepOpen(producer) if streaming else producer, streaming)
+
+
+class UpstreamTLSFactory(SessionTLSFactory):
+    protocol = UpstreamTLSProtocol
 
 
 def describe_failure(reason: Failure) -> str:
@@ -468,6 +499,8 @@ class TLSServerSide(ServerSide, _HandshakeTimer):
 
     def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:
         if self.handshaken:
+            if self.received == 0 and reason.check(SSL.Error) and self._refused_after_handshake(reason):
+                return
             super().connectionLost(reason)
             return
         self.stop_timer()
@@ -484,6 +517,27 @@ class TLSServerSide(ServerSide, _HandshakeTimer):
             handshake_failed(session.broker, "AppServer",
                              f"{backend.server_id} ({backend.address})" if backend else "?", why)
         session.clientConnectionFailed(None, Failure(HandshakeFailed(f"TLS handshake failed: {why}")))
+
+
+    def _refused_after_handshake(self, reason: Failure) -> bool:
+        """The AppServer refused us with a TLS alert after our side of the handshake was done
+        (TLS 1.3: a missing or untrusted client certificate is only reported then).  Logged and
+        counted as a failed handshake; if the client has sent nothing yet the session is unlinked
+        and fails over like a refused connection (True), otherwise it ends (False)."""
+        session = self.session
+        backend = session.backend
+        why = describe_failure(reason)
+        handshake_failed(session.broker, "AppServer",
+                         f"{backend.server_id} ({backend.address})" if backend else "?", why)
+        client = session.client
+        if client.received or session.client_lost or backend is None:
+            return False
+        client.transport.unregisterProducer()  # this side's transport; the next one registers
+        client.transport.pauseProducing()
+        client.peer = self.peer = None
+        session.server = None
+        session.clientConnectionFailed(None, Failure(HandshakeFailed(f"TLS handshake failed: {why}")))
+        return True
 
 
 class _UpstreamFactory(ClientFactory):
@@ -549,6 +603,7 @@ class SessionTLS:
         if config.terminate != self.config.terminate:
             log.warn("reload: TLS termination switched {how}; restart to apply",
                      how="on" if config.terminate else "off")
+            config = replace(config, server=self.config.server)  # the listener keeps its shape
         options = server_options(config) if config.terminate and self.context is not None else None
         upstream = UpstreamTLS(config, self.reactor) if config.upstream else None
         if options is not None and self.context is not None:

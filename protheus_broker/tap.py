@@ -70,7 +70,8 @@ class BrokerService(MultiService):
         desktop = self.config.desktop
         try:
             self.port = self.reactor.listenTCP(
-                desktop.local_port, self.session_tls.listening_factory(), backlog=1024, interface=desktop.local_interface
+                desktop.local_port, self.session_tls.listening_factory(), backlog=1024,
+                interface=desktop.local_interface,
             )
         except CannotListenError as exc:
             where = f"{desktop.local_interface or '*'}:{desktop.local_port}"

@@ -93,16 +93,16 @@ def broker_idle(factory: BrokerFactory) -> defer.Deferred[None]:
     return waiter
 
 
-def logged(match: Callable[[LogEvent], bool]) -> defer.Deferred[LogEvent]:
-    """Fires with the first log event from now on that *match* accepts."""
+def logged(test: TestCase, match: Callable[[LogEvent], bool]) -> defer.Deferred[LogEvent]:
+    """Fires with the first log event from now on that *match* accepts (during *test*)."""
     seen: defer.Deferred[LogEvent] = defer.Deferred()
 
     def observe(event: LogEvent) -> None:
         if not seen.called and match(event):
-            globalLogPublisher.removeObserver(observe)
             seen.callback(event)
 
     globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
     return seen
 
 
@@ -264,6 +264,39 @@ class SessionTLSTests(TLSSocketCase):
         yield client.done
 
     @defer.inlineCallbacks
+    def test_upstream_client_certificate(self) -> Any:
+        """An AppServer that requires a client certificate gets SSL_UPSTREAM_CERTIFICATE; a broker
+        without one fails its handshake there (logged) and the session fails over."""
+        c = certs()
+
+        def strict(name: str) -> int:
+            factory = TrackedSim(name)
+            self.sims.append(factory)
+            return self.listen(tls_factory(factory, c.cert("appserver"), c.key("appserver"), c.ca_path))
+
+        with_cert, _, port = self.broker([strict("strict")], SessionTLSConfig(
+            upstream=True, upstream_ca=c.ca_path, upstream_identity=identity("client")))
+        client = Reader(expect=len(greeting("strict", 1)))
+        yield ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port)
+        yield client.complete
+        self.assertEqual(client.head, greeting("strict", 1))
+        client.transport.loseConnection()
+        yield client.done
+
+        without, _, port = self.broker([strict("strict2"), self.tls_sim("open", "appserver")],
+                                       SessionTLSConfig(upstream=True, upstream_ca=c.ca_path))
+        failed = logged(self, tls_failure)
+        client = Reader(expect=len(greeting("open", 1)))
+        yield ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port)
+        event = yield failed
+        self.assertEqual(event["side"], "AppServer")
+        yield client.complete
+        self.assertEqual(client.head, greeting("open", 1))
+        self.assertEqual((with_cert.handshake_failures, without.handshake_failures), (0, 1))
+        client.transport.loseConnection()
+        yield client.done
+
+    @defer.inlineCallbacks
     def test_upstream_verification_off(self) -> Any:
         """SSL_UPSTREAM_VERIFY=0 accepts an AppServer certificate from an unknown CA."""
         _, _, port = self.broker([self.tls_sim("foreign", "foreign")],
@@ -282,7 +315,7 @@ class SessionTLSTests(TLSSocketCase):
         backend = self.sim("sim")
         factory, _, port = self.broker([backend], SessionTLSConfig(
             server=identity("broker"), client_ca=c.ca_path, require_client_cert=True))
-        failed = logged(tls_failure)
+        failed = logged(self, tls_failure)
         yield defer.ensureDeferred(self.rejected(port, c.client_options()))
         event = yield failed
         self.assertEqual(factory.handshake_failures, 1)
@@ -300,7 +333,7 @@ class SessionTLSTests(TLSSocketCase):
         c = certs()
         backend = self.sim("sim")
         factory, _, port = self.broker([backend], SessionTLSConfig(server=identity("broker")))
-        failed = logged(tls_failure)
+        failed = logged(self, tls_failure)
         yield defer.ensureDeferred(self.rejected(port, c.client_options(ca=c.other_ca_path)))
         event = yield failed
         self.assertEqual(factory.handshake_failures, 1)
@@ -433,7 +466,7 @@ class TerminationPolicyTests(TLSSocketCase):
             trust = ssl.Certificate.loadPEM(handle.read())
         old = ssl.optionsForClientTLS("127.0.0.1", trustRoot=trust, extraCertificateOptions={
             "lowerMaximumSecurityTo": ssl.TLSVersion.TLSv1_2})
-        failed = logged(tls_failure)
+        failed = logged(self, tls_failure)
         yield defer.ensureDeferred(self.rejected(port, old))
         event = yield failed
         self.assertIn("unsupported protocol", event["why"].lower())
@@ -456,7 +489,7 @@ class TerminationPolicyTests(TLSSocketCase):
         weak = ssl.optionsForClientTLS("127.0.0.1", trustRoot=trust, extraCertificateOptions={
             "lowerMaximumSecurityTo": ssl.TLSVersion.TLSv1_2,
             "acceptableCiphers": ssl.AcceptableCiphers.fromOpenSSLCipherString("ECDHE-ECDSA-AES128-SHA")})
-        failed = logged(tls_failure)
+        failed = logged(self, tls_failure)
         yield defer.ensureDeferred(self.rejected(port, weak))
         event = yield failed
         # Twisted 22.4's client ends up offering no TLS 1.2 suite at all: "unsupported protocol"
