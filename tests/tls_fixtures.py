@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -18,6 +20,7 @@ class Certs:
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="protheus-tls-test-")
+        atexit.register(shutil.rmtree, self.dir, True)
         self.ca = make_ca("test CA")
         self.other_ca = make_ca("other CA")
         self.paths: dict[str, tuple[str, str]] = {}
