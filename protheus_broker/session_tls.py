@@ -434,6 +434,9 @@ class HandshakeGate(Protocol, _HandshakeTimer):
         self.stop_timer()
         if self.timed_out:
             why = f"no handshake within SSL_HANDSHAKE_TIMEOUT={self.timeout:g}s"
+        elif not getattr(self.transport, "spoke", True):  # a port probe, not a TLS client
+            log.debug("client {peer} closed before sending anything", peer=_address(self.transport))
+            return
         else:
             why = describe_failure(reason)
         handshake_failed(self.broker, "client", _address(self.transport), why)
@@ -450,8 +453,20 @@ class _GateFactory(Factory):
         return HandshakeGate(self.broker, self.timeout)
 
 
+class TerminatingTLSProtocol(SessionTLSProtocol):
+    """A terminated SmartClient connection; remembers whether the client sent anything."""
+
+    spoke = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.spoke = True
+        super().dataReceived(data)
+
+
 class TerminatingFactory(SessionTLSFactory):
     """The SmartClient listener with TLS termination in front of *broker*."""
+
+    protocol = TerminatingTLSProtocol
 
     def __init__(self, context: ReloadableServerContext, broker: BrokerFactory, timeout: float) -> None:
         super().__init__(context, False, _GateFactory(broker, timeout))

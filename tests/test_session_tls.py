@@ -368,6 +368,40 @@ class SessionTLSTests(TLSSocketCase):
         self.assertEqual(factory.sessions_total, 0)
 
     @defer.inlineCallbacks
+    def test_port_probe_is_not_a_handshake_failure(self) -> Any:
+        """A connection closed without sending a byte (a port probe) is not counted or warned;
+        one that sends garbage instead of a ClientHello is."""
+        backend = self.sim("sim")
+        logs = LogCatcher(self)
+        factory, _, port = self.broker([backend], SessionTLSConfig(server=identity("broker")))
+        closed: list[defer.Deferred[None]] = []
+
+        class Probe(Protocol):
+            def __init__(self, payload: bytes) -> None:
+                self.payload = payload
+                self.lost: defer.Deferred[None] = defer.Deferred()
+                closed.append(self.lost)
+
+            def connectionMade(self) -> None:
+                if self.payload:
+                    self.transport.write(self.payload)
+                else:
+                    self.transport.loseConnection()
+
+            def connectionLost(self, reason: Any = None) -> None:
+                self.lost.callback(None)
+
+        yield ClientCreator(reactor, Probe, b"").connectTCP("127.0.0.1", port)
+        yield closed[-1]
+        failed = logged(self, tls_failure)
+        yield ClientCreator(reactor, Probe, b"GET / HTTP/1.0\r\n\r\n").connectTCP("127.0.0.1", port)
+        event = yield failed
+        yield closed[-1]
+        self.assertEqual(factory.handshake_failures, 1)
+        self.assertEqual(len([e for e in logs.events if e.get("tls_failure")]), 1)
+        self.assertIn("http request", event["why"].lower())
+
+    @defer.inlineCallbacks
     def test_reload_swaps_certificate_keeping_sessions(self) -> Any:
         """A reload with a new certificate: new handshakes get it, an open session keeps echoing."""
         c = certs()
