@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-floor lint bench bench-monitor certs deb venv clean
+.PHONY: run test test-floor lint bench bench-monitor bench-tls certs deb venv clean
 
 $(VENV)/.done: setup.cfg
 	python3 -m venv $(VENV)
@@ -32,8 +32,12 @@ bench: venv  ## broker vs direct vs HAProxy on 127.0.0.1 (needs haproxy)
 bench-monitor: venv  ## broker CPU for 1,000 monitored servers at 1 report/s (plain and TLS)
 	$(PY) bench/monitor_bench.py && $(PY) bench/monitor_bench.py --tls
 
-certs: venv  ## demo/test certificates for the agent channel in etc/tls (not for git)
-	$(PY) -m protheus_broker.certs etc/tls --agent local=127.0.0.1,localhost
+bench-tls: venv  ## TLS termination: broker vs HAProxy (bind ssl crt), throughput and handshakes/s
+	$(PY) bench/bench_tls.py
+
+certs: venv  ## demo/test certificates (agent channel, SmartClient TLS) in etc/tls (not for git)
+	$(PY) -m protheus_broker.certs etc/tls --agent local=127.0.0.1,localhost \
+		--server broker-tls=127.0.0.1,localhost --server appserver=127.0.0.1,localhost
 
 deb:  ## the Debian package in dist/ (build deps: apt-get build-dep ./); builds the last commit
 	bash packaging/ci-deb.sh --build-only dist

@@ -60,7 +60,7 @@ class AgentService(MultiService):
 
     def startService(self) -> None:
         for warning in self.config.warnings:
-            log.warn("config: {warning}", warning=warning)
+            log.warn("config: {remark}", remark=warning)
         host = self.port.getHost()
         log.info("protheus-agent {version} listening on {host}:{port} ({auth}); watching {watched}",
                  version=__version__, host=host.host, port=host.port,

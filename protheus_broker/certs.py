@@ -1,8 +1,11 @@
-"""Make a small CA and the certificates for the agent channel (mutual TLS), with ``cryptography``.
+"""Make a small CA and the certificates for the agent channel and SmartClient TLS, with ``cryptography``.
 
 ``python -m protheus_broker.certs DIR --broker broker --agent app1=10.0.0.11 --agent app2=app2.lan,10.0.0.12``
 writes ``ca.pem``/``ca.key``, ``broker.pem``/``broker.key`` (a client certificate) and one
 ``agent-<name>.pem``/``agent-<name>.key`` (a server certificate for those host names and IPs) each.
+``--server broker-tls=127.0.0.1,localhost --server appserver=127.0.0.1`` adds TLS server
+certificates (``<name>.pem``/``<name>.key``, usable as client certificates too) for the broker's
+SmartClient port (termination) and for AppServers (upstream TLS).
 Keys are ECDSA P-256, written mode 0600.  For tests, demos and small sites; a site with its own
 PKI uses its own certificates (server certificates for agents, a client certificate for the broker).
 """
@@ -43,8 +46,10 @@ def _issued(key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> Issued:
     return Issued(key_pem, cert.public_bytes(serialization.Encoding.PEM), key, cert)
 
 
-def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
+def _validity(days: int, expired: bool = False) -> tuple[datetime.datetime, datetime.datetime]:
     now = datetime.datetime.now(datetime.timezone.utc)
+    if expired:  # for tests: valid for *days* until yesterday
+        return now - datetime.timedelta(days=days + 1), now - datetime.timedelta(days=1)
     return now - datetime.timedelta(hours=1), now + datetime.timedelta(days=days)
 
 
@@ -68,20 +73,22 @@ def make_ca(common_name: str = "protheus-broker agent CA", days: int = 3650) -> 
 
 
 def make_cert(ca: Issued, common_name: str, hosts: list[str] = [], client: bool = False,
-              days: int = 825) -> Issued:
+              days: int = 825, both: bool = False, expired: bool = False) -> Issued:
     """A certificate signed by *ca*: a TLS server certificate for *hosts* (DNS names and IP
     addresses, checked by the broker), or with *client* a TLS client certificate (the broker's).
-    The extended key usage keeps an agent's certificate from passing as the broker's."""
+    The extended key usage keeps an agent's certificate from passing as the broker's.  *both*:
+    server and client use (SmartClient TLS: the broker and AppServers may present it either way).
+    *expired*: already out of date (for tests)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    start, end = _validity(days)
+    start, end = _validity(days, expired)
+    usages = ([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if both else
+              [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH])
     builder = (
         x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca.cert.subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(start).not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(
-            [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
-            critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     )
     names: list[x509.GeneralName] = []
     for host in hosts:
@@ -94,15 +101,25 @@ def make_cert(ca: Issued, common_name: str, hosts: list[str] = [], client: bool 
     return _issued(key, builder.sign(ca.key, hashes.SHA256()))
 
 
-def write_pair(directory: str, stem: str, issued: Issued) -> tuple[str, str]:
-    """Write ``<stem>.pem`` and ``<stem>.key`` (0600) into *directory*; returns both paths."""
+def key_pem(issued: Issued, passphrase: bytes | None = None) -> bytes:
+    """The private key as PKCS#8 PEM, encrypted with *passphrase* if given."""
+    if not passphrase:
+        return issued.key_pem
+    return issued.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.BestAvailableEncryption(passphrase))
+
+
+def write_pair(directory: str, stem: str, issued: Issued,
+               passphrase: bytes | None = None) -> tuple[str, str]:
+    """Write ``<stem>.pem`` and ``<stem>.key`` (0600; encrypted with *passphrase* if given)
+    into *directory*; returns both paths."""
     cert_path = os.path.join(directory, f"{stem}.pem")
     key_path = os.path.join(directory, f"{stem}.key")
     with open(cert_path, "wb") as handle:
         handle.write(issued.cert_pem)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(issued.key_pem)
+        handle.write(key_pem(issued, passphrase))
     return cert_path, key_path
 
 
@@ -114,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", default="broker", help="the broker certificate's name (file stem)")
     parser.add_argument("--agent", action="append", default=[], metavar="NAME=HOST[,HOST...]",
                         help="an agent certificate for these host names / IP addresses (repeatable)")
+    parser.add_argument("--server", action="append", default=[], metavar="NAME=HOST[,HOST...]",
+                        help="a SmartClient-TLS certificate NAME.pem/.key for the broker's port or an "
+                             "AppServer, for these host names / IP addresses (repeatable)")
     parser.add_argument("--days", type=int, default=825, help="validity of the leaf certificates")
     args = parser.parse_args(argv)
     os.makedirs(args.directory, exist_ok=True)
@@ -144,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_pair(args.directory, f"agent-{name}",
                            make_cert(ca, name, host_list, client=False, days=args.days))
         sys.stdout.write(f"wrote {paths[0]} and {paths[1]} (agent {name}: {', '.join(host_list)})\n")
+    for spec in args.server:
+        name, _, hosts = spec.partition("=")
+        if not name or not hosts:
+            sys.stderr.write(f"--server {spec!r}: expected NAME=HOST[,HOST...]\n")
+            return 2
+        host_list = [h for h in hosts.split(",") if h]
+        paths = write_pair(args.directory, name, make_cert(ca, name, host_list, both=True, days=args.days))
+        sys.stdout.write(f"wrote {paths[0]} and {paths[1]} (TLS server {name}: {', '.join(host_list)})\n")
     return 0
 
 

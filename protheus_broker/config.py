@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 
 from configobj import ConfigObj, ConfigObjError, DuplicateError  # type: ignore[import-untyped]
 
+from .tls_config import SSL_SECTION, SessionTLSConfig, session_tls_config
+
 DEFAULT_CONFIG_PATH = "/etc/protheus-broker/appserver.ini"
 
 DESKTOP_SECTION = "BALANCE_SMART_CLIENT_DESKTOP"
@@ -150,6 +152,7 @@ class DesktopBalanceConfig:
     service_name: str = "protheus-broker"
     service_display_name: str = "protheus-broker"
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    tls: SessionTLSConfig = field(default_factory=SessionTLSConfig)
 
     @property
     def effective_sort_method(self) -> SortMethod:
@@ -567,12 +570,14 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
     for name in sections:
         if name in FUTURE_SECTIONS:
             warnings.append(f"{path}:{where.sections[name]}: [{name}] is not supported yet; ignored")
-        elif name not in (DESKTOP_SECTION, GENERAL_SECTION, ADMIN_SECTION):
+        elif name not in (DESKTOP_SECTION, GENERAL_SECTION, ADMIN_SECTION, SSL_SECTION):
             warnings.append(f"{path}:{where.sections[name]}: unknown section [{name}]; ignored")
 
     if DESKTOP_SECTION not in sections:
         raise ConfigError(path, f"no [{DESKTOP_SECTION}] section: nothing for the broker to serve")
     desktop = _desktop(sections[DESKTOP_SECTION], warnings)
+    desktop = replace(desktop, tls=session_tls_config(sections[DESKTOP_SECTION],
+                                                      sections.get(SSL_SECTION), warnings))
     general_section = sections.get(GENERAL_SECTION, _Section(path, GENERAL_SECTION, {}, where))
     general = _general(general_section)
     admin = _admin(sections[ADMIN_SECTION], warnings) if ADMIN_SECTION in sections else None

@@ -94,12 +94,16 @@ class _Pipe(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
         peer = self.peer
-        if peer is None:  # cannot happen: a side only reads once linked
-            raise RuntimeError("data before the session was linked")
+        if peer is None:  # TLS: records decrypted after the pause; held for the server
+            self.hold(data)
+            return
         if peer.eager:
             send_now(peer.transport, data)
         else:
             peer.transport.write(data)
+
+    def hold(self, data: bytes) -> None:
+        raise RuntimeError("data before the session was linked")  # only a ClientSide may hold
 
     def readConnectionLost(self) -> None:
         """The other end sent EOF: pass the half-close on once our data is flushed."""
@@ -139,6 +143,11 @@ class ClientSide(_Pipe):
         super().connectionMade()
         self.session = Session(self.broker, self)
         self.session.start()
+
+    def hold(self, data: bytes) -> None:
+        """Data before the server is linked (a TLS transport decrypts what it read before the
+        pause): it goes to the server first, after *prefix*."""
+        self.prefix += data
 
 
 class ServerSide(_Pipe):
@@ -308,8 +317,10 @@ class Session(ClientFactory):
         backend = self.candidates.pop(0)
         self.backend = backend
         self.broker.pool.session_opening(backend)
+        upstream_tls = self.broker.upstream_tls  # SSL_ENCRYPT_UPSTREAM (session_tls.UpstreamTLS)
+        factory = self if upstream_tls is None else upstream_tls.wrap(self, backend)
         self.connector = self.broker.reactor.connectTCP(
-            backend.host, backend.port, self, timeout=self.broker.connect_timeout
+            backend.host, backend.port, factory, timeout=self.broker.connect_timeout
         )
 
     def buildProtocol(self, addr: Any) -> ServerSide:
@@ -434,6 +445,8 @@ class BrokerFactory(ServerFactory):
         self.refused_total = 0
         self._refused_since_log = 0
         self._refusal_logged_at = -1e9
+        self.handshake_failures = 0  # TLS handshakes that failed or timed out (session_tls)
+        self.upstream_tls: Any = None  # set by session_tls.SessionTLS for SSL_ENCRYPT_UPSTREAM
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         if self.max_sessions and len(self.sessions) >= self.max_sessions:

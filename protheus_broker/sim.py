@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,9 +23,12 @@ def greeting(name: str, session: int) -> bytes:
     return f"PROTHEUS-SIM {name} session {session}\r\n".encode()
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class EchoSession(Protocol):
-    """One SmartClient session on the sample AppServer: its own number and byte count."""
+    """One SmartClient session on the sample AppServer: its own number and byte count.
+
+    Behind TLS it starts at the end of the handshake: a write before it would pause the
+    transport (its own producer) and stall the handshake."""
 
     transport: Any
 
@@ -36,6 +39,13 @@ class EchoSession(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.open_sessions += 1
+        if not self.factory.tls:
+            self.start()
+
+    def handshakeCompleted(self) -> None:
+        self.start()
+
+    def start(self) -> None:
         # The transport is its own producer: when echoes back up, reading pauses.
         self.transport.registerProducer(self.transport, True)
         if self.factory.greet:
@@ -67,6 +77,7 @@ class AppServerSimFactory(Factory):
         self.greet = greet
         self.numbers = itertools.count(1)
         self.open_sessions = 0
+        self.tls = False  # set by sim_tap.tls_factory: start sessions after the handshake
         self.ballast = bytearray(ballast_mb * 1024 * 1024)
         for offset in range(0, len(self.ballast), 4096):  # touch every page so it is resident
             self.ballast[offset] = 1

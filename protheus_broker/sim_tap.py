@@ -21,6 +21,9 @@ class Options(usage.Options):
         ["port", "p", "tcp:5000:interface=127.0.0.1", "Listening endpoint (tcp:0 picks a port)."],
         ["name", "n", "sim", "Name sent in the greeting line."],
         ["ballast-mb", None, 0, "Hold this many MiB of memory (to make servers differ).", int],
+        ["tls-cert", None, None, "Serve TLS with this PEM certificate (an AppServer with SSL)."],
+        ["tls-key", None, None, "The PEM key of --tls-cert."],
+        ["tls-client-ca", None, None, "Require a client certificate signed by this CA."],
     ]
     optFlags = [["no-greeting", None, "Echo only, no greeting line (for benchmarks)."]]
 
@@ -28,11 +31,12 @@ class Options(usage.Options):
 class SimService(Service):
     """Listens on an endpoint string and logs the real address (port 0 picks one)."""
 
-    def __init__(self, reactor: Any, endpoint: str, factory: AppServerSimFactory) -> None:
+    def __init__(self, reactor: Any, endpoint: str, factory: Any) -> None:
         self.reactor = reactor
         self.endpoint = endpoint
         self.factory = factory
         self.port: Any = None
+        self.name = getattr(factory, "name", None) or factory.wrappedFactory.name
 
     def privilegedStartService(self) -> None:
         deferred = serverFromString(self.reactor, self.endpoint).listen(self.factory)
@@ -43,11 +47,11 @@ class SimService(Service):
         self.port = port
         host = port.getHost()
         log.info("protheus-appserver-sim {name} listening on {host}:{port}",
-                 name=self.factory.name, host=host.host, port=host.port)
+                 name=self.name, host=host.host, port=host.port)
 
     def _failed(self, failure: Any) -> None:
         log.error("protheus-appserver-sim {name}: cannot listen on {endpoint}: {error}",
-                  name=self.factory.name, endpoint=self.endpoint, error=failure.getErrorMessage())
+                  name=self.name, endpoint=self.endpoint, error=failure.getErrorMessage())
         self.reactor.stop()
 
     def stopService(self) -> Any:
@@ -60,4 +64,24 @@ def makeService(options: Options) -> SimService:
 
     factory = AppServerSimFactory(options["name"], greet=not options["no-greeting"],
                                   ballast_mb=options["ballast-mb"])
+    if options["tls-cert"]:
+        return SimService(reactor, options["port"], tls_factory(factory, options["tls-cert"],
+                                                                options["tls-key"] or options["tls-cert"],
+                                                                options["tls-client-ca"]))
     return SimService(reactor, options["port"], factory)
+
+
+def tls_factory(factory: AppServerSimFactory, cert: str, key: str, client_ca: str | None = None) -> Any:
+    """*factory* behind TLS with this certificate (dates not checked: tests serve expired ones)."""
+    from twisted.internet import ssl
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    factory.tls = True
+    with open(cert, "rb") as cert_file, open(key, "rb") as key_file:
+        mine = ssl.PrivateCertificate.loadPEM(cert_file.read() + b"\n" + key_file.read())
+    if client_ca:
+        with open(client_ca, "rb") as ca_file:
+            options = mine.options(ssl.Certificate.loadPEM(ca_file.read()))
+    else:
+        options = mine.options()
+    return TLSMemoryBIOFactory(options, False, factory)

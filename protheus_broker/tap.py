@@ -18,6 +18,7 @@ from .logs import console_file_observer
 from .monitor import make_monitor
 from .pool import ServerPool
 from .proxy import BrokerFactory
+from .session_tls import SessionTLS
 
 log = Logger()
 
@@ -59,6 +60,7 @@ class BrokerService(MultiService):
             reactor, self.pool, connect_timeout=desktop.connect_timeout,
             max_sessions=desktop.max_sessions, sort_method=desktop.effective_sort_method.value,
         )
+        self.session_tls = SessionTLS(reactor, desktop.tls, self.factory)  # ConfigError: bad file
         if config.admin is not None:  # the broker screen ([BROKER_ADMIN])
             from .web.service import add_admin
             add_admin(self, reactor, config.admin)
@@ -71,7 +73,8 @@ class BrokerService(MultiService):
         desktop = self.config.desktop
         try:
             self.port = self.reactor.listenTCP(
-                desktop.local_port, self.factory, backlog=1024, interface=desktop.local_interface
+                desktop.local_port, self.session_tls.listening_factory(), backlog=1024,
+                interface=desktop.local_interface,
             )
         except CannotListenError as exc:
             where = f"{desktop.local_interface or '*'}:{desktop.local_port}"
@@ -94,12 +97,14 @@ class BrokerService(MultiService):
             self._console = console
             globalLogPublisher.addObserver(console[0])
         for warning in self.config.warnings:
-            log.warn("config: {warning}", warning=warning)
+            log.warn("config: {remark}", remark=warning)
         if not self.config.general.console_log:
             log.warn("config: ConsoleLog=0: under twistd the log goes where twistd sends it "
                      "(--logfile, --syslog, the journal); it is not switched off")
         host = self.port.getHost()
         desktop = self.config.desktop
+        self.session_tls.warn_at_startup()
+        log.info("SmartClient sessions: {tls}", tls=self.session_tls.describe())
         log.info(
             "protheus-broker {version} listening on {host}:{port} ({service}); {count} AppServers, "
             "SORT_METHOD={sort_method}, MONITORING_TYPE={monitoring}",
@@ -128,8 +133,13 @@ class BrokerService(MultiService):
             log.error("reload refused, keeping the running config: {error}", error=str(exc))
             return False
         for warning in new.warnings:
-            log.warn("config: {warning}", warning=warning)
+            log.warn("config: {remark}", remark=warning)
         old, desktop = self.config.desktop, new.desktop
+        try:
+            self.session_tls.reload(desktop.tls)  # certificates re-read; open sessions keep theirs
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: {error}", error=str(exc))
+            return False
         if (desktop.local_port, desktop.local_interface) != (old.local_port, old.local_interface):
             log.warn("reload: LOCAL_SERVER_PORT/LOCAL_SERVER_INTERFACE changed; restart to apply")
         result = self.pool.reconfigure(desktop.servers)
@@ -160,6 +170,6 @@ def makeService(options: Options) -> BrokerService:
 
     try:
         config = load_config(options["config"])
+        return BrokerService(reactor, config)
     except ConfigError as exc:
         raise SystemExit(f"protheus-broker: {exc}") from None
-    return BrokerService(reactor, config)
