@@ -148,6 +148,7 @@ class DesktopBalanceConfig:
     monitoring_type: MonitoringType = MonitoringType.CONNECTION
     connect_timeout: float = 5.0
     max_sessions: int = 10000
+    first_bytes_wait: float = 0.5  # FIRST_BYTES_WAIT: silent client -> plain SmartClient after this
     metrics_max_age: float = 3.0
     service_name: str = "protheus-broker"
     service_display_name: str = "protheus-broker"
@@ -509,6 +510,7 @@ def _desktop(section: _Section, warnings: list[str]) -> DesktopBalanceConfig:
         monitoring_type=monitoring_type,
         connect_timeout=section.number("CONNECT_TIMEOUT", 5.0, 0.1, 300.0),
         max_sessions=section.integer("MAX_SESSIONS", 10000, 0, 1_000_000),
+        first_bytes_wait=section.number("FIRST_BYTES_WAIT", 0.5, 0.0, 10.0),
         metrics_max_age=section.number("METRICS_MAX_AGE", 3.0, 0.1, 3600.0),
         service_name=section.text("SERVICE_NAME", "protheus-broker"),
         service_display_name=section.text("SERVICE_DISPLAY_NAME", "protheus-broker"),

@@ -59,6 +59,7 @@ class BrokerService(MultiService):
         self.factory = BrokerFactory(
             reactor, self.pool, connect_timeout=desktop.connect_timeout,
             max_sessions=desktop.max_sessions, sort_method=desktop.effective_sort_method.value,
+            first_bytes_wait=desktop.first_bytes_wait,
         )
         self.session_tls = SessionTLS(reactor, desktop.tls, self.factory)  # ConfigError: bad file
         if config.admin is not None:  # the broker screen ([BROKER_ADMIN])
@@ -154,6 +155,7 @@ class BrokerService(MultiService):
             self.monitor.reconfigure(desktop.monitoring)  # type: ignore[attr-defined]
         self.factory.connect_timeout = desktop.connect_timeout
         self.factory.max_sessions = desktop.max_sessions
+        self.factory.first_bytes_wait = desktop.first_bytes_wait
         self.factory.sort_method = desktop.effective_sort_method.value
         self.config = new
         log.info(

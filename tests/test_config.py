@@ -226,6 +226,12 @@ class ErrorTests(SynchronousTestCase):
         self.assertConfigError("[GENERAL]\nConsoleLog = maybe\n" + MINIMAL, 2, "CONSOLELOG", "expected 1 or 0")
         self.assertConfigError(MINIMAL + "CONNECT_TIMEOUT = soon\n", 4, "CONNECT_TIMEOUT", "expected a number")
         self.assertConfigError(MINIMAL + "MAX_SESSIONS = -1\n", 4, "MAX_SESSIONS", "out of range")
+        self.assertConfigError(MINIMAL + "FIRST_BYTES_WAIT = 60\n", 4, "FIRST_BYTES_WAIT", "out of range")
+
+    def test_first_bytes_wait(self) -> None:
+        """FIRST_BYTES_WAIT sets how long a silent client may wait before it is a plain session."""
+        self.assertEqual(parse_config(MINIMAL).desktop.first_bytes_wait, 0.5)
+        self.assertEqual(parse_config(MINIMAL + "FIRST_BYTES_WAIT = 0.2\n").desktop.first_bytes_wait, 0.2)
 
     @given(st.text(max_size=200))
     def test_any_text_parses_or_fails_cleanly(self, text: str) -> None:

@@ -270,3 +270,22 @@ class FirstBytesSocketTests(TestCase):
         yield client.done
         self.assertEqual(client.received, 8)
         self.assertEqual(pool.get("01").connect_failures, 0)  # no AppServer was tried
+
+
+class FirstBytesWaitConfigTests(SynchronousTestCase):
+    def test_config_sets_the_wait_at_start_and_on_reload(self) -> None:
+        """FIRST_BYTES_WAIT reaches the broker's factory when it is built and on a reload."""
+        from protheus_broker.config import load_config
+        from protheus_broker.tap import BrokerService
+
+        path = self.mktemp()
+        text = ("[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\nREMOTE_SERVER_01 = 127.0.0.1 5001\n"
+                "SORT_METHOD = CONNECTION\nMONITORING_TYPE = DISABLED\n")
+        with open(path, "w") as f:
+            f.write(text + "FIRST_BYTES_WAIT = 0.25\n")
+        service = BrokerService(MemoryReactorClock(), load_config(path))
+        self.assertEqual(service.factory.first_bytes_wait, 0.25)
+        with open(path, "w") as f:
+            f.write(text + "FIRST_BYTES_WAIT = 2\n")
+        self.assertTrue(service.reload())
+        self.assertEqual(service.factory.first_bytes_wait, 2.0)
