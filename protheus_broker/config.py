@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 
 from configobj import ConfigObj, ConfigObjError, DuplicateError  # type: ignore[import-untyped]
 
+from .resume_settings import ResumeConfig, read_resume
+
 DEFAULT_CONFIG_PATH = "/etc/protheus-broker/appserver.ini"
 
 DESKTOP_SECTION = "BALANCE_SMART_CLIENT_DESKTOP"
@@ -149,6 +151,7 @@ class DesktopBalanceConfig:
     service_name: str = "protheus-broker"
     service_display_name: str = "protheus-broker"
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)  # resumable sessions (connector)
 
     @property
     def effective_sort_method(self) -> SortMethod:
@@ -508,6 +511,7 @@ def _desktop(section: _Section, warnings: list[str]) -> DesktopBalanceConfig:
         service_name=section.text("SERVICE_NAME", "protheus-broker"),
         service_display_name=section.text("SERVICE_DISPLAY_NAME", "protheus-broker"),
         monitoring=_monitoring(section, monitoring_type, servers),
+        resume=read_resume(section),
     )
     if config.sort_method != config.effective_sort_method:
         warnings.append(

@@ -418,6 +418,9 @@ class BrokerFactory(ServerFactory):
         self.first_bytes_wait = first_bytes_wait
         self.ids = itertools.count(1)
         self.sessions: dict[int, Session] = {}
+        #: resumable sessions (``resume_broker.ResumableSessions``: count, snapshot(), drops,
+        #: resumes, expiries, resume_failures); None when the port takes no connector links
+        self.standby: Any = None
         self.sessions_total = 0
         self.sessions_failed = 0
         self.refused_total = 0

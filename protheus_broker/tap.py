@@ -18,6 +18,7 @@ from .logs import console_file_observer
 from .monitor import make_monitor
 from .pool import ServerPool
 from .proxy import BrokerFactory
+from .resume_broker import ResumableSessions
 
 log = Logger()
 
@@ -55,10 +56,13 @@ class BrokerService(MultiService):
                                     connect_timeout=desktop.connect_timeout)
         if self.monitor is not None:
             self.monitor.setServiceParent(self)
+        resumable = ResumableSessions(reactor, desktop.resume) if desktop.resume.enabled else None
         self.factory = BrokerFactory(
             reactor, self.pool, connect_timeout=desktop.connect_timeout,
             max_sessions=desktop.max_sessions, sort_method=desktop.effective_sort_method.value,
+            recognisers=[resumable.recogniser] if resumable is not None else [],
         )
+        self.factory.standby = resumable
         self.port: Any = None
         self.started_at = reactor.seconds()
         self._console: Any = None
