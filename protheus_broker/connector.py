@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from . import resume_crypto as crypto
 from .proxy import tune
-from .resume_frames import MAGIC, PROOF, RESUME, WELCOME, Frame, FrameError, Kind, decode_reason
+from .resume_frames import HELLO, MAGIC, PROOF, RESUME, WELCOME, Frame, FrameError, Kind, decode_reason
 from .resume_frames import encode, reason_frame
 from .resume_link import FrameLink, StreamEnd
 from .resume_replay import ReplayError
@@ -193,10 +193,11 @@ class ConnectorStream(StreamEnd):
     def local_gone(self) -> None:
         """The SmartClient closed: deliver the rest of its stream, then close the session."""
         self.local_closed = True
+        if self.key is None:  # no session yet: nothing to deliver
+            self._end()
+            return
         self.closing = True
         self.send_eof()
-        if self.key is None and self.link is None:
-            return
         self.check_done()
 
     # --- StreamEnd ----------------------------------------------------------------------------
@@ -256,7 +257,8 @@ class ConnectorLink(FrameLink):
 
     def __init__(self, stream: ConnectorStream) -> None:
         config = stream.factory.config
-        super().__init__(stream.clock, config.keepalive, config.dead_after)
+        super().__init__(stream.clock, config.keepalive, config.dead_after,
+                         handshake_timeout=config.handshake_timeout)
         self.owner = stream
         self.pair: crypto.KeyPair | None = None
         self.connector_nonce = b""
@@ -271,7 +273,8 @@ class ConnectorLink(FrameLink):
             return
         if stream.key is None:
             self.pair = crypto.KeyPair()
-            self.transport.write(MAGIC + encode(Kind.HELLO, self.pair.public))
+            hello = HELLO.pack(self.pair.public, stream.out.limit)
+            self.transport.write(MAGIC + encode(Kind.HELLO, hello))
             self.state = "welcome"
         else:
             self.connector_nonce = crypto.new_nonce()
@@ -281,11 +284,16 @@ class ConnectorLink(FrameLink):
     def handshake_frame(self, frame: Frame) -> None:
         kind = frame.kind
         stream = self.owner
+        if stream.finished:  # the SmartClient left while we were connecting
+            if kind is Kind.WELCOME or kind is Kind.RESUMED:
+                self.send(reason_frame(Kind.CLOSE, "SmartClient closed"))
+            self.close()
+            return
         if kind is Kind.REFUSE:
             self.close()
             stream.refused(decode_reason(frame.payload))
         elif self.state == "welcome" and kind is Kind.WELCOME:
-            key, public, window_ms, _limit = WELCOME.unpack(frame.payload)
+            key, public, window_ms, limit = WELCOME.unpack(frame.payload)
             assert self.pair is not None
             try:
                 secret = self.pair.secret(public, key)
@@ -293,6 +301,7 @@ class ConnectorLink(FrameLink):
                 raise FrameError("WELCOME carries an unusable public key") from None
             self.state = "open"
             self.stream = stream
+            stream.peer_limit(limit)
             stream.welcomed(self, key, secret, window_ms / 1000.0)
         elif self.state == "challenge" and kind is Kind.CHALLENGE:
             assert stream.key is not None

@@ -20,13 +20,16 @@ from zope.interface import implementer
 
 from . import resume_crypto as crypto
 from .proxy import BrokerFactory, ClientSide
-from .resume_frames import PROOF, RESUME, WELCOME, Frame, FrameError, Kind, MagicReader
+from .resume_frames import HELLO, PROOF, RESUME, WELCOME, Frame, FrameError, Kind, MagicReader
 from .resume_frames import encode, reason_frame, recognise
 from .resume_link import FrameLink, StreamEnd
 from .resume_replay import ReplayError
 from .resume_settings import ResumeConfig
 
 log = Logger()
+
+#: Seconds a new link has to open or resume a session before it is dropped.
+HANDSHAKE_TIMEOUT = 10.0
 
 
 class ResumableSessions:
@@ -50,7 +53,7 @@ class ResumableSessions:
 
     def snapshot(self) -> list[dict[str, Any]]:
         """The sessions in standby, for the status page."""
-        return [stream.describe() for stream in sorted(self.waiting, key=lambda s: s.dropped_at)]
+        return [stream.describe() for stream in sorted(self.waiting, key=lambda s: s.dropped_at or 0.0)]
 
     def open(self, broker: BrokerFactory, link: BrokerLink, secret: bytes, key: bytes) -> BrokerStream:
         stream = BrokerStream(self, broker, key, secret, link.transport.getPeer())
@@ -165,14 +168,15 @@ class BrokerStream(StreamEnd):
 
     def resumeProducing(self) -> None:
         """The ClientSide (or the AppServer's buffer) can take client bytes again."""
-        if self.held and self.client.peer is not None:
-            held, self.held = self.held, []
-            for data in held:
-                self.client.dataReceived(data)
-        if self.held_eof and self.client.peer is not None:
-            self.held_eof = False
-            self.client.readConnectionLost()
-        super().resumeProducing()
+        self.reading_paused = False
+        if self.client.peer is not None:
+            while self.held and not self.reading_paused:
+                self.client.dataReceived(self.held.pop(0))
+            if self.held_eof and not self.held:
+                self.held_eof = False
+                self.client.readConnectionLost()
+        if not self.reading_paused and not self.held:
+            super().resumeProducing()
 
     # --- StreamEnd ------------------------------------------------------------------------------
 
@@ -207,29 +211,44 @@ class BrokerStream(StreamEnd):
     def link_lost(self, link: FrameLink, reason: Failure) -> None:
         if self.finished:
             return
-        now = self.clock.seconds()
-        self.dropped_at = now
+        if self.peer_eof and self.out.eof_acknowledged:
+            # Both streams were delivered whole: nothing is left to resume.
+            self._end(Failure(ConnectionDone()))
+            return
+        self._standby(_why(reason))
+
+    def _standby(self, why: str) -> None:
+        """No link carries the session: wait for a resume up to the window."""
+        self.dropped_at = self.clock.seconds()
         self.sessions.waiting.add(self)
         self.sessions.drops += 1
         window = self.sessions.config.standby_time
-        self.expiry = self.clock.callLater(window, self.expire)
+        if self.expiry is None:
+            self.expiry = self.clock.callLater(window, self.expire)
+        client = _address(self.peer)
         log.info(
-            "{text}", text=f"resumable session {self.session_id} from {_address(link.peer_address)}: "
-            f"link dropped ({_why(reason)}); standby up to {window:g}s, {self.out.size} bytes buffered",
-            event="resume.drop", session_id=self.session_id, client=_address(link.peer_address),
+            "{text}", text=f"resumable session {self.session_id} from {client}: link dropped "
+            f"({why}); standby up to {window:g}s, {self.out.size} bytes buffered",
+            event="resume.drop", session_id=self.session_id, client=client, why=why,
             window=window, buffered_bytes=self.out.size,
         )
 
     def resumed(self, link: BrokerLink, position: int) -> None:
-        """A link proved the secret: carry on over it from *position*."""
+        """A link proved the secret: carry on over it from *position*.  :class:`ReplayError` if
+        the connector claims a position we cannot serve."""
         old = self.link
-        if old is not None:
-            log.info("{text}", text=f"resumable session {self.session_id}: a new link replaces the "
-                     f"current one", event="resume.replaced", session_id=self.session_id)
+        if old is not None:  # the connector saw the drop before we did, or roams
             old.stream = None
             old.drop("replaced by a resumed link")
             self.detach()
-        downtime = self.clock.seconds() - self.dropped_at if self.dropped_at is not None else 0.0
+            self._standby("replaced by a new link")
+        assert self.dropped_at is not None
+        downtime = self.clock.seconds() - self.dropped_at
+        self.out.check(position)  # before anything is sent: it may refuse
+        link.send(encode(Kind.RESUMED, PROOF.pack(
+            crypto.proof(self.secret, b"broker", self.key, link.connector_nonce, link.broker_nonce,
+                         self.received), self.received)))
+        replayed = self.attach(link, position)
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
@@ -237,15 +256,12 @@ class BrokerStream(StreamEnd):
         self.dropped_at = None
         self.peer = link.peer_address
         link.stream = self
-        link.send(encode(Kind.RESUMED, PROOF.pack(
-            crypto.proof(self.secret, b"broker", self.key, link.connector_nonce, link.broker_nonce,
-                         self.received), self.received)))
-        replayed = self.attach(link, position)
         self.sessions.resumes += 1
+        client = _address(link.peer_address)
         log.info(
-            "{text}", text=f"resumable session {self.session_id} resumed from "
-            f"{_address(link.peer_address)} after {downtime:.3f}s; replayed {replayed} bytes",
-            event="resume.resumed", session_id=self.session_id, client=_address(link.peer_address),
+            "{text}", text=f"resumable session {self.session_id} resumed from {client} after "
+            f"{downtime:.3f}s; replayed {replayed} bytes",
+            event="resume.resumed", session_id=self.session_id, client=client,
             downtime=downtime, bytes_replayed=replayed,
         )
         self.check_done()
@@ -301,7 +317,8 @@ class BrokerLink(FrameLink):
 
     def __init__(self, sessions: ResumableSessions, broker: BrokerFactory) -> None:
         config = sessions.config
-        super().__init__(sessions.clock, config.keepalive, config.dead_after)
+        super().__init__(sessions.clock, config.keepalive, config.dead_after,
+                         handshake_timeout=max(config.dead_after, HANDSHAKE_TIMEOUT))
         self.sessions = sessions
         self.broker = broker
         self.magic = MagicReader()
@@ -329,7 +346,8 @@ class BrokerLink(FrameLink):
         else:
             raise FrameError(f"unexpected {kind.name} frame during the handshake")
 
-    def _open(self, public: bytes) -> None:
+    def _open(self, payload: bytes) -> None:
+        public, limit = HELLO.unpack(payload)
         key = crypto.new_session_id()
         pair = crypto.KeyPair()
         try:
@@ -338,6 +356,7 @@ class BrokerLink(FrameLink):
             self.refuse("HELLO carries an unusable public key")
             return
         stream = self.sessions.open(self.broker, self, secret, key)
+        stream.peer_limit(limit)
         config = self.sessions.config
         self.send(encode(Kind.WELCOME, WELCOME.pack(key, pair.public, int(config.standby_time * 1000),
                                                     config.buffer_size)))

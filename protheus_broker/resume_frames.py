@@ -8,7 +8,7 @@ tell it from a plain SmartClient), then both sides exchange frames::
     +--------+----------------------+-----------------+
 
 No I/O here: :class:`FrameParser` takes bytes in any split and returns whole frames, so it can be
-fuzzed.  The protocol is described in ``docs/resumable-protocol.md``.
+fuzzed.  The protocol is described in ``docs/resume-protocol.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ MAGIC = b"PRSM/1\r\n"
 
 HEADER = struct.Struct(">BI")
 COUNT = struct.Struct(">Q")
+HELLO = struct.Struct(">32sI")  # connector public key, connector buffer limit
 WELCOME = struct.Struct(">16s32sII")  # session id, broker public key, window ms, buffer limit
 RESUME = struct.Struct(">16s16s")  # session id, connector nonce
 PROOF = struct.Struct(">32sQ")  # HMAC, bytes received
@@ -38,9 +39,9 @@ MAX_REASON = 200
 
 
 class Kind(enum.IntEnum):
-    """Frame kinds; the payload of each is in ``docs/resumable-protocol.md``."""
+    """Frame kinds; the payload of each is in ``docs/resume-protocol.md``."""
 
-    HELLO = 1  # connector -> broker: X25519 public key (32): open a new session
+    HELLO = 1  # connector -> broker: X25519 public key, buffer limit: open a new session
     WELCOME = 2  # broker -> connector: session id, broker public key, window ms, buffer limit
     RESUME = 3  # connector -> broker: session id, connector nonce
     CHALLENGE = 4  # broker -> connector: broker nonce
@@ -64,7 +65,7 @@ class Frame(NamedTuple):
 
 
 _FIXED_SIZES = {
-    Kind.HELLO: KEY_SIZE,
+    Kind.HELLO: HELLO.size,
     Kind.WELCOME: WELCOME.size,
     Kind.RESUME: RESUME.size,
     Kind.CHALLENGE: NONCE_SIZE,

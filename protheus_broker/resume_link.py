@@ -35,7 +35,7 @@ class StreamEnd:
 
     def __init__(self, limit: int) -> None:
         self.out = ReplayBuffer(limit)
-        self.ack_every = max(1, limit // 4)
+        self.ack_every = max(1, limit // 4)  # acknowledge after a quarter of the smaller window
         self.received = 0  # stream positions received, the EOF included
         self.peer_eof = False
         self.unacked = 0
@@ -44,6 +44,11 @@ class StreamEnd:
         self.reading_paused = False  # our consumer cannot take more: links stop reading
         self.closing = False  # end the session once our EOF is acknowledged
         self.finished = False
+
+    def peer_limit(self, limit: int) -> None:
+        """The peer's replay buffer holds *limit* bytes: acknowledge often enough that it never
+        stalls waiting for us."""
+        self.ack_every = max(1, min(self.out.limit, limit) // 4)
 
     # --- outgoing -------------------------------------------------------------------------
 
@@ -107,6 +112,7 @@ class StreamEnd:
         self.out.ack(peer_position)
         chunks, eof = self.out.since(peer_position)
         self.link = link
+        link.handshake_done()
         self.unacked = 0
         replayed = 0
         for chunk in chunks:
@@ -182,13 +188,16 @@ class FrameLink(Protocol):
     transport: Any
     stream: StreamEnd | None = None
 
-    def __init__(self, clock: Any, keepalive: float, dead_after: float) -> None:
+    def __init__(self, clock: Any, keepalive: float, dead_after: float,
+                 handshake_timeout: float) -> None:
         self.clock = clock
         self.keepalive = keepalive
         self.dead_after = dead_after
+        self.handshake_timeout = handshake_timeout
         self.parser = FrameParser()
         self.last_heard = 0.0
         self.timer: Any = None
+        self.handshake_timer: Any = None
         self.closed = False
         self.paused = False
 
@@ -196,6 +205,18 @@ class FrameLink(Protocol):
         tune(self.transport)
         self.last_heard = self.clock.seconds()
         self.timer = self.clock.callLater(self.keepalive, self._tick)
+        self.handshake_timer = self.clock.callLater(self.handshake_timeout, self._handshake_expired)
+
+    def handshake_done(self) -> None:
+        """The link carries a session now: the handshake deadline no longer applies."""
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+            self.handshake_timer = None
+
+    def _handshake_expired(self) -> None:
+        self.handshake_timer = None
+        if not self.closed:
+            self.drop(f"no handshake within {self.handshake_timeout:g}s")
 
     def _tick(self) -> None:
         self.timer = None
@@ -282,6 +303,7 @@ class FrameLink(Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.handshake_done()
         stream = self.stream
         if stream is not None and stream.link is self:
             stream.detach()

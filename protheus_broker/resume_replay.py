@@ -75,12 +75,16 @@ class ReplayBuffer:
         self.size -= freed
         return freed
 
-    def since(self, position: int) -> tuple[list[bytes], bool]:
-        """What to resend to a peer that holds everything before *position*: (chunks, eof)."""
+    def check(self, position: int) -> None:
+        """:class:`ReplayError` unless a peer holding everything before *position* can be served."""
         if position > self.end:
             raise ReplayError(f"peer claims position {position}, beyond what was sent ({self.end})")
         if position < self.base:
             raise ReplayError(f"peer claims position {position}, but {self.base} was acknowledged")
+
+    def since(self, position: int) -> tuple[list[bytes], bool]:
+        """What to resend to a peer that holds everything before *position*: (chunks, eof)."""
+        self.check(position)
         skip = position - self.base
         out: list[bytes] = []
         for chunk in self._chunks:

@@ -60,6 +60,7 @@ class ConnectorConfig:
     keepalive: float = 1.0
     connect_timeout: float = 0.75
     max_backoff: float = 0.25
+    handshake_timeout: float = 3.0
 
     @property
     def dead_after(self) -> float:
