@@ -411,8 +411,10 @@ class BrokerLink(FrameLink):
     def protocol_error(self, why: str) -> None:
         log.warn("{text}", text=f"resumable link {self.peer_text()}: protocol error: {why}",
                  event="resume.protocol_error", client=self.peer_text(), why=why)
-        if self.stream is None:
+        if self.stream is None:  # still in the handshake: say why, then close
             self.send(reason_frame(Kind.REFUSE, f"protocol error: {why}"))
+            self.close()
+            return
         self.closed = True
         self.transport.abortConnection()
 

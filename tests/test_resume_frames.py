@@ -56,12 +56,11 @@ class FrameParserTests(SynchronousTestCase):
         self.assertEqual(parser.pending, 0)
 
     @settings(max_examples=200, deadline=None)
-    @given(st.lists(frames(), min_size=1, max_size=8), st.data())
-    def test_stream_cut_anywhere_keeps_only_whole_frames(self, sent: list[Frame],
-                                                        data: st.DataObject) -> None:
+    @given(st.lists(frames(), min_size=1, max_size=8), st.integers(min_value=0))
+    def test_stream_cut_anywhere_keeps_only_whole_frames(self, sent: list[Frame], pick: int) -> None:
         """A link cut at any byte yields exactly the frames wholly before the cut, never a part."""
         wire = b"".join(encode(f.kind, f.payload) for f in sent)
-        cut = data.draw(st.integers(min_value=0, max_value=len(wire)))
+        cut = pick % (len(wire) + 1)
         got = FrameParser().feed(wire[:cut])
         ends, total = [], 0
         for frame in sent:
