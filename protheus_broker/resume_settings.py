@@ -105,12 +105,14 @@ def parse_smartclient_ini(text: str, path: str, section_name: str | None = None,
                           line=where.sections.get(chosen.name), key="port")
     port = _port(chosen, "PORT", port_text)
     if not chosen.boolean("BROKERPROXY", False):
-        raise chosen.error("BrokerProxy", "must be 1: this section connects straight to an AppServer, "
-                                          "the connector needs a broker")
+        raise ConfigError(path, "must be 1: this section connects straight to an AppServer, the "
+                                "connector needs a broker", line=chosen.line("BROKERPROXY")
+                          or where.sections.get(chosen.name), key="BrokerProxy")
     listen = port if listen_port is None else listen_port
     if host in ("127.0.0.1", "localhost", "::1") and listen in (port, 0) and listen_port is None:
-        raise chosen.error("server", f"points at this workstation ({host}:{port}); the connector "
-                                     f"would connect to itself: use the section naming the broker")
+        raise ConfigError(path, f"points at this workstation ({host}:{port}); the connector would "
+                                f"connect to itself: use the section naming the broker",
+                          line=chosen.line("SERVER"), key="server")
     return ConnectorConfig(path=path, section=chosen.name, broker_host=host, broker_port=port,
                            listen_interface=listen_interface, listen_port=listen,
                            keepalive=keepalive)
