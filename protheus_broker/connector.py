@@ -10,6 +10,7 @@ closes the SmartClient connection.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
@@ -159,7 +160,10 @@ class ConnectorStream(StreamEnd):
                      event="connector.expired", session=self.key.hex()[:8], window=self.window)
             self.give_up(None)
             return
+        # Twice at once, then 80, 160 ms ... capped at max_backoff (250 ms: back within a second of
+        # the network returning), with jitter so that many sessions do not retry in step.
         delay = min(self.factory.config.max_backoff, 0.02 * (2 ** min(self.attempts, 10)))
+        delay *= random.uniform(0.5, 1.0)
         if self.attempts <= 1:
             delay = 0.0
         self.retry = self.clock.callLater(delay, self.connect)
