@@ -99,6 +99,7 @@ class ConnectorStream(StreamEnd):
         self.attempts = 0
         self.retry: Any = None
         self.local_closed = False
+        self.drop_counted = False  # the current outage was counted (and logged) as a drop
         factory.streams.add(self)
 
     def connect(self) -> None:
@@ -132,8 +133,12 @@ class ConnectorStream(StreamEnd):
             return
         self.dropped_at = None
         self.attempts = 0
-        self.factory.resumes += 1
         assert self.key is not None
+        if not self.drop_counted:  # only confirming the end of a finished session
+            self.check_done()
+            return
+        self.drop_counted = False
+        self.factory.resumes += 1
         log.info("{text}", text=f"connector session {self.key.hex()[:8]} resumed after {downtime:.3f}s; "
                  f"replayed {replayed} bytes", event="connector.resumed", session=self.key.hex()[:8],
                  downtime=downtime, bytes_replayed=replayed)
@@ -147,8 +152,16 @@ class ConnectorStream(StreamEnd):
             self.give_up(f"cannot open a session on the broker: {_why(reason)}")
             return
         now = self.clock.seconds()
-        if self.dropped_at is None:
+        if self.dropped_at is None and self.complete:
+            # Both streams are delivered; reconnect only so that the broker learns it too (it
+            # may already have ended the session: then it refuses, which is the end).
             self.dropped_at = now
+            log.info("{text}", text=f"connector session {self.key.hex()[:8]}: link dropped after both "
+                     f"streams ended; confirming the end with the broker", event="connector.closing",
+                     session=self.key.hex()[:8])
+        elif self.dropped_at is None:
+            self.dropped_at = now
+            self.drop_counted = True
             self.factory.drops += 1
             log.info("{text}", text=f"connector session {self.key.hex()[:8]}: link to the broker "
                      f"dropped ({_why(reason)}); reconnecting for up to {self.window:g}s",
@@ -168,7 +181,16 @@ class ConnectorStream(StreamEnd):
             delay = 0.0
         self.retry = self.clock.callLater(delay, self.connect)
 
+    @property
+    def complete(self) -> bool:
+        """Both streams delivered: the broker's EOF arrived and ours was acknowledged."""
+        return self.peer_eof and self.out.eof_acknowledged
+
     def refused(self, why: str) -> None:
+        if self.complete:
+            log.info("{text}", text=f"connector session: ended ({why})", event="connector.closed")
+            self._end()
+            return
         self.give_up(f"the broker refused the session: {why}")
 
     def give_up(self, why: str | None) -> None:

@@ -146,6 +146,10 @@ class BrokerService(MultiService):
         self.factory.connect_timeout = desktop.connect_timeout
         self.factory.max_sessions = desktop.max_sessions
         self.factory.sort_method = desktop.effective_sort_method.value
+        if self.factory.standby is not None:  # new links and drops use the new STANDBY_TIME etc.
+            self.factory.standby.config = desktop.resume
+        if desktop.resume.enabled != old.resume.enabled:
+            log.warn("reload: RESUME_ENABLE changed; restart to apply")
         self.config = new
         log.info(
             "reloaded {path}: added {added}, removed {removed}, draining {draining}, kept {kept}; "

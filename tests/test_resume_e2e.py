@@ -116,3 +116,41 @@ class FaultInjectionTests(ProcessTestCase):
 
         while not re.search(pattern, child.text()):
             await task.deferLater(reactor, 0.05, lambda: None)
+
+
+class ConnectorProcessTests(ProcessTestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_bad_smartclient_ini_stops_startup_with_one_line(self) -> Any:
+        """A smartclient.ini section without BrokerProxy=1 exits non-zero with one line naming
+        the file, line and key."""
+        path = self.write_ini("[drivers]\nactive=TCP\n[TCP]\nserver=broker.example\nport=1234\n",
+                              "smartclient.ini")
+        child = self.start("connector", twistd_argv("protheus-connect", "--config", path))
+        code = yield child.ended
+        self.assertNotEqual(code, 0)
+        lines = [line for line in child.text().splitlines() if line.strip()]
+        self.assertEqual(lines, [f"protheus-connect: {path}:3: BrokerProxy: must be 1: this section "
+                                 "connects straight to an AppServer, the connector needs a broker"])
+
+    @defer.inlineCallbacks
+    def test_broker_down_closes_the_smartclient(self) -> Any:
+        """With no broker to open a session on, the SmartClient's connection is closed (as with
+        a broker that is down) and the connector keeps serving."""
+        from twisted.internet.protocol import Factory
+
+        closed = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        port = closed.getHost().port
+        yield closed.stopListening()
+        path = self.write_ini(f"[drivers]\nactive=TCP\n[TCP]\nserver=127.0.0.1\nport={port}\n"
+                              "BrokerProxy=1\n", "smartclient.ini")
+        child = self.start("connector", twistd_argv("protheus-connect", "--config", path,
+                                                    "--listen-port", "0"))
+        local = yield child.listening()
+        for _ in range(2):
+            peer = Peer(wait_for_eof=True)
+            yield ClientCreator(reactor, lambda: peer).connectTCP("127.0.0.1", local)
+            yield peer.done
+            self.assertEqual(peer.received, 0)
+        self.assertIn("cannot open a session on the broker", child.text())

@@ -170,7 +170,9 @@ class ResumeTests(SynchronousTestCase):
         self.assertTrue(clean.idle())
         self.assertGreater(total, 2 * len(data))
         welcome_at = len(MAGIC) + 5 + 36 + 5 + 56  # magic, HELLO, WELCOME
+        logs = LogCatcher(self)
         for cut in range(0, total + 1):
+            logs.events.clear()
             rig = Rig()
             rig.net.link_chunk = 1
             client = self.exchange(rig, data, [cut])
@@ -182,6 +184,8 @@ class ResumeTests(SynchronousTestCase):
                 self.assertEqual(bytes(rig.app.accepted[0].data), data, cut)
                 self.assertLessEqual(rig.sessions.drops, 1, cut)
                 self.assertEqual(rig.sessions.resumes, rig.sessions.drops, cut)
+                self.assertEqual(rig.connector.resumes, rig.connector.drops, cut)
+                self.assertEqual(logs.find(event="connector.failed"), [], cut)
             self.assertEqual(len(rig.app.accepted), 1 if cut >= len(MAGIC) + 41 else 0, cut)
             self.assertTrue(rig.idle(), f"cut after link byte {cut}: something left over")
 

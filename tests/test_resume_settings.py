@@ -45,3 +45,33 @@ class SmartClientIniTests(SynchronousTestCase):
             parse_smartclient_ini(INI, "s.ini", "NOPE")
         with self.assertRaisesRegex(ConfigError, "port must be a number"):
             parse_smartclient_ini(INI.replace("port = 1234", "port = twelve"), "s.ini")
+
+
+class BrokerWiringTests(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as handle:
+            handle.write(text)
+        return path
+
+    def test_resumable_sessions_wired_and_reloaded(self) -> None:
+        """The broker port takes connector links unless RESUME_ENABLE=0; a SIGHUP reload applies a
+        new STANDBY_TIME to later drops."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from protheus_broker.config import load_config
+        from protheus_broker.tap import BrokerService
+
+        base = ("[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT=0\nREMOTE_SERVER_A=127.0.0.1 2\n"
+                "SORT_METHOD=CONNECTION\nMONITORING_TYPE=DISABLED\n")
+        path = self.write(base + "STANDBY_TIME=60\n")
+        service = BrokerService(MemoryReactorClock(), load_config(path))
+        standby = service.factory.standby
+        self.assertEqual(service.factory.recognisers, [standby.recogniser])
+        self.assertEqual((standby.count, standby.snapshot(), standby.config.standby_time), (0, [], 60.0))
+        with open(path, "w") as handle:
+            handle.write(base + "STANDBY_TIME=90\n")
+        self.assertTrue(service.reload())
+        self.assertEqual(standby.config.standby_time, 90.0)
+        off = BrokerService(MemoryReactorClock(), load_config(self.write(base + "RESUME_ENABLE=0\n")))
+        self.assertEqual((off.factory.standby, off.factory.recognisers), (None, []))
