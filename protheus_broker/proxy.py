@@ -217,6 +217,11 @@ class FirstBytes(Protocol):
             self.timer.cancel()
             self.timer = None
         transport = self.transport
+        if isinstance(protocol, ClientSide) and self.broker.full():
+            self.broker._refuse(transport.getPeer())
+            self.delegate = Protocol()  # nothing more is read into a session
+            transport.abortConnection()
+            return
         if getattr(transport, "protocol", None) is self:  # TCP (and iosim) transports
             transport.protocol = protocol
         elif getattr(transport, "wrappedProtocol", None) is self:  # TLS termination
@@ -428,12 +433,16 @@ class BrokerFactory(ServerFactory):
         self._refusal_logged_at = -1e9
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
-        if self.max_sessions and len(self.sessions) >= self.max_sessions:
+        if self.recognisers:  # the cap applies once the first bytes say it is a new session
+            return FirstBytes(self)
+        if self.full():
             self._refuse(addr)
             return None  # the reactor closes the connection at once
-        if self.recognisers:
-            return FirstBytes(self)
         return ClientSide(self)
+
+    def full(self) -> bool:
+        """True when MAX_SESSIONS sessions are open (a resumed session is not a new one)."""
+        return bool(self.max_sessions) and len(self.sessions) >= self.max_sessions
 
     def _refuse(self, addr: Any) -> None:
         self.refused_total += 1

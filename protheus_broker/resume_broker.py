@@ -348,6 +348,10 @@ class BrokerLink(FrameLink):
 
     def _open(self, payload: bytes) -> None:
         public, limit = HELLO.unpack(payload)
+        if self.broker.full():
+            self.broker._refuse(self.transport.getPeer())
+            self.refuse(f"the broker is full (MAX_SESSIONS={self.broker.max_sessions})")
+            return
         key = crypto.new_session_id()
         pair = crypto.KeyPair()
         try:

@@ -474,3 +474,33 @@ class KeepaliveTests(SynchronousTestCase):
         rig.smartclient()
         rig.advance(60.0, step=0.5)
         self.assertEqual((rig.sessions.drops, rig.connector.drops), (0, 0))
+
+
+class SessionCapTests(SynchronousTestCase):
+    def test_resume_allowed_at_max_sessions_new_sessions_refused(self) -> None:
+        """At MAX_SESSIONS a session in standby still resumes (it is not a new session), while a
+        new connector session is refused with a reason and a plain client is closed."""
+        logs = LogCatcher(self)
+        rig = Rig(echo=False)
+        rig.broker.max_sessions = 1
+        client = rig.smartclient()
+        client.transport.write(b"first")
+        rig.settle()
+        rig.cut()
+        rig.advance(0.5)
+        self.assertEqual(rig.sessions.resumes, 1)
+        second = rig.smartclient()
+        rig.advance(0.5)
+        self.assertIsNotNone(second.lost)
+        self.assertEqual(len(logs.find(event="resume.refused")), 1)
+        plain = Endpoint()
+        rig.net.connect(plain, rig.broker.buildProtocol(None), rig.net.address(),
+                        __import__("twisted.internet.address", fromlist=["x"]).IPv4Address(
+                            "TCP", *BROKER))
+        plain.transport.write(b"\x16\x03\x01")
+        rig.settle()
+        self.assertIsNotNone(plain.lost)
+        self.assertEqual((rig.broker.refused_total, len(rig.app.accepted)), (2, 1))
+        client.transport.write(b"-still")
+        rig.settle()
+        self.assertEqual(bytes(rig.app.accepted[0].data), b"first-still")
