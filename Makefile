@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-floor lint bench bench-monitor bench-tls certs deb venv clean
+.PHONY: run test test-floor lint bench bench-monitor bench-tls bench-resume certs deb venv clean
 
 $(VENV)/.done: setup.cfg
 	python3 -m venv $(VENV)
@@ -31,6 +31,9 @@ bench: venv  ## broker vs direct vs HAProxy on 127.0.0.1 (needs haproxy)
 
 bench-monitor: venv  ## broker CPU for 1,000 monitored servers at 1 report/s (plain and TLS)
 	$(PY) bench/monitor_bench.py && $(PY) bench/monitor_bench.py --tls
+
+bench-resume: venv  ## resumable sessions: resume latency, RSS per standby session, connector throughput
+	$(PY) bench/bench_resume.py
 
 bench-tls: venv  ## TLS termination: broker vs HAProxy (bind ssl crt), throughput and handshakes/s
 	$(PY) bench/bench_tls.py

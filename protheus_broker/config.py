@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from configobj import ConfigObj, ConfigObjError, DuplicateError  # type: ignore[import-untyped]
 
+from .resume_settings import ResumeConfig, read_resume
 from .tls_config import SSL_SECTION, SessionTLSConfig, session_tls_config
 
 DEFAULT_CONFIG_PATH = "/etc/protheus-broker/appserver.ini"
@@ -154,6 +155,7 @@ class DesktopBalanceConfig:
     service_display_name: str = "protheus-broker"
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     tls: SessionTLSConfig = field(default_factory=SessionTLSConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)  # resumable sessions (connector)
 
     @property
     def effective_sort_method(self) -> SortMethod:
@@ -515,6 +517,7 @@ def _desktop(section: _Section, warnings: list[str]) -> DesktopBalanceConfig:
         service_name=section.text("SERVICE_NAME", "protheus-broker"),
         service_display_name=section.text("SERVICE_DISPLAY_NAME", "protheus-broker"),
         monitoring=_monitoring(section, monitoring_type, servers),
+        resume=read_resume(section),
     )
     if config.sort_method != config.effective_sort_method:
         warnings.append(

@@ -226,6 +226,11 @@ class FirstBytes(Protocol):
             self.timer.cancel()
             self.timer = None
         transport = self.transport
+        if isinstance(protocol, ClientSide) and self.broker.full():
+            self.broker._refuse(transport.getPeer())
+            self.delegate = Protocol()  # nothing more is read into a session
+            transport.abortConnection()
+            return
         if getattr(transport, "protocol", None) is self:  # TCP (and iosim) transports
             transport.protocol = protocol
         elif getattr(transport, "wrappedProtocol", None) is self:  # TLS termination
@@ -440,6 +445,9 @@ class BrokerFactory(ServerFactory):
         self.first_bytes_wait = first_bytes_wait
         self.ids = itertools.count(1)
         self.sessions: dict[int, Session] = {}
+        #: resumable sessions (``resume_broker.ResumableSessions``: count, snapshot(), drops,
+        #: resumes, expiries, resume_failures); None when the port takes no connector links
+        self.standby: Any = None
         self.sessions_total = 0
         self.sessions_failed = 0
         self.refused_total = 0
@@ -449,12 +457,16 @@ class BrokerFactory(ServerFactory):
         self.upstream_tls: Any = None  # set by session_tls.SessionTLS for SSL_ENCRYPT_UPSTREAM
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
-        if self.max_sessions and len(self.sessions) >= self.max_sessions:
+        if self.recognisers:  # the cap applies once the first bytes say it is a new session
+            return FirstBytes(self)
+        if self.full():
             self._refuse(addr)
             return None  # the reactor closes the connection at once
-        if self.recognisers:
-            return FirstBytes(self)
         return ClientSide(self)
+
+    def full(self) -> bool:
+        """True when MAX_SESSIONS sessions are open (a resumed session is not a new one)."""
+        return bool(self.max_sessions) and len(self.sessions) >= self.max_sessions
 
     def _refuse(self, addr: Any) -> None:
         self.refused_total += 1

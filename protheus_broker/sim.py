@@ -64,6 +64,8 @@ class EchoSession(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.factory.open_sessions -= 1
+        log.info("{text}", text=f"sim {self.factory.name}: session {self.number} closed after "
+                 f"echoing {self.echoed} bytes", session=self.number, echoed=self.echoed)
 
 
 class AppServerSimFactory(Factory):

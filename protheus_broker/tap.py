@@ -18,6 +18,7 @@ from .logs import console_file_observer
 from .monitor import make_monitor
 from .pool import ServerPool
 from .proxy import BrokerFactory
+from .resume_broker import ResumableSessions
 from .session_tls import SessionTLS
 
 log = Logger()
@@ -56,11 +57,14 @@ class BrokerService(MultiService):
                                     connect_timeout=desktop.connect_timeout)
         if self.monitor is not None:
             self.monitor.setServiceParent(self)
+        resumable = ResumableSessions(reactor, desktop.resume) if desktop.resume.enabled else None
         self.factory = BrokerFactory(
             reactor, self.pool, connect_timeout=desktop.connect_timeout,
             max_sessions=desktop.max_sessions, sort_method=desktop.effective_sort_method.value,
             first_bytes_wait=desktop.first_bytes_wait,
+            recognisers=[resumable.recogniser] if resumable is not None else [],
         )
+        self.factory.standby = resumable
         self.session_tls = SessionTLS(reactor, desktop.tls, self.factory)  # ConfigError: bad file
         if config.admin is not None:  # the broker screen ([BROKER_ADMIN])
             from .web.service import add_admin
@@ -157,6 +161,10 @@ class BrokerService(MultiService):
         self.factory.max_sessions = desktop.max_sessions
         self.factory.first_bytes_wait = desktop.first_bytes_wait
         self.factory.sort_method = desktop.effective_sort_method.value
+        if self.factory.standby is not None:  # new links and drops use the new STANDBY_TIME etc.
+            self.factory.standby.config = desktop.resume
+        if desktop.resume.enabled != old.resume.enabled:
+            log.warn("reload: RESUME_ENABLE changed; restart to apply")
         self.config = new
         log.info(
             "reloaded {path}: added {added}, removed {removed}, draining {draining}, kept {kept}; "

@@ -366,9 +366,14 @@ class PortStatusTests(SynchronousTestCase):
         self.assertEqual(h.service.factory.sessions_total, 1)
 
     def test_port_status_off(self) -> None:
-        """PORT_STATUS=0: no recogniser, the port is plain SmartClient."""
+        """PORT_STATUS=0: no status-query recogniser (with RESUME_ENABLE=0 too, the port is plain
+        SmartClient and new connections skip the first-bytes check)."""
         h = Harness(self, ini(admin="[BROKER_ADMIN]\nENDPOINT=tcp:0\nPORT_STATUS=0\n"))
+        self.assertEqual([r.name for r in h.service.factory.recognisers], ["resumable"])
+        h = Harness(self, ini("RESUME_ENABLE = 0\n", admin="[BROKER_ADMIN]\nENDPOINT=tcp:0\nPORT_STATUS=0\n"))
         self.assertEqual(h.service.factory.recognisers, [])
+        h = Harness(self, ini("RESUME_ENABLE = 0\n"))
+        self.assertEqual([r.name for r in h.service.factory.recognisers], ["http-status"])
 
 
 class ConfigAndAuthTests(SynchronousTestCase):

@@ -20,3 +20,9 @@ protheusAgent = ServiceMaker(
     "Agent beside TOTVS AppServers: reports their memory, CPU, threads and users to the broker.",
     "protheus-agent",
 )
+protheusConnect = ServiceMaker(
+    "protheus-connect",
+    "protheus_broker.connect_tap",
+    "Workstation connector: SmartClient sessions to the broker that survive network drops.",
+    "protheus-connect",
+)
