@@ -149,7 +149,9 @@ class ScreenProcessTests(ProcessTestCase):
 
         def text_becomes(selector: str, wanted: str) -> Callable[[], None]:
             def wait() -> None:
-                WebDriverWait(driver, 20).until(
+                # the cards are redrawn on each refresh: an element may go stale between
+                # finding it and reading it, which is only "not yet"
+                WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,)).until(
                     lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, selector)] == [wanted],
                     f"{selector} never showed {wanted!r}")
             return wait
