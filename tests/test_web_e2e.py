@@ -127,6 +127,10 @@ class ScreenProcessTests(ProcessTestCase):
         yield defer.ensureDeferred(self._browser_scenario())
 
     async def _browser_scenario(self) -> None:
+        missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
+        if missing:
+            self.fail(f"the browser test needs {' and '.join(missing)}: "
+                      "apt-get install chromium chromium-driver")
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
         from selenium.webdriver.common.by import By
