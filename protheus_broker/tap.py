@@ -43,6 +43,14 @@ def _balancer(desktop: DesktopBalanceConfig) -> Any:
     return make_balancer(desktop.effective_sort_method, desktop.metrics_max_age, costs)
 
 
+def _admin_shape(config: BrokerConfig) -> tuple[Any, ...] | None:
+    """What of [BROKER_ADMIN] is fixed at start (the rest is read on each request)."""
+    admin = config.admin
+    if admin is None:
+        return None
+    return (admin.endpoint, admin.port_status, admin.history_interval, admin.history_samples)
+
+
 class BrokerService(MultiService):
     """The broker: one listener and its pool, built from one config, reloadable on SIGHUP."""
 
@@ -165,6 +173,9 @@ class BrokerService(MultiService):
             self.factory.standby.config = desktop.resume
         if desktop.resume.enabled != old.resume.enabled:
             log.warn("reload: RESUME_ENABLE changed; restart to apply")
+        if _admin_shape(self.config) != _admin_shape(new):  # TOKEN_HASH, READ_ACCESS: live
+            log.warn("reload: [BROKER_ADMIN] (the section, ENDPOINT, PORT_STATUS or HISTORY_*) "
+                     "changed; restart to apply (TOKEN_HASH and READ_ACCESS apply now)")
         self.config = new
         log.info(
             "reloaded {path}: added {added}, removed {removed}, draining {draining}, kept {kept}; "

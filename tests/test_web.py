@@ -21,6 +21,8 @@ from protheus_broker.tap import BrokerService
 from protheus_broker.web.auth import TokenChecker, hash_token, origin_matches, parse_token_hash
 from protheus_broker.web.port_status import recognise_status_request
 
+from .helpers import LogCatcher
+
 TOKEN = "t0ken-for-tests-only-0123456789"
 TOKEN_HASH = hash_token(TOKEN, iterations=10_000)
 
@@ -294,6 +296,23 @@ class ActionTests(SynchronousTestCase):
         self.assertEqual(reply.status, 409)
         self.assertIn("REMOTE_SERVER_04", reply.json()["error"])
         self.assertEqual(len(self.h.service.pool), 3)
+
+    def test_reload_applies_token_now_and_warns_for_endpoint(self) -> None:
+        """A new TOKEN_HASH applies at once (the old token stops working); a changed ENDPOINT is
+        kept until a restart, which the log says."""
+        other = "an-0ther-t0ken-for-tests-0123456789"
+        logs = LogCatcher(self)
+        self.h.write(ini(admin=f"[BROKER_ADMIN]\nENDPOINT = tcp:0:interface=127.0.0.1\n"
+                               f"TOKEN_HASH = {hash_token(other, iterations=10_000)}\n"))
+        self.assertEqual(self.post("/api/v1/reload").status, 200)
+        self.assertEqual(self.post("/api/v1/servers/01/drain").status, 401)
+        self.assertEqual(self.post("/api/v1/servers/01/drain", {"Authorization": f"Bearer {other}"}).status, 200)
+        self.assertFalse([t for t in logs.texts() if "[BROKER_ADMIN]" in t])
+        self.h.write(ini(admin=f"[BROKER_ADMIN]\nENDPOINT = tcp:9999:interface=127.0.0.1\n"
+                               f"TOKEN_HASH = {hash_token(other, iterations=10_000)}\n"))
+        self.assertEqual(self.post("/api/v1/reload", {"Authorization": f"Bearer {other}"}).status, 200)
+        [warned] = [t for t in logs.texts() if "[BROKER_ADMIN]" in t]
+        self.assertIn("restart to apply", warned)
 
     def test_actions_always_need_the_token(self) -> None:
         """From localhost too: no token 401, wrong token 401, other scheme 401."""
