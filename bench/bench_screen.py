@@ -1,5 +1,5 @@
 """What the broker screen costs: answer times of its endpoints with many sessions open, and the
-price of the first-bytes check (``PORT_STATUS``) on new sessions.  127.0.0.1 only.
+price of the first-bytes check on new sessions.  127.0.0.1 only.
 
 ``PYTHONPATH=. python bench/bench_screen.py [--sessions 1000 5000] [--rounds 3]``
 
@@ -8,7 +8,9 @@ For each session count, a broker with ``[BROKER_ADMIN]`` (port 0) in front of
 ``/api/v1/status``, ``/api/v1/sessions?per_page=500``, ``/metrics`` and the SmartClient port's
 ``/status`` is fetched 20 times: the median and p99 answer times are printed, and the share of
 one core that a page open in a browser (two requests every 2 s) costs.  Then sequential new
-sessions/s (connect, 64 B echo, close) with ``PORT_STATUS = 1`` and ``= 0``, rounds interleaved.
+sessions/s (connect, 64 B echo, close) with no first-bytes check (``RESUME_ENABLE = 0``,
+``PORT_STATUS = 0``), with the resumable-link recogniser only (the default without
+``[BROKER_ADMIN]``) and with both recognisers, rounds interleaved.
 Every process started is stopped by pid.
 """
 
@@ -31,12 +33,13 @@ NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 SCREEN_RE = re.compile(rb"broker screen at http://127\.0\.0\.1:(\d+)/")
 
 
-def start(children: bench.Children, backend_port: int, tag: str, port_status: bool) -> tuple[bench.Target, str]:
+def start(children: bench.Children, backend_port: int, tag: str, port_status: bool,
+          resume: bool = True) -> tuple[bench.Target, str]:
     ini = children.workdir / f"screen-{tag}.ini"
     ini.write_text(
         "[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\nLOCAL_SERVER_INTERFACE = 127.0.0.1\n"
         f"REMOTE_SERVER_01 = 127.0.0.1 {backend_port}\nSORT_METHOD = CONNECTION\n"
-        "MONITORING_TYPE = DISABLED\nMAX_SESSIONS = 20000\n"
+        f"MONITORING_TYPE = DISABLED\nMAX_SESSIONS = 20000\nRESUME_ENABLE = {1 if resume else 0}\n"
         "[BROKER_ADMIN]\nENDPOINT = tcp:0:interface=127.0.0.1\n"
         f"PORT_STATUS = {1 if port_status else 0}\n"
     )
@@ -105,20 +108,27 @@ def main() -> int:
                     for s in socks:
                         s.close()
                     children.stop(target.proc)  # type: ignore[arg-type]
-            rates: dict[bool, list[float]] = {True: [], False: []}
+            shapes = {"no first-bytes check": (False, False), "resumable links": (False, True),
+                      "resumable links + status query": (True, True)}
+            rates: dict[str, list[float]] = {name: [] for name in shapes}
             for round_no in range(args.rounds):
-                for port_status in ((True, False) if round_no % 2 == 0 else (False, True)):
-                    target, _ = start(children, backend_port, f"r{round_no}{int(port_status)}", port_status)
+                names = list(shapes)[round_no % len(shapes):] + list(shapes)[:round_no % len(shapes)]
+                for name in names:
+                    port_status, resume = shapes[name]
+                    tag = f"r{round_no}-{list(shapes).index(name)}"
+                    target, _ = start(children, backend_port, tag, port_status, resume)
                     bench.sessions_sequential(target.port, 200)  # warm-up
                     rate, errors = bench.sessions_sequential(target.port, args.count)
                     if errors:
-                        raise RuntimeError(f"{errors} failed sessions")
-                    rates[port_status].append(rate)
+                        raise RuntimeError(f"{name}: {errors} failed sessions")
+                    rates[name].append(rate)
                     children.stop(target.proc)  # type: ignore[arg-type]
-            on, off = statistics.median(rates[True]), statistics.median(rates[False])
+            base = statistics.median(rates["no first-bytes check"])
             print()
-            print(f"new sessions/s, sequential, median of {args.rounds}: PORT_STATUS=1 {on:.0f}, "
-                  f"PORT_STATUS=0 {off:.0f} (ratio {on / off:.3f})")
+            print(f"new sessions/s, sequential, median of {args.rounds} rounds:")
+            for name, values in rates.items():
+                rate = statistics.median(values)
+                print(f"  {name:32s} {rate:7.0f}  ({rate / base:.3f}x)")
         finally:
             children.stop_all()
     return 0
