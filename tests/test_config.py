@@ -51,9 +51,7 @@ class SeedConfigTests(SynchronousTestCase):
 
     def test_shipped_package_config_loads_without_remarks(self) -> None:
         """The Debian package's appserver.ini (its commented examples included) is valid as shipped."""
-        # In the source tree, or where debian/pybuild.testfiles puts it for the package build.
-        path = next(p for p in (os.path.join(os.path.dirname(ETC), "packaging", "etc", "appserver.ini"),
-                                os.path.join(ETC, "appserver.ini.dist")) if os.path.exists(p))
+        path = os.path.join(os.path.dirname(ETC), "packaging", "etc", "appserver.ini")  # pybuild.testfiles too
         config = load_config(path)
         self.assertEqual((config.warnings, config.admin, config.desktop.resume.standby_time), ((), None, 180.0))
 
