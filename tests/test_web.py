@@ -238,6 +238,24 @@ class MalformedTests(SynchronousTestCase):
         reply = self.h.request("POST", "/api/v1/reload", self.h.auth(), body=b"x" * 70_000)
         self.assertEqual(reply.status, 413)
 
+    def test_big_or_chunked_bodies_refused_before_they_are_read(self) -> None:
+        """A declared 1 GB body, or a chunked one, is answered 413 as soon as the headers are in
+        and the connection stops reading: nothing is stored (twisted.web would spool it to disk).
+        Same on the SmartClient port, which faces the network."""
+        port_site = [r for r in self.h.service.factory.recognisers if r.name == "http-status"][0].site
+        for site in (self.h.admin.site, port_site):
+            for framing in (b"Content-Length: 1000000000", b"Transfer-Encoding: chunked"):
+                protocol = site.buildProtocol(None)
+                transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.7", 40000))
+                protocol.makeConnection(transport)
+                protocol.dataReceived(b"POST /status HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")
+                protocol.dataReceived(b"f" * 65536)  # what was already on its way is dropped
+                reply = Reply(transport.value())
+                self.assertEqual(reply.status, 413, framing)
+                self.assertIn("request body over", reply.json()["error"])
+                self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.h.request("GET", "/api/v1/status").status, 200)
+
 
 class ActionTests(SynchronousTestCase):
     def setUp(self) -> None:

@@ -32,10 +32,52 @@ FAILURE_WINDOW = 10.0
 JSON_TYPE = b"application/json; charset=utf-8"
 
 
+def _ignore(*args: Any) -> None:
+    pass
+
+
+class _Discard:
+    """Where the body of a refused request goes (nothing is kept)."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args: Any) -> None:
+        pass
+
+
+class BoundedRequest(Request):
+    """A request whose body may not exceed :data:`MAX_BODY`: twisted.web would otherwise keep any
+    body (spooled to a temporary file) before the resource sees it.  A bigger or chunked body is
+    answered 413 at once and the connection closed, with nothing stored."""
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length <= MAX_BODY:
+            super().gotLength(length)
+            return
+        self.content = _Discard()  # type: ignore[assignment]
+        body = json.dumps({"error": f"request body over {MAX_BODY} bytes or chunked (none is needed)",
+                           "status": 413}).encode()
+        transport: Any = self.channel.transport
+        transport.write(b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: " + JSON_TYPE +
+                        b"\r\ncontent-length: " + str(len(body)).encode() +
+                        b"\r\nconnection: close\r\n\r\n" + body)
+        transport.loseConnection()  # stops reading at once; the answer is flushed first
+        channel: Any = self.channel  # bytes already read past the headers are dropped, as
+        channel.dataReceived = channel.lineReceived = channel.rawDataReceived = _ignore  # twisted does
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if isinstance(self.content, _Discard):  # refused in gotLength: already answered
+            return
+        super().requestReceived(command, path, version)
+
+
 class QuietSite(Site):
-    """A Site without per-request access log lines (the page polls); actions log themselves."""
+    """A Site without per-request access log lines (the page polls); actions log themselves.
+    Request bodies are bounded (:class:`BoundedRequest`)."""
 
     noisy = False
+    requestFactory = BoundedRequest
 
     def log(self, request: Any) -> None:
         pass
@@ -233,10 +275,7 @@ class AdminResource(_Router):
         return lambda: _json(request, 200, produce())
 
     def act(self, method: bytes, request: Request, do: Callable[[str], Any]) -> Callable[[], bytes]:
-        _method(method, b"POST")
-        length = request.getHeader(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            raise _Reply(413, f"request body over {MAX_BODY} bytes (actions take none)")
+        _method(method, b"POST")  # bodies over MAX_BODY never get here (BoundedRequest)
         who = self.access.require_action(request)
         return lambda: _json(request, 200, do(who))
 
