@@ -136,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
                              "AppServer, for these host names / IP addresses (repeatable)")
     parser.add_argument("--days", type=int, default=825, help="validity of the leaf certificates")
     args = parser.parse_args(argv)
+    named: dict[str, list[tuple[str, list[str]]]] = {"agent": [], "server": []}
+    for option, specs in (("agent", args.agent), ("server", args.server)):
+        for spec in specs:
+            name, _, hosts = spec.partition("=")
+            if not name or not hosts:
+                sys.stderr.write(f"--{option} {spec!r}: expected NAME=HOST[,HOST...]\n")
+                return 2
+            named[option].append((name, [h for h in hosts.split(",") if h]))
     os.makedirs(args.directory, exist_ok=True)
     ca_cert = os.path.join(args.directory, "ca.pem")
     ca_key = os.path.join(args.directory, "ca.key")
@@ -155,21 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.broker:
         paths = write_pair(args.directory, args.broker, make_cert(ca, args.broker, client=True, days=args.days))
         sys.stdout.write(f"wrote {paths[0]} and {paths[1]} (broker client certificate)\n")
-    for spec in args.agent:
-        name, _, hosts = spec.partition("=")
-        if not name or not hosts:
-            sys.stderr.write(f"--agent {spec!r}: expected NAME=HOST[,HOST...]\n")
-            return 2
-        host_list = [h for h in hosts.split(",") if h]
+    for name, host_list in named["agent"]:
         paths = write_pair(args.directory, f"agent-{name}",
                            make_cert(ca, name, host_list, client=False, days=args.days))
         sys.stdout.write(f"wrote {paths[0]} and {paths[1]} (agent {name}: {', '.join(host_list)})\n")
-    for spec in args.server:
-        name, _, hosts = spec.partition("=")
-        if not name or not hosts:
-            sys.stderr.write(f"--server {spec!r}: expected NAME=HOST[,HOST...]\n")
-            return 2
-        host_list = [h for h in hosts.split(",") if h]
+    for name, host_list in named["server"]:
         paths = write_pair(args.directory, name, make_cert(ca, name, host_list, both=True, days=args.days))
         sys.stdout.write(f"wrote {paths[0]} and {paths[1]} (TLS server {name}: {', '.join(host_list)})\n")
     return 0
