@@ -10,6 +10,7 @@ configobj can read it while keeping the line numbers, so every error names file,
 from __future__ import annotations
 
 import enum
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -182,7 +183,27 @@ _SECTION_RE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*$")
 _KEY_RE = re.compile(r"^\s*([^=\s][^=]*?)\s*=(.*)$")
 _SERVER_KEY_RE = re.compile(r"^REMOTE_SERVER_([A-Z0-9]+)$")
 _AGENT_KEY_RE = re.compile(r"^AGENT_SERVER_([A-Z0-9]+)$")
-_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*|[A-Za-z0-9]([A-Za-z0-9.\-_]*[A-Za-z0-9])?)$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_\-]{0,61}[A-Za-z0-9_])?$")
+#: Control characters that never appear in a text ini (tab is fine; CR is the Windows line end).
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f\x80-\x9f\u2028\u2029]")
+
+
+def valid_host(host: str) -> bool:
+    """True for an IPv4 or IPv6 address (IPv6 with or without brackets) or a DNS host name."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            return False
+    if ":" in host or host.replace(".", "").isdigit():
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return True
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253:
+        return False
+    return all(_LABEL_RE.match(label) for label in name.split("."))
 
 
 def _strip_comment(line: str) -> str:
@@ -211,12 +232,31 @@ class _Located:
     sections: dict[str, int] = field(default_factory=dict)
 
 
-def _normalise(text: str) -> tuple[list[str], _Located]:
-    """Rewrite each line for configobj: comments gone, names upper-cased, values quoted safely."""
+def _lines(text: str) -> list[str]:
+    """The file's lines as an editor numbers them: split at LF (a CR before it is the Windows line
+    end), not at the other characters ``str.splitlines`` also breaks on (form feed, U+0085, ...),
+    so every line number we report is the one the user sees.  A trailing Ctrl-Z (the DOS end of
+    file some Windows tools still write) is dropped."""
+    text = text.rstrip("\x1a")
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def _normalise(text: str, path: str = "<config>") -> tuple[list[str], _Located]:
+    """Rewrite each line for configobj: comments gone, names upper-cased, values quoted safely.
+
+    A control character (binary data, a file that is not text) is a :class:`ConfigError` naming
+    its line and column."""
     out: list[str] = []
     where = _Located()
     section = ""
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(_lines(text), start=1):
+        bad = _CONTROL_RE.search(raw)
+        if bad is not None:
+            raise ConfigError(path, f"unreadable text: control character {bad.group()!r} at column "
+                                    f"{bad.start() + 1}; this is not an ini text file", line=number)
         line = _strip_comment(raw).rstrip()
         if not line.strip():
             out.append("")
@@ -235,7 +275,7 @@ def _normalise(text: str) -> tuple[list[str], _Located]:
             # configobj would read quotes, commas and '#' itself: hand it a value it keeps verbatim.
             out.append(f"{key} = '''{value}'''" if value else f"{key} = ''")
             continue
-        out.append(line)  # configobj reports it as an invalid line, with this line number
+        raise ConfigError(path, f"expected 'KEY = value' or '[SECTION]', got {raw.strip()!r}", line=number)
     return out, where
 
 
@@ -346,7 +386,7 @@ def _host_port(section: _Section, key: str) -> tuple[str, int]:
     if len(fields) != 2:
         raise section.error(key, f"expected 'host port', got {value!r}")
     host, port_text = fields
-    if not _HOST_RE.match(host):
+    if not valid_host(host):
         raise section.error(key, f"{host!r} is not a host name or IP address")
     host = host.strip("[]")  # [::1] as people write it; connectTCP wants ::1
     return host, _port(section, key, port_text)
@@ -528,8 +568,28 @@ def _desktop(section: _Section, warnings: list[str]) -> DesktopBalanceConfig:
     return config
 
 
+def _writable_file(section: _Section, key: str) -> str | None:
+    """The log file path in *key*, checked now so that a file the broker cannot write is one line
+    at startup (or a refused reload), not a traceback when the log opens."""
+    path = section.text(key, "")
+    if not path:
+        return None
+    full = os.path.abspath(path)
+    folder = os.path.dirname(full)
+    if os.path.isdir(full):
+        raise section.error(key, f"{path!r} is a directory, not a log file")
+    if not os.path.isdir(folder):
+        raise section.error(key, f"cannot write {path!r}: folder {folder!r} does not exist")
+    if os.path.exists(full):
+        if not os.access(full, os.W_OK):
+            raise section.error(key, f"cannot write {path!r}: permission denied")
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        raise section.error(key, f"cannot write {path!r}: no permission to create files in {folder!r}")
+    return path
+
+
 def _general(section: _Section) -> GeneralConfig:
-    console_file = section.text("CONSOLEFILE", "") or None
+    console_file = _writable_file(section, "CONSOLEFILE")
     return GeneralConfig(
         console_log=section.boolean("CONSOLELOG", True),
         console_log_date=section.boolean("CONSOLELOGDATE", False),
@@ -540,7 +600,7 @@ def _general(section: _Section) -> GeneralConfig:
 
 def _read_ini(text: str, path: str) -> tuple[ConfigObj, _Located]:
     """configobj over normalised TOTVS text; syntax problems are one-line :class:`ConfigError`s."""
-    lines, where = _normalise(text)
+    lines, where = _normalise(text, path)
     try:
         raw = ConfigObj(lines, interpolation=False, list_values=True, encoding=None)
     except DuplicateError as exc:
@@ -554,11 +614,10 @@ def _read_ini(text: str, path: str) -> tuple[ConfigObj, _Located]:
             what = "duplicate key"
         also = f" (first at line {first})" if first else ""
         raise ConfigError(path, f"{what}{also}; each may appear once", line=exc.line_number, key=key) from None
-    except ConfigObjError as exc:
-        shown = text.splitlines()[exc.line_number - 1].strip() if exc.line_number else ""
-        raise ConfigError(
-            path, f"expected 'KEY = value' or '[SECTION]', got {shown!r}", line=exc.line_number
-        ) from None
+    except ConfigObjError as exc:  # every line was checked above: what is left is configobj's word
+        first = (getattr(exc, "errors", None) or [exc])[0]
+        raise ConfigError(path, str(first).strip() or type(first).__name__,
+                          line=getattr(first, "line_number", None)) from None
     return raw, where
 
 
