@@ -5,11 +5,17 @@ export PYTHONPATH := $(CURDIR)
 
 .PHONY: run test test-floor lint bench bench-monitor bench-tls bench-resume certs deb venv clean
 
-$(VENV)/.done: setup.cfg
+# The project itself goes into the venv too, so `.venv/bin/twistd -n protheus-broker` and
+# `.venv/bin/protheus-broker-ctl` work as the README shows: an editable install (the console
+# script) plus a .pth naming this folder (twistd finds plugins in twisted/plugins on sys.path;
+# setuptools' editable finder does not expose that folder).
+$(VENV)/.done: setup.cfg Makefile
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q twisted pyopenssl service-identity configobj zope.interface \
 		hypothesis cryptography psutil prometheus-client selenium mypy mypy-zope
+	$(VENV)/bin/pip install -q --no-deps -e .
+	$(PY) -c 'import sysconfig; open(sysconfig.get_paths()["purelib"] + "/protheus-broker-src.pth", "w").write("$(CURDIR)\n")'
 	touch $@
 
 venv: $(VENV)/.done
