@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -18,7 +19,8 @@ from protheus_broker.config import ConfigError, ReadAccess, parse_config
 from protheus_broker.pool import ServerState
 from protheus_broker.proxy import ClientSide, FirstBytes
 from protheus_broker.tap import BrokerService
-from protheus_broker.web.auth import TokenChecker, hash_token, origin_matches, parse_token_hash
+from protheus_broker.web.auth import (TokenChecker, Verifier, hash_token, origin_matches,
+                                     parse_token_hash)
 from protheus_broker.web.port_status import recognise_status_request
 
 from .helpers import LogCatcher
@@ -45,8 +47,33 @@ class Reply:
         return json.loads(self.body)
 
 
+class FakeThreads:
+    """A stand-in for the reactor's thread pool: runs each function at once (*synchronous*) or
+    when the test calls :meth:`run_pending`, and counts what it ran."""
+
+    def __init__(self, synchronous: bool = True) -> None:
+        self.synchronous = synchronous
+        self.pending: list[tuple[Callable[[], bool], Deferred[bool]]] = []
+        self.ran = 0
+
+    def __call__(self, function: Callable[[], bool]) -> Deferred[bool]:
+        if self.synchronous:
+            self.ran += 1
+            return succeed(function())
+        waiting: Deferred[bool] = Deferred()
+        self.pending.append((function, waiting))
+        return waiting
+
+    def run_pending(self) -> None:
+        while self.pending:
+            function, waiting = self.pending.pop(0)
+            self.ran += 1
+            waiting.callback(function())
+
+
 class Harness:
-    """A BrokerService on a memory reactor, with the config written to a file (for reload)."""
+    """A BrokerService on a memory reactor, with the config written to a file (for reload), and
+    token checks run by :class:`FakeThreads`."""
 
     def __init__(self, test: SynchronousTestCase, text: str | None = None) -> None:
         self.reactor = MemoryReactorClock()
@@ -56,6 +83,8 @@ class Harness:
         from protheus_broker.config import load_config
         self.service = BrokerService(self.reactor, load_config(self.path))
         self.admin = [s for s in self.service if type(s).__name__ == "AdminService"][0]
+        self.threads = FakeThreads()
+        self.admin.access.verifier = Verifier(self.threads)
 
     def write(self, text: str) -> None:
         with open(self.path, "w") as handle:
@@ -388,9 +417,9 @@ class PortStatusTests(SynchronousTestCase):
         """The SmartClient port answers /ping, /status and /status.json; no session is opened."""
         h = Harness(self)
         self.assertIn(b"pong", self.port_request(h, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"))
-        text = Reply(self.port_request(h, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"))
+        text = Reply(self.port_request(h, b"GET /status HTTP/1.1\r\nHost: localhost:1234\r\n\r\n"))
         self.assertIn(b"server 01 127.0.0.1:5001 up connections 0", text.body)
-        js = Reply(self.port_request(h, b"GET /status.json HTTP/1.1\r\nHost: x\r\n\r\n")).json()
+        js = Reply(self.port_request(h, b"GET /status.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")).json()
         self.assertEqual(js["pools"][0]["servers"][0]["id"], "01")
         self.assertEqual(h.service.factory.sessions_total, 0)
         remote = Reply(self.port_request(h, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n", peer="192.0.2.1"))
