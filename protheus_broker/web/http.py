@@ -101,13 +101,14 @@ class BoundedChannel(HTTPChannel):
 
     requestTimeout = REQUEST_TIMEOUT
     _deadline: Any = None
+    _timed_out = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._arm()
 
     def _arm(self) -> None:
-        if self._deadline is None:
+        if self._deadline is None and not self._timed_out:
             self._deadline = self.callLater(self.requestTimeout, self._too_slow)
 
     def _disarm(self) -> None:
@@ -117,7 +118,8 @@ class BoundedChannel(HTTPChannel):
             self._deadline = None
 
     def _too_slow(self) -> None:
-        self._deadline = None
+        self._deadline, self._timed_out = None, True
+        self.setTimeout(None)  # the idle timeout would only repeat what follows
         self.timeoutConnection()  # one info line; the connection is aborted if it does not close
 
     def dataReceived(self, data: bytes) -> None:
