@@ -114,7 +114,10 @@ def call(url: str, token: str | None, method: str, path: str) -> Any:
         raise CtlError(f"{method} {path}: HTTP {exc.code}: {message}") from None
     except urllib.error.URLError as exc:
         raise CtlError(f"cannot reach the broker at {url}: {exc.reason}") from None
-    except (OSError, http.client.HTTPException) as exc:  # reset, timeout, not HTTP at all
+    except http.client.BadStatusLine as exc:
+        raise CtlError(f"{url} does not answer HTTP (it said {str(exc)[:60]!r}): is it the broker "
+                       "screen ([BROKER_ADMIN] ENDPOINT)?") from None
+    except (OSError, http.client.HTTPException) as exc:  # reset, timeout, a broken answer
         raise CtlError(f"cannot reach the broker at {url}: {exc or type(exc).__name__}") from None
     except ValueError as exc:  # what urllib makes of a URL it cannot use
         raise usage_error(f"--url {url!r}: {exc}") from None
@@ -224,17 +227,22 @@ def run(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The command: one line on stderr and exit status 1 or 2 for any failure, never a traceback."""
     try:
         status = run(argv)
     except CtlError as exc:
-        print(f"protheus-broker-ctl: {exc}", file=sys.stderr)
+        print(f"protheus-broker-ctl: {_one_line(str(exc))}", file=sys.stderr)
         status = exc.status
     except KeyboardInterrupt:
         status = 130
     except Exception as exc:  # a bug: still one line, with what it was
-        print(f"protheus-broker-ctl: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"protheus-broker-ctl: unexpected error: {type(exc).__name__}: {_one_line(str(exc))}",
+              file=sys.stderr)
         status = 1
     sys.exit(status)
 
