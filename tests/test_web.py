@@ -253,6 +253,16 @@ class MalformedTests(SynchronousTestCase):
         self.assertEqual((reply.status, reply.headers[b"allow"]), (405, b"POST"))
         self.assertEqual(self.h.request("POST", "/api/v1/servers/01/explode", self.h.auth()).status, 404)
 
+    def test_head_gets_headers_only(self) -> None:
+        """HEAD of a JSON read or the port's /status: the GET's status and length, no body."""
+        reply = self.h.request("HEAD", "/api/v1/status")
+        get = self.h.request("GET", "/api/v1/status")
+        self.assertEqual((reply.status, reply.body), (200, b""))
+        self.assertEqual(reply.headers[b"content-length"], str(len(get.body)).encode())
+        site = [r for r in self.h.service.factory.recognisers if r.name == "http-status"][0].site
+        reply = self.h.request("HEAD", "/status", site=site)
+        self.assertEqual((reply.status, reply.body), (200, b""))
+
     def test_bad_query_and_ids(self) -> None:
         """Bad paging and session ids are 400s that say what is wrong."""
         reply = self.h.request("GET", "/api/v1/sessions?page=x")
@@ -393,7 +403,7 @@ class ActionTests(SynchronousTestCase):
         self.assertIn("TOKEN_HASH", reply.json()["error"])
 
     def test_wrong_tokens_are_rate_limited(self) -> None:
-        """After 10 wrong tokens in 10 s the broker answers 429 without hashing."""
+        """After 10 wrong tokens in 10 s from one address it answers 429 without hashing."""
         for _ in range(10):
             self.post("/api/v1/reload", {"Authorization": "Bearer wrong"})
         self.assertEqual(self.post("/api/v1/reload", {"Authorization": "Bearer wrong"}).status, 429)
