@@ -679,6 +679,22 @@ class AdminConfig:
     port_status: bool = True  # answer GET /status, /status.json, /ping on LOCAL_SERVER_PORT
     history_interval: float = 5.0  # seconds between samples of the connections chart
     history_samples: int = 120
+    #: Host names (besides localhost and IP literals) the screen answers to: the names a browser
+    #: may use for it; others are refused (DNS rebinding).  ``*``: any name.
+    allowed_hosts: tuple[str, ...] = ()
+
+
+_HOST_NAME_RE = re.compile(r"^(?=.{1,253}\.?$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+                           r"(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*\.?$", re.IGNORECASE)
+
+
+def _allowed_hosts(section: _Section) -> tuple[str, ...]:
+    names = [n for n in re.split(r"[,\s]+", section.text("ALLOWED_HOSTS", "")) if n]
+    for name in names:
+        if name != "*" and not _HOST_NAME_RE.match(name):
+            raise section.error("ALLOWED_HOSTS", f"{name!r} is not a host name (expected names such "
+                                                 f"as broker.example.com, separated by commas, or *)")
+    return tuple(n.lower().rstrip(".") for n in names)
 
 
 def _admin(section: _Section, warnings: list[str]) -> AdminConfig:
@@ -711,6 +727,7 @@ def _admin(section: _Section, warnings: list[str]) -> AdminConfig:
         port_status=section.boolean("PORT_STATUS", True),
         history_interval=section.number("HISTORY_INTERVAL", 5.0, 0.1, 3600.0),
         history_samples=section.integer("HISTORY_SAMPLES", 120, 2, 10000),
+        allowed_hosts=_allowed_hosts(section),
     )
 
 

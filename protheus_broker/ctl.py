@@ -7,11 +7,16 @@
 URL defaults to $PROTHEUS_BROKER_URL or http://127.0.0.1:8480; the token to
 $PROTHEUS_BROKER_TOKEN.  ``hash-token`` prints a new random token and the TOKEN_HASH line for
 [BROKER_ADMIN] (or hashes the token read from stdin with ``--stdin``).
+
+Every failure is one line on stderr: exit status 2 for a bad command line (an unreadable
+``--token-file``, a ``--url`` that is not http(s)://HOST[:PORT]), 1 when the broker cannot be
+reached or refuses (``HTTP 401: wrong token``) or answers something that is not its API.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -26,7 +31,51 @@ DEFAULT_URL = "http://127.0.0.1:8480"
 
 
 class CtlError(Exception):
-    """Something to print on stderr with exit status 1."""
+    """Something to print on stderr, then exit with *status* (1: the broker; 2: the command line)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def usage_error(message: str) -> CtlError:
+    return CtlError(message, status=2)
+
+
+def check_url(url: str) -> str:
+    """*url* if it is http(s)://HOST[:PORT][/PATH], else a usage error saying what is wrong."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not a number or out of range
+    except ValueError as exc:
+        raise usage_error(f"--url {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise usage_error(f"--url {url!r}: expected http://HOST[:PORT] or https://HOST[:PORT], "
+                          f"e.g. {DEFAULT_URL}")
+    if parts.query or parts.fragment:
+        raise usage_error(f"--url {url!r}: no query or fragment, only http(s)://HOST[:PORT][/PATH]")
+    return url
+
+
+def read_token_file(path: str) -> str:
+    """The first line of *path*, stripped; a usage error if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.readline().strip()
+    except OSError as exc:
+        raise usage_error(f"--token-file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise usage_error(f"--token-file {path}: not text (expected the token on the first line)") from None
+    if not token:
+        raise usage_error(f"--token-file {path}: the first line is empty (expected the token)")
+    return token
+
+
+def check_token(token: str | None, where: str) -> str | None:
+    """A token that can go in an HTTP header (printable ASCII), else a usage error."""
+    if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
+        raise usage_error(f"{where}: the token must be printable ASCII without spaces")
+    return token or None
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -43,23 +92,40 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+#: The most of an answer that is read (a status of thousands of sessions is far less).
+MAX_ANSWER = 64 * 1024 * 1024
+
+
 def call(url: str, token: str | None, method: str, path: str) -> Any:
+    """The broker's JSON answer to *method* *path*; :class:`CtlError` for anything else."""
     headers = {"Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url.rstrip("/") + path, method=method, headers=headers,
-                                     data=b"" if method == "POST" else None)
     try:
+        request = urllib.request.Request(url.rstrip("/") + path, method=method, headers=headers,
+                                         data=b"" if method == "POST" else None)
         with _OPENER.open(request, timeout=10) as response:
-            return json.loads(response.read())
+            body = response.read(MAX_ANSWER)
     except urllib.error.HTTPError as exc:
         try:
-            message = json.loads(exc.read()).get("error", exc.reason)
-        except ValueError:
+            message = json.loads(exc.read(65536)).get("error", exc.reason)
+        except (ValueError, AttributeError, OSError, http.client.HTTPException):
             message = exc.reason
         raise CtlError(f"{method} {path}: HTTP {exc.code}: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise CtlError(f"cannot reach the broker at {url}: {getattr(exc, 'reason', exc)}") from None
+    except urllib.error.URLError as exc:
+        raise CtlError(f"cannot reach the broker at {url}: {exc.reason}") from None
+    except http.client.BadStatusLine as exc:
+        raise CtlError(f"{url} does not answer HTTP (it said {str(exc)[:60]!r}): is it the broker "
+                       "screen ([BROKER_ADMIN] ENDPOINT)?") from None
+    except (OSError, http.client.HTTPException) as exc:  # reset, timeout, a broken answer
+        raise CtlError(f"cannot reach the broker at {url}: {exc or type(exc).__name__}") from None
+    except ValueError as exc:  # what urllib makes of a URL it cannot use
+        raise usage_error(f"--url {url!r}: {exc}") from None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise CtlError(f"{url} did not answer JSON to {method} {path}: is it the broker screen "
+                       "([BROKER_ADMIN] ENDPOINT)?") from None
 
 
 def _servers_table(servers: list[dict[str, Any]]) -> str:
@@ -116,22 +182,23 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    """Do what *argv* says; 0, or :class:`CtlError` (argparse exits 2 on its own usage errors)."""
     args = parser().parse_args(argv)
     if args.command == "hash-token":
         token = sys.stdin.readline().strip() if args.stdin else new_token()
         if len(token) < 16:
-            raise CtlError("the token must be at least 16 characters")
+            raise usage_error("the token must be at least 16 characters")
         if not args.stdin:
             print(f"token (give it to admins; not stored anywhere): {token}")
         print(f"TOKEN_HASH = {hash_token(token)}")
         return 0
-    token = args.token
+    url = check_url(args.url)
+    token = check_token(args.token, "--token")
     if args.token_file:
-        with open(args.token_file) as handle:
-            token = handle.readline().strip()
+        token = check_token(read_token_file(args.token_file), f"--token-file {args.token_file}")
     needs_arg = args.command in ("drain", "ready", "down", "close")
     if needs_arg and not args.arg:
-        raise CtlError(f"{args.command} needs {'a session id' if args.command == 'close' else 'a server ID'}")
+        raise usage_error(f"{args.command} needs {'a session id' if args.command == 'close' else 'a server ID'}")
     if args.command == "status":
         method, path = "GET", "/api/v1/status"
     elif args.command == "servers":
@@ -139,7 +206,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif args.command == "sessions":
         page = args.arg or "1"
         if not page.isdigit():
-            raise CtlError(f"sessions: page must be a number, got {page!r}")
+            raise usage_error(f"sessions: page must be a number, got {page!r}")
         method, path = "GET", f"/api/v1/sessions?page={page}"
     elif args.command == "reload":
         method, path = "POST", "/api/v1/reload"
@@ -147,17 +214,37 @@ def run(argv: Sequence[str] | None = None) -> int:
         method, path = "POST", f"/api/v1/sessions/{urllib.parse.quote(args.arg)}/close"
     else:
         method, path = "POST", f"/api/v1/servers/{urllib.parse.quote(args.arg, safe='')}/{args.command}"
-    body = call(args.url, token, method, path)
-    print(json.dumps(body, indent=2, sort_keys=True) if args.json else render(args.command, body))
+    body = call(url, token, method, path)
+    if args.json:
+        print(json.dumps(body, indent=2, sort_keys=True))
+        return 0
+    try:
+        text = render(args.command, body)
+    except (KeyError, TypeError, AttributeError, ValueError):  # JSON, but not the broker's API
+        raise CtlError(f"{url} answered {method} {path} with JSON that is not the broker's "
+                       "(another service on that port?)") from None
+    print(text)
     return 0
 
 
-def main() -> None:
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command: one line on stderr and exit status 1 or 2 for any failure, never a traceback."""
     try:
-        sys.exit(run())
+        status = run(argv)
     except CtlError as exc:
-        print(f"protheus-broker-ctl: {exc}", file=sys.stderr)
-        sys.exit(1)
+        print(f"protheus-broker-ctl: {_one_line(str(exc))}", file=sys.stderr)
+        status = exc.status
+    except KeyboardInterrupt:
+        status = 130
+    except Exception as exc:  # a bug: still one line, with what it was
+        print(f"protheus-broker-ctl: unexpected error: {type(exc).__name__}: {_one_line(str(exc))}",
+              file=sys.stderr)
+        status = 1
+    sys.exit(status)
 
 
 if __name__ == "__main__":

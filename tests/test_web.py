@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import json
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from protheus_broker.balancing import Metrics
 from protheus_broker.config import ConfigError, ReadAccess, parse_config
 from protheus_broker.pool import ServerState
 from protheus_broker.proxy import ClientSide, FirstBytes
 from protheus_broker.tap import BrokerService
-from protheus_broker.web.auth import TokenChecker, hash_token, origin_matches, parse_token_hash
+from protheus_broker.web.auth import (FailureLimiter, TokenChecker, Verifier, hash_token, host_allowed,
+                                     host_of, origin_matches, parse_token_hash, reactor_thread_runner)
 from protheus_broker.web.port_status import recognise_status_request
 
 from .helpers import LogCatcher
@@ -45,8 +47,33 @@ class Reply:
         return json.loads(self.body)
 
 
+class FakeThreads:
+    """A stand-in for the reactor's thread pool: runs each function at once (*synchronous*) or
+    when the test calls :meth:`run_pending`, and counts what it ran."""
+
+    def __init__(self, synchronous: bool = True) -> None:
+        self.synchronous = synchronous
+        self.pending: list[tuple[Callable[[], bool], Deferred[bool]]] = []
+        self.ran = 0
+
+    def __call__(self, function: Callable[[], bool]) -> Deferred[bool]:
+        if self.synchronous:
+            self.ran += 1
+            return succeed(function())
+        waiting: Deferred[bool] = Deferred()
+        self.pending.append((function, waiting))
+        return waiting
+
+    def run_pending(self) -> None:
+        while self.pending:
+            function, waiting = self.pending.pop(0)
+            self.ran += 1
+            waiting.callback(function())
+
+
 class Harness:
-    """A BrokerService on a memory reactor, with the config written to a file (for reload)."""
+    """A BrokerService on a memory reactor, with the config written to a file (for reload), and
+    token checks run by :class:`FakeThreads`."""
 
     def __init__(self, test: SynchronousTestCase, text: str | None = None) -> None:
         self.reactor = MemoryReactorClock()
@@ -56,22 +83,34 @@ class Harness:
         from protheus_broker.config import load_config
         self.service = BrokerService(self.reactor, load_config(self.path))
         self.admin = [s for s in self.service if type(s).__name__ == "AdminService"][0]
+        self.threads = FakeThreads()
+        self.admin.access.verifier = Verifier(self.threads)
 
     def write(self, text: str) -> None:
         with open(self.path, "w") as handle:
             handle.write(text)
 
-    def request(self, method: str, path: str, headers: dict[str, str] | None = None,
-                peer: str = "127.0.0.1", body: bytes = b"", site: Any = None) -> Reply:
-        site = site or self.admin.site
-        protocol = site.buildProtocol(None)
+    def connect(self, peer: str = "127.0.0.1", site: Any = None) -> tuple[Any, StringTransport]:
+        """A connection to *site* (the admin endpoint by default) from *peer*."""
+        protocol = (site or self.admin.site).buildProtocol(None)
         transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
         protocol.makeConnection(transport)
-        lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1:8480", "Connection: close"]
+        return protocol, transport
+
+    def send(self, protocol: Any, method: str, path: str, headers: dict[str, str] | None = None,
+             body: bytes = b"", host: str | None = "127.0.0.1:8480", close: bool = True) -> None:
+        lines = [f"{method} {path} HTTP/1.1"] + ([f"Host: {host}"] if host is not None else [])
+        lines += ["Connection: close"] if close else []
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         if body:
             lines.append(f"Content-Length: {len(body)}")
         protocol.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None,
+                peer: str = "127.0.0.1", body: bytes = b"", site: Any = None,
+                host: str | None = "127.0.0.1:8480") -> Reply:
+        protocol, transport = self.connect(peer, site)
+        self.send(protocol, method, path, headers, body, host)
         return Reply(transport.value())
 
     def auth(self) -> dict[str, str]:
@@ -214,6 +253,16 @@ class MalformedTests(SynchronousTestCase):
         self.assertEqual((reply.status, reply.headers[b"allow"]), (405, b"POST"))
         self.assertEqual(self.h.request("POST", "/api/v1/servers/01/explode", self.h.auth()).status, 404)
 
+    def test_head_gets_headers_only(self) -> None:
+        """HEAD of a JSON read or the port's /status: the GET's status and length, no body."""
+        reply = self.h.request("HEAD", "/api/v1/status")
+        get = self.h.request("GET", "/api/v1/status")
+        self.assertEqual((reply.status, reply.body), (200, b""))
+        self.assertEqual(reply.headers[b"content-length"], str(len(get.body)).encode())
+        site = [r for r in self.h.service.factory.recognisers if r.name == "http-status"][0].site
+        reply = self.h.request("HEAD", "/status", site=site)
+        self.assertEqual((reply.status, reply.body), (200, b""))
+
     def test_bad_query_and_ids(self) -> None:
         """Bad paging and session ids are 400s that say what is wrong."""
         reply = self.h.request("GET", "/api/v1/sessions?page=x")
@@ -354,7 +403,7 @@ class ActionTests(SynchronousTestCase):
         self.assertIn("TOKEN_HASH", reply.json()["error"])
 
     def test_wrong_tokens_are_rate_limited(self) -> None:
-        """After 10 wrong tokens in 10 s the broker answers 429 without hashing."""
+        """After 10 wrong tokens in 10 s from one address it answers 429 without hashing."""
         for _ in range(10):
             self.post("/api/v1/reload", {"Authorization": "Bearer wrong"})
         self.assertEqual(self.post("/api/v1/reload", {"Authorization": "Bearer wrong"}).status, 429)
@@ -388,9 +437,9 @@ class PortStatusTests(SynchronousTestCase):
         """The SmartClient port answers /ping, /status and /status.json; no session is opened."""
         h = Harness(self)
         self.assertIn(b"pong", self.port_request(h, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"))
-        text = Reply(self.port_request(h, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"))
+        text = Reply(self.port_request(h, b"GET /status HTTP/1.1\r\nHost: localhost:1234\r\n\r\n"))
         self.assertIn(b"server 01 127.0.0.1:5001 up connections 0", text.body)
-        js = Reply(self.port_request(h, b"GET /status.json HTTP/1.1\r\nHost: x\r\n\r\n")).json()
+        js = Reply(self.port_request(h, b"GET /status.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")).json()
         self.assertEqual(js["pools"][0]["servers"][0]["id"], "01")
         self.assertEqual(h.service.factory.sessions_total, 0)
         remote = Reply(self.port_request(h, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n", peer="192.0.2.1"))
@@ -454,3 +503,260 @@ class ConfigAndAuthTests(SynchronousTestCase):
 
 
 
+
+WRONG = {"Authorization": "Bearer wrong-token-0123456789"}
+
+
+class LockoutTests(SynchronousTestCase):
+    """Finding 5: strangers sending wrong tokens cannot lock the admin out."""
+
+    def setUp(self) -> None:
+        self.h = Harness(self)
+
+    def flood(self, peer: str, count: int = 25) -> list[int]:
+        return [self.h.request("POST", "/api/v1/reload", WRONG, peer=peer).status for _ in range(count)]
+
+    def test_wrong_tokens_from_one_address_do_not_limit_another(self) -> None:
+        """25 wrong tokens from 192.0.2.66 are 401 then 429 for it alone; the right token, never
+        verified before, is 200 from localhost and from another remote address."""
+        statuses = self.flood("192.0.2.66")
+        self.assertEqual((statuses[:10], set(statuses[10:])), ([401] * 10, {429}))
+        self.assertEqual(self.h.request("POST", "/api/v1/reload", self.h.auth()).status, 200)
+        self.assertEqual(self.h.request("GET", "/api/v1/status", self.h.auth(), peer="192.0.2.77").status, 200)
+
+    def test_right_token_passes_from_a_limited_address(self) -> None:
+        """Once the token verified, it is recognised before the limiter: 200 even from the
+        address that is over its limit of wrong tokens."""
+        self.assertEqual(self.h.request("GET", "/api/v1/status", self.h.auth(), peer="192.0.2.66").status, 200)
+        self.assertEqual(self.flood("192.0.2.66")[-1], 429)
+        for _ in range(25):
+            self.assertEqual(self.h.request("POST", "/api/v1/reload", self.h.auth(), peer="192.0.2.66").status, 200)
+            self.assertEqual(self.h.request("POST", "/api/v1/reload", WRONG, peer="192.0.2.66").status, 429)
+
+    def test_limited_address_costs_no_hashing_and_recovers(self) -> None:
+        """Over the limit a wrong token is 429 with Retry-After and no PBKDF2 is run; after the
+        window it may try again."""
+        self.flood("192.0.2.66", 10)
+        ran = self.h.threads.ran
+        reply = self.h.request("POST", "/api/v1/reload", WRONG, peer="192.0.2.66")
+        self.assertEqual(reply.status, 429)
+        self.assertEqual(reply.headers[b"retry-after"], b"10")
+        self.assertIn("192.0.2.66", reply.json()["error"])
+        self.assertEqual(self.h.threads.ran, ran)
+        self.h.reactor.advance(10)
+        self.assertEqual(self.h.request("POST", "/api/v1/reload", WRONG, peer="192.0.2.66").status, 401)
+
+    def test_failure_table_is_bounded(self) -> None:
+        """A sweep over 5,000 source addresses leaves at most 1,024 entries; an IPv6 /64 counts as
+        one client; a right token is not counted."""
+        limiter = FailureLimiter(limit=3, window=10.0, size=1024)
+        for n in range(5000):
+            limiter.attempt(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", 0.0)
+        self.assertEqual(len(limiter), 1024)
+        self.assertIsNone(limiter.retry_after("10.0.0.0", 0.0))  # the oldest were forgotten
+        for n in range(3):
+            limiter.attempt(f"2001:db8::{n + 1}", 1.0)
+        self.assertEqual(limiter.retry_after("2001:db8::ffff", 2.0), 9.0)
+        self.assertIsNone(limiter.retry_after("2001:db8:0:1::1", 2.0))
+        limiter.forgive("2001:db8::3")
+        self.assertIsNone(limiter.retry_after("2001:db8::3", 2.0))
+        self.assertEqual(FailureLimiter.key("::ffff:192.0.2.1"), "192.0.2.1")
+
+    def test_verification_does_not_block_other_requests(self) -> None:
+        """While a token is being hashed (in a thread) the broker answers other requests; the
+        waiting request is answered when the hash is done."""
+        self.h.threads.synchronous = False
+        protocol, waiting = self.h.connect(peer="192.0.2.66")
+        self.h.send(protocol, "GET", "/api/v1/status", WRONG)
+        self.assertEqual(waiting.value(), b"")
+        self.assertEqual(len(self.h.threads.pending), 1)
+        self.assertEqual(self.h.request("GET", "/api/v1/status").status, 200)
+        self.assertEqual(self.h.request("GET", "/ping").status, 200)
+        self.h.threads.run_pending()
+        self.assertEqual(Reply(waiting.value()).status, 401)
+
+    def test_verifications_in_flight_are_bounded(self) -> None:
+        """One hash runs at a time and four wait; a sixth unknown token is 503 at once, while
+        the known right token and tokenless reads are still served."""
+        self.assertEqual(self.h.request("GET", "/api/v1/status", self.h.auth()).status, 200)
+        self.h.threads.synchronous = False
+        connections = []
+        for n in range(5):
+            protocol, transport = self.h.connect(peer=f"192.0.2.{n + 1}")
+            self.h.send(protocol, "GET", "/api/v1/status", WRONG)
+            connections.append(transport)
+        self.assertEqual(len(self.h.threads.pending), 1)
+        busy = self.h.request("GET", "/api/v1/status", WRONG, peer="192.0.2.99")
+        self.assertEqual((busy.status, busy.headers[b"retry-after"]), (503, b"1"))
+        self.assertEqual(self.h.request("GET", "/api/v1/status", self.h.auth(), peer="192.0.2.99").status, 200)
+        self.assertEqual(self.h.request("GET", "/api/v1/status").status, 200)
+        self.h.threads.run_pending()
+        self.assertEqual([Reply(t.value()).status for t in connections], [401] * 5)
+        self.assertEqual(self.h.threads.ran, 6)  # the right token once, the five wrong ones
+
+    def test_client_gone_before_the_check_ends(self) -> None:
+        """A client that disconnects while its token is hashed costs nothing more: no answer is
+        written, nothing is logged as an error."""
+        self.h.threads.synchronous = False
+        protocol, transport = self.h.connect(peer="192.0.2.66")
+        self.h.send(protocol, "POST", "/api/v1/reload", self.h.auth())
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.h.threads.run_pending()
+        self.assertEqual(transport.value(), b"")
+
+    def test_token_hash_iterations_are_bounded(self) -> None:
+        """A TOKEN_HASH above 1,000,000 iterations is a one-line config error naming the key
+        (2,000,000,000 would hold a core for most of an hour per check); 1,000,000 is accepted."""
+        salt = "c2FsdHNhbHRzYWx0"
+        digest = "A" * 43
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(ini(admin=f"[BROKER_ADMIN]\nTOKEN_HASH = pbkdf2_sha256$2000000000${salt}${digest}\n"),
+                         "a.ini")
+        message = str(caught.exception)
+        self.assertIn("a.ini:8: TOKEN_HASH: 2000000000 iterations is too many (at most 1000000", message)
+        self.assertNotIn("\n", message)
+        config = parse_config(ini(admin=f"[BROKER_ADMIN]\nTOKEN_HASH = pbkdf2_sha256$1000000${salt}${digest}\n"))
+        self.assertEqual(parse_token_hash(config.admin.token_hash or "").iterations, 1_000_000)  # type: ignore[union-attr]
+
+
+class ReactorThreadTests(TestCase):
+    def test_real_thread_pool_checks_tokens(self) -> None:
+        """The production runner hashes in the reactor's thread pool and reports back."""
+        from twisted.internet import reactor
+
+        verifier = Verifier(reactor_thread_runner(reactor))
+        parsed = parse_token_hash(TOKEN_HASH)
+        right = verifier.verify(parsed, TOKEN)
+        wrong = verifier.verify(parsed, TOKEN + "x")
+        return gatherResults([right, wrong]).addCallback(self.assertEqual, [True, False])
+
+
+class HostTests(SynchronousTestCase):
+    """Finding 5: a DNS-rebinding page cannot read or act through a browser on localhost."""
+
+    def setUp(self) -> None:
+        self.h = Harness(self)
+
+    def test_rebinding_host_refused(self) -> None:
+        """Host: evil.example (with or without port) gets 421 for reads, the page and actions,
+        even from localhost with the token; nothing is done."""
+        for path in ("/api/v1/sessions", "/api/v1/status", "/metrics", "/"):
+            for host in ("evil.example", "evil.example:8480", "EVIL.example."):
+                reply = self.h.request("GET", path, host=host)
+                self.assertEqual(reply.status, 421, (path, host))
+                self.assertIn("ALLOWED_HOSTS", reply.json()["error"])
+        reply = self.h.request("POST", "/api/v1/servers/01/drain", self.h.auth(), host="evil.example")
+        self.assertEqual(reply.status, 421)
+        self.assertEqual(self.h.service.pool.get("01").state, ServerState.UP)
+
+    def test_loopback_names_and_ip_literals_served(self) -> None:
+        """localhost, 127.0.0.1, [::1] and other IP literals, with or without port, and no Host
+        at all (not a browser) are answered."""
+        for host in ("localhost", "localhost:8480", "127.0.0.1", "127.0.0.1:8480", "[::1]", "[::1]:8480",
+                     "LocalHost.", "10.1.2.3:8480", None):
+            self.assertEqual(self.h.request("GET", "/api/v1/sessions", host=host).status, 200, host)
+        for host in ("[::1", "::1", "a b", "localhost:http", "\xff"):
+            self.assertEqual(self.h.request("GET", "/api/v1/status", host=host).status, 421, host)
+
+    def test_allowed_hosts_are_served_and_reloaded(self) -> None:
+        """ALLOWED_HOSTS names are answered; a reload changes them at once; * allows any."""
+        config = ini(admin=f"[BROKER_ADMIN]\nENDPOINT = tcp:0\nTOKEN_HASH = {TOKEN_HASH}\n"
+                           "ALLOWED_HOSTS = broker.example.com, Screen.Example.\n")
+        h = Harness(self, config)
+        for host in ("broker.example.com", "BROKER.example.com:8480", "screen.example"):
+            self.assertEqual(h.request("GET", "/api/v1/status", host=host).status, 200, host)
+        self.assertEqual(h.request("GET", "/api/v1/status", host="other.example").status, 421)
+        h.write(config.replace("Screen.Example.", "*"))
+        self.assertEqual(h.request("POST", "/api/v1/reload", h.auth()).status, 200)
+        self.assertEqual(h.request("GET", "/api/v1/status", host="other.example").status, 200)
+
+    def test_bad_allowed_hosts_is_one_line_error(self) -> None:
+        """An ALLOWED_HOSTS entry that is not a host name names the key and line."""
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(ini(admin="[BROKER_ADMIN]\nALLOWED_HOSTS = ok.example, evil/path\n"), "a.ini")
+        self.assertIn("a.ini:8: ALLOWED_HOSTS: 'evil/path' is not a host name", str(caught.exception))
+
+    def test_port_status_checks_host_for_loopback_reads(self) -> None:
+        """On the SmartClient port a loopback read with a foreign Host is 421; without Host (an
+        HTTP/1.0 tool), with a token, or with READ_ACCESS=ANYWHERE any Host is answered."""
+        site = [r for r in self.h.service.factory.recognisers if r.name == "http-status"][0].site
+        self.assertEqual(self.h.request("GET", "/status", site=site, host="evil.example").status, 421)
+        self.assertEqual(self.h.request("GET", "/status.json", site=site, host="evil.example").status, 421)
+        self.assertEqual(self.h.request("GET", "/ping", site=site, host="evil.example").status, 200)
+        self.assertEqual(self.h.request("GET", "/status", site=site, host=None).status, 200)
+        self.assertEqual(self.h.request("GET", "/status", self.h.auth(), site=site, host="broker.lan",
+                                        peer="192.0.2.5").status, 200)
+        h = Harness(self, ini(admin="[BROKER_ADMIN]\nENDPOINT = tcp:0\nREAD_ACCESS = ANYWHERE\n"))
+        site = [r for r in h.service.factory.recognisers if r.name == "http-status"][0].site
+        self.assertEqual(h.request("GET", "/status", site=site, host="broker.lan", peer="192.0.2.5").status, 200)
+
+    def test_host_parsing(self) -> None:
+        """host_of: lower case, no port, no trailing dot, IPv6 without brackets; junk is None."""
+        self.assertEqual(host_of(b"Broker.Example.:8480"), "broker.example")
+        self.assertEqual(host_of(b"[::1]:80"), "::1")
+        self.assertIsNone(host_of(b"[::1]x"))
+        self.assertIsNone(host_of(b"[zz]"))
+        self.assertIsNone(host_of(b":80"))
+        self.assertFalse(host_allowed(b"127.0.0.1.nip.io", ()))
+        self.assertTrue(host_allowed(b"127.0.0.1.nip.io", ("127.0.0.1.NIP.io",)))
+
+
+class RequestLimitTests(SynchronousTestCase):
+    """Finding 6: a refused body ends cleanly; a slow client is dropped."""
+
+    def setUp(self) -> None:
+        self.h = Harness(self)
+        self.port_site = [r for r in self.h.service.factory.recognisers if r.name == "http-status"][0].site
+
+    def test_refused_body_closes_without_unhandled_error(self) -> None:
+        """A 413 on the admin port and on the SmartClient port's /status, then the connection
+        ends: one status, no log line at all (it was "Unhandled Error: '_Discard' object has no
+        attribute 'close'")."""
+        logs = LogCatcher(self)
+        protocol, transport = self.h.connect(peer="192.0.2.7")
+        self.h.send(protocol, "POST", "/api/v1/reload", body=b"x" * (70 * 1024))
+        self.assertEqual(Reply(transport.value()).status, 413)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        port = self.h.service.factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 1))
+        transport.protocol = port
+        port.makeConnection(transport)
+        port.dataReceived(b"GET /status HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertEqual(Reply(transport.value()).status, 413)
+        self.assertIsNot(transport.protocol, port)  # handed to the HTTP site
+        transport.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(logs.texts(), [])
+
+    def test_slow_request_is_dropped(self) -> None:
+        """One byte every 5 s (each byte resets twisted's idle timeout) on either site: the
+        connection is closed 10 s after it opened, and aborted 15 s later if still open."""
+        for site in (self.h.admin.site, self.port_site):
+            protocol, transport = self.h.connect(peer="192.0.2.7", site=site)
+            aborted: list[bool] = []
+            transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+            opened = self.h.reactor.seconds()
+            protocol.dataReceived(b"GET /status HTTP/1.1\r\n")
+            while self.h.reactor.seconds() - opened < 60:
+                self.h.reactor.advance(5)
+                if transport.disconnecting:
+                    break
+                protocol.dataReceived(b"X")
+            self.assertEqual(self.h.reactor.seconds() - opened, 10.0)
+            self.h.reactor.advance(15)
+            self.assertEqual(aborted, [True])
+            protocol.connectionLost(Failure(ConnectionDone()))
+
+    def test_kept_alive_connection_gets_a_fresh_deadline(self) -> None:
+        """An answered request on a kept-alive connection: the link may idle (30 s) and the next
+        request has its own 10 s; a complete request is never cut by the deadline."""
+        protocol, transport = self.h.connect()
+        self.h.send(protocol, "GET", "/api/v1/status", close=False)
+        self.assertEqual(Reply(transport.value()).status, 200)
+        transport.clear()
+        self.h.reactor.advance(30)
+        self.assertFalse(transport.disconnecting)
+        self.h.send(protocol, "GET", "/ping", close=False)
+        self.assertEqual(Reply(transport.value()).status, 200)
+        self.h.reactor.advance(60)
+        self.assertTrue(transport.disconnecting)  # the idle timeout
+        protocol.connectionLost(Failure(ConnectionDone()))

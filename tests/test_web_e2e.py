@@ -3,16 +3,21 @@ on the SmartClient port, malformed requests, and a headless Chromium driven by S
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
+import select
 import socket
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 from typing import Any, Callable
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.internet.utils import getProcessOutputAndValue
 
 from protheus_broker.children import TwistdChild, twistd_argv
@@ -192,3 +197,199 @@ class ScreenProcessTests(ProcessTestCase):
         print(f"\nbroker screen screenshot saved: {path}")
         errors = await threads.deferToThread(driver.get_log, "browser")
         self.assertEqual([e for e in errors if e.get("level") == "SEVERE"], [])
+
+
+def timed(port: int, method: str, path: str, token: str | None = None, source: str = "127.0.0.1",
+          host: str | None = None, headers: dict[str, str] | None = None) -> tuple[int, float]:
+    """One request to 127.0.0.1:*port* from *source* (thread): status and seconds taken."""
+    started = time.monotonic()
+    connection = HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    try:
+        sent = dict(headers or {})
+        if token:
+            sent["Authorization"] = f"Bearer {token}"
+        if host is not None:
+            sent["Host"] = host
+        connection.request(method, path, headers=sent, body=b"" if method == "POST" else None)
+        response = connection.getresponse()
+        response.read()
+        return response.status, time.monotonic() - started
+    finally:
+        connection.close()
+
+
+def slowloris(port: int, request_line: bytes, every: float, cap: float) -> float:
+    """Send *request_line*, then one header byte every *every* s until the peer closes (thread):
+    seconds until it closed, or *cap* if it never did."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=cap) as sock:
+        sock.sendall(request_line)
+        while time.monotonic() - started < cap:
+            ready, _, _ = select.select([sock], [], [], every)
+            if ready:
+                try:
+                    if sock.recv(65536) == b"":
+                        return time.monotonic() - started
+                except ConnectionError:
+                    return time.monotonic() - started
+                continue
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                return time.monotonic() - started
+    return cap
+
+
+def counts(statuses: list[int]) -> dict[int, int]:
+    return dict(sorted(collections.Counter(statuses).items()))
+
+
+class AdminAttackProcessTests(ProcessTestCase):
+    """Finding 5 and the web part of 6 against a real broker: lockout, reactor stalls, DNS
+    rebinding, an absurd TOKEN_HASH, slowloris and 413, with the figures printed."""
+
+    timeout = 180
+    sims = test_e2e.ProcessTests.sims
+    ini = test_e2e.ProcessTests.ini
+
+    async def broker(self, iterations: int) -> tuple[TwistdChild, int, int]:
+        sims = await self.sims("a")
+        admin = (f"[BROKER_ADMIN]\nENDPOINT = tcp:0:interface=127.0.0.1\n"
+                 f"TOKEN_HASH = {hash_token(TOKEN, iterations=iterations)}\n")
+        path = self.write_ini(self.ini(sims, admin))
+        broker = self.start("broker", twistd_argv("protheus-broker", "--config", path))
+        port = await broker.listening()
+        match = _SCREEN.search(broker.text())
+        assert match is not None, broker.text()
+        return broker, port, int(match.group(1))
+
+    @defer.inlineCallbacks
+    def test_wrong_tokens_cannot_lock_out_or_stall(self) -> Any:
+        """120 wrong tokens from 40 addresses, 8 at a time (TOKEN_HASH at the 1,000,000-iteration
+        bound): /ping is served throughout, hashing is bounded.  Wrong tokens 4/s from 127.0.0.2:
+        none of 50 right-token requests (from 127.0.0.1 and from 127.0.0.2 itself) is refused.
+        Host: evil.example is refused."""
+        yield defer.ensureDeferred(self._lockout_scenario())
+
+    async def _lockout_scenario(self) -> None:
+        broker, _, admin = await self.broker(1_000_000)
+        wrong = "wrong-token-0123456789-abcdef"
+
+        # A: a sweep of wrong tokens from 40 addresses while /ping is timed from another.
+        swept_all = threading.Event()
+
+        def sweep(first: int) -> list[int]:
+            return [timed(admin, "GET", "/api/v1/status", wrong, source=f"127.0.0.{first + n % 5}")[0]
+                    for n in range(15)]
+
+        def pinger() -> list[float]:
+            latencies = []
+            while not swept_all.is_set():
+                latencies.append(timed(admin, "GET", "/ping", source="127.0.1.1")[1])
+                swept_all.wait(0.02)
+            return latencies
+
+        def sweeps_done(result: Any) -> Any:
+            swept_all.set()
+            return result
+
+        started = time.monotonic()
+        pinging = threads.deferToThread(pinger)
+        sweeps = await defer.gatherResults([threads.deferToThread(sweep, 10 + 5 * k)
+                                            for k in range(8)]).addBoth(sweeps_done)
+        swept = [s for statuses in sweeps for s in statuses]
+        pings = sorted(await pinging)
+        print(f"\nsweep: {len(swept)} wrong tokens from 40 addresses, 8 at a time, in "
+              f"{time.monotonic() - started:.1f}s: {counts(swept)} (401 = hashed); /ping meanwhile: "
+              f"median {pings[len(pings) // 2] * 1000:.1f} ms, max {pings[-1] * 1000:.1f} ms over {len(pings)}")
+
+        # B: the finding's lockout.  The attacker keeps sending wrong tokens while the admin works.
+        stop, limited = threading.Event(), threading.Event()
+
+        def attacker() -> list[int]:
+            statuses: list[int] = []
+            while not stop.is_set() and len(statuses) < 400:
+                statuses.append(timed(admin, "POST", "/api/v1/reload", wrong, source="127.0.0.2")[0])
+                if statuses[-1] == 429:
+                    limited.set()
+                    stop.wait(0.25)
+            return statuses
+
+        def administrator() -> list[int]:
+            limited.wait(60)  # the attacker has spent its 10 wrong tokens
+            statuses = []
+            for source in ["127.0.0.1"] * 25 + ["127.0.0.2"] * 25:
+                statuses.append(timed(admin, "GET", "/api/v1/status", TOKEN, source=source)[0])
+                time.sleep(0.1)
+            stop.set()
+            return statuses
+
+        attacked, right = await defer.gatherResults([threads.deferToThread(attacker),
+                                                     threads.deferToThread(administrator)])
+        print(f"lockout: wrong tokens from 127.0.0.2 {counts(attacked)}; "
+              f"right token from 127.0.0.1 {counts(right[:25])}, from 127.0.0.2 {counts(right[25:])}")
+
+        # C: DNS rebinding.
+        rebound = await threads.deferToThread(timed, admin, "GET", "/api/v1/sessions", host="evil.example")
+        local = await threads.deferToThread(timed, admin, "GET", "/api/v1/sessions", host=f"localhost:{admin}")
+        print(f"rebinding: Host evil.example -> {rebound[0]}, Host localhost:{admin} -> {local[0]}")
+
+        self.assertEqual(set(right), {200})
+        self.assertEqual(attacked[:11], [401] * 10 + [429])
+        self.assertEqual(set(attacked[10:]), {429})
+        self.assertLessEqual(set(swept), {401, 429, 503})
+        self.assertIn(503, swept)  # more than 1 running + 4 waiting were asked for
+        self.assertEqual((rebound[0], local[0]), (421, 200))
+        self.assertNotIn("Unhandled Error", broker.text())
+        self.assertNotIn("Traceback", broker.text())
+
+    @defer.inlineCallbacks
+    def test_absurd_iterations_refused_at_start(self) -> Any:
+        """A TOKEN_HASH of 2,000,000,000 iterations: the broker does not start, and says why in
+        one line naming the key."""
+        digest = hash_token(TOKEN, iterations=10_000).split("$")
+        absurd = "$".join([digest[0], "2000000000", digest[2], digest[3]])
+        sims = yield defer.ensureDeferred(self.sims("a"))
+        path = self.write_ini(self.ini(sims, f"[BROKER_ADMIN]\nENDPOINT = tcp:0:interface=127.0.0.1\n"
+                                             f"TOKEN_HASH = {absurd}\n"))
+        broker = self.start("broker", twistd_argv("protheus-broker", "--config", path))
+        yield defer.DeferredList([broker.listening(), broker.ended], fireOnOneCallback=True, consumeErrors=True)
+        print(f"\nTOKEN_HASH with 2000000000 iterations: {broker.text().strip()}")
+        self.assertTrue(broker.ended.called, "the broker started with 2,000,000,000 iterations")
+        code = yield broker.ended
+        self.assertNotEqual(code, 0)
+        lines = [line for line in broker.text().splitlines() if line.strip()]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn(f"{path}:", lines[0])
+        self.assertIn("TOKEN_HASH: 2000000000 iterations is too many (at most 1000000", lines[0])
+
+    @defer.inlineCallbacks
+    def test_slow_clients_dropped_and_413_clean(self) -> Any:
+        """A /status slowloris (one byte every 2 s) on the SmartClient port and on the admin port
+        is closed by the broker; a 413 on either port logs no Unhandled Error."""
+        yield defer.ensureDeferred(self._slow_scenario())
+
+    async def _slow_scenario(self) -> None:
+        broker, port, admin = await self.broker(20_000)
+        cap = 40.0
+        closed = await defer.gatherResults([
+            threads.deferToThread(slowloris, port, b"GET /status HTTP/1.1\r\n", 2.0, cap),
+            threads.deferToThread(slowloris, admin, b"GET /api/v1/status HTTP/1.1\r\n", 2.0, cap)])
+        print(f"\nslowloris (1 byte / 2 s): SmartClient port /status closed after {closed[0]:.1f}s, "
+              f"admin port after {closed[1]:.1f}s (cap {cap:.0f}s)")
+
+        big = await threads.deferToThread(raw, admin, b"POST /api/v1/reload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                                       b"Content-Length: 1000000000\r\n\r\n")
+        chunked = await threads.deferToThread(raw, port, b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                                         b"Transfer-Encoding: chunked\r\n\r\n")
+        status, _ = await threads.deferToThread(http, "GET", f"http://127.0.0.1:{admin}/ping")
+        await task.deferLater(reactor, 0.5, lambda: None)  # the broker's log reaches us
+        print(f"413: admin port {big.split(b' ', 2)[1].decode()}, SmartClient port "
+              f"{chunked.split(b' ', 2)[1].decode()}; Unhandled Error lines in the broker log: "
+              f"{broker.text().count('Unhandled Error')}")
+        self.assertLess(max(closed), cap)
+        self.assertIn(b" 413 ", big.split(b"\r\n")[0] + b" ")
+        self.assertIn(b" 413 ", chunked.split(b"\r\n")[0] + b" ")
+        self.assertEqual(status, 200)
+        self.assertNotIn("Unhandled Error", broker.text())
+        self.assertNotIn("Traceback", broker.text())

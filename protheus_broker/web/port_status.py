@@ -12,10 +12,13 @@ from typing import Any
 
 from twisted.internet.interfaces import IProtocol
 
-from .http import PortStatusResource, QuietSite
+from .http import Access, PortStatusResource, QuietSite
 from .model import Broker
 
 PATHS = (b"/ping", b"/status", b"/status.json")
+#: Idle seconds before a kept-alive status connection is closed (a monitor polls, a person
+#: reloads; neither needs the connection held longer on a port that faces the network).
+PORT_IDLE_TIMEOUT = 15
 METHODS = (b"GET ", b"HEAD ")
 
 
@@ -48,9 +51,9 @@ class HttpStatusRecogniser:
 
     name = "http-status"
 
-    def __init__(self, broker: Broker, reactor: Any) -> None:
-        self.site = QuietSite(PortStatusResource(broker), reactor=reactor)
-        self.site.timeOut = 30
+    def __init__(self, broker: Broker, reactor: Any, access: Access | None = None) -> None:
+        self.site = QuietSite(PortStatusResource(broker, access), reactor=reactor)
+        self.site.timeOut = PORT_IDLE_TIMEOUT  # and each request within REQUEST_TIMEOUT
 
     def recognise(self, prefix: bytes) -> bool | None:
         return recognise_status_request(prefix)

@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import AdminConfig
-from .http import AdminResource, QuietSite
+from .http import Access, AdminResource, QuietSite
 from .model import Broker, ConnectionHistory
 
 log = Logger()
@@ -26,7 +26,8 @@ class AdminService(MultiService):
         self.broker = broker
         self.config = config
         self.history = ConnectionHistory(config.history_samples)
-        self.resource = AdminResource(broker, self.history)
+        self.access = Access(broker)  # shared with the port's status: one limiter, one verifier
+        self.resource = AdminResource(broker, self.history, self.access)
         self.site = QuietSite(self.resource, reactor=reactor)
         self.port: Any = None
         sampler = TimerService(config.history_interval, self._sample)
@@ -84,5 +85,5 @@ def add_admin(broker: Any, reactor: Any, config: AdminConfig) -> AdminService:
     service = AdminService(reactor, broker, config)
     service.setServiceParent(broker)
     if config.port_status:
-        broker.factory.recognisers.append(HttpStatusRecogniser(broker, reactor))
+        broker.factory.recognisers.append(HttpStatusRecogniser(broker, reactor, service.access))
     return service

@@ -1,0 +1,190 @@
+"""protheus-broker-ctl: every failure is one line on stderr and exit status 2 (command line) or 1
+(the broker), never a traceback: in-process, against small servers on 127.0.0.1, and as a process."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from protheus_broker import ctl
+
+
+def run_main(*argv: str) -> tuple[int, str, str]:
+    """ctl.main(argv) in-process: exit status, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            ctl.main(list(argv))
+        except SystemExit as exit:
+            return int(exit.code or 0), out.getvalue(), err.getvalue()
+    raise AssertionError("main() did not exit")
+
+
+class CommandLineTests(SynchronousTestCase):
+    def one_line(self, argv: list[str], status: int, expected: str) -> None:
+        code, out, err = run_main(*argv)
+        self.assertEqual((code, out), (status, ""), err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertTrue(err.startswith("protheus-broker-ctl: "), err)
+        self.assertIn(expected, err)
+
+    def test_unreadable_token_file(self) -> None:
+        """A missing, directory, binary or empty --token-file: one line naming it, exit 2."""
+        missing = os.path.abspath(self.mktemp())
+        self.one_line(["--token-file", missing, "status"], 2, f"--token-file {missing}: No such file or directory")
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        self.one_line(["--token-file", folder, "reload"], 2, f"--token-file {folder}: Is a directory")
+        binary = os.path.abspath(self.mktemp())
+        with open(binary, "wb") as handle:
+            handle.write(b"\xff\xfe\x00garbage\n")
+        self.one_line(["--token-file", binary, "reload"], 2, "not text")
+        empty = os.path.abspath(self.mktemp())
+        open(empty, "w").close()
+        self.one_line(["--token-file", empty, "reload"], 2, "the first line is empty")
+
+    def test_url_that_is_not_http(self) -> None:
+        """--url must be http(s)://HOST[:PORT]: anything else is one line, exit 2, before any
+        connection is tried."""
+        for url in ("ftp://127.0.0.1/", "127.0.0.1:8480", "http://[::1", "http://127.0.0.1:99999",
+                    "http://", "not a url", "http://127.0.0.1:8480/?x=1", "file:///etc/passwd"):
+            self.one_line(["--url", url, "status"], 2, f"--url {url!r}")
+
+    def test_token_that_cannot_be_sent(self) -> None:
+        """A token with non-ASCII or spaces cannot go in a header: one line, exit 2."""
+        self.one_line(["--token", "caf\u00e9-token-0123456789", "status"], 2, "--token: the token must be")
+
+    def test_usage_errors_of_commands(self) -> None:
+        """A command without its argument, or a bad page number: one line, exit 2."""
+        self.one_line(["drain"], 2, "drain needs a server ID")
+        self.one_line(["sessions", "two"], 2, "page must be a number")
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Fixed(Resource):
+    isLeaf = True
+
+    def __init__(self, status: int, content_type: bytes, body: bytes) -> None:
+        super().__init__()
+        self.status, self.content_type, self.body = status, content_type, body
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(self.status)
+        request.setHeader(b"content-type", self.content_type)
+        return self.body
+
+
+class _NotHttp(protocol.Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+        self.transport.loseConnection()
+
+
+class BrokerAnswerTests(TestCase):
+    """ctl against things on 127.0.0.1 that are not (or not quite) the broker screen."""
+
+    timeout = 60
+
+    def listen(self, factory: Any) -> str:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        return f"http://127.0.0.1:{port.getHost().port}"
+
+    def site(self, status: int, content_type: bytes, body: bytes) -> str:
+        return self.listen(Site(_Fixed(status, content_type, body)))
+
+    async def failure(self, url: str, *argv: str) -> tuple[int, str]:
+        """ctl.run in a thread (it blocks): the CtlError's status and one-line message."""
+        def call() -> tuple[int, str]:
+            try:
+                ctl.run(["--url", url, "--token", "t0ken-0123456789-abcdef", *argv])
+            except ctl.CtlError as exc:
+                return exc.status, str(exc)
+            raise AssertionError("no CtlError")
+        status, message = await threads.deferToThread(call)
+        self.assertNotIn("\n", message)
+        return status, message
+
+    @defer.inlineCallbacks
+    def test_connection_refused(self) -> Any:
+        """Nothing listening: exit 1, 'cannot reach the broker'."""
+        url = f"http://127.0.0.1:{closed_port()}"
+        status, message = yield defer.ensureDeferred(self.failure(url, "status"))
+        self.assertEqual(status, 1)
+        self.assertIn(f"cannot reach the broker at {url}", message)
+        self.assertIn("refused", message)
+
+    @defer.inlineCallbacks
+    def test_not_http_at_all(self) -> Any:
+        """A port that speaks another protocol (an SSH banner): exit 1, one line."""
+        factory = protocol.ServerFactory.forProtocol(_NotHttp)
+        url = self.listen(factory)
+        status, message = yield defer.ensureDeferred(self.failure(url, "servers"))
+        self.assertEqual(status, 1)
+        self.assertIn(f"{url} does not answer HTTP (it said 'SSH-2.0-OpenSSH_9.2\\r\\n')", message)
+
+    @defer.inlineCallbacks
+    def test_answer_that_is_not_json(self) -> Any:
+        """An HTML page where JSON was expected: exit 1, it says it is not the broker screen."""
+        url = self.site(200, b"text/html", b"<html>hello</html>")
+        status, message = yield defer.ensureDeferred(self.failure(url, "status"))
+        self.assertEqual(status, 1)
+        self.assertIn("did not answer JSON", message)
+
+    @defer.inlineCallbacks
+    def test_json_that_is_not_the_broker_api(self) -> Any:
+        """JSON of another shape: exit 1 (the table code must not raise KeyError)."""
+        url = self.site(200, b"application/json", b'{"hello": "world"}')
+        for command in ("status", "servers", "sessions"):
+            status, message = yield defer.ensureDeferred(self.failure(url, command))
+            self.assertEqual(status, 1)
+            self.assertIn("JSON that is not the broker's", message)
+
+    @defer.inlineCallbacks
+    def test_http_error_without_json(self) -> Any:
+        """An HTTP error with a text body: exit 1 with the status and reason."""
+        url = self.site(500, b"text/plain", b"boom")
+        status, message = yield defer.ensureDeferred(self.failure(url, "reload"))
+        self.assertEqual((status, message), (1, "POST /api/v1/reload: HTTP 500: Internal Server Error"))
+
+
+class ProcessTests(TestCase):
+    """The installed command's path: ``python -m protheus_broker.ctl``."""
+
+    timeout = 60
+
+    async def ctl(self, *argv: str) -> tuple[str, str, int]:
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "protheus_broker.ctl", *argv],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        return out.decode(), err.decode(), code
+
+    @defer.inlineCallbacks
+    def test_no_traceback_for_bad_token_file_or_url(self) -> Any:
+        """A missing --token-file, a non-HTTP --url and a refused connection: each one line on
+        stderr, no traceback; exit 2, 2 and 1."""
+        missing = os.path.abspath(self.mktemp())
+        cases = [(["--token-file", missing, "status"], 2), (["--url", "ftp://127.0.0.1/", "status"], 2),
+                 (["--url", f"http://127.0.0.1:{closed_port()}", "status"], 1)]
+        for argv, expected in cases:
+            out, err, code = yield defer.ensureDeferred(self.ctl(*argv))
+            print(f"\nprotheus-broker-ctl {' '.join(argv)} -> exit {code}: {err.strip()}")
+            self.assertEqual((code, out), (expected, ""), err)
+            self.assertNotIn("Traceback", err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
