@@ -33,12 +33,13 @@ class Rig:
     """SmartClient -> connector -> (links the test controls) -> broker -> AppServer, in memory."""
 
     def __init__(self, standby: float = 180.0, buffer: int = 64 * 1024, keepalive: float = 1.0,
-                 connector_buffer: int | None = None, echo: bool = True) -> None:
+                 connector_buffer: int | None = None, echo: bool = True, standby_max: int = 1000) -> None:
         self.reactor = clock = __import__("twisted.internet.testing", fromlist=["x"]).MemoryReactorClock()
         self.net = Net(clock)
         self.app = EndpointFactory(echo=echo)
         self.net.listen(*APP, self.app)
-        self.config = ResumeConfig(standby_time=standby, buffer_size=buffer, keepalive=keepalive)
+        self.config = ResumeConfig(standby_time=standby, buffer_size=buffer, keepalive=keepalive,
+                                   standby_max_sessions=standby_max)
         self.sessions = ResumableSessions(clock, self.config)
         self.broker = BrokerFactory(clock, ServerPool(servers(APP[1]), ConnectionBalancer()),
                                     recognisers=[self.sessions.recogniser])
