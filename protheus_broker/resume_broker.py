@@ -92,6 +92,7 @@ class ResumableSessions:
         cap = self.cap
         while len(self.waiting) >= cap:
             oldest = next(iter(self.waiting))
+            del self.waiting[oldest]  # (_end forgets it too; this keeps the loop finite regardless)
             self.evictions += 1
             self._evicted_since_log += 1
             now = self.clock.seconds()
