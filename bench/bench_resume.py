@@ -10,14 +10,22 @@ AppServer (echo), protheus-broker, protheus-connect; the load and the fault prox
    from the end of each outage to the next echo reaching the client (p50/p99, ms);
 2. memory per standby session: the broker's RSS (psutil) before opening ``--sessions`` sessions
    through the connector and after all their links were cut (sessions in standby), over the count;
-3. bulk throughput, ``--mb`` MB each way at once through connector+broker vs the broker alone
+3. the same with an AppServer that talks while its sessions are in standby: ``--talk-sessions``
+   sessions on an in-process AppServer that greets, then sends ``--talk-mb`` MB to each session
+   once all are in standby; the broker's RSS growth over the count;
+4. a resumable-session flood: ``--flood`` links that send the magic and a HELLO and reset once
+   the broker answers (MAX_SESSIONS=0); the broker's RSS growth and the sessions left in standby;
+5. bulk throughput, ``--mb`` MB each way at once through connector+broker vs the broker alone
    (median of ``--rounds``).
+
+``--only`` runs some of them (``latency,standby,talk,flood,bulk``).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 import resource
 import statistics
 import sys
@@ -27,7 +35,7 @@ from typing import Any
 
 import psutil
 from twisted.internet import defer, task
-from twisted.internet.protocol import ClientCreator, Protocol
+from twisted.internet.protocol import ClientCreator, Factory, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -73,6 +81,60 @@ class Idle(Protocol):
         self.received += len(data)
 
 
+class Talker(Protocol):
+    """An AppServer session that greets, then sends what it is told to (with backpressure)."""
+
+    def __init__(self, talkers: list[Talker]) -> None:
+        self.talkers = talkers
+        self.left = 0
+        self.paused = False
+
+    def connectionMade(self) -> None:
+        self.talkers.append(self)
+        self.transport.registerProducer(self, True)
+        self.transport.write(b"AppServer hello\r\n")
+
+    def talk(self, size: int) -> None:
+        self.left = size
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while self.left > 0 and not self.paused:
+            chunk = min(64 * 1024, self.left)
+            self.left -= chunk
+            self.transport.write(b"t" * chunk)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        self.left = 0
+
+
+class HelloThenReset(Protocol):
+    """One flood link: magic + HELLO, then a TCP reset as soon as the broker answers."""
+
+    def __init__(self) -> None:
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.answered = False
+
+    def connectionMade(self) -> None:
+        from protheus_broker import resume_crypto as crypto
+        from protheus_broker.resume_frames import HELLO, MAGIC, Kind, encode
+
+        self.transport.write(MAGIC + encode(Kind.HELLO, HELLO.pack(crypto.KeyPair().public, MB)))
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.answered:
+            self.answered = True
+            self.transport.abortConnection()  # SO_LINGER 0: a reset
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.done.called:
+            self.done.callback(None)
+
+
 class Chain:
     """The child processes of one measurement."""
 
@@ -87,9 +149,14 @@ class Chain:
         self.children.append(child)
         return child, await child.listening()
 
-    async def sim_and_broker(self) -> tuple[TwistdChild, int]:
+    async def sim_and_broker(self, greeting: bool = False) -> tuple[TwistdChild, int]:
         _, sim_port = await self.start("sim", twistd_argv(
-            "protheus-appserver-sim", "--no-greeting", "--port", "tcp:0:interface=127.0.0.1"))
+            "protheus-appserver-sim", *([] if greeting else ["--no-greeting"]),
+            "--port", "tcp:0:interface=127.0.0.1"))
+        return await self.broker(sim_port)
+
+    async def broker(self, app_port: int) -> tuple[TwistdChild, int]:
+        sim_port = app_port
         ini = self.workdir / "appserver.ini"
         ini.write_text("[GENERAL]\nConsoleLog=1\n[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT=0\n"
                        "LOCAL_SERVER_INTERFACE=127.0.0.1\nSORT_METHOD=CONNECTION\n"
@@ -166,17 +233,90 @@ async def standby_memory(reactor: Any, chain: Chain, sessions: int) -> tuple[int
         clients.extend(batch)
     while any(p.received < 1 for p in clients):
         await sleep(reactor, 0.05)
+    await sleep(reactor, chain.keepalive * 1.5)  # every connector acknowledged (at latest a PING)
     attached = rss(broker.pid)
     proxy.cut_all()
-    while broker.text().count("link dropped (") < sessions:
+    while ended(broker) < sessions:
         await sleep(reactor, 0.1)
     await sleep(reactor, 0.5)
     standby = rss(broker.pid)
+    assert in_standby(broker) == sessions, (in_standby(broker), sessions)
     for peer in clients:
         peer.transport.abortConnection()
     await listening.stopListening()
     await chain.stop()
     return before, attached, standby
+
+
+def in_standby(broker: TwistdChild) -> int:
+    """Sessions the broker put in standby (one "resume.drop" line each)."""
+    return len(re.findall(r"link dropped \(.*\); standby up to", broker.text()))
+
+
+def ended(broker: TwistdChild) -> int:
+    """Sessions in standby or ended (a drop before a session was established ends it)."""
+    return in_standby(broker) + len(re.findall(r"session \d+ \S+ -> \S+ ended: ", broker.text()))
+
+
+async def talking_standby_memory(reactor: Any, chain: Chain, sessions: int,
+                                 talk: int) -> tuple[int, int, int]:
+    """RSS with *sessions* idle in standby, then after their AppServer sent *talk* bytes each."""
+    talkers: list[Talker] = []
+    app = reactor.listenTCP(0, Factory.forProtocol(lambda: Talker(talkers)), interface="127.0.0.1",
+                            backlog=2048)
+    broker, broker_port = await chain.broker(app.getHost().port)
+    proxy = FaultProxy(reactor, broker_port, [], random.Random(1), silent_ratio=0.0,
+                       downtime=lambda r: 3600.0)
+    listening = reactor.listenTCP(0, proxy, interface="127.0.0.1", backlog=2048)
+    local = await chain.connector(listening.getHost().port)
+    assert broker.pid is not None
+    clients = []
+    for start in range(0, sessions, 100):
+        batch = [Idle() for _ in range(min(100, sessions - start))]
+        await defer.gatherResults([ClientCreator(reactor, lambda p=p: p).connectTCP("127.0.0.1", local)
+                                   for p in batch])
+        clients.extend(batch)
+    while any(p.received < 1 for p in clients):
+        await sleep(reactor, 0.05)
+    await sleep(reactor, chain.keepalive * 1.5)
+    proxy.cut_all()
+    while ended(broker) < sessions:
+        await sleep(reactor, 0.1)
+    await sleep(reactor, 0.5)
+    standby = rss(broker.pid)
+    for talker in talkers:
+        talker.talk(talk)
+    await sleep(reactor, 3.0)
+    talked = rss(broker.pid)
+    for peer in clients:
+        peer.transport.abortConnection()
+    await listening.stopListening()
+    await chain.stop()
+    for talker in talkers:
+        talker.transport.abortConnection()
+    await app.stopListening()
+    return in_standby(broker), standby, talked
+
+
+async def flood_memory(reactor: Any, chain: Chain, count: int) -> tuple[int, int, int, float]:
+    """RSS before and after *count* HELLO-then-reset links, sessions left in standby, seconds."""
+    broker, broker_port = await chain.sim_and_broker(greeting=True)
+    assert broker.pid is not None
+    await sleep(reactor, 0.5)
+    before = rss(broker.pid)
+    started = time.perf_counter()
+    for start in range(0, count, 50):
+        batch = [HelloThenReset() for _ in range(min(50, count - start))]
+        for p in batch:
+            ClientCreator(reactor, lambda p=p: p).connectTCP("127.0.0.1", broker_port)
+        await defer.gatherResults([p.done for p in batch])
+    elapsed = time.perf_counter() - started
+    while ended(broker) < count:
+        await sleep(reactor, 0.1)
+    await sleep(reactor, 0.5)
+    after = rss(broker.pid)
+    await chain.stop()
+    return before, after, in_standby(broker), elapsed
 
 
 async def throughput(reactor: Any, chain: Chain, size: int, via_connector: bool) -> float:
@@ -208,24 +348,42 @@ async def main(reactor: Any, options: argparse.Namespace) -> None:
     print(f"bench_resume: Python {sys.version.split()[0]}, Twisted "
           f"{__import__('twisted').__version__}, {psutil.cpu_count()} cores", flush=True)
 
-    delays, handshakes = await resume_latency(reactor, chain, options.outages, options.interval,
-                                              options.down)
-    ms = [d * 1000 for d in delays]
-    print(f"link restored -> data flowing again ({len(ms)} of {options.outages} outages of "
-          f"{options.down * 1000:.0f} ms, resets): p50 {percentile(ms, 0.5):.1f} ms, "
-          f"p99 {percentile(ms, 0.99):.1f} ms, max {max(ms):.1f} ms", flush=True)
-    ms = [d * 1000 for d in handshakes]
-    print(f"  of which after the connector's reconnect was accepted (resume handshake + replay + "
-          f"echo): p50 {percentile(ms, 0.5):.2f} ms, p99 {percentile(ms, 0.99):.2f} ms; the rest is "
-          f"the retry backoff (capped at 250 ms)", flush=True)
+    only = set(options.only.split(","))
+    if "latency" in only:
+        delays, handshakes = await resume_latency(reactor, chain, options.outages, options.interval,
+                                                  options.down)
+        ms = [d * 1000 for d in delays]
+        print(f"link restored -> data flowing again ({len(ms)} of {options.outages} outages of "
+              f"{options.down * 1000:.0f} ms, resets): p50 {percentile(ms, 0.5):.1f} ms, "
+              f"p99 {percentile(ms, 0.99):.1f} ms, max {max(ms):.1f} ms", flush=True)
+        ms = [d * 1000 for d in handshakes]
+        print(f"  of which after the connector's reconnect was accepted (resume handshake + replay "
+              f"+ echo): p50 {percentile(ms, 0.5):.2f} ms, p99 {percentile(ms, 0.99):.2f} ms; the "
+              f"rest is the retry backoff (capped at 250 ms)", flush=True)
 
-    before, attached, standby = await standby_memory(reactor, chain, options.sessions)
-    print(f"broker RSS: {before / MB:.1f} MiB idle, {attached / MB:.1f} MiB with {options.sessions} "
-          f"connector sessions open, {standby / MB:.1f} MiB with them in standby: "
-          f"{(attached - before) / options.sessions / 1024:.1f} KiB per open session, "
-          f"{(standby - before) / options.sessions / 1024:.1f} KiB per standby session "
-          f"(AppServer connection included)", flush=True)
+    if "standby" in only:
+        before, attached, standby = await standby_memory(reactor, chain, options.sessions)
+        print(f"broker RSS: {before / MB:.1f} MiB idle, {attached / MB:.1f} MiB with "
+              f"{options.sessions} connector sessions open, {standby / MB:.1f} MiB with them in "
+              f"standby: {(attached - before) / options.sessions / 1024:.1f} KiB per open session, "
+              f"{(standby - before) / options.sessions / 1024:.1f} KiB per standby session "
+              f"(AppServer connection included)", flush=True)
 
+    if "talk" in only:
+        n = options.talk_sessions
+        held, standby, talked = await talking_standby_memory(reactor, chain, n, options.talk_mb * MB)
+        print(f"{held} sessions in standby, then their AppServer sends {options.talk_mb} MB to each: "
+              f"broker RSS {standby / MB:.1f} -> {talked / MB:.1f} MiB, "
+              f"{(talked - standby) / n / 1024:.1f} KiB more per standby session", flush=True)
+
+    if "flood" in only:
+        before, after, held, elapsed = await flood_memory(reactor, chain, options.flood)
+        print(f"flood of {options.flood} HELLO-then-reset links in {elapsed:.1f}s: {held} sessions "
+              f"left in standby, broker RSS {before / MB:.1f} -> {after / MB:.1f} MiB "
+              f"({(after - before) / options.flood / 1024:.1f} KiB per flood link)", flush=True)
+
+    if "bulk" not in only:
+        return
     rates: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(options.rounds):
         for via in (False, True):
@@ -245,4 +403,8 @@ if __name__ == "__main__":
     parser.add_argument("--mb", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keepalive", type=float, default=1.0)
+    parser.add_argument("--talk-sessions", type=int, default=200)
+    parser.add_argument("--talk-mb", type=int, default=2)
+    parser.add_argument("--flood", type=int, default=5000)
+    parser.add_argument("--only", default="latency,standby,talk,flood,bulk")
     task.react(lambda reactor: defer.ensureDeferred(main(reactor, parser.parse_args())))

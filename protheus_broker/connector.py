@@ -86,6 +86,7 @@ class ConnectorStream(StreamEnd):
     """One SmartClient session on the connector side."""
 
     link: ConnectorLink | None
+    ack_first_at_once = True  # the broker keeps the session in standby only once we did
 
     def __init__(self, factory: ConnectorFactory, local: LocalSide) -> None:
         super().__init__(factory.config.buffer_size)

@@ -5,7 +5,14 @@ for :class:`~.proxy.FirstBytes`).  Each resumable session is a :class:`BrokerStr
 *transport* of an ordinary :class:`~.proxy.ClientSide`, so the proxy's ``Session`` chooses and
 connects the AppServer, relays, accounts and appears in ``BrokerFactory.sessions`` as any other.
 Links come and go under it; while none is attached the session is in standby for ``STANDBY_TIME``
-seconds, AppServer bytes kept in the bounded replay buffer (full: the AppServer is not read).
+seconds.
+
+Standby is earned: a session is kept in standby only once it is *established*, that is once the
+connector has acknowledged AppServer bytes (see :attr:`BrokerStream.established`).  A session whose
+link drops before that ends at once, so a client that opens sessions and resets them holds nothing.
+At most ``STANDBY_MAX_SESSIONS`` sessions wait in standby; a further drop ends the oldest of them.
+In standby the AppServer is not read: the session holds only what the connector had not
+acknowledged when the link dropped, and the AppServer's bytes wait in its socket buffers.
 """
 
 from __future__ import annotations
@@ -32,6 +39,14 @@ log = Logger()
 HANDSHAKE_TIMEOUT = 10.0
 
 
+class SessionEnded(ConnectionLost):
+    """Why the broker ended a resumable session itself; reads as just that reason (the proxy puts
+    it in the session's end line)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "session ended"
+
+
 class ResumableSessions:
     """The broker's resumable sessions (``BrokerFactory.standby``), with standby accounting."""
 
@@ -39,11 +54,18 @@ class ResumableSessions:
         self.clock = clock
         self.config = config
         self.streams: dict[bytes, BrokerStream] = {}
-        self.waiting: set[BrokerStream] = set()  # in standby: no link attached
-        self.drops = 0
+        #: in standby (no link attached), oldest drop first (a dict keeps insertion order)
+        self.waiting: dict[BrokerStream, None] = {}
+        self.drops = 0  # links dropped under an established session (each put it in standby)
         self.resumes = 0
         self.expiries = 0
         self.resume_failures = 0
+        #: sessions ended because their link dropped before they were established
+        self.unestablished = 0
+        #: sessions in standby ended to make room for a newer drop (STANDBY_MAX_SESSIONS reached)
+        self.evictions = 0
+        self._evicted_since_log = 0
+        self._eviction_logged_at = -1e9
         self.recogniser = ResumeRecogniser(self)
 
     @property
@@ -51,9 +73,41 @@ class ResumableSessions:
         """Sessions in standby now."""
         return len(self.waiting)
 
+    @property
+    def cap(self) -> int:
+        """``STANDBY_MAX_SESSIONS``: sessions that may wait in standby at once."""
+        return self.config.standby_max_sessions
+
     def snapshot(self) -> list[dict[str, Any]]:
-        """The sessions in standby, for the status page."""
-        return [stream.describe() for stream in sorted(self.waiting, key=lambda s: s.dropped_at or 0.0)]
+        """The sessions in standby, oldest drop first, for the status page."""
+        return [stream.describe() for stream in self.waiting]
+
+    def make_room(self) -> None:
+        """Before one more session goes to standby: end the oldest ones while the cap is reached.
+
+        The oldest is the least likely to come back (most outages are short, and it has spent
+        the most of its window); ending it rather than the new drop means a flood of drops cannot
+        keep real sessions out of standby for a whole window, only for as long as it keeps
+        pushing ``STANDBY_MAX_SESSIONS`` sessions through, and memory stays bounded either way."""
+        cap = self.cap
+        while len(self.waiting) >= cap:
+            oldest = next(iter(self.waiting))
+            del self.waiting[oldest]  # (_end forgets it too; this keeps the loop finite regardless)
+            self.evictions += 1
+            self._evicted_since_log += 1
+            now = self.clock.seconds()
+            if now - self._eviction_logged_at >= 10:
+                log.warn(
+                    "{text}", text=f"standby full (STANDBY_MAX_SESSIONS={cap}): ended "
+                    f"{self._evicted_since_log} oldest session(s) in standby to take newer drops, "
+                    f"latest session {oldest.session_id} from {_address(oldest.peer)}",
+                    event="resume.evicted", cap=cap, count=self._evicted_since_log,
+                    session_id=oldest.session_id,
+                )
+                self._eviction_logged_at = now
+                self._evicted_since_log = 0
+            oldest._end(Failure(SessionEnded(
+                f"ended in standby to make room for a newer drop (STANDBY_MAX_SESSIONS={cap})")))
 
     def open(self, broker: BrokerFactory, link: BrokerLink, secret: bytes, key: bytes) -> BrokerStream:
         stream = BrokerStream(self, broker, key, secret, link.transport.getPeer())
@@ -62,7 +116,7 @@ class ResumableSessions:
 
     def forget(self, stream: BrokerStream) -> None:
         self.streams.pop(stream.key, None)
-        self.waiting.discard(stream)
+        self.waiting.pop(stream, None)
 
 
 class ResumeRecogniser:
@@ -82,7 +136,19 @@ class ResumeRecogniser:
 
 @implementer(ITransport, IConsumer, IPushProducer)
 class BrokerStream(StreamEnd):
-    """One resumable session on the broker, and the transport its ClientSide writes to."""
+    """One resumable session on the broker, and the transport its ClientSide writes to.
+
+    ``established`` turns true once the connector acknowledges AppServer bytes (an ACK or PING
+    past position 0).  Only then does a dropped link put the session in standby.  Why this rule:
+    an acknowledgement of AppServer data cannot be sent blind (a position beyond what was sent is
+    a protocol error that drops the link), so it proves that the peer kept the link open until the
+    AppServer answered and read that answer: a session that got as far as a login.  A HELLO
+    followed by a reset costs the sender nothing, and must cost the broker nothing either.  (A
+    proof of the session's secret would add nothing: whoever sent the HELLO derived that secret.)
+    Our connector acknowledges the first AppServer bytes at once, so a real session is
+    established one round trip after the AppServer first speaks; a drop before then loses no
+    state worth keeping (the SmartClient logs in again, as after a drop before the WELCOME).
+    """
 
     client: ClientSide
 
@@ -102,6 +168,7 @@ class BrokerStream(StreamEnd):
         self.expiry: Any = None
         self.connected = True
         self.disconnecting = False
+        self.established = False
 
     def start(self) -> None:
         """Open the AppServer side through the ordinary proxy session."""
@@ -208,6 +275,11 @@ class BrokerStream(StreamEnd):
     def peer_closed(self, reason: str) -> None:
         self._end(Failure(ConnectionDone()))
 
+    def on_ack(self, position: int) -> None:
+        super().on_ack(position)
+        if not self.established and (self.out.base > 0 or self.out.eof_acknowledged):
+            self.established = True
+
     def link_lost(self, link: FrameLink, reason: Failure) -> None:
         if self.finished:
             return
@@ -215,13 +287,28 @@ class BrokerStream(StreamEnd):
             # Both streams were delivered whole: nothing is left to resume.
             self._end(Failure(ConnectionDone()))
             return
-        self._standby(_why(reason))
+        why = _why(reason)
+        if not self.established:
+            # Nothing earned a place in standby: end now, freeing the slot and the AppServer
+            # connection.  The session's end is logged once, by the proxy, with this reason.
+            self.sessions.unestablished += 1
+            self._end(Failure(SessionEnded(
+                f"resumable link dropped ({why}) before the session was established (no AppServer "
+                f"bytes acknowledged); not kept in standby")))
+            return
+        self._standby(why)
 
     def _standby(self, why: str) -> None:
-        """No link carries the session: wait for a resume up to the window."""
+        """No link carries the session: wait for a resume up to the window, reading nothing
+        from the AppServer meanwhile."""
+        self.sessions.make_room()
         self.dropped_at = self.clock.seconds()
-        self.sessions.waiting.add(self)
+        self.sessions.waiting[self] = None
         self.sessions.drops += 1
+        if not self.source_paused:
+            # What the AppServer sends now waits in its socket buffers, not in our memory.
+            self.source_paused = True
+            self.pause_source()
         window = self.sessions.config.standby_time
         if self.expiry is None:
             self.expiry = self.clock.callLater(window, self.expire)
@@ -241,7 +328,7 @@ class BrokerStream(StreamEnd):
             old.stream = None
             old.drop("replaced by a resumed link")
             self.detach()
-            self._standby("replaced by a new link")
+            self._replaced()
         assert self.dropped_at is not None
         downtime = self.clock.seconds() - self.dropped_at
         self.out.check(position)  # before anything is sent: it may refuse
@@ -252,7 +339,7 @@ class BrokerStream(StreamEnd):
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
-        self.sessions.waiting.discard(self)
+        self.sessions.waiting.pop(self, None)
         self.dropped_at = None
         self.peer = link.peer_address
         link.stream = self
@@ -266,6 +353,19 @@ class BrokerStream(StreamEnd):
         )
         self.check_done()
 
+    def _replaced(self) -> None:
+        """A proven link takes over from one still attached: a drop, with no standby between."""
+        self.dropped_at = self.clock.seconds()
+        self.sessions.drops += 1
+        client = _address(self.peer)
+        log.info(
+            "{text}", text=f"resumable session {self.session_id} from {client}: link dropped "
+            f"(replaced by a new link); {self.out.size} bytes buffered",
+            event="resume.drop", session_id=self.session_id, client=client,
+            why="replaced by a new link", window=self.sessions.config.standby_time,
+            buffered_bytes=self.out.size,
+        )
+
     def expire(self) -> None:
         self.expiry = None
         if self.finished:
@@ -278,7 +378,7 @@ class BrokerStream(StreamEnd):
             event="resume.expired", session_id=self.session_id, window=window,
             buffered_bytes=self.out.size,
         )
-        self._end(Failure(ConnectionLost(f"connector did not resume within {window:g}s")))
+        self._end(Failure(SessionEnded(f"connector did not resume within {window:g}s")))
 
     def _end(self, reason: Failure, close_reason: str | None = None) -> None:
         if self.finished:
@@ -404,7 +504,7 @@ class BrokerLink(FrameLink):
             log.error("resumable session {session_id}: cannot resume: {why}",
                       session_id=stream.session_id, why=str(exc))
             self.refuse(f"cannot resume: {exc}")
-            stream._end(Failure(ConnectionLost(f"resume impossible: {exc}")))
+            stream._end(Failure(SessionEnded(f"resume impossible: {exc}")))
 
     def refuse(self, why: str) -> None:
         log.warn("{text}", text=f"resumable link {self.peer_text()}: refused: {why}",

@@ -32,6 +32,9 @@ class StreamEnd:
     """
 
     link: FrameLink | None
+    #: acknowledge the peer's first stream bytes at once (the connector: its first acknowledgement
+    #: of AppServer bytes is what earns the session its standby on the broker)
+    ack_first_at_once = False
 
     def __init__(self, limit: int) -> None:
         self.out = ReplayBuffer(limit)
@@ -84,10 +87,11 @@ class StreamEnd:
     def on_data(self, payload: bytes) -> None:
         if self.peer_eof:
             raise FrameError("DATA after EOF")
+        first = self.received == 0 and self.ack_first_at_once
         self.received += len(payload)
         self.unacked += len(payload)
         self.deliver(payload)
-        if self.unacked >= self.ack_every and self.link is not None:
+        if (self.unacked >= self.ack_every or first) and self.link is not None:
             self.send_ack()
 
     def on_eof(self) -> None:

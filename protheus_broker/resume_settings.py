@@ -3,7 +3,9 @@
 Broker (``[BALANCE_SMART_CLIENT_DESKTOP]``): ``STANDBY_TIME`` (seconds a session waits for its
 connector after the link drops, TOTVS's key, default 180), ``RESUME_ENABLE`` (default 1),
 ``RESUME_BUFFER_SIZE`` (KiB of replay buffer per direction, default 1024), ``RESUME_KEEPALIVE``
-(seconds between keepalives, default 1; a link silent for four of them is dead).
+(seconds between keepalives, default 1; a link silent for four of them is dead),
+``STANDBY_MAX_SESSIONS`` (sessions held in standby at once, default 1000: at the cap a further
+drop ends the oldest session in standby).
 
 Connector: the section of a smartclient.ini that names the broker (``server``, ``port``,
 ``BrokerProxy=1``).
@@ -20,6 +22,11 @@ if TYPE_CHECKING:
 DEFAULT_STANDBY_TIME = 180.0
 DEFAULT_BUFFER = 1024 * 1024
 DEAD_AFTER_KEEPALIVES = 4
+#: Sessions in standby at once.  A thousand simultaneous drops is a whole large branch office losing
+#: its WAN link; it is a tenth of the default MAX_SESSIONS, so standby can never take the slots real
+#: logins need; idle, they cost the broker about 6 MiB (a few KiB each); at worst (each dropped with
+#: a full unacknowledged window) RESUME_BUFFER_SIZE + 256 KiB each.
+DEFAULT_STANDBY_MAX_SESSIONS = 1000
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,7 @@ class ResumeConfig:
     standby_time: float = DEFAULT_STANDBY_TIME
     buffer_size: int = DEFAULT_BUFFER
     keepalive: float = 1.0
+    standby_max_sessions: int = DEFAULT_STANDBY_MAX_SESSIONS
 
     @property
     def dead_after(self) -> float:
@@ -43,6 +51,8 @@ def read_resume(section: _Section) -> ResumeConfig:
         standby_time=section.number("STANDBY_TIME", DEFAULT_STANDBY_TIME, 1.0, 86400.0),
         buffer_size=section.integer("RESUME_BUFFER_SIZE", DEFAULT_BUFFER // 1024, 64, 1024 * 1024) * 1024,
         keepalive=section.number("RESUME_KEEPALIVE", 1.0, 0.05, 60.0),
+        standby_max_sessions=section.integer("STANDBY_MAX_SESSIONS", DEFAULT_STANDBY_MAX_SESSIONS,
+                                             1, 1_000_000),
     )
 
 

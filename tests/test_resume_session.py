@@ -3,6 +3,7 @@ restores, with a MemoryReactorClock for keepalives, backoff and the standby wind
 
 from __future__ import annotations
 
+import hashlib
 import random
 from typing import Any
 
@@ -24,6 +25,7 @@ from .helpers import LogCatcher, servers
 from .resume_wire import Endpoint, EndpointFactory, Net
 
 APP = ("127.0.0.1", 5001)
+GREETING = b"AppServer hello\r\n"
 BROKER = ("broker.example", 4000)
 
 
@@ -31,12 +33,13 @@ class Rig:
     """SmartClient -> connector -> (links the test controls) -> broker -> AppServer, in memory."""
 
     def __init__(self, standby: float = 180.0, buffer: int = 64 * 1024, keepalive: float = 1.0,
-                 connector_buffer: int | None = None, echo: bool = True) -> None:
+                 connector_buffer: int | None = None, echo: bool = True, standby_max: int = 1000) -> None:
         self.reactor = clock = __import__("twisted.internet.testing", fromlist=["x"]).MemoryReactorClock()
         self.net = Net(clock)
         self.app = EndpointFactory(echo=echo)
         self.net.listen(*APP, self.app)
-        self.config = ResumeConfig(standby_time=standby, buffer_size=buffer, keepalive=keepalive)
+        self.config = ResumeConfig(standby_time=standby, buffer_size=buffer, keepalive=keepalive,
+                                   standby_max_sessions=standby_max)
         self.sessions = ResumableSessions(clock, self.config)
         self.broker = BrokerFactory(clock, ServerPool(servers(APP[1]), ConnectionBalancer()),
                                     recognisers=[self.sessions.recogniser])
@@ -47,13 +50,23 @@ class Rig:
             listen_interface="127.0.0.1", listen_port=1234,
             buffer_size=connector_buffer or buffer, keepalive=keepalive))
 
-    def smartclient(self) -> Endpoint:
+    def smartclient(self, establish: bool = True) -> Endpoint:
+        """A SmartClient connecting through the connector.  With *establish*, its new AppServer
+        connection first sends a greeting, which the connector acknowledges (so the session has
+        earned standby); the greeting is then removed from what the client got."""
         client = Endpoint()
         local = self.connector.buildProtocol(None)
+        accepted = len(self.app.accepted)
         self.net.connect(client, local, self.net.address("127.0.0.1"),
                          __import__("twisted.internet.address", fromlist=["x"]).IPv4Address(
                              "TCP", "127.0.0.1", 1234))
         self.net.settle()
+        if establish and len(self.app.accepted) > accepted:
+            self.app.accepted[-1].transport.write(GREETING)
+            self.net.settle()
+            assert bytes(client.data) == GREETING
+            client.data.clear()
+            client.digest = hashlib.sha256()
         return client
 
     def settle(self) -> None:
@@ -136,19 +149,28 @@ class OpenAndRelayTests(SynchronousTestCase):
 
 
 class ResumeTests(SynchronousTestCase):
-    def exchange(self, rig: Rig, data: bytes, cuts: list[int]) -> Endpoint:
+    def exchange(self, rig: Rig, data: bytes, cuts: list[int], establish: bool = True,
+                 watch: Any = None) -> Endpoint:
         """Open a session and send *data* in pieces, cutting the link once the given numbers of
-        bytes have crossed links (the handshake included)."""
+        bytes have crossed links (with *establish*, counted from after the session was
+        established; else the handshake included)."""
         pending = sorted(cuts)
 
         def maybe_cut() -> None:
+            if watch is not None:
+                watch()
             while pending and rig.net.link_bytes >= pending[0]:
                 pending.pop(0)
                 if rig.net.links():
                     rig.cut()
 
-        rig.net.on_link_bytes = maybe_cut
-        client = rig.smartclient()
+        if establish:
+            client = rig.smartclient()
+            pending = [cut + rig.net.link_bytes for cut in pending]
+            rig.net.on_link_bytes = maybe_cut
+        else:
+            rig.net.on_link_bytes = maybe_cut
+            client = rig.smartclient(establish=False)
         piece = max(1, len(data) // 3)
         for start in range(0, len(data), piece):
             client.transport.write(data[start:start + piece])
@@ -159,26 +181,41 @@ class ResumeTests(SynchronousTestCase):
 
     def test_resume_at_every_boundary(self) -> None:
         """A cut after every single link byte (so at every frame boundary and inside every frame,
-        handshake included): once the session is open, both streams arrive whole and in order,
-        the AppServer sees one connection and the session ends cleanly; a cut before WELCOME
-        reaches the connector closes the SmartClient with nothing delivered."""
+        handshake included): once the session is established, both streams arrive whole and in
+        order, the AppServer sees one connection and the session ends cleanly; a cut before
+        WELCOME reaches the connector closes the SmartClient with nothing delivered; a cut after
+        it but before the connector's first acknowledgement of AppServer bytes reached the
+        broker ends the session at once on both sides (nothing kept in standby)."""
         data = payload(7, 240)
         clean = Rig()
         clean.net.link_chunk = 1
-        self.exchange(clean, data, [])
+        marks: list[int] = []
+
+        def watch() -> None:
+            if not marks and any(s.established for s in clean.sessions.streams.values()):
+                marks.append(clean.net.link_bytes)
+
+        self.exchange(clean, data, [], establish=False, watch=watch)
         total = clean.net.link_bytes
         self.assertTrue(clean.idle())
         self.assertGreater(total, 2 * len(data))
         welcome_at = len(MAGIC) + 5 + 36 + 5 + 56  # magic, HELLO, WELCOME
+        [established_at] = marks
+        self.assertGreater(established_at, welcome_at + len(data) // 3)  # after the first echo
         logs = LogCatcher(self)
         for cut in range(0, total + 1):
             logs.events.clear()
             rig = Rig()
             rig.net.link_chunk = 1
-            client = self.exchange(rig, data, [cut])
+            client = self.exchange(rig, data, [cut], establish=False)
             if cut < welcome_at:
                 self.assertEqual((bytes(client.data), client.lost is not None), (b"", True), cut)
                 rig.advance(180.5, step=30)
+            elif cut < established_at:
+                self.assertIsNotNone(client.lost, cut)
+                self.assertTrue(data.startswith(bytes(client.data)), cut)
+                self.assertEqual((rig.sessions.drops, rig.sessions.unestablished), (0, 1), cut)
+                self.assertEqual(len(logs.find(event="connector.failed")), 1, cut)
             else:
                 self.assertEqual(bytes(client.data), data, f"cut after link byte {cut}")
                 self.assertEqual(bytes(rig.app.accepted[0].data), data, cut)
@@ -186,7 +223,13 @@ class ResumeTests(SynchronousTestCase):
                 self.assertEqual(rig.sessions.resumes, rig.sessions.drops, cut)
                 self.assertEqual(rig.connector.resumes, rig.connector.drops, cut)
                 self.assertEqual(logs.find(event="connector.failed"), [], cut)
-            self.assertEqual(len(rig.app.accepted), 1 if cut >= len(MAGIC) + 41 else 0, cut)
+            if cut < len(MAGIC) + 41:  # before the HELLO: no AppServer connection
+                self.assertEqual(len(rig.app.accepted), 0, cut)
+            elif cut < established_at:  # ended at once: closed, or never completed
+                self.assertLessEqual(len(rig.app.accepted), 1, cut)
+                self.assertTrue(all(app.lost is not None for app in rig.app.accepted), cut)
+            else:
+                self.assertEqual(len(rig.app.accepted), 1, cut)
             self.assertTrue(rig.idle(), f"cut after link byte {cut}: something left over")
 
     @settings(max_examples=40, deadline=None)
@@ -211,9 +254,11 @@ class ResumeTests(SynchronousTestCase):
         client.transport.write(b"x" * 1000)
         rig.settle()
         [app] = rig.app.accepted
+        rig.link().silent = True  # a black hole: the broker sends, nothing arrives
+        app.transport.write(b"y" * 5000)  # unacknowledged when the link drops: replayed
+        rig.settle()
         rig.net.down = True
         rig.cut()
-        app.transport.write(b"y" * 5000)  # reaches the broker during the outage: replayed
         rig.advance(2.0)
         self.assertEqual(rig.sessions.count, 1)
         [entry] = rig.sessions.snapshot()
@@ -292,13 +337,13 @@ class StandbyTests(SynchronousTestCase):
         self.assertEqual(rig.sessions.expiries, 1)
 
     def test_full_replay_buffer_stops_reading_the_appserver(self) -> None:
-        """In standby the broker keeps AppServer bytes up to its buffer, then stops reading the
-        AppServer (backpressure, nothing lost); after the resume every byte arrives."""
+        """The broker keeps unacknowledged AppServer bytes up to its buffer, then stops reading
+        the AppServer (backpressure, nothing lost); in standby it reads nothing more; after the
+        resume every byte arrives."""
         rig = Rig(buffer=64 * 1024, echo=False)
         client = rig.smartclient()
         [app] = rig.app.accepted
-        rig.net.down = True
-        rig.cut()
+        rig.link().silent = True  # a black hole: nothing is acknowledged
         data = payload(3, 1_000_000)
         for start in range(0, len(data), 16 * 1024):
             app.transport.write(data[start:start + 16 * 1024])
@@ -308,12 +353,45 @@ class StandbyTests(SynchronousTestCase):
         self.assertEqual(server_end.producerState, "paused")  # the broker does not read
         self.assertGreaterEqual(stream.out.size, 64 * 1024)
         self.assertLess(stream.out.size, 64 * 1024 + 256 * 1024)  # at most one read over
+        held = stream.out.size
+        rig.net.down = True
+        rig.cut()
+        rig.settle()
+        self.assertEqual((rig.sessions.count, stream.out.size), (1, held))
+        self.assertEqual(server_end.producerState, "paused")
         self.assertGreater(app.transport.queued(), 600_000)  # the rest waits at the AppServer
         self.assertEqual(app.transport.producer_paused, False)  # not our business: no producer
         rig.net.down = False
         rig.advance(1.0)
         self.assertEqual(bytes(client.data), data)
         self.assertEqual(server_end.producerState, "producing")
+
+    def test_standby_reads_nothing_from_the_appserver(self) -> None:
+        """An idle session in standby holds no AppServer bytes, whatever the AppServer sends
+        meanwhile (it waits in the AppServer's socket buffers): its replay buffer is empty, the
+        AppServer connection is not read; after the resume every byte arrives in order."""
+        rig = Rig(buffer=1024 * 1024, echo=False)
+        client = rig.smartclient()
+        [app] = rig.app.accepted
+        rig.net.down = True
+        rig.cut()
+        rig.settle()
+        data = payload(5, 2_000_000)
+        for start in range(0, len(data), 16 * 1024):
+            app.transport.write(data[start:start + 16 * 1024])
+        rig.advance(5.0, step=0.5)
+        stream = rig.stream()
+        self.assertEqual((rig.sessions.count, stream.out.size, stream.out._chunks), (1, 0, type(
+            stream.out._chunks)()))
+        self.assertEqual((stream.held, stream.link), ([], None))
+        self.assertEqual(app.transport.other.producerState, "paused")
+        self.assertEqual(app.transport.queued(), len(data))
+        [entry] = rig.sessions.snapshot()
+        self.assertEqual(entry["buffered_bytes"], 0)
+        rig.net.down = False
+        rig.advance(1.0)
+        self.assertEqual(bytes(client.data), data)
+        self.assertEqual(rig.sessions.count, 0)
 
     def test_full_connector_buffer_stops_reading_the_smartclient(self) -> None:
         """The connector keeps unacknowledged SmartClient bytes up to its buffer, then stops
@@ -421,9 +499,10 @@ class RefusalTests(SynchronousTestCase):
             rig.settle()
             [challenge] = self.frames(peer, parser)
             links.append((peer, parser, nonce, challenge.payload))
+        held = stream.out.base  # the real connector acknowledged the greeting
         for peer, parser, nonce, broker_nonce in links:
-            mac = crypto.proof(stream.secret, b"connector", stream.key, nonce, broker_nonce, 0)
-            peer.transport.write(encode(Kind.PROOF, PROOF.pack(mac, 0)))
+            mac = crypto.proof(stream.secret, b"connector", stream.key, nonce, broker_nonce, held)
+            peer.transport.write(encode(Kind.PROOF, PROOF.pack(mac, held)))
             rig.settle()
         first, second = links
         self.assertIsNotNone(first[0].lost)
