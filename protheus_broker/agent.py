@@ -21,7 +21,15 @@ from twisted.python.failure import Failure
 
 from . import amp_commands as cmd
 from .config import AgentConfig, WatchedAppServer
-from .metrics_probe import ProbeProblem, ProcessFigures, ProcessProbe, host_figures
+from .metrics_probe import (
+    AcceptQueue,
+    ProbeProblem,
+    ProcessFigures,
+    ProcessProbe,
+    Responsiveness,
+    host_figures,
+    read_accept_queue,
+)
 
 log = Logger()
 
@@ -39,6 +47,8 @@ _QUIET_CONNECT = _QuietConnect()
 HANDSHAKE_TIMEOUT = 10.0
 #: The shortest report interval a broker may ask for.
 MIN_INTERVAL = 0.05
+#: The longest problem text a report carries (the broker's box limit leaves room for it).
+MAX_PROBLEM = 1000
 
 
 @dataclass(frozen=True)
@@ -56,27 +66,39 @@ class AppServerWatch:
 
     def __init__(self, reactor: Any, watched: WatchedAppServer,
                  measure: Callable[[], ProcessFigures] | None = None, connect_timeout: float = 1.0,
-                 connect_check: Callable[[], Awaitable[str]] | None = None) -> None:
+                 connect_check: Callable[[], Awaitable[str]] | None = None,
+                 accept_queue: Callable[[], AcceptQueue | None] | None = None,
+                 accept_timeout: float = 3.0) -> None:
         self.reactor = reactor
         self.watched = watched
         self.measure = measure or ProcessProbe(watched).measure
         self.connect_timeout = connect_timeout
         self.connect_check = connect_check or self._connect_check
+        self.accept_queue = accept_queue or (lambda: read_accept_queue(watched.port))
+        self.responsiveness = Responsiveness(accept_timeout)
         self.latest = AppServerSample(None, False, "not sampled yet", reactor.seconds())
         self.links: set[AgentProtocol] = set()
 
     async def sample(self) -> AppServerSample:
-        """Measure the process and try a local connect; tell the brokers at once on a change."""
+        """Measure the process, see that it runs and accepts what is queued for it, and try a
+        local connect; tell the brokers at once on a change."""
         figures: ProcessFigures | None = None
         problem = ""
         try:
             figures = self.measure()
         except ProbeProblem as exc:
             problem = f"cannot measure: {exc}"
+        hung = ""
+        if figures is not None:  # (read before our own connect joins the queue)
+            hung = self.responsiveness.judge(self.reactor.seconds(), figures.pid, figures.status,
+                                             self.accept_queue())
         refused = await self.connect_check()
         if refused:
             problem = f"local connect to {self.watched.host}:{self.watched.port} failed: {refused}"
-        accepting = figures is not None and not refused
+        elif hung:
+            problem = hung
+        problem = problem[:MAX_PROBLEM]
+        accepting = figures is not None and not refused and not hung
         previous = self.latest
         self.latest = AppServerSample(figures, accepting, problem, self.reactor.seconds())
         if previous.accepting != accepting or (previous.problem != problem and problem):
@@ -112,7 +134,8 @@ class Agent:
         self.config = config
         self.secret = config.secret
         self.watches = watches if watches is not None else {
-            w.port: AppServerWatch(reactor, w) for w in config.appservers}
+            w.port: AppServerWatch(reactor, w, accept_timeout=config.accept_timeout)
+            for w in config.appservers}
         self.physical_memory, self.cpu_count = host or host_figures()
 
     def sample_all(self) -> defer.Deferred[Any]:
@@ -141,6 +164,7 @@ class AgentProtocol(cmd.QuietAMP):
     """The agent's end of one broker channel."""
 
     transport: Any
+    peer_role = "broker"
 
     def __init__(self, agent: Agent) -> None:
         super().__init__()
