@@ -6,6 +6,8 @@
 - A fake agent on the broker's agent port streaming an endless box: the broker's RSS stays small.
 - A sample AppServer stopped with SIGSTOP (its port still completes TCP handshakes): its agent
   reports it not accepting and the broker takes it out of rotation.
+- A process that listens and never accepts (hung without being stopped): the same, from the
+  connections its agent sees left in the accept queue.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import struct
 import sys
 import time
@@ -126,10 +129,14 @@ class AmpAttackTests(ProcessTestCase):
         sim = self.start("sim", twistd_argv("protheus-appserver-sim", "--name", "a",
                                             "--port", "tcp:0:interface=127.0.0.1"))
         port = await sim.listening()
-        ini = self.write_ini(f"[AGENT]\nPORT = 0\nINTERFACE = 127.0.0.1\nSECRET = {SECRET}\n"
-                             f"[APPSERVER_A]\nPORT = {port}\n", "agent.ini")
+        agent, agent_port = await self.agent(port)
+        return sim, port, agent, agent_port
+
+    async def agent(self, appserver_port: int, extra: str = "") -> tuple[TwistdChild, int]:
+        ini = self.write_ini(f"[AGENT]\nPORT = 0\nINTERFACE = 127.0.0.1\nSECRET = {SECRET}\n{extra}"
+                             f"[APPSERVER_A]\nPORT = {appserver_port}\n", "agent.ini")
         agent = self.start("agent", twistd_argv("protheus-agent", "--config", ini))
-        return sim, port, agent, await agent.listening()
+        return agent, await agent.listening()
 
     async def broker(self, appserver_port: int, agent_port: int, extra: str = "") -> TwistdChild:
         path = self.write_ini(
@@ -246,5 +253,29 @@ class AmpAttackTests(ProcessTestCase):
         await ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", broker.port or 0)
         self.assertEqual(await client.greeted, "a")
         client.transport.loseConnection()
+        self.assert_no_tracebacks(broker)
+        self.assert_no_tracebacks(agent)
+
+    @defer.inlineCallbacks
+    def test_hung_listener_leaves_rotation(self) -> Any:
+        """A process that listens but never accepts (hung, not stopped: its connects succeed):
+        its agent sees connections left in the accept queue past ACCEPT_TIMEOUT and the broker
+        takes it out of rotation."""
+        yield defer.ensureDeferred(self._hung_listener())
+
+    async def _hung_listener(self) -> None:
+        hung = socket.socket()  # this test process plays the hung AppServer
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        self.addCleanup(hung.close)
+        port = hung.getsockname()[1]
+        agent, agent_port = await self.agent(port, "ACCEPT_TIMEOUT = 1\n")
+        broker = await self.broker(port, agent_port)
+        started = await self.wait_for(broker, r"agent channel to \S+ authenticated")
+        down_at = await self.wait_for(
+            broker, rf"server A \(\S+\) \w+ -> down: SMARTCLIENT_ACTIVE: agent: AppServer not "
+                    rf"accepting: process {os.getpid()} does not accept connections", limit=15)
+        figure(f"hung listener (never accepts), ACCEPT_TIMEOUT = 1: down on the broker "
+               f"{down_at - started:.2f}s after its agent channel came up")
         self.assert_no_tracebacks(broker)
         self.assert_no_tracebacks(agent)
