@@ -9,6 +9,7 @@ broker watching it hears at once instead of at its next interval.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -16,7 +17,7 @@ from typing import Any, Awaitable, Callable
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from . import amp_commands as cmd
@@ -49,6 +50,35 @@ HANDSHAKE_TIMEOUT = 10.0
 MIN_INTERVAL = 0.05
 #: The longest problem text a report carries (the broker's box limit leaves room for it).
 MAX_PROBLEM = 1000
+#: Refused peers are logged once per address at most this often (with how many were held back).
+REFUSAL_LOG_INTERVAL = 60.0
+#: Addresses the refusal log remembers (a flood from many addresses cannot grow it further).
+MAX_REFUSAL_ADDRESSES = 1024
+
+
+class RefusalLog:
+    """Why peers were refused, without letting a stranger who reconnects in a loop flood the
+    log: the first refusal of an address at once, then at most one line per address every
+    *interval* seconds, saying how many were held back."""
+
+    def __init__(self, clock: Any, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.last: dict[str, tuple[float, int]] = {}  # address -> (logged at, held back since)
+
+    def emit(self, host: str, level: LogLevel, format: str, **fields: Any) -> None:
+        now = self.clock.seconds()
+        logged_at, held = self.last.get(host, (-math.inf, 0))
+        if now - logged_at < self.interval:
+            self.last[host] = (logged_at, held + 1)
+            return
+        if host not in self.last and len(self.last) >= MAX_REFUSAL_ADDRESSES:
+            self.last = {h: v for h, v in self.last.items() if now - v[0] < self.interval}
+            if len(self.last) >= MAX_REFUSAL_ADDRESSES:
+                return  # (a flood from over a thousand addresses: their first lines are out)
+        self.last[host] = (now, 0)
+        more = f" ({held} more refused from {host} in the last {now - logged_at:.0f}s)" if held else ""
+        log.emit(level, format + "{more}", more=more, **fields)
 
 
 @dataclass(frozen=True)
@@ -137,6 +167,7 @@ class Agent:
             w.port: AppServerWatch(reactor, w, accept_timeout=config.accept_timeout)
             for w in config.appservers}
         self.physical_memory, self.cpu_count = host or host_figures()
+        self.refusals = RefusalLog(reactor)
 
     def sample_all(self) -> defer.Deferred[Any]:
         return defer.DeferredList([defer.ensureDeferred(w.sample()) for w in self.watches.values()])
@@ -175,21 +206,29 @@ class AgentProtocol(cmd.QuietAMP):
         self.authenticated = False
         self.pusher: task.LoopingCall | None = None
         self.peer = "?"
+        self.peer_host = "?"
         self.timeout: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         peer = self.transport.getPeer()
-        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.peer_host = str(getattr(peer, "host", peer))
+        self.peer = f"{self.peer_host}:{getattr(peer, 'port', '')}"
         self.timeout = self.agent.reactor.callLater(HANDSHAKE_TIMEOUT, self._too_slow)
 
     def _too_slow(self) -> None:
-        log.warn("broker {peer}: no handshake within {timeout:g}s; dropping it",
-                 peer=self.peer, timeout=HANDSHAKE_TIMEOUT)
+        self.agent.refusals.emit(self.peer_host, LogLevel.warn,
+                                 "broker {peer}: no handshake within {timeout:g}s; dropping it",
+                                 peer=self.peer, timeout=HANDSHAKE_TIMEOUT)
         self.transport.abortConnection()
 
+    def box_refused(self, why: str) -> None:
+        self.agent.refusals.emit(self.peer_host, LogLevel.warn,
+                                 "broker {peer}: {why}; dropping the connection", peer=self.peer, why=why)
+
     def _refuse(self, why: str) -> None:
-        log.error("broker {peer} refused: {why}; dropping it", peer=self.peer, why=why)
+        self.agent.refusals.emit(self.peer_host, LogLevel.error, "broker {peer} refused: {why}; dropping it",
+                                 peer=self.peer, why=why)
         self.agent.reactor.callLater(0, self.transport.loseConnection)  # after the error is sent
 
     @cmd.Hello.responder

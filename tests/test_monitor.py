@@ -661,6 +661,22 @@ class BoxLimitTests(SynchronousTestCase):
         self.assertIn("before authenticating (limit 4096 bytes, 8 keys)", line)
         assert_no_traceback(self, h.logs)
 
+    def test_stranger_reconnecting_in_a_loop_is_logged_once_a_minute(self) -> None:
+        """100 connections from one address, each dropped for an endless box: one log line,
+        then after a minute one more saying how many were held back."""
+        h = Harness(self)
+        for n in range(101):
+            if n == 100:
+                h.clock.advance(61)
+            protocol = AgentProtocol(h.agent)
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            protocol.dataReceived(pair(b"k", b"x" * 60000))
+            self.assertTrue(transport.disconnected)
+        lines = [t for t in h.logs.texts() if "dropping the connection" in t]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("(99 more refused from 192.168.1.1 in the last 61s)", lines[1])
+
     def test_too_many_keys_before_authentication(self) -> None:
         """Many tiny keys in one box: dropped at the 9th key, before any is dispatched."""
         h, protocol, transport = self.agent_side()
