@@ -217,6 +217,8 @@ class AgentProtocol(cmd.QuietAMP):
         self.timeout = self.agent.reactor.callLater(HANDSHAKE_TIMEOUT, self._too_slow)
 
     def _too_slow(self) -> None:
+        if self.dropped or self.transport is None:
+            return
         self.agent.refusals.emit(self.peer_host, LogLevel.warn,
                                  "broker {peer}: no handshake within {timeout:g}s; dropping it",
                                  peer=self.peer, timeout=HANDSHAKE_TIMEOUT)

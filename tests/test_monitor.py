@@ -673,6 +673,7 @@ class BoxLimitTests(SynchronousTestCase):
             protocol.makeConnection(transport)
             protocol.dataReceived(pair(b"k", b"x" * 60000))
             self.assertTrue(transport.disconnected)
+            protocol.connectionLost(Failure(ConnectionDone()))
         lines = [t for t in h.logs.texts() if "dropping the connection" in t]
         self.assertEqual(len(lines), 2, lines)
         self.assertIn("(99 more refused from 192.168.1.1 in the last 61s)", lines[1])
