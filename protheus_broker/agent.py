@@ -3,8 +3,12 @@
 The agent listens (plain TCP with a shared secret, or mutual TLS); brokers connect, authenticate
 (``amp_commands``), name the AppServer by its port, and then receive a ``Report`` every interval
 they asked for.  Every ``SAMPLE_INTERVAL`` the agent measures each watched AppServer (psutil, see
-``metrics_probe``) and checks that it accepts a local connect; when that answer changes, every
-broker watching it hears at once instead of at its next interval.
+``metrics_probe``), checks that the process runs (not stopped, traced or a zombie) and accepts what
+the kernel queued for it (``ACCEPT_TIMEOUT``), and that it accepts a local connect; when that
+answer changes, every broker watching it hears at once instead of at its next interval.
+
+What a stranger gets before authenticating is bounded: AMP boxes of 4 KiB / 8 keys, 4 boxes,
+``HANDSHAKE_TIMEOUT`` seconds; refusals are logged once a minute per address.
 """
 
 from __future__ import annotations

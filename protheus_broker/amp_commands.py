@@ -309,7 +309,8 @@ class Figures(amp.Argument):
 #: memory_bytes (resident set of the AppServer process), users (established
 #: connections on its port, or what it publishes), threads, physical_memory and cpu_count of the
 #: agent's host (the ceilings), cpu_percent (of one core), age (seconds since the sample, agent
-#: clock), accepting (a local connect to its port succeeded), problem (why not accepting).
+#: clock), accepting (the process runs, accepts what the kernel queues for it, and a local connect
+#: to its port succeeded), problem (why not accepting).
 REPORT_ARGUMENTS: list[tuple[bytes, amp.Argument]] = [(b"figures", Figures())]
 
 

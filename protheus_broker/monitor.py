@@ -262,6 +262,10 @@ def _describe(reason: Failure) -> str:
     value = reason.value
     if isinstance(value, amp.RemoteAmpError):
         return f"refused by the agent: {value.description}"
+    if isinstance(value, KeyError):  # an answer without a value it must have
+        return f"malformed answer (no {value.args[0]!r})"
+    if isinstance(value, (ValueError, TypeError, AttributeError)):  # a value that does not parse
+        return f"malformed answer ({type(value).__name__}: {str(value)[:100]})"
     text = str(value).strip().rstrip(".")
     return text or type(value).__name__
 
@@ -331,8 +335,10 @@ class AgentLink(cmd.QuietAMP):
         self._decide(self)
 
     def box_refused(self, why: str) -> None:
-        """A bad box from the agent's side: one line, through the per-server log limiter."""
-        self.monitor.link_failed(self.watched, why)
+        """A bad box from the agent's side: one line, through the per-server log limiter (none
+        if the handshake has failed already: that was the line)."""
+        if not isinstance(self._outcome, Failure):
+            self.monitor.link_failed(self.watched, why)
 
     def _handshake_failed(self, failure: Failure) -> None:
         if self._outcome is not None:

@@ -819,6 +819,26 @@ class MalformedBoxTests(SynchronousTestCase):
         assert_no_traceback(self, h.logs)
 
 
+class MalformedAnswerTests(SynchronousTestCase):
+    def test_hello_answer_without_a_proof(self) -> None:
+        """Something on the agent port answers Hello without a proof, then more boxes: one line
+        saying the answer is malformed, the handshake fails, no traceback."""
+        h = Harness(self)
+        link = AgentLink(h.monitor, h.monitor.watched["01"], 1.0)
+        transport = StringTransport()
+        link.makeConnection(transport)
+        outcome: list[Any] = []
+        link.ready.addBoth(outcome.append)
+        for _ in range(2):
+            link.dataReceived(amp.AmpBox({b"_answer": b"1", b"agent_nonce": b"x"}).serialize())
+        outcome[0].trap(cmd.AuthenticationFailed)
+        self.assertTrue(transport.disconnecting)
+        lines = [t for t in h.logs.texts() if "server 01" in t]
+        self.assertEqual(lines, ["server 01: agent 127.0.0.1:7077: handshake failed: malformed answer "
+                                 "(no b'agent_proof')"])
+        assert_no_traceback(self, h.logs)
+
+
 class WrongSecretRetryTests(SynchronousTestCase):
     def test_wrong_secret_retries_without_unhandled_errors(self) -> None:
         """An agent with another secret: the broker retries with a growing backoff, logs one
