@@ -274,7 +274,9 @@ class AmpAttackTests(ProcessTestCase):
         started = await self.wait_for(broker, r"agent channel to \S+ authenticated")
         down_at = await self.wait_for(
             broker, rf"server A \(\S+\) \w+ -> down: SMARTCLIENT_ACTIVE: agent: AppServer not "
-                    rf"accepting: process {os.getpid()} does not accept connections", limit=15)
+                    r"accepting: process \d+ does not accept connections", limit=15)
+        # (\d+: the agent may find a child forked by this process, before its exec, holding
+        # the listening socket too)
         figure(f"hung listener (never accepts), ACCEPT_TIMEOUT = 1: down on the broker "
                f"{down_at - started:.2f}s after its agent channel came up")
         self.assert_no_tracebacks(broker)
