@@ -9,6 +9,8 @@ import struct
 from collections import Counter
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
@@ -904,3 +906,62 @@ class StoppedAppServerTests(SynchronousTestCase):
         self.assertIs(h.state("03"), ServerState.DOWN)
         self.assertIn("is stopped", h.pool.get("03").reason)
         self.assertIs(h.state("01"), ServerState.UP)
+
+
+class _Recorder(cmd.QuietAMP):
+    """A QuietAMP that records the boxes it parses instead of dispatching them."""
+
+    def __init__(self, authenticated: bool) -> None:
+        super().__init__()
+        self.authenticated = authenticated
+        self.boxes: list[dict[bytes, bytes]] = []
+
+    def ampBoxReceived(self, box: Any) -> None:
+        self.boxes.append(dict(box))
+
+
+_KEYS = st.binary(min_size=1, max_size=20)
+_BOX = st.dictionaries(_KEYS, st.binary(max_size=200), min_size=1, max_size=cmd.AFTER_AUTHENTICATION.max_keys)
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:])]
+
+
+class BoxFramingPropertyTests(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(_BOX, min_size=1, max_size=6), st.lists(st.integers(min_value=0), max_size=20))
+    def test_boxes_within_the_limits_arrive_intact_however_split(
+            self, boxes: list[dict[bytes, bytes]], cuts: list[int]) -> None:
+        """Boxes within the limits are parsed exactly as sent, whatever the read boundaries."""
+        protocol = _Recorder(authenticated=True)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        for chunk in _split(b"".join(amp.AmpBox(b).serialize() for b in boxes), cuts):
+            protocol.dataReceived(chunk)
+        self.assertEqual(protocol.boxes, boxes)
+        self.assertFalse(protocol.dropped or transport.disconnecting)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.booleans(),
+           st.one_of(st.binary(max_size=5000),  # raw junk, and framed junk: empty keys end boxes
+                     st.lists(st.tuples(st.binary(max_size=30), st.binary(max_size=3000)),
+                              max_size=60).map(lambda pairs: b"".join(pair(k, v) for k, v in pairs))),
+           st.lists(st.integers(min_value=0), max_size=20))
+    def test_any_bytes_are_bounded_and_never_raise(self, authenticated: bool, data: bytes,
+                                                   cuts: list[int]) -> None:
+        """Any bytes at all: no exception, no box over the limits parsed or held, and a peer
+        over them is dropped."""
+        protocol = _Recorder(authenticated)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        limits = protocol.box_limits
+        for chunk in _split(data, cuts):
+            protocol.dataReceived(chunk)
+            self.assertLessEqual(held(protocol), limits.max_bytes)
+        for box in protocol.boxes:
+            self.assertLessEqual(len(amp.AmpBox(box).serialize()), limits.max_bytes)
+            self.assertLessEqual(len(box), limits.max_keys)
+        if not authenticated:
+            self.assertLessEqual(len(protocol.boxes), cmd.MAX_BOXES_BEFORE_AUTHENTICATION)
