@@ -8,6 +8,7 @@
   reports it not accepting and the broker takes it out of rotation.
 - A process that listens and never accepts (hung without being stopped): the same, from the
   connections its agent sees left in the accept queue.
+- A broker with the wrong AGENT_SECRET: retries with backoff, one line, no Unhandled Error.
 """
 
 from __future__ import annotations
@@ -138,10 +139,11 @@ class AmpAttackTests(ProcessTestCase):
         agent = self.start("agent", twistd_argv("protheus-agent", "--config", ini))
         return agent, await agent.listening()
 
-    async def broker(self, appserver_port: int, agent_port: int, extra: str = "") -> TwistdChild:
+    async def broker(self, appserver_port: int, agent_port: int, extra: str = "",
+                     secret: str = SECRET) -> TwistdChild:
         path = self.write_ini(
             "[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\nLOCAL_SERVER_INTERFACE = 127.0.0.1\n"
-            f"MONITORING_TYPE = SMARTCLIENT_ACTIVE\nAGENT_SECRET = {SECRET}\nCONNECT_TIMEOUT = 1\n"
+            f"MONITORING_TYPE = SMARTCLIENT_ACTIVE\nAGENT_SECRET = {secret}\nCONNECT_TIMEOUT = 1\n"
             f"REMOTE_SERVER_A = 127.0.0.1 {appserver_port}\nAGENT_SERVER_A = 127.0.0.1 {agent_port}\n"
             + extra)
         broker = self.start("broker", twistd_argv("protheus-broker", "--config", path))
@@ -279,5 +281,25 @@ class AmpAttackTests(ProcessTestCase):
         # the listening socket too)
         figure(f"hung listener (never accepts), ACCEPT_TIMEOUT = 1: down on the broker "
                f"{down_at - started:.2f}s after its agent channel came up")
+        self.assert_no_tracebacks(broker)
+        self.assert_no_tracebacks(agent)
+
+    @defer.inlineCallbacks
+    def test_broker_with_the_wrong_secret_retries_quietly(self) -> Any:
+        """A broker whose AGENT_SECRET differs from the agent's retries with backoff: one clear
+        line on each side, no Unhandled Error (automat NoTransition) per retry."""
+        yield defer.ensureDeferred(self._wrong_secret())
+
+    async def _wrong_secret(self) -> None:
+        _, appserver_port, agent, agent_port = await self.sim_and_agent()
+        broker = await self.broker(appserver_port, agent_port, secret="another-secret-of-enough-length")
+        await self.wait_for(broker, r"server A: agent \S+: handshake failed")
+        await task.deferLater(reactor, 4.0, lambda: None)  # several retries (0.25 s, x1.5, jitter)
+        retries = len(re.findall(r"Scheduling retry", broker.text()))
+        lines = re.findall(r"server A: agent \S+: handshake failed.*", broker.text())
+        figure(f"wrong secret: {retries} retries in 4 s, {len(lines)} line(s) saying why on the broker")
+        self.assertGreaterEqual(retries, 3, broker.text())
+        self.assertEqual(len(lines), 1, broker.text())
+        self.assertIn("the agent's proof is wrong (a different AGENT_SECRET", lines[0])
         self.assert_no_tracebacks(broker)
         self.assert_no_tracebacks(agent)
