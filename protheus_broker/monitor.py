@@ -420,6 +420,10 @@ class _AgentEndpoint:
     def connect(self, factory: IProtocolFactory) -> Any:
         return self.monitor.agent_endpoint(self.watched).connect(factory)
 
+    def __repr__(self) -> str:  # (ClientService's "Scheduling retry N to connect ..." line)
+        host, port = self.watched.agent_address
+        return f"agent {host}:{port} of server {self.watched.server_id}"
+
 
 def _handshake_done(link: Any) -> defer.Deferred[None]:
     """``prepareConnection``: wait for the handshake's outcome, and do not fail when it fails.
