@@ -244,7 +244,9 @@ class AgentProtocol(cmd.QuietAMP):
             raise cmd.UnsupportedVersion(f"agent speaks version {cmd.PROTOCOL_VERSION}")
         watch = self.agent.watches.get(appserver_port)
         if watch is None:
-            ports = ", ".join(str(p) for p in sorted(self.agent.watches))
+            watched = sorted(self.agent.watches)
+            ports = ", ".join(str(p) for p in watched[:10]) + (", ..." if len(watched) > 10 else "")
+            # (the answer stays well inside the broker's 4 KiB box limit before authentication)
             self._refuse(f"asked for AppServer port {appserver_port}, not watched here ({ports})")
             raise cmd.UnknownAppServer(f"no AppServer on port {appserver_port} here (watching {ports})")
         if len(broker_nonce) != cmd.NONCE_BYTES:

@@ -127,8 +127,8 @@ class QuietAMP(amp.AMP):
         """One key or value of the box being received: count it against the limits."""
         if self._dropped:
             return  # the rest of a read that arrived with the bad string
-        limits = self.box_limits
-        in_key = self.state in ("init", "key")
+        limits = self.limits_after if self.authenticated else self.limits_before  # (hot path)
+        in_key = self.state != "value"
         if in_key and not string:  # the closing empty key: the box is complete
             if not self.authenticated:
                 self._boxes_unauthenticated += 1

@@ -298,7 +298,7 @@ class AmpAttackTests(ProcessTestCase):
         retries = len(re.findall(r"Scheduling retry", broker.text()))
         lines = re.findall(r"server A: agent \S+: handshake failed.*", broker.text())
         figure(f"wrong secret: {retries} retries in 4 s, {len(lines)} line(s) saying why on the broker")
-        self.assertGreaterEqual(retries, 3, broker.text())
+        self.assertGreaterEqual(retries, 2, broker.text())
         self.assertEqual(len(lines), 1, broker.text())
         self.assertIn("the agent's proof is wrong (a different AGENT_SECRET", lines[0])
         self.assert_no_tracebacks(broker)
