@@ -53,6 +53,9 @@ MAX_CPU_COUNT = 65536
 MAX_AGE = 3600.0
 #: The same channel failure (a wrong secret, on every retry) is logged again at most this often.
 REPEAT_LOG_INTERVAL = 60.0
+#: Seconds an agent has to finish the handshake (something on its port that accepts and never
+#: answers would otherwise hold the channel, and its retries, forever).
+HANDSHAKE_TIMEOUT = 10.0
 
 
 class BadReport(ValueError):
@@ -286,12 +289,20 @@ class AgentLink(cmd.QuietAMP):
         self._outcome: Failure | AgentLink | None = None
         self._waiters: list[defer.Deferred[AgentLink]] = []
         self.peer = "?"
+        self._timeout: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self._timeout = self.monitor.reactor.callLater(HANDSHAKE_TIMEOUT, self._too_slow)
         defer.ensureDeferred(self._handshake()).addErrback(self._handshake_failed)
+
+    def _too_slow(self) -> None:
+        self._handshake_failed(Failure(cmd.AuthenticationFailed(
+            f"no answer within {HANDSHAKE_TIMEOUT:g}s")))
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     @property
     def ready(self) -> defer.Deferred[AgentLink]:
@@ -308,6 +319,8 @@ class AgentLink(cmd.QuietAMP):
         if self._outcome is not None:
             return
         self._outcome = outcome
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if isinstance(outcome, Failure):

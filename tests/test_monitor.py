@@ -841,6 +841,24 @@ class MalformedAnswerTests(SynchronousTestCase):
         assert_no_traceback(self, h.logs)
 
 
+    def test_agent_port_that_never_answers(self) -> None:
+        """Something on the agent port accepts and never answers: after 10 s the broker gives
+        up with one line, so its channel retries instead of hanging forever."""
+        h = Harness(self)
+        link = AgentLink(h.monitor, h.monitor.watched["01"], 1.0)
+        transport = StringTransport()
+        link.makeConnection(transport)
+        outcome: list[Any] = []
+        link.ready.addBoth(outcome.append)
+        h.clock.advance(9.9)
+        self.assertEqual(outcome, [])
+        h.clock.advance(0.1)
+        outcome[0].trap(cmd.AuthenticationFailed)
+        self.assertTrue(transport.disconnected)
+        lines = [t for t in h.logs.texts() if "server 01: agent" in t]
+        self.assertEqual(lines, ["server 01: agent 127.0.0.1:7077: handshake failed: no answer within 10s"])
+
+
 class WrongSecretRetryTests(SynchronousTestCase):
     def test_wrong_secret_retries_without_unhandled_errors(self) -> None:
         """An agent with another secret: the broker retries with a growing backoff, logs one
