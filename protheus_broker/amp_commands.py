@@ -64,7 +64,7 @@ class QuietAMP(amp.AMP):
     - No "connection established/lost" line per connection (probes connect every minute per
       server); our protocols log what matters: authenticated, refused, lost.
     - Bounded boxes: :attr:`limits_before` until :attr:`authenticated`, :attr:`limits_after`
-      then, and at most :data:`MAX_BOXES_BEFORE_AUTHENTICATION` boxes before authenticating.
+      then, and at most :attr:`max_boxes_before` boxes before authenticating.
       Enforced while parsing: a key or value whose length prefix would take the box over its
       byte limit is refused before its bytes are buffered.  A peer over a limit is dropped
       (abortConnection) with one log line naming it and the limit.
@@ -76,6 +76,8 @@ class QuietAMP(amp.AMP):
     transport: Any
     limits_before = BEFORE_AUTHENTICATION
     limits_after = AFTER_AUTHENTICATION
+    max_boxes_before = MAX_BOXES_BEFORE_AUTHENTICATION
+    #: Set by the subclass once the peer has proved who it is: the larger limits apply then.
     authenticated = False
     peer = "?"
     #: What the peer is, for log lines ("broker", "agent").
@@ -132,9 +134,8 @@ class QuietAMP(amp.AMP):
         if in_key and not string:  # the closing empty key: the box is complete
             if not self.authenticated:
                 self._boxes_unauthenticated += 1
-                if self._boxes_unauthenticated > MAX_BOXES_BEFORE_AUTHENTICATION:
-                    self.drop(f"more than {MAX_BOXES_BEFORE_AUTHENTICATION} AMP boxes before "
-                              "authenticating")
+                if self._boxes_unauthenticated > self.max_boxes_before:
+                    self.drop(f"more than {self.max_boxes_before} AMP boxes before authenticating")
                     return
             self._box_bytes = self._box_keys = 0
             super().stringReceived(string)  # may authenticate: the next box's limits apply
