@@ -67,7 +67,8 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     watched = tuple(WatchedAppServer(f"S{i}", FIRST_PORT + i) for i in range(count))
     config = AgentConfig(path="<bench>", port=0, appservers=watched, secret=SECRET.encode(), tls=tls_agent)
     agent = Agent(reactor, config, host=(64 * 2**30, 32), watches={
-        w.port: AppServerWatch(reactor, w, measure=fake_measure(w.port), connect_check=instant_accept)
+        w.port: AppServerWatch(reactor, w, measure=fake_measure(w.port), connect_check=instant_accept,
+                               accept_queue=lambda: None)
         for w in watched})
     await agent.sample_all()
     sampler = task.LoopingCall(agent.sample_all)

@@ -3,12 +3,17 @@
 The agent listens (plain TCP with a shared secret, or mutual TLS); brokers connect, authenticate
 (``amp_commands``), name the AppServer by its port, and then receive a ``Report`` every interval
 they asked for.  Every ``SAMPLE_INTERVAL`` the agent measures each watched AppServer (psutil, see
-``metrics_probe``) and checks that it accepts a local connect; when that answer changes, every
-broker watching it hears at once instead of at its next interval.
+``metrics_probe``), checks that the process runs (not stopped, traced or a zombie) and accepts what
+the kernel queued for it (``ACCEPT_TIMEOUT``), and that it accepts a local connect; when that
+answer changes, every broker watching it hears at once instead of at its next interval.
+
+What a stranger gets before authenticating is bounded: AMP boxes of 4 KiB / 8 keys, 4 boxes,
+``HANDSHAKE_TIMEOUT`` seconds; refusals are logged once a minute per address.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -16,12 +21,20 @@ from typing import Any, Awaitable, Callable
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from . import amp_commands as cmd
 from .config import AgentConfig, WatchedAppServer
-from .metrics_probe import ProbeProblem, ProcessFigures, ProcessProbe, host_figures
+from .metrics_probe import (
+    AcceptQueue,
+    ProbeProblem,
+    ProcessFigures,
+    ProcessProbe,
+    Responsiveness,
+    host_figures,
+    read_accept_queue,
+)
 
 log = Logger()
 
@@ -39,6 +52,37 @@ _QUIET_CONNECT = _QuietConnect()
 HANDSHAKE_TIMEOUT = 10.0
 #: The shortest report interval a broker may ask for.
 MIN_INTERVAL = 0.05
+#: The longest problem text a report carries (the broker's box limit leaves room for it).
+MAX_PROBLEM = 1000
+#: Refused peers are logged once per address at most this often (with how many were held back).
+REFUSAL_LOG_INTERVAL = 60.0
+#: Addresses the refusal log remembers (a flood from many addresses cannot grow it further).
+MAX_REFUSAL_ADDRESSES = 1024
+
+
+class RefusalLog:
+    """Why peers were refused, without letting a stranger who reconnects in a loop flood the
+    log: the first refusal of an address at once, then at most one line per address every
+    *interval* seconds, saying how many were held back."""
+
+    def __init__(self, clock: Any, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.last: dict[str, tuple[float, int]] = {}  # address -> (logged at, held back since)
+
+    def emit(self, host: str, level: LogLevel, format: str, **fields: Any) -> None:
+        now = self.clock.seconds()
+        logged_at, held = self.last.get(host, (-math.inf, 0))
+        if now - logged_at < self.interval:
+            self.last[host] = (logged_at, held + 1)
+            return
+        if host not in self.last and len(self.last) >= MAX_REFUSAL_ADDRESSES:
+            self.last = {h: v for h, v in self.last.items() if now - v[0] < self.interval}
+            if len(self.last) >= MAX_REFUSAL_ADDRESSES:
+                return  # (a flood from over a thousand addresses: their first lines are out)
+        self.last[host] = (now, 0)
+        more = f" ({held} more refused from {host} in the last {now - logged_at:.0f}s)" if held else ""
+        log.emit(level, format + "{more}", more=more, **fields)
 
 
 @dataclass(frozen=True)
@@ -56,27 +100,39 @@ class AppServerWatch:
 
     def __init__(self, reactor: Any, watched: WatchedAppServer,
                  measure: Callable[[], ProcessFigures] | None = None, connect_timeout: float = 1.0,
-                 connect_check: Callable[[], Awaitable[str]] | None = None) -> None:
+                 connect_check: Callable[[], Awaitable[str]] | None = None,
+                 accept_queue: Callable[[], AcceptQueue | None] | None = None,
+                 accept_timeout: float = 3.0) -> None:
         self.reactor = reactor
         self.watched = watched
         self.measure = measure or ProcessProbe(watched).measure
         self.connect_timeout = connect_timeout
         self.connect_check = connect_check or self._connect_check
+        self.accept_queue = accept_queue or (lambda: read_accept_queue(watched.port))
+        self.responsiveness = Responsiveness(accept_timeout)
         self.latest = AppServerSample(None, False, "not sampled yet", reactor.seconds())
         self.links: set[AgentProtocol] = set()
 
     async def sample(self) -> AppServerSample:
-        """Measure the process and try a local connect; tell the brokers at once on a change."""
+        """Measure the process, see that it runs and accepts what is queued for it, and try a
+        local connect; tell the brokers at once on a change."""
         figures: ProcessFigures | None = None
         problem = ""
         try:
             figures = self.measure()
         except ProbeProblem as exc:
             problem = f"cannot measure: {exc}"
+        hung = ""
+        if figures is not None:  # (read before our own connect joins the queue)
+            hung = self.responsiveness.judge(self.reactor.seconds(), figures.pid, figures.status,
+                                             self.accept_queue())
         refused = await self.connect_check()
         if refused:
             problem = f"local connect to {self.watched.host}:{self.watched.port} failed: {refused}"
-        accepting = figures is not None and not refused
+        elif hung:
+            problem = hung
+        problem = problem[:MAX_PROBLEM]
+        accepting = figures is not None and not refused and not hung
         previous = self.latest
         self.latest = AppServerSample(figures, accepting, problem, self.reactor.seconds())
         if previous.accepting != accepting or (previous.problem != problem and problem):
@@ -112,8 +168,10 @@ class Agent:
         self.config = config
         self.secret = config.secret
         self.watches = watches if watches is not None else {
-            w.port: AppServerWatch(reactor, w) for w in config.appservers}
+            w.port: AppServerWatch(reactor, w, accept_timeout=config.accept_timeout)
+            for w in config.appservers}
         self.physical_memory, self.cpu_count = host or host_figures()
+        self.refusals = RefusalLog(reactor)
 
     def sample_all(self) -> defer.Deferred[Any]:
         return defer.DeferredList([defer.ensureDeferred(w.sample()) for w in self.watches.values()])
@@ -141,6 +199,7 @@ class AgentProtocol(cmd.QuietAMP):
     """The agent's end of one broker channel."""
 
     transport: Any
+    peer_role = "broker"
 
     def __init__(self, agent: Agent) -> None:
         super().__init__()
@@ -151,21 +210,31 @@ class AgentProtocol(cmd.QuietAMP):
         self.authenticated = False
         self.pusher: task.LoopingCall | None = None
         self.peer = "?"
+        self.peer_host = "?"
         self.timeout: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         peer = self.transport.getPeer()
-        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.peer_host = str(getattr(peer, "host", peer))
+        self.peer = f"{self.peer_host}:{getattr(peer, 'port', '')}"
         self.timeout = self.agent.reactor.callLater(HANDSHAKE_TIMEOUT, self._too_slow)
 
     def _too_slow(self) -> None:
-        log.warn("broker {peer}: no handshake within {timeout:g}s; dropping it",
-                 peer=self.peer, timeout=HANDSHAKE_TIMEOUT)
+        if self.dropped or self.transport is None:
+            return
+        self.agent.refusals.emit(self.peer_host, LogLevel.warn,
+                                 "broker {peer}: no handshake within {timeout:g}s; dropping it",
+                                 peer=self.peer, timeout=HANDSHAKE_TIMEOUT)
         self.transport.abortConnection()
 
+    def box_refused(self, why: str) -> None:
+        self.agent.refusals.emit(self.peer_host, LogLevel.warn,
+                                 "broker {peer}: {why}; dropping the connection", peer=self.peer, why=why)
+
     def _refuse(self, why: str) -> None:
-        log.error("broker {peer} refused: {why}; dropping it", peer=self.peer, why=why)
+        self.agent.refusals.emit(self.peer_host, LogLevel.error, "broker {peer} refused: {why}; dropping it",
+                                 peer=self.peer, why=why)
         self.agent.reactor.callLater(0, self.transport.loseConnection)  # after the error is sent
 
     @cmd.Hello.responder
@@ -175,7 +244,9 @@ class AgentProtocol(cmd.QuietAMP):
             raise cmd.UnsupportedVersion(f"agent speaks version {cmd.PROTOCOL_VERSION}")
         watch = self.agent.watches.get(appserver_port)
         if watch is None:
-            ports = ", ".join(str(p) for p in sorted(self.agent.watches))
+            watched = sorted(self.agent.watches)
+            ports = ", ".join(str(p) for p in watched[:10]) + (", ..." if len(watched) > 10 else "")
+            # (the answer stays well inside the broker's 4 KiB box limit before authentication)
             self._refuse(f"asked for AppServer port {appserver_port}, not watched here ({ports})")
             raise cmd.UnknownAppServer(f"no AppServer on port {appserver_port} here (watching {ports})")
         if len(broker_nonce) != cmd.NONCE_BYTES:

@@ -19,19 +19,74 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
+from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 PROTOCOL_VERSION = 1
 NONCE_BYTES = 32
 
+log = Logger()
+
+
+@dataclass(frozen=True)
+class BoxLimits:
+    """The most one received AMP box may hold: bytes on the wire (length prefixes and the closing
+    empty key included) and keys.  Twisted's AMP keeps a box in memory until its closing empty
+    key, with no limit: a peer could stream one endless box into our memory."""
+
+    max_bytes: int
+    max_keys: int
+
+
+#: Before the peer has authenticated: a handshake box is well under 1 KiB (Hello is 4 keys).
+BEFORE_AUTHENTICATION = BoxLimits(max_bytes=4096, max_keys=8)
+#: Once authenticated: a report is one key of ~100 bytes; room for long problem texts.
+AFTER_AUTHENTICATION = BoxLimits(max_bytes=65536, max_keys=32)
+#: Boxes a peer may send before it has authenticated (the handshake takes 2 either way).
+MAX_BOXES_BEFORE_AUTHENTICATION = 4
+#: The error code of a command whose arguments do not parse.
+BAD_ARGUMENTS = b"BAD_ARGUMENTS"
+
+_PREFIX = 2  # the length prefix of every key and value
+_MAX_KEY_LENGTH = 255  # AMP's own limit on a key
+
 
 class QuietAMP(amp.AMP):
-    """AMP without its "connection established/lost" line per connection (probes connect every
-    minute per server); our protocols log what matters: authenticated, refused, lost."""
+    """Our AMP peer, for every AMP listener and client we run (agent, broker's monitor side,
+    license server).
+
+    - No "connection established/lost" line per connection (probes connect every minute per
+      server); our protocols log what matters: authenticated, refused, lost.
+    - Bounded boxes: :attr:`limits_before` until :attr:`authenticated`, :attr:`limits_after`
+      then, and at most :attr:`max_boxes_before` boxes before authenticating.
+      Enforced while parsing: a key or value whose length prefix would take the box over its
+      byte limit is refused before its bytes are buffered.  A peer over a limit is dropped
+      (abortConnection) with one log line naming it and the limit.
+    - A malformed box (no command/answer/error, an answer to no question), a command we do not
+      know, or arguments that do not parse: one warning line and a clean error or disconnect,
+      never a "critical" traceback.
+    """
+
+    transport: Any
+    limits_before = BEFORE_AUTHENTICATION
+    limits_after = AFTER_AUTHENTICATION
+    max_boxes_before = MAX_BOXES_BEFORE_AUTHENTICATION
+    #: Set by the subclass once the peer has proved who it is: the larger limits apply then.
+    authenticated = False
+    peer = "?"
+    #: What the peer is, for log lines ("broker", "agent").
+    peer_role = "peer"
+
+    _box_bytes = 0
+    _box_keys = 0
+    _boxes_unauthenticated = 0
+    _dropped = ""
 
     def makeConnection(self, transport: Any) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
@@ -39,6 +94,122 @@ class QuietAMP(amp.AMP):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
+
+    @property
+    def box_limits(self) -> BoxLimits:
+        """The limits for the box being received now."""
+        return self.limits_after if self.authenticated else self.limits_before
+
+    @property
+    def dropped(self) -> str:
+        """Why this side dropped the connection for a bad box ('' if it did not)."""
+        return self._dropped
+
+    def box_refused(self, why: str) -> None:
+        """Log the one line for a peer dropped for a bad box (subclasses route it elsewhere)."""
+        log.warn("{role} {peer}: {why}; dropping the connection", role=self.peer_role,
+                 peer=self.peer, why=why)
+
+    def drop(self, why: str) -> None:
+        """Drop the peer for a bad box: one log line, and no more of its bytes are parsed."""
+        if self._dropped:
+            return
+        self._dropped = why
+        self.box_refused(why)
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    # --- parsing, bounded -------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._dropped:
+            super().dataReceived(data)
+
+    def stringReceived(self, string: bytes) -> None:
+        """One key or value of the box being received: count it against the limits."""
+        if self._dropped:
+            return  # the rest of a read that arrived with the bad string
+        limits = self.limits_after if self.authenticated else self.limits_before  # (hot path)
+        in_key = self.state != "value"
+        if in_key and not string:  # the closing empty key: the box is complete
+            if not self.authenticated:
+                self._boxes_unauthenticated += 1
+                if self._boxes_unauthenticated > self.max_boxes_before:
+                    self.drop(f"more than {self.max_boxes_before} AMP boxes before authenticating")
+                    return
+            self._box_bytes = self._box_keys = 0
+            super().stringReceived(string)  # may authenticate: the next box's limits apply
+            self.MAX_LENGTH = min(_MAX_KEY_LENGTH, self._room(self.box_limits))
+            return
+        self._box_bytes += _PREFIX + len(string)
+        if in_key:
+            self._box_keys += 1
+            if self._box_keys > limits.max_keys:
+                self.drop(self._too_big(limits, f"more than {limits.max_keys} keys"))
+                return
+        super().stringReceived(string)
+        self.MAX_LENGTH = min(self.MAX_LENGTH, self._room(limits))
+
+    def _room(self, limits: BoxLimits) -> int:
+        """The longest next key or value that still leaves room for the closing empty key."""
+        return max(0, limits.max_bytes - self._box_bytes - 2 * _PREFIX)
+
+    def _too_big(self, limits: BoxLimits, what: str) -> str:
+        when = "after" if self.authenticated else "before"
+        return f"AMP box with {what} {when} authenticating (limit {limits.max_bytes} bytes, " \
+               f"{limits.max_keys} keys)"
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        """A key or value longer than the room left in the box: refused before buffering it."""
+        limits = self.box_limits
+        self.drop(self._too_big(limits, f"over {limits.max_bytes} bytes"))
+
+    # --- dispatch, without tracebacks for a peer's mistakes ---------------------------------
+
+    def ampBoxReceived(self, box: Any) -> None:
+        try:
+            super().ampBoxReceived(box)
+        except (KeyError, amp.AmpError) as exc:  # an answer to no question, or no command at all
+            self._malformed(f"malformed AMP box ({type(exc).__name__}: {str(exc)[:100]})")
+
+    def _malformed(self, why: str) -> None:
+        """One warning line and the connection closed (after what is queued is sent)."""
+        if self._dropped:
+            return
+        self._dropped = why
+        self.box_refused(why)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def dispatchCommand(self, box: Any) -> defer.Deferred[Any]:
+        """Like AMP's, but an unknown command or arguments that do not parse get one warning
+        line and a fatal error answer (the connection closes), not a logged traceback."""
+        name = box[amp.COMMAND]
+        command = self._command_named(name)
+        if command is None:
+            return self._refuse_command(box, f"unknown AMP command {name[:40]!r}",
+                                        amp.UNHANDLED_ERROR_CODE)
+        try:
+            command.parseArguments(box, self)
+        except Exception as exc:
+            return self._refuse_command(
+                box, f"malformed {name.decode('ascii', 'replace')} arguments "
+                     f"({type(exc).__name__}: {str(exc)[:100]})", BAD_ARGUMENTS)
+        return defer.maybeDeferred(self.locateResponder(name), box)
+
+    def _command_named(self, name: bytes) -> type[amp.Command] | None:
+        """The Command class this protocol responds to under wire name *name*."""
+        entry = type(self)._commandDispatch.get(name)  # type: ignore[attr-defined]
+        return entry[0] if entry else None
+
+    def _refuse_command(self, box: Any, why: str, code: bytes) -> defer.Deferred[Any]:
+        if amp.ASK not in box:  # nobody waits for an answer: just close
+            self._malformed(why)
+            return defer.succeed(None)
+        if not self._dropped:
+            self._dropped = why
+            self.box_refused(why)
+        return defer.fail(amp.RemoteAmpError(code, why, fatal=True))
 
 
 class AuthenticationFailed(Exception):
@@ -139,7 +310,8 @@ class Figures(amp.Argument):
 #: memory_bytes (resident set of the AppServer process), users (established
 #: connections on its port, or what it publishes), threads, physical_memory and cpu_count of the
 #: agent's host (the ceilings), cpu_percent (of one core), age (seconds since the sample, agent
-#: clock), accepting (a local connect to its port succeeded), problem (why not accepting).
+#: clock), accepting (the process runs, accepts what the kernel queues for it, and a local connect
+#: to its port succeeded), problem (why not accepting).
 REPORT_ARGUMENTS: list[tuple[bytes, amp.Argument]] = [(b"figures", Figures())]
 
 

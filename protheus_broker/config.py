@@ -791,6 +791,9 @@ class AgentConfig:
     secret: bytes | None = field(default=None, repr=False)
     tls: TLSFiles | None = None
     sample_interval: float = 1.0
+    #: A connection left this long in an AppServer's accept queue means it does not accept
+    #: (hung or stopped); 0 turns the check off.
+    accept_timeout: float = 3.0
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -840,6 +843,7 @@ def parse_agent_config(text: str, path: str = "<agent config>") -> AgentConfig:
     config = AgentConfig(
         path=path, port=port, appservers=tuple(watched), interface=agent.text("INTERFACE", ""),
         secret=secret, tls=tls, sample_interval=agent.number("SAMPLE_INTERVAL", 1.0, 0.05, 3600.0),
+        accept_timeout=agent.number("ACCEPT_TIMEOUT", 3.0, 0.0, 3600.0),
     )
     for section in sections.values():
         if section.name == AGENT_SECTION or _APPSERVER_SECTION_RE.match(section.name):

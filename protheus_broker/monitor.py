@@ -51,6 +51,11 @@ MAX_PHYSICAL_MEMORY = 1 << 50  # 1 PiB
 MAX_COUNT = 10_000_000  # users, threads
 MAX_CPU_COUNT = 65536
 MAX_AGE = 3600.0
+#: The same channel failure (a wrong secret, on every retry) is logged again at most this often.
+REPEAT_LOG_INTERVAL = 60.0
+#: Seconds an agent has to finish the handshake (something on its port that accepts and never
+#: answers would otherwise hold the channel, and its retries, forever).
+HANDSHAKE_TIMEOUT = 10.0
 
 
 class BadReport(ValueError):
@@ -150,6 +155,9 @@ class _Watched:
         self.service: Any = None
         self.link: AgentLink | None = None
         self.last_problem = ""
+        self.last_logged_at = 0.0
+        self.repeats = 0
+        self.failed_handshakes = 0  # in a row: the retry backoff grows with them
         self.reports = 0
         self.bad_reports = 0
         host, port = monitor.settings.agents.get(backend.server_id, (backend.host, 0))
@@ -198,13 +206,21 @@ class _MonitorBase(MultiService):
         return True
 
     def link_failed(self, watched: _Watched, why: str) -> None:
-        """Log a channel problem once per distinct reason (retries repeat it)."""
+        """Log a channel problem: a new reason at once, the same one again (every retry repeats
+        it) at most every ``REPEAT_LOG_INTERVAL`` seconds, with how often it failed meanwhile."""
         watched.backend.monitor_status["link"] = f"failed: {why}"
-        if why != watched.last_problem:
-            watched.last_problem = why
-            host, port = watched.agent_address
-            log.error("server {server_id}: agent {peer}: {why}", server_id=watched.server_id,
-                      peer=f"{host}:{port}", why=why)
+        now = self.reactor.seconds()
+        if why == watched.last_problem and now - watched.last_logged_at < REPEAT_LOG_INTERVAL:
+            watched.repeats += 1
+            return
+        again = f" (failed {watched.repeats + 1} times since {now - watched.last_logged_at:.0f}s ago)" \
+            if why == watched.last_problem else ""
+        watched.last_problem = why
+        watched.last_logged_at = now
+        watched.repeats = 0
+        host, port = watched.agent_address
+        log.error("server {server_id}: agent {peer}: {why}{again}", server_id=watched.server_id,
+                  peer=f"{host}:{port}", why=why, again=again)
 
     def tcp_endpoint(self, host: str, port: int) -> Any:
         """Where the monitor connects to (tests replace this with in-memory endpoints)."""
@@ -249,6 +265,10 @@ def _describe(reason: Failure) -> str:
     value = reason.value
     if isinstance(value, amp.RemoteAmpError):
         return f"refused by the agent: {value.description}"
+    if isinstance(value, KeyError):  # an answer without a value it must have
+        return f"malformed answer (no {value.args[0]!r})"
+    if isinstance(value, (ValueError, TypeError, AttributeError)):  # a value that does not parse
+        return f"malformed answer ({type(value).__name__}: {str(value)[:100]})"
     text = str(value).strip().rstrip(".")
     return text or type(value).__name__
 
@@ -258,6 +278,7 @@ class AgentLink(cmd.QuietAMP):
     for one sample and hang up (probe).  Reports before authentication drop the channel."""
 
     transport: Any
+    peer_role = "agent"
 
     def __init__(self, monitor: _MonitorBase, watched: _Watched, interval: float) -> None:
         super().__init__()
@@ -268,12 +289,20 @@ class AgentLink(cmd.QuietAMP):
         self._outcome: Failure | AgentLink | None = None
         self._waiters: list[defer.Deferred[AgentLink]] = []
         self.peer = "?"
+        self._timeout: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self._timeout = self.monitor.reactor.callLater(HANDSHAKE_TIMEOUT, self._too_slow)
         defer.ensureDeferred(self._handshake()).addErrback(self._handshake_failed)
+
+    def _too_slow(self) -> None:
+        self._handshake_failed(Failure(cmd.AuthenticationFailed(
+            f"no answer within {HANDSHAKE_TIMEOUT:g}s")))
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     @property
     def ready(self) -> defer.Deferred[AgentLink]:
@@ -290,6 +319,8 @@ class AgentLink(cmd.QuietAMP):
         if self._outcome is not None:
             return
         self._outcome = outcome
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if isinstance(outcome, Failure):
@@ -312,14 +343,23 @@ class AgentLink(cmd.QuietAMP):
             broker_proof=cmd.proof(secret, b"broker", answer["agent_nonce"], broker_nonce, port))
         self.authenticated = True
         self.watched.last_problem = ""
+        self.watched.failed_handshakes = 0
         self.watched.backend.monitor_status["link"] = "authenticated"
         self._decide(self)
+
+    def box_refused(self, why: str) -> None:
+        """A bad box from the agent's side: one line, through the per-server log limiter (none
+        if the handshake has failed already: that was the line)."""
+        if not isinstance(self._outcome, Failure):
+            self.monitor.link_failed(self.watched, why)
 
     def _handshake_failed(self, failure: Failure) -> None:
         if self._outcome is not None:
             return
-        why = f"handshake failed: {_describe(failure)}"
-        self.monitor.link_failed(self.watched, why)
+        self.watched.failed_handshakes += 1
+        why = self.dropped or f"handshake failed: {_describe(failure)}"
+        if not self.dropped:  # (a dropped box was logged already)
+            self.monitor.link_failed(self.watched, why)
         self._decide(Failure(cmd.AuthenticationFailed(why)))
         if self.transport is not None:
             self.transport.loseConnection()
@@ -356,7 +396,7 @@ class AgentLink(cmd.QuietAMP):
             f"channel closed before the handshake finished: {_describe(reason)}")))
         if self.monitor.watched.get(self.watched.server_id) is self.watched and self.watched.link is self:
             self.watched.link = None
-            if self.authenticated:
+            if self.authenticated and not self.dropped:
                 self.watched.backend.monitor_status["link"] = f"lost: {_describe(reason)}"
                 log.warn("server {server_id}: agent channel to {peer} lost: {why}",
                          server_id=self.watched.server_id, peer=self.peer, why=_describe(reason))
@@ -393,10 +433,22 @@ class _AgentEndpoint:
     def connect(self, factory: IProtocolFactory) -> Any:
         return self.monitor.agent_endpoint(self.watched).connect(factory)
 
+    def __repr__(self) -> str:  # (ClientService's "Scheduling retry N to connect ..." line)
+        host, port = self.watched.agent_address
+        return f"agent {host}:{port} of server {self.watched.server_id}"
 
-def _handshake_done(link: Any) -> defer.Deferred[AgentLink]:
+
+def _handshake_done(link: Any) -> defer.Deferred[None]:
+    """``prepareConnection``: wait for the handshake's outcome, and do not fail when it fails.
+
+    A failed preparation makes ``ClientService`` wait to retry while the connection is still
+    open; its close then reaches the service's state machine in ``Waiting``, which has no such
+    transition (``automat NoTransition ... _clientDisconnected``, an Unhandled Error on every
+    retry, Twisted 22.4 to 26 at least).  So a failed handshake counts as a connection that
+    ended: the link closes itself, the service retries, and the retry policy backs off with
+    the failed handshakes in a row (``_Watched.failed_handshakes``)."""
     ready: defer.Deferred[AgentLink] = link.ready
-    return ready
+    return ready.addCallbacks(lambda _: None, lambda _: None)
 
 
 class ActiveMonitor(_MonitorBase):
@@ -415,9 +467,10 @@ class ActiveMonitor(_MonitorBase):
 
     def add(self, backend: Backend) -> _Watched:
         watched = super().add(backend)
+        backoff = backoffPolicy(initialDelay=0.25, maxDelay=10.0, factor=1.5)
         service = ClientService(
             _AgentEndpoint(self, watched), _LinkFactory(self, watched),
-            retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=10.0, factor=1.5),
+            retryPolicy=lambda attempt: backoff(attempt + watched.failed_handshakes),
             clock=self.reactor,
             prepareConnection=_handshake_done,  # a failed handshake backs off too
         )

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections import Counter
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, task
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, formatEvent
+from twisted.python.failure import Failure
 from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
@@ -54,11 +59,12 @@ class FakeAppServer:
     def __init__(self, memory: int = 100 * MIB, users: int = 0, threads: int = 10, cpu: float = 1.0) -> None:
         self.memory, self.users, self.threads, self.cpu = memory, users, threads, cpu
         self.up = True
+        self.status = "sleeping"
 
     def measure(self) -> ProcessFigures:
         if not self.up:
             raise ProbeProblem("process 42 is gone")
-        return ProcessFigures(42, self.memory, self.users, self.threads, self.cpu)
+        return ProcessFigures(42, self.memory, self.users, self.threads, self.cpu, status=self.status)
 
     async def connect_check(self) -> str:
         return "" if self.up else "Connection was refused"
@@ -84,7 +90,8 @@ class Harness:
         config = AgentConfig(path="<test>", port=7077, appservers=watched, secret=agent_secret)
         self.agent = Agent(self.clock, config, host=(physical, 8), watches={
             w.port: AppServerWatch(self.clock, w, measure=self.apps[w.port].measure,
-                                   connect_check=self.apps[w.port].connect_check) for w in watched})
+                                   connect_check=self.apps[w.port].connect_check,
+                                   accept_queue=lambda: None) for w in watched})
         self.pumps: list[iosim.IOPump] = []
         self.sampler = task.LoopingCall(self.agent.sample_all)
         self.sampler.clock = self.clock
@@ -605,3 +612,374 @@ class MalformedReportTests(SynchronousTestCase):
         self.assertTrue(closed(h.pumps[0]))
         self.assertEqual(h.monitor.watched["01"].reports, before)
         self.assertTrue(any("malformed report" in t for t in h.logs.texts()))
+
+
+def pair(key: bytes, value: bytes) -> bytes:
+    """One key/value of an AMP box on the wire."""
+    return struct.pack("!H", len(key)) + key + struct.pack("!H", len(value)) + value
+
+
+def held(protocol: amp.AMP) -> int:
+    """Bytes of the box being received that *protocol* holds in memory (besides at most the
+    rest of the read that brought the bad string, in ``recvd``)."""
+    box = getattr(protocol, "_currentBox", None) or {}
+    return sum(len(k) + len(v) for k, v in box.items())
+
+
+def hello_box(tag: bytes = b"1", port: bytes = b"5001") -> bytes:
+    return amp.AmpBox({b"_command": b"Hello", b"_ask": tag, b"version": b"1",
+                       b"appserver_port": port, b"broker_nonce": b"n" * 32}).serialize()
+
+
+def assert_no_traceback(test: SynchronousTestCase, logs: LogCatcher) -> None:
+    """Nothing was logged as critical, with a failure, or as an unhandled error."""
+    bad = [e for e in logs.events if e.get("log_level") is LogLevel.critical
+           or "log_failure" in e or "failure" in e]
+    test.assertEqual([formatEvent(e) for e in bad], [])
+    test.assertEqual(test.flushLoggedErrors(), [])
+
+
+class BoxLimitTests(SynchronousTestCase):
+    def agent_side(self) -> tuple[Harness, AgentProtocol, StringTransport]:
+        h = Harness(self)
+        protocol = AgentProtocol(h.agent)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return h, protocol, transport
+
+    def test_endless_box_to_the_agent_is_dropped_at_the_limit(self) -> None:
+        """12 MB of one never-ending box (60 KB values, no closing key) before authenticating:
+        the agent drops the connection at 4 KiB with one log line and holds no more than that."""
+        h, protocol, transport = self.agent_side()
+        most = 0
+        for n in range(200):
+            protocol.dataReceived(pair(b"k%d" % n, b"x" * 60000))
+            most = max(most, held(protocol))
+        self.assertLessEqual(most, 4096)
+        self.assertLessEqual(len(protocol.recvd), 65536)  # the one read, never parsed
+        self.assertTrue(transport.disconnected)  # aborted
+        [line] = [t for t in h.logs.texts() if "dropping the connection" in t]
+        self.assertIn("broker 192.168.1.1:54321", line)
+        self.assertIn("before authenticating (limit 4096 bytes, 8 keys)", line)
+        assert_no_traceback(self, h.logs)
+
+    def test_stranger_reconnecting_in_a_loop_is_logged_once_a_minute(self) -> None:
+        """100 connections from one address, each dropped for an endless box: one log line,
+        then after a minute one more saying how many were held back."""
+        h = Harness(self)
+        for n in range(101):
+            if n == 100:
+                h.clock.advance(61)
+            protocol = AgentProtocol(h.agent)
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            protocol.dataReceived(pair(b"k", b"x" * 60000))
+            self.assertTrue(transport.disconnected)
+            protocol.connectionLost(Failure(ConnectionDone()))
+        lines = [t for t in h.logs.texts() if "dropping the connection" in t]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("(99 more refused from 192.168.1.1 in the last 61s)", lines[1])
+
+    def test_too_many_keys_before_authentication(self) -> None:
+        """Many tiny keys in one box: dropped at the 9th key, before any is dispatched."""
+        h, protocol, transport = self.agent_side()
+        protocol.dataReceived(b"".join(pair(b"k%d" % n, b"v") for n in range(1000)))
+        self.assertTrue(transport.disconnected)
+        self.assertLessEqual(len(protocol._currentBox or {}), 8)  # type: ignore[attr-defined]
+        [line] = [t for t in h.logs.texts() if "dropping the connection" in t]
+        self.assertIn("more than 8 keys before authenticating", line)
+
+    def test_more_boxes_than_a_handshake_before_authentication(self) -> None:
+        """Hello after Hello without authenticating: four are answered, the fifth drops the peer."""
+        h, protocol, transport = self.agent_side()
+        for n in range(1, 7):
+            protocol.dataReceived(hello_box(b"%d" % n))
+        self.assertEqual(transport.value().count(b"agent_proof"), 4)
+        self.assertTrue(transport.disconnected)
+        self.assertTrue(any("more than 4 AMP boxes before authenticating" in t for t in h.logs.texts()))
+
+    def test_a_real_handshake_fits_the_limits(self) -> None:
+        """The broker's handshake and reports pass the limits both ways."""
+        h = Harness(self)
+        link, server = h.connect("01")
+        h.advance(3)
+        self.assertTrue(link.authenticated and server.authenticated)
+        self.assertGreaterEqual(h.monitor.watched["01"].reports, 3)
+        self.assertFalse(link.dropped or server.dropped)
+
+    def test_after_authentication_the_larger_limit_applies(self) -> None:
+        """Authenticated: a 20 KB report is taken; a box over 64 KiB drops the channel with one
+        line naming the limit."""
+        h = Harness(self)
+        link, server = h.connect("01")
+        before = h.monitor.watched["01"].reports
+        server.callRemote(cmd.Report, figures=report(problem="p" * 20000))
+        h.settle()
+        self.assertEqual(h.monitor.watched["01"].reports, before + 1)
+        self.assertEqual(len(h.pool.get("01").monitor_status["problem"]), 20000)
+        server.transport.write(pair(b"a", b"x" * 40000) + pair(b"b", b"x" * 40000))
+        h.settle()
+        self.assertTrue(closed(h.pumps[0]))
+        self.assertLessEqual(held(link), 65536)
+        lines = [t for t in h.logs.texts() if "AMP box" in t]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("after authenticating (limit 65536 bytes, 32 keys)", lines[0])
+        self.assertIn("server 01: agent 127.0.0.1:7077", lines[0])
+
+    def test_fake_agent_streaming_an_endless_box_to_the_broker(self) -> None:
+        """Something on the agent port answers the broker's Hello with an endless box: the
+        broker drops it at 4 KiB with one line, holds no more, and the handshake fails."""
+        h = Harness(self)
+        watched = h.monitor.watched["01"]
+        link = AgentLink(h.monitor, watched, 1.0)
+        transport = StringTransport()
+        link.makeConnection(transport)
+        self.assertIn(b"Hello", transport.value())
+        outcome: list[Any] = []
+        link.ready.addBoth(outcome.append)
+        most = 0
+        for n in range(200):
+            link.dataReceived(pair(b"k%d" % n, b"x" * 60000))
+            most = max(most, held(link))
+        self.assertLessEqual(most, 4096)
+        self.assertTrue(transport.disconnected)
+        link.connectionLost(Failure(ConnectionDone()))
+        outcome[0].trap(cmd.AuthenticationFailed)
+        lines = [t for t in h.logs.texts() if "agent" in t and ("AMP box" in t or "handshake" in t)]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("server 01: agent 127.0.0.1:7077: AMP box with over 4096 bytes before "
+                      "authenticating", lines[0])
+        assert_no_traceback(self, h.logs)
+
+
+class MalformedBoxTests(SynchronousTestCase):
+    def channel(self) -> tuple[Harness, amp.AMP, AgentProtocol, iosim.IOPump]:
+        h = Harness(self)
+        client = amp.AMP()
+        server = AgentProtocol(h.agent)
+        pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client))
+        return h, client, server, pump
+
+    def test_non_integer_argument(self) -> None:
+        """Hello with a version that is no integer: a BAD_ARGUMENTS error, the connection
+        closed, one warning line, no critical traceback."""
+        h, client, server, pump = self.channel()
+        answers: list[Any] = []
+        client.callRemoteString(b"Hello", version=b"one", appserver_port=b"5001",
+                                broker_nonce=b"n" * 32).addBoth(answers.append)
+        pump.flush()
+        answers[0].trap(amp.RemoteAmpError)
+        self.assertEqual(answers[0].value.errorCode, cmd.BAD_ARGUMENTS)
+        self.assertTrue(pump.serverIO.disconnecting or pump.serverIO.disconnected)
+        lines = [t for t in h.logs.texts() if "malformed" in t]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("malformed Hello arguments (ValueError", lines[0])
+        assert_no_traceback(self, h.logs)
+
+    def test_unknown_command(self) -> None:
+        """A command the agent does not know: an UNHANDLED error, one warning line, closed."""
+        h, client, server, pump = self.channel()
+        answers: list[Any] = []
+        client.callRemoteString(b"Shutdown").addBoth(answers.append)
+        pump.flush()
+        answers[0].trap(amp.UnhandledCommand, amp.RemoteAmpError)
+        self.assertTrue(pump.serverIO.disconnecting or pump.serverIO.disconnected)
+        self.assertEqual(len([t for t in h.logs.texts() if "unknown AMP command b'Shutdown'" in t]), 1)
+        assert_no_traceback(self, h.logs)
+
+    def test_unknown_command_without_answer(self) -> None:
+        """An unknown command that asks no answer: one warning line and closed, no traceback."""
+        h, client, server, pump = self.channel()
+        client.callRemoteString(b"Shutdown", requiresAnswer=False)
+        pump.flush()
+        self.assertTrue(pump.serverIO.disconnecting or pump.serverIO.disconnected)
+        self.assertEqual(len([t for t in h.logs.texts() if "unknown AMP command" in t]), 1)
+        assert_no_traceback(self, h.logs)
+
+    def test_box_that_is_no_command_nor_answer(self) -> None:
+        """An empty box, or an answer to no question: one warning line and closed."""
+        for wire in (b"\x00\x00", amp.AmpBox({b"_answer": b"99"}).serialize(),
+                     amp.AmpBox({b"_error": b"7"}).serialize()):
+            h, client, server, pump = self.channel()
+            client.transport.write(wire)
+            pump.flush()
+            self.assertTrue(pump.serverIO.disconnecting or pump.serverIO.disconnected, wire)
+            self.assertEqual(len([t for t in h.logs.texts() if "malformed AMP box" in t]), 1, wire)
+            assert_no_traceback(self, h.logs)
+
+    def test_malformed_report_through_the_responder(self) -> None:
+        """A Report the fast path does not take (an extra key) whose figures do not parse:
+        one warning line, the channel closed, no traceback on the broker."""
+        h = Harness(self)
+        link, server = h.connect("01")
+        before = h.monitor.watched["01"].reports
+        server.callRemoteString(b"Report", requiresAnswer=False, figures=b"1 2 three", extra=b"x")
+        h.settle()
+        self.assertTrue(closed(h.pumps[0]))
+        self.assertEqual(h.monitor.watched["01"].reports, before)
+        self.assertEqual(len([t for t in h.logs.texts() if "malformed Report arguments" in t]), 1)
+        assert_no_traceback(self, h.logs)
+
+
+class MalformedAnswerTests(SynchronousTestCase):
+    def test_hello_answer_without_a_proof(self) -> None:
+        """Something on the agent port answers Hello without a proof, then more boxes: one line
+        saying the answer is malformed, the handshake fails, no traceback."""
+        h = Harness(self)
+        link = AgentLink(h.monitor, h.monitor.watched["01"], 1.0)
+        transport = StringTransport()
+        link.makeConnection(transport)
+        outcome: list[Any] = []
+        link.ready.addBoth(outcome.append)
+        for _ in range(2):
+            link.dataReceived(amp.AmpBox({b"_answer": b"1", b"agent_nonce": b"x"}).serialize())
+        outcome[0].trap(cmd.AuthenticationFailed)
+        self.assertTrue(transport.disconnecting)
+        lines = [t for t in h.logs.texts() if "server 01" in t]
+        self.assertEqual(lines, ["server 01: agent 127.0.0.1:7077: handshake failed: malformed answer "
+                                 "(no b'agent_proof')"])
+        assert_no_traceback(self, h.logs)
+
+
+    def test_agent_port_that_never_answers(self) -> None:
+        """Something on the agent port accepts and never answers: after 10 s the broker gives
+        up with one line, so its channel retries instead of hanging forever."""
+        h = Harness(self)
+        link = AgentLink(h.monitor, h.monitor.watched["01"], 1.0)
+        transport = StringTransport()
+        link.makeConnection(transport)
+        outcome: list[Any] = []
+        link.ready.addBoth(outcome.append)
+        h.clock.advance(9.9)
+        self.assertEqual(outcome, [])
+        h.clock.advance(0.1)
+        outcome[0].trap(cmd.AuthenticationFailed)
+        self.assertTrue(transport.disconnected)
+        lines = [t for t in h.logs.texts() if "server 01: agent" in t]
+        self.assertEqual(lines, ["server 01: agent 127.0.0.1:7077: handshake failed: no answer within 10s"])
+
+
+class WrongSecretRetryTests(SynchronousTestCase):
+    def test_wrong_secret_retries_without_unhandled_errors(self) -> None:
+        """An agent with another secret: the broker retries with a growing backoff, logs one
+        line (again at most once a minute, with the count), and no Unhandled Error or automat
+        NoTransition; once the secrets match the channel authenticates."""
+        h = Harness(self, agent_secret=b"another secret, also long enough")
+        attempts: list[float] = []
+
+        class Endpoint:
+            def connect(self, factory: Factory) -> defer.Deferred[Protocol]:
+                attempts.append(h.clock.seconds())
+                link = factory.buildProtocol(None)
+                server = AgentProtocol(h.agent)
+                h.pumps.append(iosim.connect(server, iosim.makeFakeServer(server), link,
+                                             iosim.makeFakeClient(link), greet=False))
+                return defer.succeed(link)
+
+        h.monitor.tcp_endpoint = lambda host, port: Endpoint()  # type: ignore[method-assign]
+        h.monitor.watchdog.stop()  # (the harness runs it; the service starts its own)
+        h.monitor.startService()
+        self.addCleanup(h.monitor.stopService)
+        h.advance(150, step=0.25)
+        mine = [a for a in attempts]
+        self.assertGreaterEqual(len(mine), 3 * 8)  # three servers
+        gaps = [b - a for a, b in zip(attempts[::3], attempts[3::3])]
+        self.assertGreater(max(gaps), 5.0)  # backed off (no retry storm)
+        lines = [t for t in h.logs.texts() if "server 01" in t and "handshake failed" in t]
+        self.assertIn(len(lines), (2, 3), lines)
+        self.assertIn("proof is wrong", lines[0])
+        self.assertRegex(lines[1], r"\(failed \d+ times since \d+s ago\)")
+        assert_no_traceback(self, h.logs)
+        self.assertFalse(any("NoTransition" in t or "Unhandled" in t for t in h.logs.texts()))
+        h.agent.secret = SECRET
+        h.advance(15, step=0.25)
+        self.assertTrue(h.monitor.watched["01"].link and h.monitor.watched["01"].link.authenticated)
+        self.assertIs(h.state("01"), ServerState.UP)
+
+
+class StoppedAppServerTests(SynchronousTestCase):
+    def test_stopped_process_reported_not_accepting(self) -> None:
+        """SMARTCLIENT_ACTIVE: the agent sees its AppServer process stopped (SIGSTOP, its port
+        still completing handshakes): Down within a second, with the reason; Up when resumed."""
+        h = Harness(self)
+        h.connect("02")
+        h.advance(2)
+        h.apps[5002].status = "stopped"
+        h.advance(1.0)
+        self.assertIs(h.state("02"), ServerState.DOWN)
+        self.assertIn("process 42 is stopped", h.pool.get("02").reason)
+        h.apps[5002].status = "sleeping"
+        h.advance(1.0)
+        self.assertIs(h.state("02"), ServerState.UP)
+
+    def test_probe_mode_sees_a_stopped_process(self) -> None:
+        """SMARTCLIENT (exploratory login through the agent): a stopped AppServer is Down."""
+        h = Harness(self, SortMethod.CONNECTION, MonitoringType.SMARTCLIENT)
+        ProbeTimingTests.exploratory(ProbeTimingTests(), h)  # type: ignore[arg-type]
+        h.apps[5003].status = "stopped"
+        h.clock.advance(1)  # the agent samples
+        h.monitor.startService()
+        self.addCleanup(h.monitor.stopService)
+        h.settle()
+        self.assertIs(h.state("03"), ServerState.DOWN)
+        self.assertIn("is stopped", h.pool.get("03").reason)
+        self.assertIs(h.state("01"), ServerState.UP)
+
+
+class _Recorder(cmd.QuietAMP):
+    """A QuietAMP that records the boxes it parses instead of dispatching them."""
+
+    def __init__(self, authenticated: bool) -> None:
+        super().__init__()
+        self.authenticated = authenticated
+        self.boxes: list[dict[bytes, bytes]] = []
+
+    def ampBoxReceived(self, box: Any) -> None:
+        self.boxes.append(dict(box))
+
+
+_KEYS = st.binary(min_size=1, max_size=20)
+_BOX = st.dictionaries(_KEYS, st.binary(max_size=200), min_size=1, max_size=cmd.AFTER_AUTHENTICATION.max_keys)
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:])]
+
+
+class BoxFramingPropertyTests(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(_BOX, min_size=1, max_size=6), st.lists(st.integers(min_value=0), max_size=20))
+    def test_boxes_within_the_limits_arrive_intact_however_split(
+            self, boxes: list[dict[bytes, bytes]], cuts: list[int]) -> None:
+        """Boxes within the limits are parsed exactly as sent, whatever the read boundaries."""
+        protocol = _Recorder(authenticated=True)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        for chunk in _split(b"".join(amp.AmpBox(b).serialize() for b in boxes), cuts):
+            protocol.dataReceived(chunk)
+        self.assertEqual(protocol.boxes, boxes)
+        self.assertFalse(protocol.dropped or transport.disconnecting)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.booleans(),
+           st.one_of(st.binary(max_size=5000),  # raw junk, and framed junk: empty keys end boxes
+                     st.lists(st.tuples(st.binary(max_size=30), st.binary(max_size=3000)),
+                              max_size=60).map(lambda pairs: b"".join(pair(k, v) for k, v in pairs))),
+           st.lists(st.integers(min_value=0), max_size=20))
+    def test_any_bytes_are_bounded_and_never_raise(self, authenticated: bool, data: bytes,
+                                                   cuts: list[int]) -> None:
+        """Any bytes at all: no exception, no box over the limits parsed or held, and a peer
+        over them is dropped."""
+        protocol = _Recorder(authenticated)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        limits = protocol.box_limits
+        for chunk in _split(data, cuts):
+            protocol.dataReceived(chunk)
+            self.assertLessEqual(held(protocol), limits.max_bytes)
+        for box in protocol.boxes:
+            self.assertLessEqual(len(amp.AmpBox(box).serialize()), limits.max_bytes)
+            self.assertLessEqual(len(box), limits.max_keys)
+        if not authenticated:
+            self.assertLessEqual(len(protocol.boxes), cmd.MAX_BOXES_BEFORE_AUTHENTICATION)

@@ -123,7 +123,8 @@ class AgentConfigTests(SynchronousTestCase):
         config = parse_agent_config(
             AGENT + "[APPSERVER_02]\nPORT = 5002\nPID_FILE = /run/a.pid\n"
             "[AppServer_03]\nPORT = 5003\nPROCESS_NAME = appsrvlinux\nUSERS_FILE = /run/users\n")
-        self.assertEqual((config.port, config.sample_interval), (DEFAULT_AGENT_PORT, 1.0))
+        self.assertEqual((config.port, config.sample_interval, config.accept_timeout),
+                         (DEFAULT_AGENT_PORT, 1.0, 3.0))
         self.assertEqual([w.found_by for w in config.appservers], [
             "the process listening on port 5001", "pid file /run/a.pid",
             "process 'appsrvlinux' listening on port 5003"])
@@ -138,11 +139,19 @@ class AgentConfigTests(SynchronousTestCase):
             AGENT + "[APPSERVER_02]\nHOST = x\n": "PORT is missing",
             AGENT + "[APPSERVER_02]\nPORT = 5001\n": "port 5001 is also [APPSERVER_01]'s",
             "[AGENT]\nSSL_CERTIFICATE = /nonexistent\n[APPSERVER_01]\nPORT = 5001\n": "SSL_CERTIFICATE: cannot read",
+            AGENT.replace("[APPSERVER", "ACCEPT_TIMEOUT = -1\n[APPSERVER"): "ACCEPT_TIMEOUT: -1 is out of range",
+            AGENT.replace("[APPSERVER", "ACCEPT_TIMEOUT = soon\n[APPSERVER"): "ACCEPT_TIMEOUT",
         }
         for text, message in cases.items():
             with self.assertRaises(ConfigError, msg=text) as caught:
                 parse_agent_config(text, "agent.ini")
             self.assertIn(message, str(caught.exception), text)
+
+    def test_accept_timeout(self) -> None:
+        """[AGENT] ACCEPT_TIMEOUT sets how long a queued connection may wait; 0 turns it off."""
+        for text, value in (("2.5", 2.5), ("0", 0.0)):
+            config = parse_agent_config(AGENT.replace("[APPSERVER", f"ACCEPT_TIMEOUT = {text}\n[APPSERVER"))
+            self.assertEqual((config.accept_timeout, config.warnings), (value, ()))
 
     def test_unknown_keys_warn(self) -> None:
         """Unknown keys and sections in the agent ini are warnings."""
