@@ -137,24 +137,27 @@ class ServerPool:
         return float(self.clock.seconds()) if self.clock is not None else self._last_now
 
     def candidates(self, now: float) -> list[Backend]:
-        """The servers to try for one new session, best first (call once per session)."""
+        """The servers to try for one new session, in order (call once per session).
+
+        First every Up server, best first by the balancer; then, as a last resort, the Suspended
+        ones: a Suspended server is unconfirmed, not known dead (a late report, one failed
+        connect during a restart), so trying it beats failing a login once every Up server has
+        refused.  Down and Draining servers are never chosen.
+        """
         self._last_now = now
-        available = []
+        available, suspended = [], []
         for backend in self._backends.values():
             if backend.suspect_until is not None and backend.suspect_until <= now:
                 self.set_state(backend.server_id, ServerState.UP,
-                               f"suspect for {self.suspect_time:g}s after a failed connect; trying it again")
+                               f"suspect for {self.suspect_time:g}s after a failed session; trying it again")
             if backend.available:
                 available.append(backend)
+            elif backend.state is ServerState.SUSPENDED:
+                suspended.append(backend)
         if not available:
-            # Last resort: a Suspended server is unconfirmed, not known dead (late reports under
-            # load, one failed connect).  Trying it beats refusing every login; Down and
-            # Draining servers are still never chosen.
-            available = [b for b in self._backends.values() if b.state is ServerState.SUSPENDED]
-            if available:
-                log.warn("no AppServer is up; trying the suspended ones: {servers}",
-                         servers=", ".join(b.server_id for b in available))
-        return self.balancer.rank(available, now)  # type: ignore[return-value]
+            return self.balancer.rank(suspended, now)  # type: ignore[return-value]
+        ranked: list[Backend] = self.balancer.rank(available, now)  # type: ignore[assignment]
+        return ranked + sorted(suspended, key=lambda b: (b.active, b.index))
 
     # --- session accounting (only sessions through the broker count) -----------------------
 
@@ -174,14 +177,25 @@ class ServerPool:
 
     def connect_failed(self, backend: Backend, reason: str) -> None:
         """A connect to *backend* failed while opening a session: suspend it at once."""
+        self.session_failed(backend, f"connect failed: {reason}")
+
+    def session_failed(self, backend: Backend, reason: str) -> None:
+        """Opening a session on *backend* failed (no connect, no answer in time, closed before
+        answering): suspend it at once for *suspect_time* (counted in ``connect_failures``)."""
         backend.connect_failures += 1
         if backend.placed_since_report:
             backend.placed_since_report -= 1  # that session went elsewhere
         if backend.state is ServerState.UP and self.suspect_time > 0:
-            self.set_state(backend.server_id, ServerState.SUSPENDED, f"connect failed: {reason}")
+            self.set_state(backend.server_id, ServerState.SUSPENDED, reason)
             backend.suspect_until = self._now() + self.suspect_time
         else:
-            backend.reason = f"connect failed: {reason}"
+            backend.reason = reason
+
+    def session_answered(self, backend: Backend) -> None:
+        """*backend* sent a session its first byte: if the broker itself had suspended it (a
+        failed session, not monitoring), it is Up again at once."""
+        if backend.state is ServerState.SUSPENDED and backend.suspect_until is not None:
+            self.set_state(backend.server_id, ServerState.UP, "answered a session")
 
     # --- monitoring (fed by monitor.py; tests feed it directly) ------------------------------
 

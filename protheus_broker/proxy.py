@@ -10,23 +10,36 @@ is flushed.  Which server, and what happens when one fails, is ``Session``'s job
 from __future__ import annotations
 
 import itertools
-from typing import Any, Protocol as TypingProtocol, Sequence
+from typing import Any, Callable, Protocol as TypingProtocol, Sequence
 
-from twisted.internet import tcp
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, ITransport
+from twisted.internet import abstract, tcp
+from twisted.internet.error import ConnectionDone, DNSLookupError
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IProtocol,
+    IResolutionReceiver,
+    ITransport,
+)
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .pool import Backend, ServerPool
+from .pool import Backend, ServerPool, ServerState
 
 log = Logger()
 
 #: Bytes read per socket read: 256 KiB measured best for bulk (../shared/PERF_NOTES.md).  It is
 #: also Twisted's write-buffer mark for pausing the producer, so it bounds per-session buffering.
 READ_SIZE = 256 * 1024
+
+#: What a session keeps of the client's bytes until its AppServer's first byte, to replay them on
+#: the next AppServer if that one does not answer.  At this size the client is no longer read
+#: (backpressure) until an AppServer answers; at most one read more is kept.
+KEEP_LIMIT = 64 * 1024
+
+#: Seconds between two log lines about refused connections (each says how many since the last).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 _EAGER_NEEDS = ("_tempDataLen", "offset", "dataBuffer", "socket", "_writeDisconnecting", "disconnecting")
@@ -74,6 +87,113 @@ def send_now(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def _host(addr: Any) -> str:
+    """The client address a cap counts by (its IP; "" when unknown)."""
+    return str(getattr(addr, "host", "") or "")
+
+
+def _client_text(addr: Any) -> str:
+    return f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
+
+
+class RefusalLog:
+    """Log lines about refused connections, at most one per *interval*: the first refusal is
+    logged at once, later ones are counted and the count is logged at the end of each interval
+    that had some, so every refusal is in exactly one line (``flush`` logs what is left)."""
+
+    def __init__(self, clock: Any, describe: Callable[[], str],
+                 interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        self.clock = clock
+        self.describe = describe
+        self.interval = interval
+        self.count = 0  # refused since the last line
+        self.latest = ""
+        self.timer: Any = None
+
+    def refused(self, client: str) -> None:
+        self.count += 1
+        self.latest = client
+        if self.timer is None:
+            self._emit(first=True)
+            self.timer = self.clock.callLater(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        self.timer = None
+        if self.count:
+            self._emit(first=False)
+            self.timer = self.clock.callLater(self.interval, self._tick)
+
+    def _emit(self, first: bool) -> None:
+        count, self.count = self.count, 0
+        when = "" if first else f" in the last {self.interval:g}s"
+        log.warn("{what}: refused {count} connection(s){when}, latest from {client}",
+                 what=self.describe(), count=count, when=when, client=self.latest,
+                 refused=count)
+
+    def flush(self) -> None:
+        """Log what was refused since the last line and stop the timer (the port is closing)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.count:
+            self._emit(first=False)
+
+
+class PendingToken:
+    """One connection counted as not yet established; ``release`` (idempotent) uncounts it."""
+
+    __slots__ = ("limits", "host", "held")
+
+    def __init__(self, limits: PendingLimits, host: str) -> None:
+        self.limits = limits
+        self.host = host
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.limits._release(self.host)
+
+
+class PendingLimits:
+    """Connections not yet established, per client address and in all, against their caps.
+
+    Pending is everything a stranger can hold without an AppServer having said a word: a
+    connection whose first bytes are undecided, one served by a non-session recogniser (the
+    port's ``/status``), and a session whose AppServer has not sent its first byte.  Established
+    sessions never count, so a branch office behind one NAT address is not capped.  A cap of 0
+    is no cap.
+    """
+
+    def __init__(self, per_address: int = 0, total: int = 0) -> None:
+        self.per_address = per_address
+        self.total = total
+        self.count = 0
+        self.by_address: dict[str, int] = {}
+
+    def over(self, host: str) -> str | None:
+        """The key of the cap one more connection from *host* would pass, or None."""
+        if self.total and self.count >= self.total:
+            return "MAX_PENDING"
+        if self.per_address and self.by_address.get(host, 0) >= self.per_address:
+            return "MAX_PENDING_PER_ADDRESS"
+        return None
+
+    def take(self, host: str) -> PendingToken:
+        """Count one more (no check: see :meth:`over`)."""
+        self.count += 1
+        self.by_address[host] = self.by_address.get(host, 0) + 1
+        return PendingToken(self, host)
+
+    def _release(self, host: str) -> None:
+        self.count -= 1
+        left = self.by_address.get(host, 0) - 1
+        if left > 0:
+            self.by_address[host] = left
+        else:
+            self.by_address.pop(host, None)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -129,14 +249,17 @@ class ClientSide(_Pipe):
     """The accepted SmartClient connection.
 
     *prefix* is what the client sent before it was recognised as a plain SmartClient (see
-    :class:`FirstBytes`); it goes to the server first.
+    :class:`FirstBytes`); it goes to the server first.  *pending* is its count against the
+    caps on connections not yet established (the session takes one if none is given).
     """
 
-    def __init__(self, broker: BrokerFactory, prefix: bytes = b"", eof: bool = False) -> None:
+    def __init__(self, broker: BrokerFactory, prefix: bytes = b"", eof: bool = False,
+                 pending: PendingToken | None = None) -> None:
         self.broker = broker
         self.prefix = prefix
-        self.eof = eof  # the client half-closed before it was recognised
+        self.eof = eof  # the client half-closed before it was linked to a server
         self.received = len(prefix)
+        self.pending = pending
 
     def connectionMade(self) -> None:
         self.transport.pauseProducing()  # nothing is read until a server is connected
@@ -149,18 +272,65 @@ class ClientSide(_Pipe):
         pause): it goes to the server first, after *prefix*."""
         self.prefix += data
 
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.peer is not None:
+            self.session.client_sent(data)
+
+    def readConnectionLost(self) -> None:
+        if self.peer is None:  # between servers: passed on once the next one is linked
+            self.eof = True
+            return
+        self.session.client_eof()
+        super().readConnectionLost()
+
 
 class ServerSide(_Pipe):
     """The connection to the chosen AppServer."""
+
+    abandoned = False  # it failed before answering: the session replays on another server
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.session.server_connected(self)
 
+    def dataReceived(self, data: bytes) -> None:
+        if self.abandoned:
+            return
+        if not self.session.answered:
+            self.session.server_answered()
+        super().dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        if self.abandoned:
+            return
+        session = self.session
+        if not session.answered:
+            if session.replayable():
+                session.server_failed(self, "closed the connection before answering", lost=True)
+                return
+            session.server_answered()  # its EOF is its answer
+        super().readConnectionLost()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if self.abandoned:
+            return
+        session = self.session
+        if not session.answered and session.replayable():
+            session.server_failed(self, f"connection lost before answering: {_describe(reason)}",
+                                  lost=True)
+            return
+        super().connectionLost(reason)
+
 
 class Recogniser(TypingProtocol):
     """Something else that can arrive on the SmartClient port (the status query, the connector's
-    resumable protocol), told apart by the first bytes the client sends."""
+    resumable protocol), told apart by the first bytes the client sends.
+
+    A recogniser whose connections carry sessions (``carries_sessions = True``; the resumable
+    one, by name, if it does not say) is uncounted once it takes a connection over: its
+    sessions count themselves.  Any other one's connections count as pending until they close.
+    """
 
     #: short name for logs ("http-status", "resumable")
     name: str
@@ -171,6 +341,51 @@ class Recogniser(TypingProtocol):
     def take_over(self, broker: BrokerFactory, prefix: bytes) -> IProtocol:
         """The protocol that serves this connection from now on; it is connected to the
         transport, then given *prefix*."""
+
+
+def _carries_sessions(recogniser: Recogniser) -> bool:
+    return bool(getattr(recogniser, "carries_sessions", recogniser.name == "resumable"))
+
+
+@implementer(IProtocol, IHalfCloseableProtocol)
+class CountedProtocol:
+    """A recognised connection's protocol, counted as pending until the connection closes (a
+    ``/status`` query is no session: held open a byte at a time it must still count)."""
+
+    transport: Any = None
+
+    def __init__(self, wrapped: IProtocol, pending: PendingToken) -> None:
+        self.wrapped = wrapped
+        self.pending = pending
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.wrapped.makeConnection(transport)
+
+    def connectionMade(self) -> None:
+        pass  # the wrapped protocol's runs in makeConnection
+
+    def dataReceived(self, data: bytes) -> None:
+        self.wrapped.dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        half = IHalfCloseableProtocol(self.wrapped, None)
+        if half is not None:
+            half.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        half = IHalfCloseableProtocol(self.wrapped, None)
+        if half is not None:
+            half.writeConnectionLost()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.pending.release()
+        self.wrapped.connectionLost(reason)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
 
 
 #: Longest prefix a recogniser may ask for; a client still undecided after it is plain.
@@ -187,13 +402,15 @@ class FirstBytes(Protocol):
     SmartClient pays no wait.  After the hand-over this object is out of the data path: the
     transport calls the new protocol directly.  (With a transport that cannot be re-pointed, as
     some test doubles, it delegates.)  A client that half-closes before the decision is plain; its
-    EOF reaches the server after its bytes.
+    EOF reaches the server after its bytes.  Until decided the connection counts as pending
+    (*pending*); the count passes to the session or the recognised protocol.
     """
 
     transport: Any
 
-    def __init__(self, broker: BrokerFactory) -> None:
+    def __init__(self, broker: BrokerFactory, pending: PendingToken | None = None) -> None:
         self.broker = broker
+        self.pending = pending
         self.buffer = b""
         self.delegate: IProtocol | None = None
         self.timer: Any = None
@@ -203,7 +420,11 @@ class FirstBytes(Protocol):
 
     def _silent(self) -> None:
         self.timer = None
-        self._hand_over(ClientSide(self.broker, self.buffer))
+        self._hand_over(self._plain())
+
+    def _plain(self, eof: bool = False) -> ClientSide:
+        pending, self.pending = self.pending, None
+        return ClientSide(self.broker, self.buffer, eof=eof, pending=pending)
 
     def dataReceived(self, data: bytes) -> None:
         if self.delegate is not None:  # only when the transport could not be re-pointed
@@ -214,12 +435,19 @@ class FirstBytes(Protocol):
         for recogniser in self.broker.recognisers:
             verdict = recogniser.recognise(self.buffer[:MAX_PREFIX])
             if verdict:
-                self._hand_over(recogniser.take_over(self.broker, self.buffer))
+                protocol = recogniser.take_over(self.broker, self.buffer)
+                pending, self.pending = self.pending, None
+                if pending is not None:
+                    if _carries_sessions(recogniser):
+                        pending.release()
+                    else:
+                        protocol = CountedProtocol(protocol, pending)
+                self._hand_over(protocol)
                 return
             if verdict is None:
                 undecided = True
         if not undecided or len(self.buffer) >= MAX_PREFIX:
-            self._hand_over(ClientSide(self.broker, self.buffer))
+            self._hand_over(self._plain())
 
     def _hand_over(self, protocol: IProtocol) -> None:
         if self.timer is not None:
@@ -227,6 +455,8 @@ class FirstBytes(Protocol):
             self.timer = None
         transport = self.transport
         if isinstance(protocol, ClientSide) and self.broker.full():
+            if protocol.pending is not None:
+                protocol.pending.release()
             self.broker._refuse(transport.getPeer())
             self.delegate = Protocol()  # nothing more is read into a session
             transport.abortConnection()
@@ -244,7 +474,7 @@ class FirstBytes(Protocol):
 
     def readConnectionLost(self) -> None:
         if self.delegate is None:
-            self._hand_over(ClientSide(self.broker, self.buffer, eof=True))
+            self._hand_over(self._plain(eof=True))
             return
         half = IHalfCloseableProtocol(self.delegate, None)
         if half is not None:
@@ -262,6 +492,9 @@ class FirstBytes(Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.pending is not None:
+            self.pending.release()
+            self.pending = None
         if self.delegate is not None:
             self.delegate.connectionLost(reason)
 
@@ -272,11 +505,60 @@ def _describe(reason: Failure) -> str:
     return text or type(value).__name__
 
 
+def is_ip_literal(host: str) -> bool:
+    """True for an IPv4 or IPv6 address (connected to at once, no name resolution)."""
+    return abstract.isIPAddress(host) or abstract.isIPv6Address(host)
+
+
+@implementer(IResolutionReceiver)
+class _Resolving:
+    """Receives the addresses of one AppServer's host name (``reactor.nameResolver``: a
+    getaddrinfo in a thread, IPv4 and IPv6) and stands for the connector meanwhile: a client that
+    leaves stops the attempt (``stopConnecting``)."""
+
+    def __init__(self, session: Session, backend: Backend) -> None:
+        self.session = session
+        self.backend = backend
+        self.addresses: list[str] = []
+        self.stopped = False
+
+    def resolutionBegan(self, resolution: Any) -> None:
+        pass
+
+    def addressResolved(self, address: Any) -> None:
+        host = getattr(address, "host", None)
+        if host and host not in self.addresses:
+            self.addresses.append(host)
+
+    def resolutionComplete(self) -> None:
+        if self.stopped:
+            return
+        self.session.resolved(self.backend, self.addresses)
+
+    def stopConnecting(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.session.clientConnectionFailed(None, Failure(DNSLookupError("stopped")))
+
+
 class Session(ClientFactory):
     """One SmartClient session: choose servers in the balancer's order until one connects, link
     the two sides, and account for how the session ends.
 
     It is also the factory of its server connection (one object less per session).
+
+    *Replay* (when the broker's ``first_response_timeout`` is not 0): until the linked AppServer
+    sends its first byte, the session keeps a copy of what it passed on from the client (up to
+    :data:`KEEP_LIMIT`; then the client is not read).  The SmartClient speaks first, so the
+    timer starts when the client's first bytes are sent to the server, not at connect: a client
+    that says nothing never makes a server look hung (a server that speaks first, like the
+    sample AppServer, has answered before any timer starts).  If the AppServer sends nothing
+    for ``first_response_timeout`` seconds, or closes or loses the connection before its first
+    byte, that connection is aborted and the login is replayed on the next candidate with
+    exactly the bytes the client sent, and its EOF if it sent one; the SmartClient never
+    notices.  Such a server is suspended only once another AppServer answered the same bytes
+    (so a client sending junk or half a message cannot suspend the pool).  The first
+    AppServer byte drops the copy: from then on the data path holds nothing extra.
     """
 
     noisy = False
@@ -290,6 +572,8 @@ class Session(ClientFactory):
         self.server: ServerSide | None = None
         self.backend: Backend | None = None
         self.candidates: list[Backend] = []
+        self.addresses: list[str] = []  # further addresses of the backend being tried
+        self.address: str | None = None  # the address being tried
         self.failures: list[str] = []
         self.started = broker.clock.seconds()
         self.connector: Any = None
@@ -297,6 +581,15 @@ class Session(ClientFactory):
         self.server_lost = False
         self.how: str | None = None
         self.ended = False
+        self.pending = client.pending or broker.pending.take(_host(peer))
+        self.keeping = broker.first_response_timeout > 0
+        self.answered = False  # the linked server sent its first byte (or its EOF)
+        self.kept: list[bytes] | None = None  # client bytes sent to the unanswered server
+        self.kept_size = 0
+        self.kept_eof = False
+        self.kept_paused = False  # the client is not read: the copy is full
+        self.answer_timer: Any = None
+        self.silent: list[tuple[Backend, str]] = []  # servers that failed before answering
 
     # --- choosing and connecting ----------------------------------------------------------
 
@@ -308,6 +601,9 @@ class Session(ClientFactory):
     def _try_next(self) -> None:
         if self.client_lost:
             self._end("client left before a server answered")
+            return
+        if self.addresses and self.backend is not None:  # the same server's next address
+            self._connect(self.backend, self.addresses.pop(0))
             return
         if not self.candidates:
             tried = "; ".join(self.failures) if self.failures else "none is up"
@@ -322,11 +618,41 @@ class Session(ClientFactory):
         backend = self.candidates.pop(0)
         self.backend = backend
         self.broker.pool.session_opening(backend)
+        if backend.state is ServerState.SUSPENDED:
+            log.info("session {session_id}: trying suspended AppServer {server_id} ({address}) as a "
+                     "last resort ({reason})", session_id=self.session_id,
+                     server_id=backend.server_id, address=backend.address, reason=backend.reason)
+        resolver = getattr(self.broker.reactor, "nameResolver", None)
+        if is_ip_literal(backend.host) or resolver is None:
+            self._connect(backend, backend.host)
+            return
+        receiver = _Resolving(self, backend)
+        self.connector = receiver
+        self.address = None
+        resolver.resolveHostName(receiver, backend.host, backend.port)
+
+    def resolved(self, backend: Backend, addresses: list[str]) -> None:
+        """The addresses of *backend*'s name: each is tried in turn before the next server."""
+        self.connector = None
+        if not addresses:
+            self.clientConnectionFailed(None, Failure(DNSLookupError(f"cannot resolve {backend.host}")))
+            return
+        self.addresses = list(addresses)
+        self._try_next()
+
+    def _connect(self, backend: Backend, address: str) -> None:
+        self.address = address
         upstream_tls = self.broker.upstream_tls  # SSL_ENCRYPT_UPSTREAM (session_tls.UpstreamTLS)
         factory = self if upstream_tls is None else upstream_tls.wrap(self, backend)
         self.connector = self.broker.reactor.connectTCP(
-            backend.host, backend.port, factory, timeout=self.broker.connect_timeout
+            address, backend.port, factory, timeout=self.broker.connect_timeout
         )
+
+    def _where(self, backend: Backend) -> str:
+        address = self.address
+        if address is None or address == backend.host:
+            return backend.address
+        return f"{backend.address} ({address})"
 
     def buildProtocol(self, addr: Any) -> ServerSide:
         server = ServerSide()
@@ -336,24 +662,30 @@ class Session(ClientFactory):
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         backend = self.backend
         assert backend is not None
-        self.backend = None
         self.connector = None
-        self.broker.pool.session_closed(backend)
         if self.client_lost:  # we stopped the attempt ourselves: not the server's fault
+            self.backend = None
+            self.addresses = []
+            self.broker.pool.session_closed(backend)
             self._end("client left before a server answered")
             return
         why = _describe(reason)
-        self.failures.append(f"{backend.server_id} {backend.address}: {why}")
-        self.broker.pool.connect_failed(backend, why)
+        self.failures.append(f"{backend.server_id} {self._where(backend)}: {why}")
         log.warn(
             "session {session_id}: AppServer {server_id} ({address}) failed: {why}; trying the next",
-            session_id=self.session_id, server_id=backend.server_id, address=backend.address, why=why,
+            session_id=self.session_id, server_id=backend.server_id, address=self._where(backend),
+            why=why,
         )
+        if not self.addresses:  # every address of this server failed
+            self.backend = None
+            self.broker.pool.session_closed(backend)
+            self.broker.pool.connect_failed(backend, why)
         self._try_next()
 
     def server_connected(self, server: ServerSide) -> None:
         self.server = server
         self.connector = None
+        self.addresses = []
         assert self.backend is not None
         self.broker.pool.session_connected(self.backend)
         if self.client_lost:
@@ -361,15 +693,102 @@ class Session(ClientFactory):
             return
         client = self.client
         client.peer, server.peer = server, client
-        if client.prefix:
-            server.transport.write(client.prefix)
-            client.prefix = b""
         client.transport.registerProducer(server.transport, True)
-        server.transport.registerProducer(client.transport, True)
+        if self.keeping:  # until the first answer the copy's limit does the backpressure
+            self.kept, self.kept_size, self.kept_eof = [], 0, False
+        else:
+            server.transport.registerProducer(client.transport, True)
+        if client.prefix:
+            prefix, client.prefix = client.prefix, b""
+            server.transport.write(prefix)
+            self.client_sent(prefix)
         if client.eof:
             client.readConnectionLost()
-        else:
+        elif not self.kept_paused:
             client.transport.resumeProducing()
+
+    # --- until the first answer: keep, time, replay -----------------------------------------
+
+    def client_sent(self, data: bytes) -> None:
+        """*data* from the client went to the unanswered server: keep a copy, start the timer."""
+        kept = self.kept
+        if kept is None:
+            return
+        kept.append(data)
+        self.kept_size += len(data)
+        if self.answer_timer is None:
+            self.answer_timer = self.broker.clock.callLater(self.broker.first_response_timeout,
+                                                            self._no_answer)
+        if self.kept_size >= KEEP_LIMIT and not self.kept_paused:
+            self.kept_paused = True
+            self.client.transport.pauseProducing()
+
+    def client_eof(self) -> None:
+        if self.kept is not None:
+            self.kept_eof = True
+
+    def replayable(self) -> bool:
+        """True while a failure of the linked server can be replayed on the next one."""
+        return self.kept is not None and bool(self.kept_size) and not self.client_lost
+
+    def _stop_answer_timer(self) -> None:
+        if self.answer_timer is not None:
+            self.answer_timer.cancel()
+            self.answer_timer = None
+
+    def _no_answer(self) -> None:
+        self.answer_timer = None
+        server = self.server
+        if server is not None and self.replayable():
+            self.server_failed(server, f"no answer within {self.broker.first_response_timeout:g}s")
+
+    def server_failed(self, server: ServerSide, why: str, lost: bool = False) -> None:
+        """The linked server failed before its first byte: drop it (abort the connection unless
+        it is *lost* already) and replay on the next."""
+        backend = self.backend
+        assert backend is not None and self.kept is not None
+        self._stop_answer_timer()
+        server.abandoned = True
+        client = self.client
+        client.peer = server.peer = None
+        self.server = None
+        self.backend = None
+        client.transport.unregisterProducer()
+        client.transport.pauseProducing()
+        if not lost:
+            server.transport.abortConnection()
+        self.broker.pool.session_closed(backend)
+        self.silent.append((backend, why))
+        self.failures.append(f"{backend.server_id} {self._where(backend)}: {why}")
+        log.warn(
+            "session {session_id}: AppServer {server_id} ({address}) {why}; replaying the client's "
+            "{size} bytes on the next", session_id=self.session_id, server_id=backend.server_id,
+            address=self._where(backend), why=why, size=self.kept_size,
+        )
+        client.prefix = b"".join(self.kept) + client.prefix
+        client.eof = client.eof or self.kept_eof
+        self.kept, self.kept_size, self.kept_eof = None, 0, False
+        self.addresses = []
+        self._try_next()
+
+    def server_answered(self) -> None:
+        """The linked server's first byte (or EOF): the copy goes, the session is established."""
+        self.answered = True
+        self._stop_answer_timer()
+        self.pending.release()
+        backend, server, client = self.backend, self.server, self.client
+        assert backend is not None and server is not None
+        self.broker.pool.session_answered(backend)
+        for silent, why in self.silent:  # they failed bytes this server answered
+            self.broker.pool.session_failed(silent, why)
+        self.silent = []
+        if self.kept is not None:
+            self.kept, self.kept_size = None, 0
+            server.transport.registerProducer(client.transport, True)
+            if self.kept_paused:
+                self.kept_paused = False
+                if not client._read_closed:
+                    client.transport.resumeProducing()
 
     # --- ending ---------------------------------------------------------------------------
 
@@ -384,6 +803,7 @@ class Session(ClientFactory):
             self.how = f"{who} closed" if clean else f"{who} lost: {_describe(reason)}"
         if side is self.client:
             self.client_lost = True
+            self._stop_answer_timer()
             if self.connector is not None:
                 self.connector.stopConnecting()  # -> clientConnectionFailed -> _end
                 return
@@ -409,6 +829,9 @@ class Session(ClientFactory):
         if self.ended:
             return
         self.ended = True
+        self._stop_answer_timer()
+        self.pending.release()
+        self.kept = None
         if self.server is not None and self.backend is not None:
             self.broker.pool.session_closed(self.backend)
         self.broker.session_ended(self, how)
@@ -418,7 +841,10 @@ class BrokerFactory(ServerFactory):
     """Accepts SmartClient connections for one pool, up to *max_sessions* at once (0: no cap).
 
     With *recognisers*, each connection's first bytes decide what it is (:class:`FirstBytes`);
-    without, every connection is a SmartClient session from its first byte.
+    without, every connection is a SmartClient session from its first byte.  Connections not yet
+    established are capped per client address and in all (:class:`PendingLimits`); over a cap
+    a connection is closed at once.  *first_response_timeout* (0: off) is the replay rule of
+    :class:`Session`.
     """
 
     noisy = False
@@ -434,6 +860,9 @@ class BrokerFactory(ServerFactory):
         sort_method: str = "",
         recognisers: Sequence[Recogniser] = (),
         first_bytes_wait: float = 0.5,
+        first_response_timeout: float = 0.0,
+        max_pending_per_address: int = 0,
+        max_pending: int = 0,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
@@ -443,6 +872,8 @@ class BrokerFactory(ServerFactory):
         self.sort_method = sort_method
         self.recognisers = list(recognisers)
         self.first_bytes_wait = first_bytes_wait
+        self.first_response_timeout = first_response_timeout
+        self.pending = PendingLimits(max_pending_per_address, max_pending)
         self.ids = itertools.count(1)
         self.sessions: dict[int, Session] = {}
         #: resumable sessions (``resume_broker.ResumableSessions``: count, snapshot(), drops,
@@ -450,36 +881,54 @@ class BrokerFactory(ServerFactory):
         self.standby: Any = None
         self.sessions_total = 0
         self.sessions_failed = 0
-        self.refused_total = 0
-        self._refused_since_log = 0
-        self._refusal_logged_at = -1e9
+        self.refused_total = 0  # refused by MAX_SESSIONS
+        self.refused_pending_total = 0  # refused by MAX_PENDING or MAX_PENDING_PER_ADDRESS
+        self.refusal_logs = {
+            "MAX_SESSIONS": RefusalLog(reactor, lambda: f"session cap MAX_SESSIONS={self.max_sessions} reached"),
+            "MAX_PENDING": RefusalLog(reactor, lambda: (
+                f"MAX_PENDING={self.pending.total} connections not yet established")),
+            "MAX_PENDING_PER_ADDRESS": RefusalLog(reactor, lambda: (
+                f"MAX_PENDING_PER_ADDRESS={self.pending.per_address} connections not yet "
+                f"established from one address")),
+        }
         self.handshake_failures = 0  # TLS handshakes that failed or timed out (session_tls)
         self.upstream_tls: Any = None  # set by session_tls.SessionTLS for SSL_ENCRYPT_UPSTREAM
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
-        if self.recognisers:  # the cap applies once the first bytes say it is a new session
-            return FirstBytes(self)
-        if self.full():
-            self._refuse(addr)
+        pending = self.admit(addr)
+        if pending is None:
             return None  # the reactor closes the connection at once
-        return ClientSide(self)
+        if self.recognisers:  # the cap applies once the first bytes say it is a new session
+            return FirstBytes(self, pending)
+        if self.full():
+            pending.release()
+            self._refuse(addr)
+            return None
+        return ClientSide(self, pending=pending)
+
+    def admit(self, addr: Any) -> PendingToken | None:
+        """Count a new connection from *addr* as pending, or refuse it (None, logged) when a cap
+        on connections not yet established is reached."""
+        host = _host(addr)
+        cap = self.pending.over(host)
+        if cap is None:
+            return self.pending.take(host)
+        self.refused_pending_total += 1
+        self.refusal_logs[cap].refused(_client_text(addr))
+        return None
 
     def full(self) -> bool:
         """True when MAX_SESSIONS sessions are open (a resumed session is not a new one)."""
         return bool(self.max_sessions) and len(self.sessions) >= self.max_sessions
 
     def _refuse(self, addr: Any) -> None:
+        """One connection refused by MAX_SESSIONS: counted, and in one rate-limited log line."""
         self.refused_total += 1
-        self._refused_since_log += 1
-        now = self.clock.seconds()
-        if now - self._refusal_logged_at >= 10:
-            log.warn(
-                "session cap MAX_SESSIONS={cap} reached: refused {count} connection(s), latest "
-                "from {client}", cap=self.max_sessions, count=self._refused_since_log,
-                client=f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}",
-            )
-            self._refusal_logged_at = now
-            self._refused_since_log = 0
+        self.refusal_logs["MAX_SESSIONS"].refused(_client_text(addr))
+
+    def stopFactory(self) -> None:
+        for refusals in self.refusal_logs.values():
+            refusals.flush()
 
     def session_started(self, session: Session) -> None:
         self.sessions[session.session_id] = session

@@ -45,7 +45,7 @@ from zope.interface import implementer
 
 from .config import ConfigError
 from .pool import Backend
-from .proxy import BrokerFactory, ServerSide, Session, tune
+from .proxy import BrokerFactory, PendingToken, ServerSide, Session, tune
 from .tls_config import SessionTLSConfig, TLSIdentity
 
 log = Logger()
@@ -409,13 +409,20 @@ class HandshakeGate(Protocol, _HandshakeTimer):
         self.broker = broker
         self.timeout = timeout
         self.done = False
+        self.pending: PendingToken | None = None  # counted by TerminatingFactory.buildProtocol
 
     def connectionMade(self) -> None:
         self.start_timer(self.broker.clock, self.timeout, self.transport)
 
+    def _release(self) -> None:
+        if self.pending is not None:
+            self.pending.release()
+            self.pending = None
+
     def handshakeCompleted(self) -> None:
         self.stop_timer()
         self.done = True
+        self._release()  # the broker's own protocol counts itself from here
         transport = self.transport
         inner = self.broker.buildProtocol(transport.getPeer())
         if inner is None:  # MAX_SESSIONS reached (logged by the broker)
@@ -432,6 +439,7 @@ class HandshakeGate(Protocol, _HandshakeTimer):
         if self.done:
             return
         self.stop_timer()
+        self._release()
         if self.timed_out:
             why = f"no handshake within SSL_HANDSHAKE_TIMEOUT={self.timeout:g}s"
         elif not getattr(self.transport, "spoke", True):  # a port probe, not a TLS client
@@ -471,6 +479,19 @@ class TerminatingFactory(SessionTLSFactory):
     def __init__(self, context: ReloadableServerContext, broker: BrokerFactory, timeout: float) -> None:
         super().__init__(context, False, _GateFactory(broker, timeout))
         self.broker = broker
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """A connection in its handshake counts as pending (capped per address and in all)."""
+        pending = self.broker.admit(addr)
+        if pending is None:
+            return None  # over a cap (logged by the broker): closed at once
+        protocol: Any = super().buildProtocol(addr)
+        protocol.wrappedProtocol.pending = pending
+        return protocol
+
+    def stopFactory(self) -> None:
+        super().stopFactory()
+        self.broker.stopFactory()  # the port is closing: log the refusals not yet logged
 
 
 class _AbortHandshake:

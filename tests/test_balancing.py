@@ -155,7 +155,7 @@ class InvariantTests(SynchronousTestCase):
         st.lists(st.integers(0, 5), min_size=8, max_size=8),
     )
     def test_rank_is_a_permutation_of_available_servers(self, method, states, loads) -> None:  # type: ignore[no-untyped-def]
-        """Every method ranks each available server exactly once and never a down one."""
+        """Every method ranks each Up server once, then each Suspended one, never a down one."""
         pool = ServerPool(servers(len(states)), make_balancer(method))
         for backend, state, load in zip(list(pool), states, loads):
             backend.state = state
@@ -163,9 +163,10 @@ class InvariantTests(SynchronousTestCase):
             backend.metrics = Metrics(load * 7 % 5, load, load, float(load), taken_at=0.0)
         ranked = [b.server_id for b in pool.candidates(1.0)]
         up = [b.server_id for b in pool if b.state is ServerState.UP]
-        if not up:  # last resort: the suspended ones, never down or draining
-            up = [b.server_id for b in pool if b.state is ServerState.SUSPENDED]
-        self.assertEqual(sorted(ranked), sorted(up))
+        suspended = [b.server_id for b in pool if b.state is ServerState.SUSPENDED]
+        # every Up server first, then the Suspended ones as last resort; never down or draining
+        self.assertEqual(sorted(ranked[:len(up)]), sorted(up))
+        self.assertEqual(sorted(ranked[len(up):]), sorted(suspended))
 
     @given(st.lists(st.sampled_from(["open", "close"]), max_size=60))
     def test_connection_keeps_counts_within_one(self, ops: list[str]) -> None:
@@ -196,17 +197,30 @@ class PoolMembershipTests(SynchronousTestCase):
         self.assertRaises(ValueError, pool.add, RemoteServer("01", "h", 1))
 
     def test_suspended_servers_are_the_last_resort(self) -> None:
-        """With no server up, suspended ones are tried (best first); down ones never."""
+        """Suspended servers come after every Up one (and alone when none is up); down never."""
         pool = ServerPool(servers(3), ConnectionBalancer())
         pool.set_state("01", ServerState.DOWN, "test")
         pool.set_state("02", ServerState.SUSPENDED, "test")
-        self.assertEqual([b.server_id for b in pool.candidates(0)], ["03"])
+        self.assertEqual([b.server_id for b in pool.candidates(0)], ["03", "02"])
         pool.set_state("03", ServerState.SUSPENDED, "test")
         pool.session_opening(pool.get("02"))
         self.assertEqual([b.server_id for b in pool.candidates(0)], ["03", "02"])
         pool.set_state("02", ServerState.DRAINING, "test")
         pool.set_state("03", ServerState.DOWN, "test")
         self.assertEqual(pool.candidates(0), [])
+
+    def test_answer_from_a_server_the_broker_suspended_brings_it_up(self) -> None:
+        """A first byte from a server suspended by a failed session makes it Up again; a server
+        suspended by monitoring stays as monitoring says."""
+        pool = ServerPool(servers(2), ConnectionBalancer(), suspect_time=10.0)
+        pool.session_failed(pool.get("01"), "no answer within 2s")
+        self.assertIs(pool.get("01").state, ServerState.SUSPENDED)
+        self.assertEqual(pool.get("01").reason, "no answer within 2s")
+        pool.session_answered(pool.get("01"))
+        self.assertIs(pool.get("01").state, ServerState.UP)
+        pool.monitor_verdict("02", ServerState.SUSPENDED, "missed heartbeat")
+        pool.session_answered(pool.get("02"))
+        self.assertIs(pool.get("02").state, ServerState.SUSPENDED)
 
     def test_busy_server_leaves_after_its_last_session(self) -> None:
         """A server removed while it carries sessions drains and goes when the last one ends."""

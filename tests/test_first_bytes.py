@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from protheus_broker.balancing import ConnectionBalancer
 from protheus_broker.pool import ServerPool
-from protheus_broker.proxy import MAX_PREFIX, BrokerFactory, ClientSide, FirstBytes
+from protheus_broker.proxy import MAX_PREFIX, BrokerFactory, ClientSide, CountedProtocol, FirstBytes
 from protheus_broker.sim import AppServerSimFactory, greeting
 
 from .helpers import servers
@@ -98,7 +98,8 @@ class FirstBytesMemoryTests(SynchronousTestCase):
         [taken] = magic.taken
         self.assertEqual(taken.data, b"PBRK1-hello")
         self.assertIs(taken.transport, transport)
-        self.assertIs(transport.protocol, taken)
+        self.assertIsInstance(transport.protocol, CountedProtocol)  # counted until it closes
+        self.assertIs(transport.protocol.wrapped, taken)
         self.assertEqual(h.reactor.tcpClients, [])
         self.assertEqual(h.reactor.getDelayedCalls(), [])  # the silence timer is cancelled
 
