@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from twisted.internet.address import IPv4Address
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectError, ConnectionLost, ConnectionRefusedError, TimeoutError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -10,7 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from protheus_broker.balancing import ConnectionBalancer, RoundRobinBalancer
 from protheus_broker.pool import ServerPool, ServerState
-from protheus_broker.proxy import BrokerFactory, ClientSide, ServerSide, Session
+from protheus_broker.config import RemoteServer
+from protheus_broker.proxy import KEEP_LIMIT, BrokerFactory, ClientSide, ServerSide, Session
 
 from .helpers import LogCatcher, servers
 
@@ -26,15 +29,16 @@ class HalfCloseTransport(StringTransport):
 
 class Harness:
     def __init__(self, test: SynchronousTestCase, count: int = 3, max_sessions: int = 0,
-                 balancer: object = None) -> None:
+                 balancer: object = None, **options: Any) -> None:
         self.reactor = MemoryReactorClock()
-        self.pool = ServerPool(servers(*range(5001, 5001 + count)), balancer or ConnectionBalancer())
+        self.pool = ServerPool(servers(*range(5001, 5001 + count)), balancer or ConnectionBalancer(),
+                               clock=self.reactor, suspect_time=10.0)
         self.factory = BrokerFactory(self.reactor, self.pool, connect_timeout=2.5,
-                                     max_sessions=max_sessions, sort_method="CONNECTION")
+                                     max_sessions=max_sessions, sort_method="CONNECTION", **options)
         self.logs = LogCatcher(test)
 
-    def accept(self, port: int = 40000) -> tuple[ClientSide | None, HalfCloseTransport]:
-        addr = IPv4Address("TCP", "10.9.8.7", port)
+    def accept(self, port: int = 40000, host: str = "10.9.8.7") -> tuple[ClientSide | None, HalfCloseTransport]:
+        addr = IPv4Address("TCP", host, port)
         transport = HalfCloseTransport(peerAddress=addr)
         protocol = self.factory.buildProtocol(addr)
         if protocol is not None:
@@ -206,3 +210,242 @@ class ProxySessionTests(SynchronousTestCase):
         self.assertEqual(h.attempt()[1], 5002)
         h.accept()
         self.assertEqual(h.attempt()[1], 5002)  # sequence: 1 was chosen, next is 2
+
+
+class SuspendedFailoverTests(SynchronousTestCase):
+    def test_rolling_restart_login_lands_on_the_suspended_server(self) -> None:
+        """Kill 01, a login suspends it, 01 restarts, 02 is killed: the next login is refused by
+        02 and lands on 01 (Suspended, tried after every Up one) instead of failing."""
+        h = Harness(self, count=2)
+        h.accept()
+        h.attempt()[2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))  # 01 killed
+        self.assertIs(h.pool.get("01").state, ServerState.SUSPENDED)
+        h.connect_server(h.attempt()[2])  # that login lands on 02
+        h.reactor.advance(3)  # 01 restarted, 02 killed, within SUSPECT_TIME
+        _, client_t = h.accept(port=40001)
+        self.assertEqual(h.attempt()[1], 5002)
+        h.attempt()[2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual(h.attempt()[1], 5001)  # the suspended one, as a last resort
+        h.connect_server(h.attempt()[2])
+        self.assertFalse(client_t.disconnecting)
+        self.assertEqual(client_t.producerState, "producing")
+        self.assertEqual(h.factory.sessions_failed, 0)
+
+    def test_down_and_draining_are_never_tried(self) -> None:
+        """After the Up and Suspended servers fail, Down and Draining ones are not tried."""
+        h = Harness(self, count=4)
+        h.pool.set_state("03", ServerState.DOWN, "test")
+        h.pool.set_state("04", ServerState.DRAINING, "test")
+        h.pool.connect_failed(h.pool.get("02"), "refused")
+        _, client_t = h.accept()
+        for _ in range(2):
+            h.attempt()[2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual([c[1] for c in h.reactor.tcpClients], [5001, 5002])
+        self.assertTrue(client_t.disconnecting)
+
+
+class ReplayTests(SynchronousTestCase):
+    """A login replayed on the next AppServer when the first does not answer."""
+
+    def linked(self, timeout: float = 2.0, count: int = 3, **options: Any) -> tuple[Harness, ClientSide, HalfCloseTransport, Session, ServerSide, HalfCloseTransport]:
+        h = Harness(self, count=count, first_response_timeout=timeout, **options)
+        client, client_t = h.accept()
+        assert client is not None
+        session = h.attempt()[2]
+        server, server_t = h.connect_server(session)
+        return h, client, client_t, session, server, server_t
+
+    def test_hung_server_login_replayed_on_the_next(self) -> None:
+        """No answer within FIRST_RESPONSE_TIMEOUT: the connection is aborted, the exact client
+        bytes and EOF go to the next server, its answer reaches the client, and the hung server
+        is suspended naming why."""
+        h, client, client_t, session, server, server_t = self.linked()
+        client.dataReceived(b"log")
+        client.dataReceived(b"in")
+        client.readConnectionLost()
+        self.assertEqual(server_t.value(), b"login")
+        h.reactor.advance(1.9)
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        h.reactor.advance(0.1)
+        self.assertTrue(server_t.disconnected)  # aborted
+        self.assertEqual(h.attempt()[1], 5002)
+        server2, server2_t = h.connect_server(session)
+        self.assertEqual(server2_t.value(), b"login")
+        self.assertTrue(server2_t.write_closed)
+        server.connectionLost(Failure(ConnectionLost()))  # the aborted one: ignored
+        server2.dataReceived(b"welcome")
+        self.assertEqual(client_t.value(), b"welcome")
+        self.assertIs(h.pool.get("01").state, ServerState.SUSPENDED)
+        self.assertEqual(h.pool.get("01").reason, "no answer within 2s")
+        self.assertEqual([b.active for b in h.pool], [0, 1, 0])
+        self.assertIsNone(session.kept)  # the copy is dropped at the first answer
+        self.assertIs(server2_t.producer, client_t)
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+        self.assertEqual(h.logs.ended(), [])
+
+    def test_reset_before_answer_is_replayed(self) -> None:
+        """An AppServer that resets (killed with the login in its queue) before its first byte:
+        the login goes to the next one."""
+        h, client, client_t, session, server, server_t = self.linked()
+        client.dataReceived(b"hello")
+        server.connectionLost(Failure(ConnectionLost("Connection reset by peer")))
+        server2, server2_t = h.connect_server(h.attempt()[2])
+        self.assertEqual(server2_t.value(), b"hello")
+        client.dataReceived(b" again")
+        server2.dataReceived(b"ok")
+        self.assertEqual(server2_t.value(), b"hello again")
+        self.assertEqual(client_t.value(), b"ok")
+        self.assertFalse(client_t.disconnecting)
+
+    def test_junk_that_no_server_answers_suspends_nobody(self) -> None:
+        """Bytes no AppServer answers (junk, half a message) end the session after every server,
+        and no server is suspended for it."""
+        h, client, client_t, session, server, server_t = self.linked(count=2)
+        client.dataReceived(b"\x00junk")
+        h.reactor.advance(2)
+        h.connect_server(h.attempt()[2])
+        h.reactor.advance(2)
+        self.assertTrue(client_t.disconnecting)
+        self.assertEqual([b.state for b in h.pool], [ServerState.UP, ServerState.UP])
+        self.assertEqual(h.factory.sessions_failed, 1)
+        client.connectionLost(Failure(ConnectionLost()))
+        [ended] = h.logs.ended()
+        self.assertIn("no answer within 2s", ended["how"])
+        self.assertEqual([b.active for b in h.pool], [0, 0])
+
+    def test_silent_client_starts_no_timer(self) -> None:
+        """A client that sends nothing is never replayed: the timer starts at its first bytes."""
+        h, client, client_t, session, server, server_t = self.linked()
+        h.reactor.advance(60)
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        server.dataReceived(b"greeting")
+        client.dataReceived(b"login")
+        h.reactor.advance(60)
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        self.assertEqual(server_t.value(), b"login")
+
+    def test_copy_is_bounded_by_backpressure(self) -> None:
+        """Past KEEP_LIMIT unanswered bytes the client is not read; the answer resumes it and
+        every byte reaches the replacement server in order."""
+        h, client, client_t, session, server, server_t = self.linked()
+        chunks = [bytes([n]) * 40_000 for n in range(3)]
+        client.dataReceived(chunks[0])
+        self.assertEqual(client_t.producerState, "producing")
+        client.dataReceived(chunks[1])
+        self.assertEqual(client_t.producerState, "paused")
+        self.assertLessEqual(session.kept_size, KEEP_LIMIT + 40_000)
+        h.reactor.advance(2)
+        server2, server2_t = h.connect_server(h.attempt()[2])
+        self.assertEqual(client_t.producerState, "paused")  # still unanswered
+        server2.dataReceived(b"ok")
+        self.assertEqual(client_t.producerState, "producing")
+        client.dataReceived(chunks[2])
+        self.assertEqual(server2_t.value(), b"".join(chunks))
+
+    def test_off_when_zero(self) -> None:
+        """FIRST_RESPONSE_TIMEOUT=0: nothing is kept and nothing is replayed."""
+        h, client, client_t, session, server, server_t = self.linked(timeout=0)
+        client.dataReceived(b"login")
+        h.reactor.advance(600)
+        self.assertIsNone(session.kept)
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        self.assertIs(server_t.producer, client_t)
+
+
+class PendingCapTests(SynchronousTestCase):
+    def test_per_address_cap_counts_only_what_is_not_established(self) -> None:
+        """MAX_PENDING_PER_ADDRESS refuses a third unanswered login from one address, not from
+        another; once a session has its AppServer's first byte it no longer counts."""
+        h = Harness(self, max_pending_per_address=2)
+        first, _ = h.accept(40001)
+        h.accept(40002)
+        self.assertIsNone(h.accept(40003)[0])
+        self.assertIsNotNone(h.accept(40004, host="10.9.8.8")[0])
+        server, _ = h.connect_server(h.attempt(0)[2])
+        server.dataReceived(b"answer")  # established: uncounted
+        self.assertIsNotNone(h.accept(40005)[0])
+        self.assertIsNone(h.accept(40006)[0])
+        self.assertEqual(h.factory.refused_pending_total, 2)
+        self.assertEqual(h.factory.pending.count, 3)
+
+    def test_global_cap(self) -> None:
+        """MAX_PENDING refuses past the total, whatever the address; a session that ends frees
+        its place."""
+        h = Harness(self, max_pending=2)
+        first, _ = h.accept(host="10.0.0.1")
+        h.accept(host="10.0.0.2")
+        self.assertIsNone(h.accept(host="10.0.0.3")[0])
+        assert first is not None
+        first.connectionLost(Failure(ConnectionLost()))
+        h.attempt(0)[2].clientConnectionFailed(None, Failure(ConnectError("stopped")))
+        self.assertIsNotNone(h.accept(host="10.0.0.3")[0])
+
+    def test_refusal_lines_count_every_refusal(self) -> None:
+        """1,001 refusals in a burst: one line at once (1), one after the interval (1,000)."""
+        h = Harness(self, max_sessions=1)
+        h.accept()
+        for port in range(1001):
+            self.assertIsNone(h.accept(port=port + 1)[0])
+        lines = h.logs.find(refused=1)
+        self.assertEqual(len(lines), 1)
+        h.reactor.advance(10)
+        counts = [e["refused"] for e in h.logs.events if "refused" in e]
+        self.assertEqual(counts, [1, 1000])
+        self.assertEqual(h.factory.refused_total, 1001)
+        self.assertIn("refused 1000 connection(s) in the last 10s", h.logs.texts()[-1])
+        h.reactor.advance(10)
+        self.assertEqual(h.reactor.getDelayedCalls(), [])  # quiet again: the next logs at once
+
+
+class NameResolutionTests(SynchronousTestCase):
+    def resolver(self, answers: dict[str, list[str]]) -> list[str]:
+        asked: list[str] = []
+
+        class Resolver:
+            def resolveHostName(self, receiver: Any, host: str, port: int = 0, *args: Any) -> Any:
+                asked.append(host)
+                receiver.resolutionBegan(None)
+                for address in answers.get(host, []):
+                    kind = IPv6Address if ":" in address else IPv4Address
+                    receiver.addressResolved(kind("TCP", address, port))
+                receiver.resolutionComplete()
+                return receiver
+
+        self.reactor.nameResolver = Resolver()  # type: ignore[attr-defined]
+        return asked
+
+    def test_every_address_of_a_name_is_tried(self) -> None:
+        """A name with an IPv6 and an IPv4 address: each is tried before the next server; when
+        all fail the server is suspended once."""
+        pool = ServerPool([RemoteServer("01", "app.example", 5001), RemoteServer("02", "10.0.0.2", 5002)],
+                          ConnectionBalancer(), suspect_time=10.0)
+        self.reactor = MemoryReactorClock()
+        asked = self.resolver({"app.example": ["2001:db8::1", "192.0.2.1"]})
+        factory = BrokerFactory(self.reactor, pool)
+        LogCatcher(self)
+        protocol = factory.buildProtocol(None)
+        assert protocol is not None
+        protocol.makeConnection(HalfCloseTransport())
+        self.assertEqual([c[:2] for c in self.reactor.tcpClients], [("2001:db8::1", 5001)])
+        self.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual(self.reactor.tcpClients[-1][:2], ("192.0.2.1", 5001))
+        self.assertIs(pool.get("01").state, ServerState.UP)
+        self.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual(self.reactor.tcpClients[-1][:2], ("10.0.0.2", 5002))
+        self.assertIs(pool.get("01").state, ServerState.SUSPENDED)
+        self.assertEqual(pool.get("01").active, 0)
+        self.assertEqual(asked, ["app.example"])  # the IP literal is not resolved
+
+    def test_unresolvable_name_fails_over(self) -> None:
+        """A name without addresses is a failed server: the next one is tried."""
+        pool = ServerPool([RemoteServer("01", "nowhere.example", 5001), RemoteServer("02", "10.0.0.2", 5002)],
+                          ConnectionBalancer())
+        self.reactor = MemoryReactorClock()
+        self.resolver({})
+        logs = LogCatcher(self)
+        factory = BrokerFactory(self.reactor, pool)
+        protocol = factory.buildProtocol(None)
+        assert protocol is not None
+        protocol.makeConnection(HalfCloseTransport())
+        self.assertEqual([c[:2] for c in self.reactor.tcpClients], [("10.0.0.2", 5002)])
+        self.assertTrue(any("cannot resolve nowhere.example" in t for t in logs.texts()))
