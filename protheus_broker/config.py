@@ -151,6 +151,9 @@ class DesktopBalanceConfig:
     connect_timeout: float = 5.0
     max_sessions: int = 10000
     first_bytes_wait: float = 0.5  # FIRST_BYTES_WAIT: silent client -> plain SmartClient after this
+    first_response_timeout: float = 5.0  # FIRST_RESPONSE_TIMEOUT: no AppServer byte -> replay (0: off)
+    max_pending_per_address: int = 128  # MAX_PENDING_PER_ADDRESS: not yet established, one address
+    max_pending: int = 1024  # MAX_PENDING: not yet established, all addresses
     metrics_max_age: float = 3.0
     service_name: str = "protheus-broker"
     service_display_name: str = "protheus-broker"
@@ -553,6 +556,9 @@ def _desktop(section: _Section, warnings: list[str]) -> DesktopBalanceConfig:
         connect_timeout=section.number("CONNECT_TIMEOUT", 5.0, 0.1, 300.0),
         max_sessions=section.integer("MAX_SESSIONS", 10000, 0, 1_000_000),
         first_bytes_wait=section.number("FIRST_BYTES_WAIT", 0.5, 0.0, 10.0),
+        first_response_timeout=section.number("FIRST_RESPONSE_TIMEOUT", 5.0, 0.0, 300.0),
+        max_pending_per_address=section.integer("MAX_PENDING_PER_ADDRESS", 128, 0, 1_000_000),
+        max_pending=section.integer("MAX_PENDING", 1024, 0, 1_000_000),
         metrics_max_age=section.number("METRICS_MAX_AGE", 3.0, 0.1, 3600.0),
         service_name=section.text("SERVICE_NAME", "protheus-broker"),
         service_display_name=section.text("SERVICE_DISPLAY_NAME", "protheus-broker"),

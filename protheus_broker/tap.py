@@ -51,6 +51,44 @@ def _admin_shape(config: BrokerConfig) -> tuple[Any, ...] | None:
     return (admin.endpoint, admin.port_status, admin.history_interval, admin.history_samples)
 
 
+#: File descriptors besides the sessions: listeners, logs, agent links, admin requests.
+FD_MARGIN = 100
+
+
+def fds_needed(max_sessions: int, max_pending: int) -> int:
+    """Descriptors the caps can use: 2 per session (client and AppServer), 1 per pending
+    connection not yet in a session, and a margin."""
+    return 2 * max_sessions + max_pending + FD_MARGIN
+
+
+def open_files_limit(max_sessions: int, max_pending: int, rlimit: Any = None) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one (as HAProxy does: Debian's default soft
+    limit of 1,024 is a few hundred sessions), log the figure, and warn when it is below what
+    MAX_SESSIONS and MAX_PENDING can use.  Returns (soft, hard); *rlimit* is the ``resource``
+    module (a test passes a stand-in)."""
+    if rlimit is None:
+        import resource as rlimit
+    soft, hard = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)
+    if hard == rlimit.RLIM_INFINITY or hard > soft:
+        target = hard if hard != rlimit.RLIM_INFINITY else max(soft, 1_048_576)
+        try:
+            rlimit.setrlimit(rlimit.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warn("cannot raise the open files limit from {soft} to {target}: {error}",
+                     soft=soft, target=target, error=str(exc))
+    needed = fds_needed(max_sessions, max_pending)
+    log.info("open files limit {soft} (hard {hard})", soft=soft,
+             hard="unlimited" if hard == rlimit.RLIM_INFINITY else hard)
+    if max_sessions and soft < needed:
+        log.warn("open files limit {soft} is below the {needed} that MAX_SESSIONS={max_sessions} "
+                 "and MAX_PENDING={max_pending} can use (2 per session, 1 per pending connection, "
+                 "{margin} spare): raise LimitNOFILE= in the systemd unit or lower MAX_SESSIONS",
+                 soft=soft, needed=needed, max_sessions=max_sessions, max_pending=max_pending,
+                 margin=FD_MARGIN)
+    return soft, hard
+
+
 class BrokerService(MultiService):
     """The broker: one listener and its pool, built from one config, reloadable on SIGHUP."""
 
@@ -70,6 +108,9 @@ class BrokerService(MultiService):
             reactor, self.pool, connect_timeout=desktop.connect_timeout,
             max_sessions=desktop.max_sessions, sort_method=desktop.effective_sort_method.value,
             first_bytes_wait=desktop.first_bytes_wait,
+            first_response_timeout=desktop.first_response_timeout,
+            max_pending_per_address=desktop.max_pending_per_address,
+            max_pending=desktop.max_pending,
             recognisers=[resumable.recogniser] if resumable is not None else [],
         )
         self.factory.standby = resumable
@@ -116,6 +157,7 @@ class BrokerService(MultiService):
                      "(--logfile, --syslog, the journal); it is not switched off")
         host = self.port.getHost()
         desktop = self.config.desktop
+        open_files_limit(desktop.max_sessions, desktop.max_pending)
         self.session_tls.warn_at_startup()
         log.info("SmartClient sessions: {tls}", tls=self.session_tls.describe())
         log.info(
@@ -168,6 +210,9 @@ class BrokerService(MultiService):
         self.factory.connect_timeout = desktop.connect_timeout
         self.factory.max_sessions = desktop.max_sessions
         self.factory.first_bytes_wait = desktop.first_bytes_wait
+        self.factory.first_response_timeout = desktop.first_response_timeout  # new sessions
+        self.factory.pending.per_address = desktop.max_pending_per_address
+        self.factory.pending.total = desktop.max_pending
         self.factory.sort_method = desktop.effective_sort_method.value
         if self.factory.standby is not None:  # new links and drops use the new STANDBY_TIME etc.
             self.factory.standby.config = desktop.resume

@@ -246,3 +246,31 @@ class ErrorTests(SynchronousTestCase):
             parse_config(MINIMAL + text)
         except ConfigError as error:
             self.assertNotIn("\n", str(error))
+
+
+class HardeningKeyTests(SynchronousTestCase):
+    """FIRST_RESPONSE_TIMEOUT, MAX_PENDING_PER_ADDRESS and MAX_PENDING."""
+
+    def test_defaults(self) -> None:
+        """Replay after 5 s of silence; 128 unestablished connections per address, 1024 in all."""
+        desktop = parse_config(MINIMAL).desktop
+        self.assertEqual((desktop.first_response_timeout, desktop.max_pending_per_address,
+                          desktop.max_pending), (5.0, 128, 1024))
+
+    def test_set_and_zero_disables(self) -> None:
+        """Each key is read; 0 turns the replay or the cap off."""
+        desktop = parse_config(MINIMAL + "FIRST_RESPONSE_TIMEOUT = 0\nMAX_PENDING_PER_ADDRESS = 0\n"
+                               "MAX_PENDING = 50\n").desktop
+        self.assertEqual((desktop.first_response_timeout, desktop.max_pending_per_address,
+                          desktop.max_pending), (0.0, 0, 50))
+
+    def test_bad_values_name_line_and_key(self) -> None:
+        """Out of range or not a number: one line naming file, line and key."""
+        errors = ErrorTests("assertConfigError")
+        errors.assertConfigError(MINIMAL + "FIRST_RESPONSE_TIMEOUT = -1\n", 4, "FIRST_RESPONSE_TIMEOUT",
+                                 "out of range")
+        errors.assertConfigError(MINIMAL + "FIRST_RESPONSE_TIMEOUT = nan\n", 4, "FIRST_RESPONSE_TIMEOUT",
+                                 "out of range")
+        errors.assertConfigError(MINIMAL + "MAX_PENDING_PER_ADDRESS = many\n", 4,
+                                 "MAX_PENDING_PER_ADDRESS", "expected a whole number")
+        errors.assertConfigError(MINIMAL + "MAX_PENDING = -5\n", 4, "MAX_PENDING", "out of range")
