@@ -582,7 +582,8 @@ class Session(ClientFactory):
         self.how: str | None = None
         self.ended = False
         self.pending = client.pending or broker.pending.take(_host(peer))
-        self.keeping = broker.first_response_timeout > 0
+        self.answer_timeout = broker.first_response_timeout  # a reload changes new sessions only
+        self.keeping = self.answer_timeout > 0
         self.answered = False  # the linked server sent its first byte (or its EOF)
         self.kept: list[bytes] | None = None  # client bytes sent to the unanswered server
         self.kept_size = 0
@@ -717,8 +718,7 @@ class Session(ClientFactory):
         kept.append(data)
         self.kept_size += len(data)
         if self.answer_timer is None:
-            self.answer_timer = self.broker.clock.callLater(self.broker.first_response_timeout,
-                                                            self._no_answer)
+            self.answer_timer = self.broker.clock.callLater(self.answer_timeout, self._no_answer)
         if self.kept_size >= KEEP_LIMIT and not self.kept_paused:
             self.kept_paused = True
             self.client.transport.pauseProducing()
@@ -740,7 +740,7 @@ class Session(ClientFactory):
         self.answer_timer = None
         server = self.server
         if server is not None and self.replayable():
-            self.server_failed(server, f"no answer within {self.broker.first_response_timeout:g}s")
+            self.server_failed(server, f"no answer within {self.answer_timeout:g}s")
 
     def server_failed(self, server: ServerSide, why: str, lost: bool = False) -> None:
         """The linked server failed before its first byte: drop it (abort the connection unless

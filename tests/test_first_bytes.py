@@ -63,16 +63,18 @@ class PointableTransport(StringTransport):
 
 
 class Harness:
-    def __init__(self, *recognisers: Magic, wait: float = 0.5) -> None:
+    def __init__(self, *recognisers: Magic, wait: float = 0.5, **options: Any) -> None:
         self.reactor = MemoryReactorClock()
         self.pool = ServerPool(servers(5001), ConnectionBalancer())
         self.factory = BrokerFactory(self.reactor, self.pool, recognisers=recognisers,
-                                     first_bytes_wait=wait)
+                                     first_bytes_wait=wait, **options)
 
-    def accept(self, pointable: bool = True) -> tuple[Any, StringTransport]:
+    def accept(self, pointable: bool = True, host: str = "10.0.0.9") -> tuple[Any, StringTransport]:
         transport = PointableTransport() if pointable else StringTransport()
-        transport.peerAddr = IPv4Address("TCP", "10.0.0.9", 40000)
+        transport.peerAddr = IPv4Address("TCP", host, 40000)
         protocol = self.factory.buildProtocol(transport.peerAddr)
+        if protocol is None:  # refused by a cap
+            return None, transport
         if pointable:
             transport.protocol = protocol
         protocol.makeConnection(transport)
@@ -198,6 +200,61 @@ class FirstBytesMemoryTests(SynchronousTestCase):
         self.assertTrue(taken.lost)
 
 
+class PendingCountTests(SynchronousTestCase):
+    """Connections undecided by their first bytes, or served by a non-session recogniser, count
+    against MAX_PENDING_PER_ADDRESS and MAX_PENDING."""
+
+    def test_undecided_connections_count_until_lost(self) -> None:
+        """Undecided connections fill the per-address cap; one that leaves frees its place."""
+        h = Harness(Magic(b"GET /status"), max_pending_per_address=2, max_pending=3)
+        first, first_t = h.accept()
+        first.dataReceived(b"GET ")
+        h.accept()
+        self.assertIsNone(h.accept()[0])  # the same address, over its cap
+        self.assertIsNotNone(h.accept(host="10.0.0.10")[0])
+        self.assertIsNone(h.accept(host="10.0.0.11")[0])  # over MAX_PENDING
+        first.connectionLost(Failure(Exception("gone")))
+        self.assertIsNotNone(h.accept()[0])
+        self.assertEqual(h.factory.refused_pending_total, 2)
+
+    def test_status_like_connection_counts_until_closed(self) -> None:
+        """A connection a non-session recogniser took (a /status slowloris) still counts."""
+        magic = Magic(b"GET /status")
+        h = Harness(magic, max_pending_per_address=1)
+        sniffer, transport = h.accept()
+        sniffer.dataReceived(b"GET /status HTTP/1.1\r\n")
+        [taken] = magic.taken
+        self.assertIsNone(h.accept()[0])
+        transport.protocol.connectionLost(Failure(Exception("closed")))
+        self.assertTrue(taken.lost)
+        self.assertEqual(h.factory.pending.count, 0)
+        self.assertIsNotNone(h.accept()[0])
+
+    def test_session_recogniser_is_uncounted_at_take_over(self) -> None:
+        """The resumable recogniser's links carry sessions that count themselves: the link is
+        uncounted once claimed."""
+        magic = Magic(b"PBRK1", name="resumable")
+        h = Harness(magic, max_pending_per_address=1)
+        sniffer, _ = h.accept()
+        sniffer.dataReceived(b"PBRK1")
+        self.assertEqual(h.factory.pending.count, 0)
+        self.assertIsNotNone(h.accept()[0])
+
+    def test_plain_client_counts_until_its_server_answers(self) -> None:
+        """A plain client's count passes to its session and ends at the AppServer's first byte."""
+        h = Harness(Magic(b"GET "), max_pending_per_address=1)
+        sniffer, transport = h.accept()
+        sniffer.dataReceived(b"\x16\x03")
+        self.assertIsNone(h.accept()[0])
+        session = h.reactor.tcpClients[0][2]
+        server = session.buildProtocol(None)
+        server.makeConnection(StringTransport())
+        self.assertIsNone(h.accept()[0])  # connected, but no answer yet
+        server.dataReceived(b"hello")
+        self.assertEqual(h.factory.pending.count, 0)
+        self.assertIsNotNone(h.accept()[0])
+
+
 class FirstBytesSocketTests(TestCase):
     timeout = 60
 
@@ -273,6 +330,33 @@ class FirstBytesSocketTests(TestCase):
         self.assertEqual(pool.get("01").connect_failures, 0)  # no AppServer was tried
 
 
+    @defer.inlineCallbacks
+    def test_slowloris_from_one_address_leaves_logins_to_others(self) -> Any:
+        """Undecided connections held open past MAX_PENDING_PER_ADDRESS are closed at once
+        without a byte; the count is in the refusal log."""
+        pool = ServerPool(servers(self.listen(AppServerSimFactory("sim"))), ConnectionBalancer())
+        broker = BrokerFactory(reactor, pool, recognisers=[Magic(b"GET /status")],
+                               first_bytes_wait=5, max_pending_per_address=3)
+        port = self.listen(broker)
+        held = []
+        for _ in range(3):
+            peer = Peer(half_close=False)
+            yield ClientCreator(reactor, lambda: peer).connectTCP("127.0.0.1", port)
+            peer.transport.write(b"GET /sta")  # undecided
+            held.append(peer)
+        while broker.pending.count < 3:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        refused = Peer(half_close=False)
+        yield ClientCreator(reactor, lambda: refused).connectTCP("127.0.0.1", port)
+        yield refused.done
+        self.assertEqual((refused.received, broker.refused_pending_total), (0, 1))
+        for peer in held:
+            peer.transport.loseConnection()
+            yield peer.done
+        while broker.pending.count:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+
+
 class FirstBytesWaitConfigTests(SynchronousTestCase):
     def test_config_sets_the_wait_at_start_and_on_reload(self) -> None:
         """FIRST_BYTES_WAIT reaches the broker's factory when it is built and on a reload."""
@@ -290,3 +374,24 @@ class FirstBytesWaitConfigTests(SynchronousTestCase):
             f.write(text + "FIRST_BYTES_WAIT = 2\n")
         self.assertTrue(service.reload())
         self.assertEqual(service.factory.first_bytes_wait, 2.0)
+
+    def test_replay_and_pending_keys_reach_the_factory(self) -> None:
+        """FIRST_RESPONSE_TIMEOUT, MAX_PENDING_PER_ADDRESS and MAX_PENDING reach the factory at
+        start and on a reload."""
+        from protheus_broker.config import load_config
+        from protheus_broker.tap import BrokerService
+
+        path = self.mktemp()
+        text = ("[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\nREMOTE_SERVER_01 = 127.0.0.1 5001\n"
+                "MONITORING_TYPE = DISABLED\n")
+        with open(path, "w") as f:
+            f.write(text)
+        service = BrokerService(MemoryReactorClock(), load_config(path))
+        factory = service.factory
+        self.assertEqual((factory.first_response_timeout, factory.pending.per_address,
+                          factory.pending.total), (5.0, 128, 1024))
+        with open(path, "w") as f:
+            f.write(text + "FIRST_RESPONSE_TIMEOUT = 2.5\nMAX_PENDING_PER_ADDRESS = 10\nMAX_PENDING = 20\n")
+        self.assertTrue(service.reload())
+        self.assertEqual((factory.first_response_timeout, factory.pending.per_address,
+                          factory.pending.total), (2.5, 10, 20))

@@ -449,3 +449,39 @@ class NameResolutionTests(SynchronousTestCase):
         protocol.makeConnection(HalfCloseTransport())
         self.assertEqual([c[:2] for c in self.reactor.tcpClients], [("10.0.0.2", 5002)])
         self.assertTrue(any("cannot resolve nowhere.example" in t for t in logs.texts()))
+
+
+class OpenFilesLimitTests(SynchronousTestCase):
+    class FakeResource:
+        RLIMIT_NOFILE = 7
+        RLIM_INFINITY = -1
+
+        def __init__(self, soft: int, hard: int) -> None:
+            self.limits = (soft, hard)
+
+        def getrlimit(self, which: int) -> tuple[int, int]:
+            return self.limits
+
+        def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+            self.limits = limits
+
+    def test_soft_limit_raised_to_hard_and_logged(self) -> None:
+        """At start the soft RLIMIT_NOFILE is raised to the hard one and the figure logged."""
+        from protheus_broker.tap import open_files_limit
+
+        logs = LogCatcher(self)
+        fake = self.FakeResource(1024, 524288)
+        self.assertEqual(open_files_limit(10000, 1024, fake), (524288, 524288))
+        self.assertEqual(fake.limits, (524288, 524288))
+        self.assertIn("open files limit 524288 (hard 524288)", logs.texts())
+        self.assertFalse([t for t in logs.texts() if "below" in t])
+
+    def test_warns_with_the_numbers_when_too_low(self) -> None:
+        """A hard limit below 2 per session plus the pending connections is one warning with both
+        numbers."""
+        from protheus_broker.tap import open_files_limit
+
+        logs = LogCatcher(self)
+        open_files_limit(10000, 1024, self.FakeResource(1024, 4096))
+        [warning] = [t for t in logs.texts() if "below" in t]
+        self.assertIn("open files limit 4096 is below the 21124 that MAX_SESSIONS=10000", warning)

@@ -96,8 +96,15 @@ def expected_digest(seed: int, size: int) -> str:
     return digest.hexdigest()
 
 
-class RealSocketTests(TestCase):
+class SocketCase(TestCase):
+    """A broker over real sockets on 127.0.0.1 and its helpers."""
+
     timeout = 60
+
+    def backend_factory(self, make: Any) -> Factory:
+        factory = Factory()
+        factory.protocol = make
+        return factory
 
     def listen(self, factory: Factory) -> int:
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -119,11 +126,8 @@ class RealSocketTests(TestCase):
         await peer.done
         return peer
 
-    def backend_factory(self, make: Any) -> Factory:
-        factory = Factory()
-        factory.protocol = make
-        return factory
 
+class RealSocketTests(SocketCase):
     @defer.inlineCallbacks
     def test_random_data_both_ways_byte_exact(self) -> Any:
         """32 MB of random data each way arrives byte-exact; the client half-closes first."""
@@ -275,6 +279,130 @@ class RealSocketTests(TestCase):
         self.assertLessEqual(peak, 2 * READ_SIZE + 64 * 1024, f"broker buffered {peak} bytes")
         reader.transport.loseConnection()
         yield client.done
+
+
+def hung_server(test: TestCase) -> int:
+    """A port whose kernel completes handshakes but whose process never reads or answers (as a
+    stopped AppServer): listening, never accepting."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    test.addCleanup(hung.close)
+    return int(hung.getsockname()[1])
+
+
+class ReplaySocketTests(SocketCase):
+    """FIRST_RESPONSE_TIMEOUT over real sockets: the data path stays byte-exact."""
+
+    @defer.inlineCallbacks
+    def test_random_data_both_ways_byte_exact_with_replay_on(self) -> Any:
+        """With the copy kept until the first answer, 32 MB each way still arrive byte-exact and
+        nothing is kept afterwards."""
+        size = 32 * MB
+        server_peers: list[Peer] = []
+
+        def make_server() -> Peer:
+            peer = Peer(send_seed=2, send_size=size, half_close=True)
+            server_peers.append(peer)
+            return peer
+
+        factory, port = self.broker([self.listen(self.backend_factory(make_server))],
+                                    first_response_timeout=5.0)
+        client = Peer(send_seed=1, send_size=size)
+        yield self.connect(port, client)
+        while not factory.sessions:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        [session] = factory.sessions.values()
+        yield client.done
+        yield server_peers[0].done
+        self.assertEqual(client.digest.hexdigest(), expected_digest(2, size))
+        self.assertEqual(server_peers[0].digest.hexdigest(), expected_digest(1, size))
+        self.assertIsNone(session.kept)
+        self.assertEqual(factory.pending.count, 0)
+
+    @defer.inlineCallbacks
+    def test_hung_server_login_replayed_byte_exact(self) -> Any:
+        """200 KB sent at once to a hung AppServer (more than the copy's limit: the client is
+        held back) are replayed on the next one and echoed back byte-exact after its greeting."""
+        size = 200 * 1024
+        logs = LogCatcher(self)
+        factory, port = self.broker([hung_server(self), self.listen(AppServerSimFactory("good"))],
+                                    first_response_timeout=0.5)
+        client = Peer(send_seed=21, send_size=size, half_close=False)
+        yield self.connect(port, client)
+        head = len(greeting("good", 1))
+        while client.received < head + size:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        client.transport.loseConnection()
+        yield client.done
+        while factory.sessions:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        echoed = hashlib.sha256()
+        echoed.update(greeting("good", 1))
+        for chunk in stream(21, size):
+            echoed.update(chunk)
+        self.assertEqual(client.digest.hexdigest(), echoed.hexdigest())
+        self.assertTrue(any("no answer within 0.5s; replaying" in t for t in logs.texts()))
+        self.assertEqual(factory.pool.get("01").reason, "no answer within 0.5s")
+
+    @defer.inlineCallbacks
+    def test_passthrough_tls_replayed_on_the_next_server(self) -> Any:
+        """A TLS ClientHello sent to a hung AppServer is replayed on a TLS AppServer: the client's
+        handshake completes and it gets the greeting, never noticing."""
+        from protheus_broker.sim_tap import tls_factory
+
+        from .tls_fixtures import certs
+
+        c = certs()
+        good = self.listen(tls_factory(AppServerSimFactory("tls"), c.cert("appserver"), c.key("appserver")))
+        factory, port = self.broker([hung_server(self), good], first_response_timeout=0.5)
+        client = Peer(half_close=False)
+        yield ClientCreator(reactor, lambda: client).connectSSL("127.0.0.1", port, c.client_options())
+        while client.received < len(greeting("tls", 1)):
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(client.transport.getPeerCertificate().get_subject().CN, "appserver")
+        client.transport.loseConnection()
+        yield client.done
+        while factory.sessions:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(factory.pool.get("01").connect_failures, 1)
+
+    @defer.inlineCallbacks
+    def test_handshakes_count_as_pending_under_termination(self) -> Any:
+        """With TLS termination a connection in its handshake counts: past
+        MAX_PENDING_PER_ADDRESS the next is closed at once; once it is gone, clients are served."""
+        from protheus_broker.session_tls import SessionTLS
+        from protheus_broker.tls_config import SessionTLSConfig, TLSIdentity
+
+        from .tls_fixtures import certs
+
+        c = certs()
+        pool = ServerPool(servers(self.listen(AppServerSimFactory("sim"))), ConnectionBalancer())
+        factory = BrokerFactory(reactor, pool, max_pending_per_address=1)
+        tls = SessionTLS(reactor, SessionTLSConfig(server=TLSIdentity(c.cert("broker"), c.key("broker"))),
+                         factory)
+        port = self.listen(tls.listening_factory())
+        staller = Peer(half_close=False)  # connects and never starts its handshake
+        yield self.connect(port, staller)
+        while factory.pending.count < 1:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        refused = Peer(half_close=False)
+        yield self.connect(port, refused)
+        yield refused.done
+        self.assertEqual((refused.received, factory.refused_pending_total), (0, 1))
+        staller.transport.loseConnection()
+        yield staller.done
+        while factory.pending.count:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        client = Peer(half_close=False)
+        yield ClientCreator(reactor, lambda: client).connectSSL("127.0.0.1", port, c.client_options())
+        while client.received < len(greeting("sim", 1)):
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(factory.pending.count, 0)  # answered: established
+        client.transport.loseConnection()
+        yield client.done
+        while factory.sessions:
+            yield task.deferLater(reactor, 0.01, lambda: None)
 
 
 class EagerSendTests(TestCase):
