@@ -811,7 +811,8 @@ class Session(ClientFactory):
             self.server_lost = True
         peer = side.peer
         if peer is not None and peer.transport.connected:
-            peer.transport.unregisterProducer()
+            if peer is self.client or self.kept is None:  # an unanswered server has no producer
+                peer.transport.unregisterProducer()
             peer.transport.loseConnection()  # after what is queued for it is flushed
         if self.client_lost and (self.server_lost or (self.server is None and self.connector is None)):
             self._end(self.how)

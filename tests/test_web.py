@@ -124,6 +124,7 @@ class Harness:
         server = session.buildProtocol(None)
         server.makeConnection(StringTransport())
         client.dataReceived(b"hello")
+        server.dataReceived(b"")  # the AppServer has answered: the session is established
         return session
 
 
