@@ -33,7 +33,7 @@ class Backend:
     __slots__ = (
         "server_id", "host", "port", "index", "state", "active", "total", "connect_failures",
         "metrics", "leaving", "reason", "placed_since_report", "suspect_until", "monitor_status",
-        "admin_hold",
+        "admin_hold", "probation", "probes",
     )
 
     def __init__(self, server: RemoteServer, index: int) -> None:
@@ -52,6 +52,8 @@ class Backend:
         self.suspect_until: float | None = None  # suspended by a failed connect, until then
         self.monitor_status: dict[str, object] = {}  # what the monitor says (link, misses, ...)
         self.admin_hold = False  # marked down by an admin: monitoring does not bring it back
+        self.probation = False  # back from a broker suspicion: one session at a time until one is answered
+        self.probes = 0  # sessions opening on it while on probation
 
     @property
     def address(self) -> str:
@@ -99,7 +101,9 @@ class ServerPool:
 
     A failed connect while opening a session suspends the server at once for *suspect_time*
     seconds (whatever the monitoring), so the next sessions do not try it first; it is tried again
-    after that, or sooner when its monitor reports it healthy.  *clock* (an ``IReactorTime``)
+    after that, or sooner when its monitor reports it healthy.  Back from such a suspicion it is
+    on probation: one session at a time tries it (others rank it last) until one is answered, so
+    a server still hung costs one login a timeout, not every login of the next few seconds.  *clock* (an ``IReactorTime``)
     times that; without one the time of the latest ``candidates(now)`` call is used.
     """
 
@@ -149,11 +153,13 @@ class ServerPool:
         for backend in self._backends.values():
             if backend.suspect_until is not None and backend.suspect_until <= now:
                 self.set_state(backend.server_id, ServerState.UP,
-                               f"suspect for {self.suspect_time:g}s after a failed session; trying it again")
-            if backend.available:
+                               f"suspect for {self.suspect_time:g}s after a failed session; trying "
+                               f"one session on it")
+                backend.probation = True
+            if backend.available and not (backend.probation and backend.probes):
                 available.append(backend)
-            elif backend.state is ServerState.SUSPENDED:
-                suspended.append(backend)
+            elif backend.state is ServerState.SUSPENDED or backend.available:
+                suspended.append(backend)  # suspended, or on probation with a session trying it
         if not available:
             return self.balancer.rank(suspended, now)  # type: ignore[return-value]
         ranked: list[Backend] = self.balancer.rank(available, now)  # type: ignore[assignment]
@@ -161,10 +167,21 @@ class ServerPool:
 
     # --- session accounting (only sessions through the broker count) -----------------------
 
-    def session_opening(self, backend: Backend) -> None:
-        """A session was sent to *backend*: count it now, so a burst spreads."""
+    def session_opening(self, backend: Backend) -> bool:
+        """A session was sent to *backend*: count it now, so a burst spreads.  True if it is a
+        probe (the server is on probation): the session calls :meth:`probe_ended` when it has
+        its answer or leaves the server."""
         backend.active += 1
         backend.placed_since_report += 1
+        if backend.probation:
+            backend.probes += 1
+            return True
+        return False
+
+    def probe_ended(self, backend: Backend) -> None:
+        """A probe session answered by *backend*, or gone from it."""
+        if backend.probes:
+            backend.probes -= 1
 
     def session_connected(self, backend: Backend) -> None:
         backend.total += 1
@@ -192,8 +209,9 @@ class ServerPool:
             backend.reason = reason
 
     def session_answered(self, backend: Backend) -> None:
-        """*backend* sent a session its first byte: if the broker itself had suspended it (a
-        failed session, not monitoring), it is Up again at once."""
+        """*backend* sent a session its first byte: its probation ends, and if the broker itself
+        had suspended it (a failed session, not monitoring), it is Up again at once."""
+        backend.probation = False
         if backend.state is ServerState.SUSPENDED and backend.suspect_until is not None:
             self.set_state(backend.server_id, ServerState.UP, "answered a session")
 

@@ -591,6 +591,7 @@ class Session(ClientFactory):
         self.kept_paused = False  # the client is not read: the copy is full
         self.answer_timer: Any = None
         self.silent: list[tuple[Backend, str]] = []  # servers that failed before answering
+        self.probing: Backend | None = None  # a server on probation this session is trying
 
     # --- choosing and connecting ----------------------------------------------------------
 
@@ -618,7 +619,8 @@ class Session(ClientFactory):
             return
         backend = self.candidates.pop(0)
         self.backend = backend
-        self.broker.pool.session_opening(backend)
+        if self.broker.pool.session_opening(backend):
+            self.probing = backend
         if backend.state is ServerState.SUSPENDED:
             log.info("session {session_id}: trying suspended AppServer {server_id} ({address}) as a "
                      "last resort ({reason})", session_id=self.session_id,
@@ -660,11 +662,17 @@ class Session(ClientFactory):
         server.session = self
         return server
 
+    def _probe_ended(self) -> None:
+        if self.probing is not None:
+            self.broker.pool.probe_ended(self.probing)
+            self.probing = None
+
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         backend = self.backend
         assert backend is not None
         self.connector = None
         if self.client_lost:  # we stopped the attempt ourselves: not the server's fault
+            self._probe_ended()
             self.backend = None
             self.addresses = []
             self.broker.pool.session_closed(backend)
@@ -678,6 +686,7 @@ class Session(ClientFactory):
             why=why,
         )
         if not self.addresses:  # every address of this server failed
+            self._probe_ended()
             self.backend = None
             self.broker.pool.session_closed(backend)
             self.broker.pool.connect_failed(backend, why)
@@ -748,6 +757,7 @@ class Session(ClientFactory):
         backend = self.backend
         assert backend is not None and self.kept is not None
         self._stop_answer_timer()
+        self._probe_ended()
         server.abandoned = True
         client = self.client
         client.peer = server.peer = None
@@ -778,6 +788,7 @@ class Session(ClientFactory):
         self.pending.release()
         backend, server, client = self.backend, self.server, self.client
         assert backend is not None and server is not None
+        self._probe_ended()
         self.broker.pool.session_answered(backend)
         for silent, why in self.silent:  # they failed bytes this server answered
             self.broker.pool.session_failed(silent, why)
@@ -831,6 +842,7 @@ class Session(ClientFactory):
             return
         self.ended = True
         self._stop_answer_timer()
+        self._probe_ended()
         self.pending.release()
         self.kept = None
         if self.server is not None and self.backend is not None:

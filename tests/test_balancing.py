@@ -209,6 +209,30 @@ class PoolMembershipTests(SynchronousTestCase):
         pool.set_state("03", ServerState.DOWN, "test")
         self.assertEqual(pool.candidates(0), [])
 
+    def test_server_back_from_suspicion_takes_one_session_at_a_time(self) -> None:
+        """After SUSPECT_TIME a server is on probation: while one session tries it, others rank it
+        last; once a session is answered it ranks as usual again."""
+        pool = ServerPool(servers(3), ConnectionBalancer(), suspect_time=10.0)
+        pool.connect_failed(pool.get("02"), "refused")
+
+        def ids() -> list[str]:
+            return [b.server_id for b in pool.candidates(11.0)]
+
+        self.assertEqual(ids(), ["01", "02", "03"])
+        probe = pool.get("02")
+        self.assertTrue(pool.session_opening(probe))
+        self.assertEqual(ids(), ["01", "03", "02"])  # one session is trying it: last resort
+        pool.probe_ended(probe)  # that one left without an answer: the next may try
+        pool.session_closed(probe)
+        self.assertEqual(ids(), ["01", "02", "03"])
+        self.assertTrue(pool.session_opening(probe))
+        self.assertFalse(pool.session_opening(pool.get("01")))
+        self.assertFalse(pool.session_opening(pool.get("01")))
+        pool.session_answered(probe)
+        pool.probe_ended(probe)
+        self.assertEqual(ids(), ["03", "02", "01"])  # answered: by connections again
+        self.assertFalse(pool.session_opening(probe))
+
     def test_answer_from_a_server_the_broker_suspended_brings_it_up(self) -> None:
         """A first byte from a server suspended by a failed session makes it Up again; a server
         suspended by monitoring stays as monitoring says."""

@@ -283,6 +283,29 @@ class ReplayTests(SynchronousTestCase):
         self.assertEqual(h.reactor.getDelayedCalls(), [])
         self.assertEqual(h.logs.ended(), [])
 
+    def test_hung_server_back_from_suspicion_costs_one_login(self) -> None:
+        """After SUSPECT_TIME the hung server gets one login at a time: the logins meanwhile go
+        elsewhere, and when the probe is not answered it is suspended again."""
+        h, client, client_t, session, server, server_t = self.linked(count=2)
+        client.dataReceived(b"login")
+        h.reactor.advance(2)
+        h.connect_server(session)[0].dataReceived(b"ok")  # 02 answers: 01 suspended
+        self.assertIs(h.pool.get("01").state, ServerState.SUSPENDED)
+        h.reactor.advance(10)
+        probe, _ = h.accept(port=40001)
+        assert probe is not None
+        self.assertEqual(h.attempt()[1], 5001)  # back on probation: this login tries it
+        probe_session = h.attempt()[2]
+        h.connect_server(probe_session)
+        probe.dataReceived(b"login")
+        for port in (40002, 40003):
+            h.accept(port=port)
+            self.assertEqual(h.attempt()[1], 5002)  # the others do not wait on it
+        h.reactor.advance(2)  # the probe gets no answer: replayed on 02
+        self.assertEqual(h.attempt()[:2], ("127.0.0.1", 5002))
+        h.connect_server(probe_session)[0].dataReceived(b"ok")
+        self.assertIs(h.pool.get("01").state, ServerState.SUSPENDED)
+
     def test_reset_before_answer_is_replayed(self) -> None:
         """An AppServer that resets (killed with the login in its queue) before its first byte:
         the login goes to the next one."""
