@@ -9,6 +9,7 @@ is flushed.  Which server, and what happens when one fails, is ``Session``'s job
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from typing import Any, Callable, Protocol as TypingProtocol, Sequence
 
@@ -40,6 +41,10 @@ KEEP_LIMIT = 64 * 1024
 
 #: Seconds between two log lines about refused connections (each says how many since the last).
 REFUSAL_LOG_INTERVAL = 10.0
+
+#: Seconds the addresses of an AppServer's host name are reused before it is resolved again
+#: (a login storm does not become a storm of lookups).
+RESOLVED_FOR = 10.0
 
 
 _EAGER_NEEDS = ("_tempDataLen", "offset", "dataBuffer", "socket", "_writeDisconnecting", "disconnecting")
@@ -90,8 +95,18 @@ def send_now(transport: Any, data: bytes) -> None:
 
 
 def _host(addr: Any) -> str:
-    """The client address a cap counts by (its IP; "" when unknown)."""
-    return str(getattr(addr, "host", "") or "")
+    """The client address a cap counts by: its IPv4 address, or its IPv6 /64 (one site's
+    prefix: a single host can use any address in it); "" when unknown."""
+    host = str(getattr(addr, "host", "") or "")
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
 def _client_text(addr: Any) -> str:
@@ -629,6 +644,10 @@ class Session(ClientFactory):
         if is_ip_literal(backend.host) or resolver is None:
             self._connect(backend, backend.host)
             return
+        known = self.broker.resolved.get(backend.host)
+        if known is not None and known[0] > self.broker.clock.seconds():
+            self.resolved(backend, known[1])
+            return
         receiver = _Resolving(self, backend)
         self.connector = receiver
         self.address = None
@@ -640,6 +659,7 @@ class Session(ClientFactory):
         if not addresses:
             self.clientConnectionFailed(None, Failure(DNSLookupError(f"cannot resolve {backend.host}")))
             return
+        self.broker.resolved[backend.host] = (self.broker.clock.seconds() + RESOLVED_FOR, addresses)
         self.addresses = list(addresses)
         self._try_next()
 
@@ -887,6 +907,8 @@ class BrokerFactory(ServerFactory):
         self.first_bytes_wait = first_bytes_wait
         self.first_response_timeout = first_response_timeout
         self.pending = PendingLimits(max_pending_per_address, max_pending)
+        #: AppServer host name -> (valid until, its addresses), see RESOLVED_FOR
+        self.resolved: dict[str, tuple[float, list[str]]] = {}
         self.ids = itertools.count(1)
         self.sessions: dict[int, Session] = {}
         #: resumable sessions (``resume_broker.ResumableSessions``: count, snapshot(), drops,

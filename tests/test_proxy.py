@@ -458,6 +458,14 @@ class NameResolutionTests(SynchronousTestCase):
         self.assertIs(pool.get("01").state, ServerState.SUSPENDED)
         self.assertEqual(pool.get("01").active, 0)
         self.assertEqual(asked, ["app.example"])  # the IP literal is not resolved
+        factory.buildProtocol(None).makeConnection(HalfCloseTransport())  # type: ignore[union-attr]
+        self.assertEqual(self.reactor.tcpClients[-1][:2], ("10.0.0.2", 5002))  # 01 is suspended
+        self.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual(self.reactor.tcpClients[-1][:2], ("2001:db8::1", 5001))  # last resort
+        self.assertEqual(asked, ["app.example"])  # reused for RESOLVED_FOR seconds
+        self.reactor.advance(10)
+        factory.buildProtocol(None).makeConnection(HalfCloseTransport())  # type: ignore[union-attr]
+        self.assertEqual(asked, ["app.example", "app.example"])
 
     def test_unresolvable_name_fails_over(self) -> None:
         """A name without addresses is a failed server: the next one is tried."""
@@ -508,3 +516,18 @@ class OpenFilesLimitTests(SynchronousTestCase):
         open_files_limit(10000, 1024, self.FakeResource(1024, 4096))
         [warning] = [t for t in logs.texts() if "below" in t]
         self.assertIn("open files limit 4096 is below the 21124 that MAX_SESSIONS=10000", warning)
+
+
+class AddressKeyTests(SynchronousTestCase):
+    def test_ipv6_clients_count_by_their_64_prefix(self) -> None:
+        """Per-address caps count an IPv6 client by its /64 (one host may use any address in
+        it), an IPv4-mapped one by its IPv4 address."""
+        from protheus_broker.proxy import _host
+
+        self.assertEqual(_host(IPv6Address("TCP", "2001:db8:1:2:aaaa::1", 1)),
+                         _host(IPv6Address("TCP", "2001:db8:1:2:bbbb::7", 2)))
+        self.assertNotEqual(_host(IPv6Address("TCP", "2001:db8:1:2::1", 1)),
+                            _host(IPv6Address("TCP", "2001:db8:1:3::1", 1)))
+        self.assertEqual(_host(IPv6Address("TCP", "::ffff:10.1.2.3", 1)), "10.1.2.3")
+        self.assertEqual(_host(IPv4Address("TCP", "10.1.2.3", 1)), "10.1.2.3")
+        self.assertEqual(_host(None), "")
