@@ -7,6 +7,7 @@ Each test prints its figures (failed logins, slowest login) for the release note
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -52,12 +53,13 @@ class Login(Protocol):
             self.done.callback(self.ok())
 
 
-async def login(port: int, number: int) -> tuple[bool, float]:
-    """One login through the broker: (answered in full, seconds it took)."""
+async def login(port: int, number: int, source: str = "127.0.0.1") -> tuple[bool, float]:
+    """One login through the broker from *source*: (answered in full, seconds it took)."""
     started = time.monotonic()
     protocol = Login(f"login-{number}-".encode() * 8)
     try:
-        await ClientCreator(reactor, lambda: protocol).connectTCP("127.0.0.1", port, timeout=5)
+        await ClientCreator(reactor, lambda: protocol).connectTCP(
+            "127.0.0.1", port, timeout=5, bindAddress=(source, 0))
     except Exception:
         return False, time.monotonic() - started
     timer = reactor.callLater(LOGIN_PATIENCE, protocol.transport.abortConnection)
@@ -67,16 +69,18 @@ async def login(port: int, number: int) -> tuple[bool, float]:
     return answered, time.monotonic() - started
 
 
-async def logins(port: int, count: int, concurrency: int) -> tuple[int, float]:
-    """*count* logins, *concurrency* at a time: (failed, slowest seconds)."""
-    failed, slowest = 0, 0.0
+async def logins(port: int, count: int, concurrency: int, slow: float = 1.0) -> tuple[int, float, int]:
+    """*count* logins, *concurrency* at a time: (failed, slowest seconds, how many took at
+    least *slow* seconds)."""
+    failed, slowest, waited = 0, 0.0, 0
     for first in range(0, count, concurrency):
         results = await defer.gatherResults([
             defer.ensureDeferred(login(port, n)) for n in range(first, min(count, first + concurrency))
         ])
         failed += sum(1 for ok, _ in results if not ok)
         slowest = max([slowest] + [seconds for _, seconds in results])
-    return failed, slowest
+        waited += sum(1 for _, seconds in results if seconds >= slow)
+    return failed, slowest, waited
 
 
 def sleep(seconds: float) -> defer.Deferred[None]:
@@ -90,6 +94,23 @@ async def logged(child: TwistdChild, text: str, within: float = 10.0) -> bool:
             return True
         await sleep(0.05)
     return text in child.text()
+
+
+class Undecided(Protocol):
+    """An attacker's connection: the first bytes of the resumable magic, then nothing."""
+
+    def __init__(self) -> None:
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.received = 0
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"PRSM")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.callback(None)
 
 
 class FailoverAttackTests(ProcessTestCase):
@@ -127,15 +148,15 @@ class FailoverAttackTests(ProcessTestCase):
         two, two_port = await self.sim("02")
         broker, port = await self.broker({"01": one_port, "02": two_port},
                                          "SORT_METHOD = CONNECTION\nSUSPECT_TIME = 30\n")
-        failed_before, _ = await logins(port, 4, 2)
+        failed_before, _, _ = await logins(port, 4, 2)
         one.signal("KILL")
         await one.ended
-        failed_01_down, _ = await logins(port, 1, 1)  # refused by 01, lands on 02; 01 suspended
+        failed_01_down, _, _ = await logins(port, 1, 1)  # refused by 01, lands on 02; 01 suspended
         self.assertTrue(await logged(broker, "suspended: connect failed"))
         one, _ = await self.sim("01", one_port)  # 01 restarted on its port
         two.signal("KILL")
         await two.ended
-        failed, slowest = await logins(port, 20, 5)
+        failed, slowest, _ = await logins(port, 20, 5)
         print(f"\nrolling restart: {failed} failed logins of 20 after 02 was killed "
               f"(slowest {slowest:.3f}s); before: {failed_before} of 4, with 01 down: "
               f"{failed_01_down} of 1")
@@ -160,14 +181,47 @@ class FailoverAttackTests(ProcessTestCase):
         self.addCleanup(stopped.signal, "KILL")  # after SIGCONT (cleanups run last first)
         self.addCleanup(os.kill, stopped.pid, signal.SIGCONT)
         started = time.monotonic()
-        failed, slowest = await logins(port, 150, 30)
+        failed, slowest, waited = await logins(port, 150, 30)
         await sleep(2.5)  # past SUSPECT_TIME: 02 is tried (and found hung) again
-        failed_again, slowest_again = await logins(port, 60, 30)
+        failed_again, slowest_again, waited_again = await logins(port, 60, 30)
         took = time.monotonic() - started
         suspended = await logged(broker, "suspended: no answer within 1s", within=2.0)
         replays = broker.text().count("no answer within 1s; replaying")
-        print(f"\nSIGSTOP: {failed + failed_again} failed logins of 210 (slowest {max(slowest, slowest_again):.3f}s, "
-              f"{replays} replayed, {took:.1f}s in all)", file=sys.stdout)
+        print(f"\nSIGSTOP: {failed + failed_again} failed logins of 210 (slowest "
+              f"{max(slowest, slowest_again):.3f}s; {waited} of the first 150 and {waited_again} of "
+              f"the 60 after SUSPECT_TIME waited for a replay; {replays} replays logged; "
+              f"{took:.1f}s in all)", file=sys.stdout)
         self.assertEqual(failed + failed_again, 0)
         self.assertGreater(replays, 0)
         self.assertTrue(suspended)
+
+    @defer.inlineCallbacks
+    def test_undecided_flood_leaves_logins_to_others(self) -> Any:
+        """1,000 connections held undecided from one address against a broker started with a
+        soft limit of 256 open files: past MAX_PENDING_PER_ADDRESS they are closed at once, the
+        refusal lines add up to every one, and a login from another address is served."""
+        yield defer.ensureDeferred(self._flood())
+
+    async def _flood(self) -> None:
+        sim, sim_port = await self.sim("01")
+        broker, port = await self.broker({"01": sim_port},
+                                         "SORT_METHOD = CONNECTION\nFIRST_BYTES_WAIT = 10\n")
+        attackers = [Undecided() for _ in range(1000)]
+        for attacker in attackers:
+            try:
+                await ClientCreator(reactor, lambda: attacker).connectTCP("127.0.0.1", port, timeout=5)
+            except Exception:
+                attacker.lost.callback(None)
+        await sleep(0.5)
+        held = sum(1 for a in attackers if not a.lost.called)
+        ok, seconds = await login(port, 1, source="127.0.0.2")
+        for attacker in attackers:
+            if not attacker.lost.called:
+                attacker.transport.abortConnection()
+        broker.signal("TERM")
+        await broker.ended
+        refused = sum(int(n) for n in re.findall(r"refused (\d+) connection", broker.text()))
+        print(f"\nundecided flood: {held} of 1000 held, {refused} refused (logged), login from "
+              f"another address {'served' if ok else 'FAILED'} in {seconds:.3f}s")
+        self.assertTrue(ok)
+        self.assertEqual((held, refused), (128, 872))
