@@ -4,7 +4,15 @@ Data path, per session: ``ClientSide`` (the accepted SmartClient) is paused unti
 connects; then each transport is the streaming producer of the other, so a slow reader pauses the
 fast writer and no buffer grows past one read.  Bytes go out at once when nothing is queued
 (``send_now``), half-closes are passed on, and a close on one side closes the other after its data
-is flushed.  Which server, and what happens when one fails, is ``Session``'s job.
+is flushed.  Which server, and what happens when one fails, is ``Session``'s job: every Up server
+in the balancer's order, then the Suspended ones as a last resort; a host name is resolved (IPv4
+and IPv6, off the reactor thread) and each of its addresses tried in turn.
+
+Until its AppServer's first byte a session keeps a bounded copy of what the client sent, so a
+login the AppServer does not answer within ``FIRST_RESPONSE_TIMEOUT`` is replayed on the next
+one (see :class:`Session`).  Connections not yet established (undecided first bytes, a
+``/status`` query, a session still waiting for its AppServer's first byte) are capped per client
+address and in all (:class:`PendingLimits`); established sessions only by ``MAX_SESSIONS``.
 """
 
 from __future__ import annotations
@@ -312,7 +320,7 @@ class ServerSide(_Pipe):
     def dataReceived(self, data: bytes) -> None:
         if self.abandoned:
             return
-        if not self.session.answered:
+        if not self.session.answered and self.session.server is self:
             self.session.server_answered()
         super().dataReceived(data)
 
@@ -320,7 +328,7 @@ class ServerSide(_Pipe):
         if self.abandoned:
             return
         session = self.session
-        if not session.answered:
+        if not session.answered and session.server is self:
             if session.replayable():
                 session.server_failed(self, "closed the connection before answering", lost=True)
                 return
@@ -331,7 +339,7 @@ class ServerSide(_Pipe):
         if self.abandoned:
             return
         session = self.session
-        if not session.answered and session.replayable():
+        if not session.answered and session.server is self and session.replayable():
             session.server_failed(self, f"connection lost before answering: {_describe(reason)}",
                                   lost=True)
             return
