@@ -582,6 +582,11 @@ class Session(ClientFactory):
     notices.  Such a server is suspended only once another AppServer answered the same bytes
     (so a client sending junk or half a message cannot suspend the pool).  The first
     AppServer byte drops the copy: from then on the data path holds nothing extra.
+
+    This fits the SmartClient, whose first message is a small handshake (or a TLS ClientHello)
+    that the AppServer answers at once and that is safe to send twice.  A protocol whose server
+    stays silent until the client has sent more than :data:`KEEP_LIMIT`, or whose first request
+    may take longer than the timeout and must not run twice, needs ``FIRST_RESPONSE_TIMEOUT=0``.
     """
 
     noisy = False
