@@ -571,6 +571,13 @@ def _desktop(section: _Section, warnings: list[str]) -> DesktopBalanceConfig:
             f"SMARTCLIENT_ACTIVE or SMARTCLIENT_SSL_ACTIVE (is {config.monitoring_type.value}); "
             f"balancing by CONNECTION instead"
         )
+    standby_cap = config.resume.standby_max_sessions
+    if config.resume.enabled and config.max_sessions and standby_cap >= config.max_sessions:
+        warnings.append(
+            f"{section.path}:{section.line('STANDBY_MAX_SESSIONS') or section.line('MAX_SESSIONS')}: "
+            f"STANDBY_MAX_SESSIONS={standby_cap} is not below MAX_SESSIONS={config.max_sessions}: "
+            f"sessions in standby could take every slot that logins need"
+        )
     return config
 
 

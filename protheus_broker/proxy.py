@@ -350,13 +350,15 @@ class Recogniser(TypingProtocol):
     """Something else that can arrive on the SmartClient port (the status query, the connector's
     resumable protocol), told apart by the first bytes the client sends.
 
-    A recogniser whose connections carry sessions (``carries_sessions = True``; the resumable
-    one, by name, if it does not say) is uncounted once it takes a connection over: its
-    sessions count themselves.  Any other one's connections count as pending until they close.
+    A recogniser whose connections carry sessions (``carries_sessions = True``, the resumable
+    one) is uncounted once it takes a connection over: its sessions count themselves.  Any other
+    one's connections (the status query) count as pending until they close.
     """
 
     #: short name for logs ("http-status", "resumable")
     name: str
+    #: True if the connections it takes carry sessions, which count themselves as pending
+    carries_sessions: bool
 
     def recognise(self, prefix: bytes) -> bool | None:
         """True: *prefix* (all bytes so far) is mine; False: it is not; None: I need more bytes."""
@@ -367,7 +369,7 @@ class Recogniser(TypingProtocol):
 
 
 def _carries_sessions(recogniser: Recogniser) -> bool:
-    return bool(getattr(recogniser, "carries_sessions", recogniser.name == "resumable"))
+    return bool(getattr(recogniser, "carries_sessions", False))
 
 
 @implementer(IProtocol, IHalfCloseableProtocol)

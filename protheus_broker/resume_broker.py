@@ -123,6 +123,7 @@ class ResumeRecogniser:
     """Claims connections that open with the resumable link's magic."""
 
     name = "resumable"
+    carries_sessions = True  # its links' sessions count as pending until their AppServer answers
 
     def __init__(self, sessions: ResumableSessions) -> None:
         self.sessions = sessions

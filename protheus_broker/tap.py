@@ -146,7 +146,12 @@ class BrokerService(MultiService):
             )
         except ValueError:  # not the main thread (tests): reload() is still callable
             self._previous_sighup = None
-        console = console_file_observer(self.config.general)
+        try:
+            console = console_file_observer(self.config.general)
+        except OSError as exc:  # checked at load: only a file that changed since gets here
+            console = None
+            log.error("config: ConsoleFile: cannot write {path!r}: {why}; logging to twistd's log "
+                      "only", path=self.config.general.console_file, why=exc.strerror or str(exc))
         if console is not None:
             self._console = console
             globalLogPublisher.addObserver(console[0])

@@ -128,3 +128,13 @@ class ConsoleFileTests(SynchronousTestCase):
             handle.write(f"[GENERAL]\nConsoleFile = {os.path.join(path + '.missing', 'x.log')}\n" + MINIMAL)
         with self.assertRaises(ConfigError):
             load_config(path)
+
+
+class StandbyCapWarningTests(SynchronousTestCase):
+    def test_standby_cap_not_below_max_sessions_is_warned(self) -> None:
+        """STANDBY_MAX_SESSIONS at or above MAX_SESSIONS loads with a warning naming both."""
+        config = parse_config(MINIMAL + "MAX_SESSIONS = 100\nSTANDBY_MAX_SESSIONS = 100\n", "app.ini")
+        [warning] = [w for w in config.warnings if "STANDBY_MAX_SESSIONS" in w]
+        self.assertEqual(warning, "app.ini:5: STANDBY_MAX_SESSIONS=100 is not below MAX_SESSIONS=100: "
+                                  "sessions in standby could take every slot that logins need")
+        self.assertFalse([w for w in parse_config(MINIMAL).warnings if "STANDBY" in w])

@@ -38,9 +38,10 @@ class Recorder(Protocol):
 class Magic:
     """Claims connections that start with *magic*."""
 
-    def __init__(self, magic: bytes, name: str = "magic") -> None:
+    def __init__(self, magic: bytes, name: str = "magic", carries_sessions: bool = False) -> None:
         self.magic = magic
         self.name = name
+        self.carries_sessions = carries_sessions
         self.taken: list[Recorder] = []
 
     def recognise(self, prefix: bytes) -> bool | None:
@@ -233,7 +234,7 @@ class PendingCountTests(SynchronousTestCase):
     def test_session_recogniser_is_uncounted_at_take_over(self) -> None:
         """The resumable recogniser's links carry sessions that count themselves: the link is
         uncounted once claimed."""
-        magic = Magic(b"PBRK1", name="resumable")
+        magic = Magic(b"PBRK1", name="resumable", carries_sessions=True)
         h = Harness(magic, max_pending_per_address=1)
         sniffer, _ = h.accept()
         sniffer.dataReceived(b"PBRK1")

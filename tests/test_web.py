@@ -188,6 +188,7 @@ class ReadTests(SynchronousTestCase):
         """The resumable-session store and TLS counter appear in status and metrics."""
         class Standby:
             count, drops, resumes, expiries, resume_failures = 1, 4, 3, 1, 2
+            unestablished, evictions = 6, 5
 
             def snapshot(self) -> list[dict[str, Any]]:
                 return [{"session_id": 7, "client": "10.1.1.1:1", "server_id": "02", "since": 1.0,
@@ -202,6 +203,17 @@ class ReadTests(SynchronousTestCase):
         self.assertIn("protheus_broker_resumes_total 3.0", text)
         self.assertIn("protheus_broker_handshake_failures_total 9.0", text)
         self.assertIn("protheus_broker_standby_sessions 1.0", text)
+        self.assertEqual(status["totals"]["unestablished_drops"], 6)
+        self.assertIn("protheus_broker_standby_evictions_total 5.0", text)
+        self.assertIn("protheus_broker_unestablished_drops_total 6.0", text)
+
+    def test_pending_refusals_are_counted(self) -> None:
+        """Connections refused by the pending caps appear in status and metrics."""
+        self.h.service.factory.refused_pending_total = 4
+        status = self.h.request("GET", "/api/v1/status").json()
+        self.assertEqual(status["totals"]["pending_refused"], 4)
+        self.assertIn("protheus_broker_pending_refused_total 4.0",
+                      self.h.request("GET", "/metrics").body.decode())
 
     def test_metrics_are_prometheus_text(self) -> None:
         """/metrics: per-server state and connections, session counters, bytes."""

@@ -37,6 +37,7 @@ class BrokerCollector:
             ("sessions_total", "Sessions accepted since start"),
             ("sessions_failed", "Sessions closed because no AppServer answered"),
             ("sessions_refused", "Connections refused by MAX_SESSIONS"),
+            ("pending_refused", "Connections refused by MAX_PENDING or MAX_PENDING_PER_ADDRESS"),
             ("bytes_in", "Bytes from SmartClients to AppServers"),
             ("bytes_out", "Bytes from AppServers to SmartClients"),
             ("connect_failures", "Failed connects to AppServers"),
@@ -44,6 +45,9 @@ class BrokerCollector:
             ("resumes", "Sessions resumed by a reconnecting client"),
             ("expiries", "Standby sessions that expired unresumed"),
             ("resume_failures", "Resume attempts refused"),
+            ("unestablished_drops", "Resumable sessions ended because their link dropped before "
+                                    "they were established"),
+            ("standby_evictions", "Standby sessions ended at STANDBY_MAX_SESSIONS to make room"),
             ("handshake_failures", "Failed TLS handshakes on the SmartClient port"),
         ):
             name = key[: -len("_total")] if key.endswith("_total") else key

@@ -84,6 +84,7 @@ def counters(factory: Any) -> dict[str, int]:
         "sessions_total": factory.sessions_total,
         "sessions_failed": factory.sessions_failed,
         "sessions_refused": factory.refused_total,
+        "pending_refused": int(getattr(factory, "refused_pending_total", 0)),
         "bytes_in": getattr(factory, "bytes_in_total", 0) + live_in,
         "bytes_out": getattr(factory, "bytes_out_total", 0) + live_out,
         "connect_failures": sum(b.connect_failures for b in factory.pool),
@@ -92,6 +93,8 @@ def counters(factory: Any) -> dict[str, int]:
         "resumes": int(getattr(standby, "resumes", 0)),
         "expiries": int(getattr(standby, "expiries", 0)),
         "resume_failures": int(getattr(standby, "resume_failures", 0)),
+        "unestablished_drops": int(getattr(standby, "unestablished", 0)),
+        "standby_evictions": int(getattr(standby, "evictions", 0)),
         "handshake_failures": int(getattr(factory, "handshake_failures", 0)),
     }
 

@@ -50,6 +50,7 @@ class HttpStatusRecogniser:
     """Hands status queries on the SmartClient port to a read-only twisted.web site."""
 
     name = "http-status"
+    carries_sessions = False  # each query counts as pending until it closes
 
     def __init__(self, broker: Broker, reactor: Any, access: Access | None = None) -> None:
         self.site = QuietSite(PortStatusResource(broker, access), reactor=reactor)
