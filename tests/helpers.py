@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
-import os
-
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ClientCreator, Protocol
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from protheus_broker.children import TwistdChild, spawn
@@ -60,3 +62,50 @@ class ProcessTestCase(TestCase):
         with open(path, "w") as handle:
             handle.write(text)
         return path
+
+
+class Login(Protocol):
+    """A SmartClient stand-in against the sample AppServer: speaks first, then expects the
+    AppServer's greeting line and the echo of what it sent."""
+
+    transport: Any
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.data = b""
+        self.done: defer.Deferred[bool] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.ok() and not self.done.called:
+            self.done.callback(True)
+            self.transport.loseConnection()
+
+    def ok(self) -> bool:
+        line, _, rest = self.data.partition(b"\r\n")
+        return line.startswith(b"PROTHEUS-SIM ") and rest == self.payload
+
+    def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:
+        if not self.done.called:
+            self.done.callback(self.ok())
+
+
+async def login(port: int, number: int, source: str = "127.0.0.1",
+                patience: float = 8.0) -> tuple[bool, float]:
+    """One login through the broker on 127.0.0.1:*port* from *source*, given up after
+    *patience* seconds: (answered in full, seconds it took)."""
+    started = time.monotonic()
+    protocol = Login(f"login-{number}-".encode() * 8)
+    try:
+        await ClientCreator(reactor, lambda: protocol).connectTCP(
+            "127.0.0.1", port, timeout=patience, bindAddress=(source, 0))
+    except Exception:
+        return False, time.monotonic() - started
+    timer = reactor.callLater(patience, protocol.transport.abortConnection)
+    answered = await protocol.done
+    if timer.active():
+        timer.cancel()
+    return answered, time.monotonic() - started

@@ -19,54 +19,11 @@ from twisted.python.failure import Failure
 
 from protheus_broker.children import TwistdChild, twistd_argv
 
-from .helpers import ProcessTestCase
+from .helpers import ProcessTestCase, login
 
 #: Seconds a test login waits for its answer before it counts as failed (a SmartClient gives
 #: up after about 15 s; shorter here to keep the tests bounded).
 LOGIN_PATIENCE = 8.0
-
-
-class Login(Protocol):
-    """A SmartClient stand-in: speaks first, then expects the sample AppServer's greeting line
-    and the echo of what it sent."""
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-        self.data = b""
-        self.done: defer.Deferred[bool] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.payload)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if self.ok() and not self.done.called:
-            self.done.callback(True)
-            self.transport.loseConnection()
-
-    def ok(self) -> bool:
-        line, _, rest = self.data.partition(b"\r\n")
-        return line.startswith(b"PROTHEUS-SIM ") and rest == self.payload
-
-    def connectionLost(self, reason: Failure) -> None:
-        if not self.done.called:
-            self.done.callback(self.ok())
-
-
-async def login(port: int, number: int, source: str = "127.0.0.1") -> tuple[bool, float]:
-    """One login through the broker from *source*: (answered in full, seconds it took)."""
-    started = time.monotonic()
-    protocol = Login(f"login-{number}-".encode() * 8)
-    try:
-        await ClientCreator(reactor, lambda: protocol).connectTCP(
-            "127.0.0.1", port, timeout=5, bindAddress=(source, 0))
-    except Exception:
-        return False, time.monotonic() - started
-    timer = reactor.callLater(LOGIN_PATIENCE, protocol.transport.abortConnection)
-    answered = await protocol.done
-    if timer.active():
-        timer.cancel()
-    return answered, time.monotonic() - started
 
 
 async def logins(port: int, count: int, concurrency: int, slow: float = 1.0) -> tuple[int, float, int]:
@@ -75,7 +32,7 @@ async def logins(port: int, count: int, concurrency: int, slow: float = 1.0) -> 
     failed, slowest, waited = 0, 0.0, 0
     for first in range(0, count, concurrency):
         results = await defer.gatherResults([
-            defer.ensureDeferred(login(port, n)) for n in range(first, min(count, first + concurrency))
+            defer.ensureDeferred(login(port, n, patience=LOGIN_PATIENCE)) for n in range(first, min(count, first + concurrency))
         ])
         failed += sum(1 for ok, _ in results if not ok)
         slowest = max([slowest] + [seconds for _, seconds in results])

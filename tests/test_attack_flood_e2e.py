@@ -25,7 +25,7 @@ from protheus_broker import resume_crypto as crypto
 from protheus_broker.children import TwistdChild, twistd_argv
 from protheus_broker.resume_frames import HELLO, MAGIC, FrameParser, Kind, count_frame, encode
 
-from .helpers import ProcessTestCase
+from .helpers import ProcessTestCase, login
 
 FLOOD = int(os.environ.get("FLOOD_E2E_COUNT", "1000"))
 PARALLEL = int(os.environ.get("FLOOD_E2E_PARALLEL", "40"))
@@ -100,33 +100,9 @@ class LoginThenReset(Protocol):
             self.done.callback(self.answer)
 
 
-class Login(Protocol):
-    """A plain SmartClient login: it is a success when the AppServer's echo of what it sent
-    comes back through the broker."""
-
-    transport: Any
-    REQUEST = b"LOGIN user=admin\r\n"
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.done: defer.Deferred[bool] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.REQUEST)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if self.REQUEST in self.data and not self.done.called:
-            self.done.callback(True)
-            self.transport.loseConnection()
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if not self.done.called:
-            self.done.callback(False)
-
-
 class ResumableFloodTests(ProcessTestCase):
     timeout = 90
+    logins = 0
 
     async def start_broker(self, extra: str = "") -> tuple[TwistdChild, int]:
         self.sim = sim = self.start("sim", twistd_argv("protheus-appserver-sim", "--name", "a",
@@ -141,18 +117,10 @@ class ResumableFloodTests(ProcessTestCase):
         return broker, await broker.listening()
 
     async def login(self, port: int) -> bool:
-        """One real login, given up after 10 s (then it counts as refused)."""
-        user = Login()
-        try:
-            await ClientCreator(reactor, lambda: user).connectTCP(
-                "127.0.0.1", port, timeout=10, bindAddress=(USER_ADDRESS, 0))
-        except Exception:
-            return False
-        timer = reactor.callLater(10, lambda: user.transport.abortConnection())
-        ok = await user.done
-        if timer.active():
-            timer.cancel()
-        return ok
+        """One real login from another address, given up after 10 s (then it counts as refused)."""
+        self.logins += 1
+        answered, _ = await login(port, self.logins, source=USER_ADDRESS, patience=10)
+        return answered
 
     async def flood_one(self, port: int, kind: type = HelloThenReset) -> Kind | None:
         attacker = kind()
