@@ -45,7 +45,7 @@ bench-tls: venv  ## TLS termination: broker vs HAProxy (bind ssl crt), throughpu
 	$(PY) bench/bench_tls.py
 
 certs: venv  ## demo/test certificates (agent channel, SmartClient TLS) in etc/tls (not for git)
-	$(PY) -m protheus_broker.certs etc/tls --agent local=127.0.0.1,localhost \
+	$(PY) -m protheus_broker.tls.certs etc/tls --agent local=127.0.0.1,localhost \
 		--server broker-tls=127.0.0.1,localhost --server appserver=127.0.0.1,localhost
 
 deb:  ## the Debian package in dist/ (build deps: apt-get build-dep ./); builds the last commit

@@ -40,8 +40,8 @@ from twisted.internet.protocol import ClientCreator, Factory, Protocol
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from protheus_broker.children import TwistdChild, spawn, twistd_argv  # noqa: E402
-from protheus_broker.demo import stop_all  # noqa: E402
+from protheus_broker.demo.children import TwistdChild, spawn, twistd_argv  # noqa: E402
+from protheus_broker.demo.run import stop_all  # noqa: E402
 from tests.fault_proxy import FaultProxy  # noqa: E402
 from tests.test_proxy_sockets import Peer  # noqa: E402
 
@@ -120,8 +120,8 @@ class HelloThenReset(Protocol):
         self.answered = False
 
     def connectionMade(self) -> None:
-        from protheus_broker import resume_crypto as crypto
-        from protheus_broker.resume_frames import HELLO, MAGIC, Kind, encode
+        from protheus_broker.resume import crypto
+        from protheus_broker.resume.frames import HELLO, MAGIC, Kind, encode
 
         self.transport.write(MAGIC + encode(Kind.HELLO, HELLO.pack(crypto.KeyPair().public, MB)))
 

@@ -1,7 +1,7 @@
 """TLS termination: protheus-broker vs HAProxy 2.6 (``bind ... ssl crt``, ``nbthread 1``), 127.0.0.1 only.
 
 ``make bench-tls`` (or ``PYTHONPATH=. python bench/bench_tls.py``).  Both proxies terminate TLS with
-the same ECDSA P-256 certificate (made by ``protheus_broker.certs``) and pass plain TCP to the same
+the same ECDSA P-256 certificate (made by ``protheus_broker.tls.certs``) and pass plain TCP to the same
 backend; the broker is configured with ``SSL_CERTIFICATE``/``SSL_KEY``.  In interleaved rounds (the
 order rotates each round), the median of the rounds is reported:
 
@@ -160,7 +160,7 @@ def handshakes_per_s(port: int, context: ssl.SSLContext, seconds: float, threads
 
 def make_certificates(directory: str) -> tuple[str, str, str, str]:
     """CA, server certificate and key for 127.0.0.1, and HAProxy's combined PEM."""
-    from protheus_broker.certs import make_ca, make_cert, write_pair
+    from protheus_broker.tls.certs import make_ca, make_cert, write_pair
 
     ca = make_ca("bench CA")
     write_pair(directory, "ca", ca)

@@ -28,12 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import psutil  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 
-from protheus_broker.agent import Agent, AgentFactory, AppServerWatch  # noqa: E402
-from protheus_broker.certs import make_ca, make_cert, write_pair  # noqa: E402
-from protheus_broker.children import TwistdChild, spawn, twistd_argv  # noqa: E402
+from protheus_broker.agent.agent import Agent, AgentFactory, AppServerWatch  # noqa: E402
+from protheus_broker.tls.certs import make_ca, make_cert, write_pair  # noqa: E402
+from protheus_broker.demo.children import TwistdChild, spawn, twistd_argv  # noqa: E402
 from protheus_broker.config import AgentConfig, TLSFiles, WatchedAppServer  # noqa: E402
-from protheus_broker.demo import stop_all  # noqa: E402
-from protheus_broker.metrics_probe import ProcessFigures  # noqa: E402
+from protheus_broker.demo.run import stop_all  # noqa: E402
+from protheus_broker.agent.probe import ProcessFigures  # noqa: E402
 
 SECRET = "bench-secret-0123456789"
 FIRST_PORT = 20000
@@ -75,7 +75,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     sampler.start(1.0, now=False)
     factory = AgentFactory(agent)
     if tls_agent is not None:
-        from protheus_broker.tls import server_options
+        from protheus_broker.tls.options import server_options
 
         listener = reactor.listenSSL(0, factory, server_options(tls_agent), interface="127.0.0.1", backlog=2048)
     else:

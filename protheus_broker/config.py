@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 
 from configobj import ConfigObj, ConfigObjError, DuplicateError  # type: ignore[import-untyped]
 
-from .resume_settings import ResumeConfig, read_resume
-from .tls_config import SSL_SECTION, SessionTLSConfig, session_tls_config
+from protheus_broker.resume.settings import ResumeConfig, read_resume
+from protheus_broker.tls.settings import SSL_SECTION, SessionTLSConfig, session_tls_config
 
 DEFAULT_CONFIG_PATH = "/etc/protheus-broker/appserver.ini"
 
@@ -713,7 +713,7 @@ def _allowed_hosts(section: _Section) -> tuple[str, ...]:
 def _admin(section: _Section, warnings: list[str]) -> AdminConfig:
     from twisted.internet.endpoints import serverFromString
 
-    from .web.auth import HashError, parse_token_hash
+    from protheus_broker.web.auth import HashError, parse_token_hash
 
     endpoint = section.text("ENDPOINT", DEFAULT_ADMIN_ENDPOINT)
     try:

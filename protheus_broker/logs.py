@@ -8,7 +8,7 @@ from twisted.logger import FileLogObserver, formatEvent, formatEventAsClassicLog
 from twisted.logger._interfaces import LogEvent
 from twisted.python.logfile import LogFile
 
-from .config import GeneralConfig
+from protheus_broker.config import GeneralConfig
 
 
 def _plain_line(event: LogEvent) -> str | None:

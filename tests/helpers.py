@@ -12,8 +12,8 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from protheus_broker.children import TwistdChild, spawn
-from protheus_broker.demo import stop_all
+from protheus_broker.demo.children import TwistdChild, spawn
+from protheus_broker.demo.run import stop_all
 
 from protheus_broker.config import RemoteServer
 

@@ -29,7 +29,7 @@ from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from protheus_broker.children import TwistdChild, twistd_argv
+from protheus_broker.demo.children import TwistdChild, twistd_argv
 
 from .helpers import ProcessTestCase
 from .test_e2e import Client

@@ -17,7 +17,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import ClientCreator, Protocol
 from twisted.python.failure import Failure
 
-from protheus_broker.children import TwistdChild, twistd_argv
+from protheus_broker.demo.children import TwistdChild, twistd_argv
 
 from .helpers import ProcessTestCase, login
 

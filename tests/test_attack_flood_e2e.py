@@ -21,9 +21,9 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import ClientCreator, Protocol
 from twisted.python.failure import Failure
 
-from protheus_broker import resume_crypto as crypto
-from protheus_broker.children import TwistdChild, twistd_argv
-from protheus_broker.resume_frames import HELLO, MAGIC, FrameParser, Kind, count_frame, encode
+from protheus_broker.resume import crypto
+from protheus_broker.demo.children import TwistdChild, twistd_argv
+from protheus_broker.resume.frames import HELLO, MAGIC, FrameParser, Kind, count_frame, encode
 
 from .helpers import ProcessTestCase, login
 

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from protheus_broker.balancing import (
+from protheus_broker.balancing.methods import (
     ConnectionBalancer,
     MetricBalancer,
     Metrics,
@@ -14,7 +14,7 @@ from protheus_broker.balancing import (
     make_balancer,
 )
 from protheus_broker.config import RemoteServer, SortMethod
-from protheus_broker.pool import Backend, ServerPool, ServerState
+from protheus_broker.balancing.pool import Backend, ServerPool, ServerState
 
 
 def servers(count: int) -> list[RemoteServer]:

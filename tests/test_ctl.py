@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from protheus_broker import ctl
+from protheus_broker.web import ctl
 
 
 def run_main(*argv: str) -> tuple[int, str, str]:
@@ -165,13 +165,13 @@ class BrokerAnswerTests(TestCase):
 
 
 class ProcessTests(TestCase):
-    """The installed command's path: ``python -m protheus_broker.ctl``."""
+    """The installed command's path: ``python -m protheus_broker.web.ctl``."""
 
     timeout = 60
 
     async def ctl(self, *argv: str) -> tuple[str, str, int]:
         out, err, code = await getProcessOutputAndValue(
-            sys.executable, ["-m", "protheus_broker.ctl", *argv],
+            sys.executable, ["-m", "protheus_broker.web.ctl", *argv],
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         return out.decode(), err.decode(), code
 

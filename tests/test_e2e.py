@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import ClientCreator
 
-from protheus_broker.children import TwistdChild, twistd_argv
+from protheus_broker.demo.children import TwistdChild, twistd_argv
 
 from .helpers import ProcessTestCase
 from .test_proxy_sockets import Peer

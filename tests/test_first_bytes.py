@@ -12,10 +12,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from protheus_broker.balancing import ConnectionBalancer
-from protheus_broker.pool import ServerPool
-from protheus_broker.proxy import MAX_PREFIX, BrokerFactory, ClientSide, CountedProtocol, FirstBytes
-from protheus_broker.sim import AppServerSimFactory, greeting
+from protheus_broker.balancing.methods import ConnectionBalancer
+from protheus_broker.balancing.pool import ServerPool
+from protheus_broker.desktop.proxy import MAX_PREFIX, BrokerFactory, ClientSide, CountedProtocol, FirstBytes
+from protheus_broker.sim.appserver import AppServerSimFactory, greeting
 
 from .helpers import servers
 from .test_proxy_sockets import MB, Peer, expected_digest

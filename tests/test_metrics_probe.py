@@ -10,9 +10,9 @@ import psutil
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from protheus_broker.agent import AppServerWatch
+from protheus_broker.agent.agent import AppServerWatch
 from protheus_broker.config import WatchedAppServer
-from protheus_broker.metrics_probe import (
+from protheus_broker.agent.probe import (
     AcceptQueue,
     ProbeProblem,
     ProcessFigures,

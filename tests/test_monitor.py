@@ -22,10 +22,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from protheus_broker import amp_commands as cmd
-from protheus_broker.agent import Agent, AgentProtocol, AppServerWatch
-from protheus_broker.balancing import make_balancer
-from protheus_broker.certs import make_ca, make_cert, write_pair
+from protheus_broker.monitoring import commands as cmd
+from protheus_broker.agent.agent import Agent, AgentProtocol, AppServerWatch
+from protheus_broker.balancing.methods import make_balancer
+from protheus_broker.tls.certs import make_ca, make_cert, write_pair
 from protheus_broker.config import (
     AgentConfig,
     MonitoringConfig,
@@ -34,16 +34,16 @@ from protheus_broker.config import (
     TLSFiles,
     WatchedAppServer,
 )
-from protheus_broker.metrics_probe import ProbeProblem, ProcessFigures
-from protheus_broker.monitor import (
+from protheus_broker.agent.probe import ProbeProblem, ProcessFigures
+from protheus_broker.monitoring.monitor import (
     ActiveMonitor,
     AgentLink,
     BadReport,
     ProbeMonitor,
     validate_report,
 )
-from protheus_broker.pool import ServerPool, ServerState
-from protheus_broker.tls import client_options, server_options
+from protheus_broker.balancing.pool import ServerPool, ServerState
+from protheus_broker.tls.options import client_options, server_options
 
 from .helpers import LogCatcher, servers
 

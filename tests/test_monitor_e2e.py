@@ -11,8 +11,8 @@ from twisted.internet import defer, reactor, task
 
 from twisted.internet.protocol import ClientCreator
 
-from protheus_broker.certs import make_ca, make_cert, write_pair
-from protheus_broker.children import TwistdChild, twistd_argv
+from protheus_broker.tls.certs import make_ca, make_cert, write_pair
+from protheus_broker.demo.children import TwistdChild, twistd_argv
 
 from .helpers import ProcessTestCase
 from .test_e2e import Client

@@ -10,10 +10,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from protheus_broker.balancing import ConnectionBalancer, RoundRobinBalancer
-from protheus_broker.pool import ServerPool, ServerState
+from protheus_broker.balancing.methods import ConnectionBalancer, RoundRobinBalancer
+from protheus_broker.balancing.pool import ServerPool, ServerState
 from protheus_broker.config import RemoteServer
-from protheus_broker.proxy import KEEP_LIMIT, BrokerFactory, ClientSide, ServerSide, Session
+from protheus_broker.desktop.proxy import KEEP_LIMIT, BrokerFactory, ClientSide, ServerSide, Session
 
 from .helpers import LogCatcher, servers
 
@@ -522,7 +522,7 @@ class AddressKeyTests(SynchronousTestCase):
     def test_ipv6_clients_count_by_their_64_prefix(self) -> None:
         """Per-address caps count an IPv6 client by its /64 (one host may use any address in
         it), an IPv4-mapped one by its IPv4 address."""
-        from protheus_broker.proxy import _host
+        from protheus_broker.desktop.proxy import _host
 
         self.assertEqual(_host(IPv6Address("TCP", "2001:db8:1:2:aaaa::1", 1)),
                          _host(IPv6Address("TCP", "2001:db8:1:2:bbbb::7", 2)))

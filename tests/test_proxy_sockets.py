@@ -14,10 +14,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from protheus_broker.balancing import ConnectionBalancer
-from protheus_broker.pool import ServerPool
-from protheus_broker.proxy import READ_SIZE, BrokerFactory
-from protheus_broker.sim import AppServerSimFactory, greeting
+from protheus_broker.balancing.methods import ConnectionBalancer
+from protheus_broker.balancing.pool import ServerPool
+from protheus_broker.desktop.proxy import READ_SIZE, BrokerFactory
+from protheus_broker.sim.appserver import AppServerSimFactory, greeting
 
 from .helpers import LogCatcher, servers
 
@@ -349,7 +349,7 @@ class ReplaySocketTests(SocketCase):
     def test_passthrough_tls_replayed_on_the_next_server(self) -> Any:
         """A TLS ClientHello sent to a hung AppServer is replayed on a TLS AppServer: the client's
         handshake completes and it gets the greeting, never noticing."""
-        from protheus_broker.sim_tap import tls_factory
+        from protheus_broker.sim.tap import tls_factory
 
         from .tls_fixtures import certs
 
@@ -371,8 +371,8 @@ class ReplaySocketTests(SocketCase):
     def test_handshakes_count_as_pending_under_termination(self) -> Any:
         """With TLS termination a connection in its handshake counts: past
         MAX_PENDING_PER_ADDRESS the next is closed at once; once it is gone, clients are served."""
-        from protheus_broker.session_tls import SessionTLS
-        from protheus_broker.tls_config import SessionTLSConfig, TLSIdentity
+        from protheus_broker.desktop.tls import SessionTLS
+        from protheus_broker.tls.settings import SessionTLSConfig, TLSIdentity
 
         from .tls_fixtures import certs
 
@@ -408,7 +408,7 @@ class ReplaySocketTests(SocketCase):
 class EagerSendTests(TestCase):
     def test_real_tcp_transport_is_eager(self) -> Any:
         """A real TCP transport of this Twisted has what send_now needs (else it would fall back)."""
-        from protheus_broker.proxy import tune
+        from protheus_broker.desktop.proxy import tune
 
         server_side: list[Any] = []
 

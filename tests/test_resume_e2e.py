@@ -14,7 +14,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import ClientCreator
 from twisted.logger import Logger
 
-from protheus_broker.children import TwistdChild, twistd_argv
+from protheus_broker.demo.children import TwistdChild, twistd_argv
 
 from .fault_proxy import FaultProxy
 from .helpers import ProcessTestCase

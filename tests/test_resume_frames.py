@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from protheus_broker import resume_crypto as crypto
-from protheus_broker.resume_frames import (
+from protheus_broker.resume import crypto
+from protheus_broker.resume.frames import (
     HEADER, HELLO, MAGIC, MAX_PAYLOAD, MAX_REASON, PROOF, RESUME, WELCOME, Frame, FrameError,
     FrameParser, Kind, MagicReader, count_frame, decode_count, encode, recognise, reason_frame,
 )

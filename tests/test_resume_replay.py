@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from protheus_broker.resume_replay import ReplayBuffer, ReplayError
+from protheus_broker.resume.replay import ReplayBuffer, ReplayError
 
 
 class ReplayBufferTests(SynchronousTestCase):

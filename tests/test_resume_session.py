@@ -11,15 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from protheus_broker import resume_crypto as crypto
-from protheus_broker.balancing import ConnectionBalancer
+from protheus_broker.resume import crypto
+from protheus_broker.balancing.methods import ConnectionBalancer
 from protheus_broker.config import parse_config
-from protheus_broker.connector import ConnectorFactory
-from protheus_broker.pool import ServerPool
-from protheus_broker.proxy import BrokerFactory, ClientSide
-from protheus_broker.resume_broker import ResumableSessions
-from protheus_broker.resume_frames import MAGIC, PROOF, RESUME, FrameParser, Kind, encode
-from protheus_broker.resume_settings import ConnectorConfig, ResumeConfig
+from protheus_broker.resume.connector import ConnectorFactory
+from protheus_broker.balancing.pool import ServerPool
+from protheus_broker.desktop.proxy import BrokerFactory, ClientSide
+from protheus_broker.resume.broker import ResumableSessions
+from protheus_broker.resume.frames import MAGIC, PROOF, RESUME, FrameParser, Kind, encode
+from protheus_broker.resume.settings import ConnectorConfig, ResumeConfig
 
 from .helpers import LogCatcher, servers
 from .resume_wire import Endpoint, EndpointFactory, Net

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from protheus_broker.config import ConfigError
-from protheus_broker.resume_settings import parse_smartclient_ini
+from protheus_broker.resume.settings import parse_smartclient_ini
 
 INI = """[config]
 lastmainprog=SIGAMDI

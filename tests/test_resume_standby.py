@@ -10,9 +10,9 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import SynchronousTestCase
 
-from protheus_broker import resume_crypto as crypto
+from protheus_broker.resume import crypto
 from protheus_broker.config import parse_config
-from protheus_broker.resume_frames import HELLO, MAGIC, FrameParser, Kind, count_frame, encode
+from protheus_broker.resume.frames import HELLO, MAGIC, FrameParser, Kind, count_frame, encode
 
 from .helpers import LogCatcher
 from .resume_wire import Endpoint

@@ -12,15 +12,15 @@ from twisted.internet.protocol import ClientCreator, Factory, ProcessProtocol, P
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from protheus_broker.balancing import ConnectionBalancer
+from protheus_broker.balancing.methods import ConnectionBalancer
 from protheus_broker.config import load_config
-from protheus_broker.pool import ServerPool
-from protheus_broker.proxy import BrokerFactory
-from protheus_broker.session_tls import SessionTLS
+from protheus_broker.balancing.pool import ServerPool
+from protheus_broker.desktop.proxy import BrokerFactory
+from protheus_broker.desktop.tls import SessionTLS
 from protheus_broker.tap import BrokerService
-from protheus_broker.sim import AppServerSimFactory, greeting
-from protheus_broker.sim_tap import tls_factory
-from protheus_broker.tls_config import SessionTLSConfig, TLSIdentity
+from protheus_broker.sim.appserver import AppServerSimFactory, greeting
+from protheus_broker.sim.tap import tls_factory
+from protheus_broker.tls.settings import SessionTLSConfig, TLSIdentity
 
 from .helpers import LogCatcher, servers
 from .test_proxy_sockets import MB, Peer, expected_digest

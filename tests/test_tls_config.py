@@ -8,13 +8,13 @@ import shutil
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from protheus_broker.balancing import ConnectionBalancer
+from protheus_broker.balancing.methods import ConnectionBalancer
 from protheus_broker.config import ConfigError, parse_config
-from protheus_broker.pool import ServerPool
-from protheus_broker.proxy import BrokerFactory
-from protheus_broker.session_tls import SessionTLS
+from protheus_broker.balancing.pool import ServerPool
+from protheus_broker.desktop.proxy import BrokerFactory
+from protheus_broker.desktop.tls import SessionTLS
 from protheus_broker.tap import Options, makeService
-from protheus_broker.tls_config import SessionTLSConfig, TLSIdentity
+from protheus_broker.tls.settings import SessionTLSConfig, TLSIdentity
 
 from .helpers import servers
 from .tls_fixtures import PASSPHRASE, certs
@@ -177,15 +177,15 @@ class StartupFileTests(SynchronousTestCase):
 
 
 class CertsCommandTests(SynchronousTestCase):
-    """``python -m protheus_broker.certs DIR --server NAME=HOSTS`` (what ``make certs`` runs)."""
+    """``python -m protheus_broker.tls.certs DIR --server NAME=HOSTS`` (what ``make certs`` runs)."""
 
     def test_server_certificates_for_broker_and_appserver(self) -> None:
         """The command writes a CA and server certificates valid for the given IPs and names,
         signed by that CA, with 0600 keys that load as a TLS identity."""
         from cryptography.hazmat.primitives.asymmetric import ec
 
-        from protheus_broker.certs import main
-        from protheus_broker.session_tls import identity_error, load_certificates, load_identity
+        from protheus_broker.tls.certs import main
+        from protheus_broker.desktop.tls import identity_error, load_certificates, load_identity
 
         directory = self.mktemp()
         self.assertEqual(main([directory, "--server", "broker-tls=127.0.0.1,localhost",

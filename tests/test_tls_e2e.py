@@ -8,8 +8,8 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import ClientCreator
 
-from protheus_broker.children import TwistdChild, twistd_argv
-from protheus_broker.sim import greeting
+from protheus_broker.demo.children import TwistdChild, twistd_argv
+from protheus_broker.sim.appserver import greeting
 
 from .helpers import ProcessTestCase
 from .test_session_tls import Reader

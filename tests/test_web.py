@@ -14,10 +14,10 @@ from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from protheus_broker.balancing import Metrics
+from protheus_broker.balancing.methods import Metrics
 from protheus_broker.config import ConfigError, ReadAccess, parse_config
-from protheus_broker.pool import ServerState
-from protheus_broker.proxy import ClientSide, FirstBytes
+from protheus_broker.balancing.pool import ServerState
+from protheus_broker.desktop.proxy import ClientSide, FirstBytes
 from protheus_broker.tap import BrokerService
 from protheus_broker.web.auth import (FailureLimiter, TokenChecker, Verifier, hash_token, host_allowed,
                                      host_of, origin_matches, parse_token_hash, reactor_thread_runner)

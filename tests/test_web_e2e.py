@@ -20,7 +20,7 @@ from typing import Any, Callable
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.utils import getProcessOutputAndValue
 
-from protheus_broker.children import TwistdChild, twistd_argv
+from protheus_broker.demo.children import TwistdChild, twistd_argv
 from protheus_broker.web.auth import hash_token
 
 from . import test_e2e
@@ -80,7 +80,7 @@ class ScreenProcessTests(ProcessTestCase):
 
     async def ctl(self, url: str, *args: str) -> tuple[str, int]:
         out, err, code = await getProcessOutputAndValue(
-            sys.executable, ["-m", "protheus_broker.ctl", "--url", url, *args],
+            sys.executable, ["-m", "protheus_broker.web.ctl", "--url", url, *args],
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PROTHEUS_BROKER_TOKEN": TOKEN})
         return (out + err).decode(), code
 

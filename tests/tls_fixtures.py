@@ -1,4 +1,4 @@
-"""Certificates for the TLS tests, made once per process with protheus_broker.certs."""
+"""Certificates for the TLS tests, made once per process with protheus_broker.tls.certs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet import ssl
 
-from protheus_broker.certs import Issued, make_ca, make_cert, write_pair
+from protheus_broker.tls.certs import Issued, make_ca, make_cert, write_pair
 
 PASSPHRASE = b"correct horse battery"
 

@@ -26,11 +26,11 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from ..config import AdminConfig, ReadAccess
-from . import metrics, model
-from .auth import (FailureLimiter, TokenChecker, Verifier, VerifierBusy, bearer_token, host_allowed,
+from protheus_broker.config import AdminConfig, ReadAccess
+from protheus_broker.web import metrics, model
+from protheus_broker.web.auth import (FailureLimiter, TokenChecker, Verifier, VerifierBusy, bearer_token, host_allowed,
                    is_loopback, origin_matches, reactor_thread_runner)
-from .page import PAGE_CSP, PAGE_HTML
+from protheus_broker.web.page import PAGE_CSP, PAGE_HTML
 
 log = Logger()
 

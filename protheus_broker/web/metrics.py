@@ -7,8 +7,8 @@ from typing import Any, Iterator
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from .. import __version__
-from .model import STATES, Broker, counters
+from protheus_broker import __version__
+from protheus_broker.web.model import STATES, Broker, counters
 
 __all__ = ["BrokerCollector", "CONTENT_TYPE_LATEST", "render"]
 

@@ -11,9 +11,9 @@ from typing import Any, Deque, Protocol as TypingProtocol
 
 from twisted.logger import Logger
 
-from .. import __version__
-from ..config import DESKTOP_SECTION, BrokerConfig, ConfigError, load_config
-from ..pool import ServerPool, ServerState, UnknownServer
+from protheus_broker import __version__
+from protheus_broker.config import DESKTOP_SECTION, BrokerConfig, ConfigError, load_config
+from protheus_broker.balancing.pool import ServerPool, ServerState, UnknownServer
 
 log = Logger()
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from twisted.internet.interfaces import IProtocol
 
-from .http import Access, PortStatusResource, QuietSite
-from .model import Broker
+from protheus_broker.web.http import Access, PortStatusResource, QuietSite
+from protheus_broker.web.model import Broker
 
 PATHS = (b"/ping", b"/status", b"/status.json")
 #: Idle seconds before a kept-alive status connection is closed (a monitor polls, a person

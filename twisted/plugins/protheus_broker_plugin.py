@@ -10,19 +10,19 @@ protheusBroker = ServiceMaker(
 )
 protheusAppServerSim = ServiceMaker(
     "protheus-appserver-sim",
-    "protheus_broker.sim_tap",
+    "protheus_broker.sim.tap",
     "Sample AppServer for demos, tests and benchmarks (greets, then echoes).",
     "protheus-appserver-sim",
 )
 protheusAgent = ServiceMaker(
     "protheus-agent",
-    "protheus_broker.agent_tap",
+    "protheus_broker.agent.tap",
     "Agent beside TOTVS AppServers: reports their memory, CPU, threads and users to the broker.",
     "protheus-agent",
 )
 protheusConnect = ServiceMaker(
     "protheus-connect",
-    "protheus_broker.connect_tap",
+    "protheus_broker.resume.tap",
     "Workstation connector: SmartClient sessions to the broker that survive network drops.",
     "protheus-connect",
 )

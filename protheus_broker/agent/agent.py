@@ -24,9 +24,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from . import amp_commands as cmd
-from .config import AgentConfig, WatchedAppServer
-from .metrics_probe import (
+from protheus_broker.monitoring import commands as cmd
+from protheus_broker.config import AgentConfig, WatchedAppServer
+from protheus_broker.agent.probe import (
     AcceptQueue,
     ProbeProblem,
     ProcessFigures,

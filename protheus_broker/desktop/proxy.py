@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .pool import Backend, ServerPool, ServerState
+from protheus_broker.balancing.pool import Backend, ServerPool, ServerState
 
 log = Logger()
 

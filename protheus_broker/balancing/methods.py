@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 from zope.interface import Attribute, Interface, implementer
 
-from .config import SortMethod
+from protheus_broker.config import SortMethod
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import resume_crypto as crypto
-from .proxy import BrokerFactory, ClientSide
-from .resume_frames import HELLO, PROOF, RESUME, WELCOME, Frame, FrameError, Kind, MagicReader
-from .resume_frames import encode, reason_frame, recognise
-from .resume_link import FrameLink, StreamEnd
-from .resume_replay import ReplayError
-from .resume_settings import ResumeConfig
+from protheus_broker.resume import crypto
+from protheus_broker.desktop.proxy import BrokerFactory, ClientSide
+from protheus_broker.resume.frames import HELLO, PROOF, RESUME, WELCOME, Frame, FrameError, Kind, MagicReader
+from protheus_broker.resume.frames import encode, reason_frame, recognise
+from protheus_broker.resume.link import FrameLink, StreamEnd
+from protheus_broker.resume.replay import ReplayError
+from protheus_broker.resume.settings import ResumeConfig
 
 log = Logger()
 

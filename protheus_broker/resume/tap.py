@@ -9,10 +9,10 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from . import __version__
-from .config import ConfigError, _read_file
-from .connector import ConnectorFactory
-from .resume_settings import ConnectorConfig, parse_smartclient_ini
+from protheus_broker import __version__
+from protheus_broker.config import ConfigError, _read_file
+from protheus_broker.resume.connector import ConnectorFactory
+from protheus_broker.resume.settings import ConnectorConfig, parse_smartclient_ini
 
 log = Logger()
 

@@ -43,10 +43,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .config import ConfigError
-from .pool import Backend
-from .proxy import BrokerFactory, PendingToken, ServerSide, Session, tune
-from .tls_config import SessionTLSConfig, TLSIdentity
+from protheus_broker.config import ConfigError
+from protheus_broker.balancing.pool import Backend
+from protheus_broker.desktop.proxy import BrokerFactory, PendingToken, ServerSide, Session, tune
+from protheus_broker.tls.settings import SessionTLSConfig, TLSIdentity
 
 log = Logger()
 

@@ -29,10 +29,10 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import amp_commands as cmd
-from .balancing import Metrics
-from .config import MonitoringConfig, MonitoringType
-from .pool import Backend, ServerPool, ServerState
+from protheus_broker.monitoring import commands as cmd
+from protheus_broker.balancing.methods import Metrics
+from protheus_broker.config import MonitoringConfig, MonitoringType
+from protheus_broker.balancing.pool import Backend, ServerPool, ServerState
 
 log = Logger()
 
@@ -230,7 +230,7 @@ class _MonitorBase(MultiService):
         host, port = watched.agent_address
         endpoint = self.tcp_endpoint(host, port)
         if self.monitoring_type.uses_tls:
-            from .tls import client_options
+            from protheus_broker.tls.options import client_options
 
             assert self.settings.tls is not None
             return wrapClientTLS(client_options(self.settings.tls, host), endpoint)

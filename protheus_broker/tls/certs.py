@@ -1,6 +1,6 @@
 """Make a small CA and the certificates for the agent channel and SmartClient TLS, with ``cryptography``.
 
-``python -m protheus_broker.certs DIR --broker broker --agent app1=10.0.0.11 --agent app2=app2.lan,10.0.0.12``
+``python -m protheus_broker.tls.certs DIR --broker broker --agent app1=10.0.0.11 --agent app2=app2.lan,10.0.0.12``
 writes ``ca.pem``/``ca.key``, ``broker.pem``/``broker.key`` (a client certificate) and one
 ``agent-<name>.pem``/``agent-<name>.key`` (a server certificate for those host names and IPs) each.
 ``--server broker-tls=127.0.0.1,localhost --server appserver=127.0.0.1`` adds TLS server
@@ -125,7 +125,7 @@ def write_pair(directory: str, stem: str, issued: Issued,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m protheus_broker.certs",
+        prog="python -m protheus_broker.tls.certs",
         description="Make a CA, the broker's client certificate and the agents' server certificates.")
     parser.add_argument("directory", help="where to write the PEM files (created if missing)")
     parser.add_argument("--broker", default="broker", help="the broker certificate's name (file stem)")

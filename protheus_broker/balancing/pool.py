@@ -12,8 +12,8 @@ from typing import Any, Iterable, Iterator
 
 from twisted.logger import Logger
 
-from .balancing import IBalancer, Metrics
-from .config import RemoteServer
+from protheus_broker.balancing.methods import IBalancer, Metrics
+from protheus_broker.config import RemoteServer
 
 log = Logger()
 

@@ -15,10 +15,10 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .proxy import tune
-from .resume_frames import MAX_PAYLOAD, Frame, FrameError, FrameParser, Kind, count_frame, decode_count
-from .resume_frames import encode, header
-from .resume_replay import ReplayBuffer, ReplayError
+from protheus_broker.desktop.proxy import tune
+from protheus_broker.resume.frames import MAX_PAYLOAD, Frame, FrameError, FrameParser, Kind, count_frame, decode_count
+from protheus_broker.resume.frames import encode, header
+from protheus_broker.resume.replay import ReplayBuffer, ReplayError
 
 log = Logger()
 

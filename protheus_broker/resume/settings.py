@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import _Section
+    from protheus_broker.config import _Section
 
 DEFAULT_STANDBY_TIME = 180.0
 DEFAULT_BUFFER = 1024 * 1024
@@ -83,7 +83,7 @@ def parse_smartclient_ini(text: str, path: str, section_name: str | None = None,
     """The broker named in a smartclient.ini section (*section_name*, else ``[drivers] active``).
 
     Every problem is a ``ConfigError`` naming the file, line and key."""
-    from .config import ConfigError, _port, _read_ini, _Section
+    from protheus_broker.config import ConfigError, _port, _read_ini, _Section
 
     raw, where = _read_ini(text, path)
     # configobj keeps the names as written; TOTVS names are case-insensitive.

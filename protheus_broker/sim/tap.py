@@ -9,7 +9,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from .sim import AppServerSimFactory
+from protheus_broker.sim.appserver import AppServerSimFactory
 
 log = Logger()
 

@@ -25,7 +25,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Sequence
 
-from .web.auth import hash_token, new_token
+from protheus_broker.web.auth import hash_token, new_token
 
 DEFAULT_URL = "http://127.0.0.1:8480"
 

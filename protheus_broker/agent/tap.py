@@ -10,9 +10,9 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from . import __version__
-from .agent import Agent, AgentFactory
-from .config import DEFAULT_AGENT_CONFIG_PATH, AgentConfig, ConfigError, load_agent_config
+from protheus_broker import __version__
+from protheus_broker.agent.agent import Agent, AgentFactory
+from protheus_broker.config import DEFAULT_AGENT_CONFIG_PATH, AgentConfig, ConfigError, load_agent_config
 
 log = Logger()
 
@@ -47,7 +47,7 @@ class AgentService(MultiService):
         config = self.config
         try:
             if config.tls is not None:
-                from .tls import server_options
+                from protheus_broker.tls.options import server_options
 
                 self.port = self.reactor.listenSSL(config.port, self.factory, server_options(config.tls),
                                                    interface=config.interface)

@@ -1,4 +1,4 @@
-"""``python -m protheus_broker.demo``: the broker on etc/demo.ini with three sample AppServers.
+"""``python -m protheus_broker.demo.run``: the broker on etc/demo.ini with three sample AppServers.
 
 Everything it starts is stopped, by pid, on Ctrl-C (or if any of them exits).
 """
@@ -11,10 +11,10 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from .children import TwistdChild, spawn, twistd_argv
-from .config import load_config
+from protheus_broker.demo.children import TwistdChild, spawn, twistd_argv
+from protheus_broker.config import load_config
 
-DEMO_INI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "demo.ini")
+DEMO_INI = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "etc", "demo.ini")
 
 
 def _print(name: str, line: bytes) -> None:

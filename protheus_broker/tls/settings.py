@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import _Section
+    from protheus_broker.config import _Section
 
 #: The TOTVS section holding an AppServer's own TLS identity; the broker reads three of its keys.
 SSL_SECTION = "SSLCONFIGURE"
@@ -62,7 +62,7 @@ class SessionTLSConfig:
 
 
 def _file(section: _Section, key: str, required_because: str | None) -> str | None:
-    from .config import _readable_file
+    from protheus_broker.config import _readable_file
 
     return _readable_file(section, key, required_because)
 

@@ -20,13 +20,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import resume_crypto as crypto
-from .proxy import tune
-from .resume_frames import HELLO, MAGIC, PROOF, RESUME, WELCOME, Frame, FrameError, Kind, decode_reason
-from .resume_frames import encode, reason_frame
-from .resume_link import FrameLink, StreamEnd
-from .resume_replay import ReplayError
-from .resume_settings import ConnectorConfig
+from protheus_broker.resume import crypto
+from protheus_broker.desktop.proxy import tune
+from protheus_broker.resume.frames import HELLO, MAGIC, PROOF, RESUME, WELCOME, Frame, FrameError, Kind, decode_reason
+from protheus_broker.resume.frames import encode, reason_frame
+from protheus_broker.resume.link import FrameLink, StreamEnd
+from protheus_broker.resume.replay import ReplayError
+from protheus_broker.resume.settings import ConnectorConfig
 
 log = Logger()
 

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .resume_frames import COUNT, ID_SIZE, NONCE_SIZE
+from protheus_broker.resume.frames import COUNT, ID_SIZE, NONCE_SIZE
 
 SECRET_SIZE = 32  # 256 bits
 
