@@ -31,7 +31,8 @@ from twisted.internet import defer, task  # noqa: E402
 from protheus_broker.agent.agent import Agent, AgentFactory, AppServerWatch  # noqa: E402
 from protheus_broker.tls.certs import make_ca, make_cert, write_pair  # noqa: E402
 from protheus_broker.demo.children import TwistdChild, spawn, twistd_argv  # noqa: E402
-from protheus_broker.config import AgentConfig, TLSFiles, WatchedAppServer  # noqa: E402
+from protheus_broker.agent.settings import AgentConfig, WatchedAppServer  # noqa: E402
+from protheus_broker.tls.settings import TLSFiles  # noqa: E402
 from protheus_broker.demo.run import stop_all  # noqa: E402
 from protheus_broker.agent.probe import ProcessFigures  # noqa: E402
 

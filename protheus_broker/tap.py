@@ -12,14 +12,17 @@ from twisted.python import usage
 
 from protheus_broker import __version__
 from protheus_broker.balancing.methods import make_balancer
-from protheus_broker.config import DEFAULT_CONFIG_PATH, BrokerConfig, ConfigError, load_config
-from protheus_broker.config import DesktopBalanceConfig, SortMethod
+from protheus_broker.config import BrokerConfig, DEFAULT_CONFIG_PATH, load_config
+from protheus_broker.ini import ConfigError
+from protheus_broker.balancing.methods import SortMethod
+from protheus_broker.desktop.settings import DesktopBalanceConfig
 from protheus_broker.logs import console_file_observer
 from protheus_broker.monitoring.monitor import make_monitor
 from protheus_broker.balancing.pool import ServerPool
 from protheus_broker.desktop.proxy import BrokerFactory
 from protheus_broker.resume.broker import ResumableSessions
 from protheus_broker.desktop.tls import SessionTLS
+from protheus_broker.web.service import add_admin
 
 log = Logger()
 
@@ -116,7 +119,6 @@ class BrokerService(MultiService):
         self.factory.standby = resumable
         self.session_tls = SessionTLS(reactor, desktop.tls, self.factory)  # ConfigError: bad file
         if config.admin is not None:  # the broker screen ([BROKER_ADMIN])
-            from protheus_broker.web.service import add_admin
             add_admin(self, reactor, config.admin)
         self.port: Any = None
         self.started_at = reactor.seconds()

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from protheus_broker.demo.children import TwistdChild, spawn
 from protheus_broker.demo.run import stop_all
 
-from protheus_broker.config import RemoteServer
+from protheus_broker.balancing.servers import RemoteServer
 
 
 def servers(*ports: int) -> list[RemoteServer]:

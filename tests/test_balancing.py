@@ -13,7 +13,8 @@ from protheus_broker.balancing.methods import (
     RoundRobinBalancer,
     make_balancer,
 )
-from protheus_broker.config import RemoteServer, SortMethod
+from protheus_broker.balancing.methods import SortMethod
+from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.balancing.pool import Backend, ServerPool, ServerState
 
 

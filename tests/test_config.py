@@ -8,14 +8,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from protheus_broker.config import (
-    ConfigError,
-    MonitoringType,
-    RemoteServer,
-    SortMethod,
-    load_config,
-    parse_config,
-)
+from protheus_broker.balancing.methods import SortMethod
+
+from protheus_broker.balancing.servers import RemoteServer
+
+from protheus_broker.config import load_config, parse_config
+
+from protheus_broker.ini import ConfigError
+
+from protheus_broker.monitoring.settings import MonitoringType
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ETC = os.path.join(os.path.dirname(HERE), "etc")

@@ -9,7 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from protheus_broker.config import ConfigError, _decode, load_config, parse_config, valid_host
+from protheus_broker.config import load_config, parse_config
+
+from protheus_broker.ini import ConfigError, decode_text, valid_host
 
 MINIMAL = "[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 4000\nREMOTE_SERVER_01 = 10.0.0.1 5000\n"
 
@@ -17,7 +19,7 @@ MINIMAL = "[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 4000\nREMOTE_SERV
 class BinaryTextTests(SynchronousTestCase):
     def error(self, data: bytes) -> str:
         with self.assertRaises(ConfigError) as caught:
-            parse_config(_decode("app.ini", data), "app.ini")
+            parse_config(decode_text("app.ini", data), "app.ini")
         return str(caught.exception)
 
     def test_binary_garbage_without_nul_names_its_line(self) -> None:
@@ -35,7 +37,7 @@ class BinaryTextTests(SynchronousTestCase):
 
     def test_windows_line_ends_and_ctrl_z(self) -> None:
         """CRLF files and a DOS end-of-file Ctrl-Z load as the same config."""
-        config = parse_config(_decode("app.ini", MINIMAL.replace("\n", "\r\n").encode() + b"\x1a"))
+        config = parse_config(decode_text("app.ini", MINIMAL.replace("\n", "\r\n").encode() + b"\x1a"))
         self.assertEqual([s.host for s in config.desktop.servers], ["10.0.0.1"])
 
     def test_garbage_line_is_shown_with_its_number(self) -> None:
@@ -47,7 +49,7 @@ class BinaryTextTests(SynchronousTestCase):
     def test_any_bytes_load_or_fail_in_one_line(self, data: bytes) -> None:
         """Whatever the bytes, the result is a config or a one-line ConfigError naming the file."""
         try:
-            parse_config(_decode("app.ini", MINIMAL.encode() + data), "app.ini")
+            parse_config(decode_text("app.ini", MINIMAL.encode() + data), "app.ini")
         except ConfigError as error:
             text = str(error)
             self.assertNotIn("\n", text)

@@ -11,7 +11,7 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from protheus_broker.agent.agent import AppServerWatch
-from protheus_broker.config import WatchedAppServer
+from protheus_broker.agent.settings import WatchedAppServer
 from protheus_broker.agent.probe import (
     AcceptQueue,
     ProbeProblem,

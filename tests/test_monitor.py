@@ -26,14 +26,10 @@ from protheus_broker.monitoring import commands as cmd
 from protheus_broker.agent.agent import Agent, AgentProtocol, AppServerWatch
 from protheus_broker.balancing.methods import make_balancer
 from protheus_broker.tls.certs import make_ca, make_cert, write_pair
-from protheus_broker.config import (
-    AgentConfig,
-    MonitoringConfig,
-    MonitoringType,
-    SortMethod,
-    TLSFiles,
-    WatchedAppServer,
-)
+from protheus_broker.agent.settings import AgentConfig, WatchedAppServer
+from protheus_broker.balancing.methods import SortMethod
+from protheus_broker.monitoring.settings import MonitoringConfig, MonitoringType
+from protheus_broker.tls.settings import TLSFiles
 from protheus_broker.agent.probe import ProbeProblem, ProcessFigures
 from protheus_broker.monitoring.monitor import (
     ActiveMonitor,
@@ -588,7 +584,7 @@ class ReloadTests(SynchronousTestCase):
         """After a reload the monitor watches the servers that joined and forgets those that left;
         a server whose address changed is watched anew."""
         h = Harness(self)
-        from protheus_broker.config import RemoteServer
+        from protheus_broker.balancing.servers import RemoteServer
 
         h.pool.reconfigure([RemoteServer("01", "127.0.0.1", 5001), RemoteServer("03", "127.0.0.1", 6003),
                             RemoteServer("04", "127.0.0.1", 5004)])

@@ -6,14 +6,13 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from protheus_broker.config import (
-    DEFAULT_AGENT_PORT,
-    ConfigError,
-    MonitoringType,
-    load_agent_config,
-    parse_agent_config,
-    parse_config,
-)
+from protheus_broker.agent.settings import load_agent_config, parse_agent_config
+
+from protheus_broker.config import parse_config
+
+from protheus_broker.ini import ConfigError
+
+from protheus_broker.monitoring.settings import DEFAULT_AGENT_PORT, MonitoringType
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ETC = os.path.join(os.path.dirname(HERE), "etc")

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from protheus_broker.balancing.methods import ConnectionBalancer, RoundRobinBalancer
 from protheus_broker.balancing.pool import ServerPool, ServerState
-from protheus_broker.config import RemoteServer
+from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.desktop.proxy import KEEP_LIMIT, BrokerFactory, ClientSide, ServerSide, Session
 
 from .helpers import LogCatcher, servers

@@ -16,7 +16,8 @@ from zope.interface import implementer
 
 from protheus_broker.balancing.methods import ConnectionBalancer
 from protheus_broker.balancing.pool import ServerPool
-from protheus_broker.desktop.proxy import READ_SIZE, BrokerFactory
+from protheus_broker.desktop.proxy import BrokerFactory
+from protheus_broker.sockets import READ_SIZE
 from protheus_broker.sim.appserver import AppServerSimFactory, greeting
 
 from .helpers import LogCatcher, servers
@@ -408,7 +409,7 @@ class ReplaySocketTests(SocketCase):
 class EagerSendTests(TestCase):
     def test_real_tcp_transport_is_eager(self) -> Any:
         """A real TCP transport of this Twisted has what send_now needs (else it would fall back)."""
-        from protheus_broker.desktop.proxy import tune
+        from protheus_broker.sockets import tune
 
         server_side: list[Any] = []
 

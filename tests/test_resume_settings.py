@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from protheus_broker.config import ConfigError
+from protheus_broker.ini import ConfigError
 from protheus_broker.resume.settings import parse_smartclient_ini
 
 INI = """[config]

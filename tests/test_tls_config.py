@@ -9,7 +9,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from protheus_broker.balancing.methods import ConnectionBalancer
-from protheus_broker.config import ConfigError, parse_config
+from protheus_broker.config import parse_config
+from protheus_broker.ini import ConfigError
 from protheus_broker.balancing.pool import ServerPool
 from protheus_broker.desktop.proxy import BrokerFactory
 from protheus_broker.desktop.tls import SessionTLS

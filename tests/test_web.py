@@ -15,7 +15,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from protheus_broker.balancing.methods import Metrics
-from protheus_broker.config import ConfigError, ReadAccess, parse_config
+from protheus_broker.config import parse_config
+from protheus_broker.ini import ConfigError
+from protheus_broker.web.settings import ReadAccess
 from protheus_broker.balancing.pool import ServerState
 from protheus_broker.desktop.proxy import ClientSide, FirstBytes
 from protheus_broker.tap import BrokerService

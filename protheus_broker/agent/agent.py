@@ -25,7 +25,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from protheus_broker.monitoring import commands as cmd
-from protheus_broker.config import AgentConfig, WatchedAppServer
+from protheus_broker.agent.settings import AgentConfig, WatchedAppServer
 from protheus_broker.agent.probe import (
     AcceptQueue,
     ProbeProblem,

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import psutil
 
-from protheus_broker.config import WatchedAppServer
+from protheus_broker.agent.settings import WatchedAppServer
 
 
 class ProbeProblem(Exception):

@@ -12,7 +12,9 @@ from twisted.python import usage
 
 from protheus_broker import __version__
 from protheus_broker.agent.agent import Agent, AgentFactory
-from protheus_broker.config import DEFAULT_AGENT_CONFIG_PATH, AgentConfig, ConfigError, load_agent_config
+from protheus_broker.agent.settings import AgentConfig, DEFAULT_AGENT_CONFIG_PATH, load_agent_config
+from protheus_broker.ini import ConfigError
+from protheus_broker.tls.options import server_options
 
 log = Logger()
 
@@ -47,7 +49,6 @@ class AgentService(MultiService):
         config = self.config
         try:
             if config.tls is not None:
-                from protheus_broker.tls.options import server_options
 
                 self.port = self.reactor.listenSSL(config.port, self.factory, server_options(config.tls),
                                                    interface=config.interface)

@@ -7,13 +7,29 @@ I/O or reads a clock: callers pass ``now`` and the servers' current figures.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, Sequence
 
 from zope.interface import Attribute, Interface, implementer
 
-from protheus_broker.config import SortMethod
+
+
+class SortMethod(enum.Enum):
+    """The TOTVS ``SORT_METHOD`` values."""
+
+    CONNECTION = "CONNECTION"
+    ROUND_ROBIN = "ROUND_ROBIN"
+    SERVER_MEMORY = "SERVER_MEMORY"
+    SERVER_USERS = "SERVER_USERS"
+    SERVER_THREADS = "SERVER_THREADS"
+    SERVER_CPU = "SERVER_CPU"
+
+    @property
+    def needs_metrics(self) -> bool:
+        """True for the methods that rank servers by what their agent reports."""
+        return self.name.startswith("SERVER_")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator
 from twisted.logger import Logger
 
 from protheus_broker.balancing.methods import IBalancer, Metrics
-from protheus_broker.config import RemoteServer
+from protheus_broker.balancing.servers import RemoteServer
 
 log = Logger()
 

@@ -21,13 +21,12 @@ import ipaddress
 import itertools
 from typing import Any, Callable, Protocol as TypingProtocol, Sequence
 
-from twisted.internet import abstract, tcp
+from twisted.internet import abstract
 from twisted.internet.error import ConnectionDone, DNSLookupError
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IProtocol,
     IResolutionReceiver,
-    ITransport,
 )
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.logger import Logger
@@ -35,12 +34,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from protheus_broker.balancing.pool import Backend, ServerPool, ServerState
+from protheus_broker.sockets import send_now, tune
 
 log = Logger()
-
-#: Bytes read per socket read: 256 KiB measured best for bulk (../shared/PERF_NOTES.md).  It is
-#: also Twisted's write-buffer mark for pausing the producer, so it bounds per-session buffering.
-READ_SIZE = 256 * 1024
 
 #: What a session keeps of the client's bytes until its AppServer's first byte, to replay them on
 #: the next AppServer if that one does not answer.  At this size the client is no longer read
@@ -53,53 +49,6 @@ REFUSAL_LOG_INTERVAL = 10.0
 #: Seconds the addresses of an AppServer's host name are reused before it is resolved again
 #: (a login storm does not become a storm of lookups).
 RESOLVED_FOR = 10.0
-
-
-_EAGER_NEEDS = ("_tempDataLen", "offset", "dataBuffer", "socket", "_writeDisconnecting", "disconnecting")
-
-
-def tune(transport: ITransport) -> bool:
-    """TCP_NODELAY and the larger read size; True if the transport allows eager sends."""
-    set_nodelay = getattr(transport, "setTcpNoDelay", None)
-    if set_nodelay is not None:
-        try:
-            set_nodelay(True)
-        except OSError:
-            pass
-    if isinstance(transport, tcp.Connection):
-        transport.bufferSize = READ_SIZE
-        # send_now reads FileDescriptor internals (the same in Twisted 22.4 and 26); a Twisted
-        # without them falls back to plain transport.write.
-        return all(hasattr(transport, name) for name in _EAGER_NEEDS)
-    return False
-
-
-def send_now(transport: Any, data: bytes) -> None:
-    """Write *data* to a TCP transport, sending at once when nothing is queued.
-
-    ``transport.write`` only queues: bytes leave on the next reactor turn.  Sending straight away
-    when the queue is empty keeps order (nothing is ahead of us) and saves that turn, which is most
-    of the added latency of a Python proxy.  What the kernel does not take is queued as usual, so
-    backpressure is unchanged.
-    """
-    if (
-        not transport._tempDataLen
-        and transport.offset == len(transport.dataBuffer)
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-    ):
-        try:
-            sent = transport.socket.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            transport.write(data)  # the transport meets the same error and reports it
-            return
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
 
 
 def _host(addr: Any) -> str:

@@ -43,9 +43,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from protheus_broker.config import ConfigError
+from protheus_broker.ini import ConfigError
 from protheus_broker.balancing.pool import Backend
-from protheus_broker.desktop.proxy import BrokerFactory, PendingToken, ServerSide, Session, tune
+from protheus_broker.desktop.proxy import BrokerFactory, PendingToken, ServerSide, Session
+from protheus_broker.sockets import tune
 from protheus_broker.tls.settings import SessionTLSConfig, TLSIdentity
 
 log = Logger()

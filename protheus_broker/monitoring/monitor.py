@@ -31,8 +31,9 @@ from zope.interface import implementer
 
 from protheus_broker.monitoring import commands as cmd
 from protheus_broker.balancing.methods import Metrics
-from protheus_broker.config import MonitoringConfig, MonitoringType
+from protheus_broker.monitoring.settings import MonitoringConfig, MonitoringType
 from protheus_broker.balancing.pool import Backend, ServerPool, ServerState
+from protheus_broker.tls.options import client_options
 
 log = Logger()
 
@@ -230,7 +231,6 @@ class _MonitorBase(MultiService):
         host, port = watched.agent_address
         endpoint = self.tcp_endpoint(host, port)
         if self.monitoring_type.uses_tls:
-            from protheus_broker.tls.options import client_options
 
             assert self.settings.tls is not None
             return wrapClientTLS(client_options(self.settings.tls, host), endpoint)

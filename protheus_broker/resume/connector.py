@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from protheus_broker.resume import crypto
-from protheus_broker.desktop.proxy import tune
+from protheus_broker.sockets import tune
 from protheus_broker.resume.frames import HELLO, MAGIC, PROOF, RESUME, WELCOME, Frame, FrameError, Kind, decode_reason
 from protheus_broker.resume.frames import encode, reason_frame
 from protheus_broker.resume.link import FrameLink, StreamEnd

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from protheus_broker.desktop.proxy import tune
+from protheus_broker.sockets import tune
 from protheus_broker.resume.frames import MAX_PAYLOAD, Frame, FrameError, FrameParser, Kind, count_frame, decode_count
 from protheus_broker.resume.frames import encode, header
 from protheus_broker.resume.replay import ReplayBuffer, ReplayError

@@ -14,10 +14,8 @@ Connector: the section of a smartclient.ini that names the broker (``server``, `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from protheus_broker.config import _Section
+from protheus_broker.ini import ConfigError, Section, parse_port, read_ini
 
 DEFAULT_STANDBY_TIME = 180.0
 DEFAULT_BUFFER = 1024 * 1024
@@ -44,7 +42,7 @@ class ResumeConfig:
         return self.keepalive * DEAD_AFTER_KEEPALIVES
 
 
-def read_resume(section: _Section) -> ResumeConfig:
+def read_resume(section: Section) -> ResumeConfig:
     """The resume keys of the desktop section."""
     return ResumeConfig(
         enabled=section.boolean("RESUME_ENABLE", True),
@@ -83,18 +81,16 @@ def parse_smartclient_ini(text: str, path: str, section_name: str | None = None,
     """The broker named in a smartclient.ini section (*section_name*, else ``[drivers] active``).
 
     Every problem is a ``ConfigError`` naming the file, line and key."""
-    from protheus_broker.config import ConfigError, _port, _read_ini, _Section
-
-    raw, where = _read_ini(text, path)
+    raw, where = read_ini(text, path)
     # configobj keeps the names as written; TOTVS names are case-insensitive.
     sections = {name.upper(): name for name in raw.sections}
 
-    def section(name: str) -> _Section:
+    def section(name: str) -> Section:
         real = sections.get(name.upper())
         if real is None:
             known = ", ".join(f"[{n}]" for n in raw.sections) or "none"
             raise ConfigError(path, f"no [{name}] section (sections: {known})")
-        return _Section(path, real, dict(raw[real]), where)
+        return Section(path, real, dict(raw[real]), where)
 
     if section_name is None:
         if "DRIVERS" not in sections:
@@ -113,7 +109,7 @@ def parse_smartclient_ini(text: str, path: str, section_name: str | None = None,
     if not port_text:
         raise ConfigError(path, f"[{chosen.name}] has no port= key: the broker's port",
                           line=where.sections.get(chosen.name), key="port")
-    port = _port(chosen, "PORT", port_text)
+    port = parse_port(chosen, "PORT", port_text)
     if not chosen.boolean("BROKERPROXY", False):
         raise ConfigError(path, "must be 1: this section connects straight to an AppServer, the "
                                 "connector needs a broker", line=chosen.line("BROKERPROXY")

@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from protheus_broker import __version__
-from protheus_broker.config import ConfigError, _read_file
+from protheus_broker.ini import ConfigError, read_file
 from protheus_broker.resume.connector import ConnectorFactory
 from protheus_broker.resume.settings import ConnectorConfig, parse_smartclient_ini
 
@@ -76,7 +76,7 @@ def makeService(options: Options) -> ConnectorService:
 
     path = options["config"]
     try:
-        config = parse_smartclient_ini(_read_file(path), path, options["section"],
+        config = parse_smartclient_ini(read_file(path), path, options["section"],
                                        options["listen-port"], options["listen-interface"],
                                        keepalive=options["keepalive"])
     except ConfigError as exc:

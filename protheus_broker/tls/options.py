@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.internet import ssl
 
-from protheus_broker.config import TLSFiles
+from protheus_broker.tls.settings import TLSFiles
 
 
 def _read(path: str) -> bytes:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from protheus_broker.config import _Section
+from protheus_broker.ini import Section, readable_file
 
 #: The TOTVS section holding an AppServer's own TLS identity; the broker reads three of its keys.
 SSL_SECTION = "SSLCONFIGURE"
@@ -61,13 +59,12 @@ class SessionTLSConfig:
         return self.server is not None
 
 
-def _file(section: _Section, key: str, required_because: str | None) -> str | None:
-    from protheus_broker.config import _readable_file
+def _file(section: Section, key: str, required_because: str | None) -> str | None:
 
-    return _readable_file(section, key, required_because)
+    return readable_file(section, key, required_because)
 
 
-def _identity(section: _Section, prefix: str, cert_name: str, key_name: str,
+def _identity(section: Section, prefix: str, cert_name: str, key_name: str,
               passphrase_name: str, shown: dict[str, str] | None = None) -> TLSIdentity | None:
     """Certificate and key from *section* (both or neither), the passphrase optional."""
     cert_key, key_key = prefix + cert_name, prefix + key_name
@@ -83,7 +80,7 @@ def _identity(section: _Section, prefix: str, cert_name: str, key_name: str,
                        show.get(cert_key, cert_key), show.get(key_key, key_key))
 
 
-def _min_version(section: _Section) -> str:
+def _min_version(section: Section) -> str:
     value = section.text("SSL_MIN_VERSION", "1.2")
     match = _VERSION_RE.match(value.strip().upper())
     if not match:
@@ -92,7 +89,7 @@ def _min_version(section: _Section) -> str:
     return f"1.{match.group(1)}"
 
 
-def session_tls_config(desktop: _Section, ssl_configure: _Section | None,
+def session_tls_config(desktop: Section, ssl_configure: Section | None,
                        warnings: list[str]) -> SessionTLSConfig:
     """Read the TLS keys of ``[BALANCE_SMART_CLIENT_DESKTOP]`` and ``[SSLConfigure]``.
 
@@ -144,3 +141,23 @@ def session_tls_config(desktop: _Section, ssl_configure: _Section | None,
         upstream_verify=verify,
         upstream_identity=identity,
     )
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for one end of a mutual-TLS agent channel: our certificate, its key, the CA."""
+
+    certificate: str
+    key: str
+    ca: str
+
+
+def tls_files(section: Section, prefix: str, required_because: str | None) -> TLSFiles | None:
+    """``<prefix>SSL_CERTIFICATE``, ``<prefix>SSL_KEY``, ``<prefix>SSL_CA``: all three or none."""
+    keys = [f"{prefix}SSL_CERTIFICATE", f"{prefix}SSL_KEY", f"{prefix}SSL_CA"]
+    given = [k for k in keys if section.text(k, "")]
+    if not given and not required_because:
+        return None
+    why = required_because or f"with {given[0]} (mutual TLS needs all three)"
+    certificate, key, ca = (readable_file(section, k, why) for k in keys)
+    return TLSFiles(certificate=certificate or "", key=key or "", ca=ca or "")

@@ -26,7 +26,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from protheus_broker.config import AdminConfig, ReadAccess
+from protheus_broker.web.settings import AdminConfig, ReadAccess
 from protheus_broker.web import metrics, model
 from protheus_broker.web.auth import (FailureLimiter, TokenChecker, Verifier, VerifierBusy, bearer_token, host_allowed,
                    is_loopback, origin_matches, reactor_thread_runner)

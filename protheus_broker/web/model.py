@@ -12,7 +12,9 @@ from typing import Any, Deque, Protocol as TypingProtocol
 from twisted.logger import Logger
 
 from protheus_broker import __version__
-from protheus_broker.config import DESKTOP_SECTION, BrokerConfig, ConfigError, load_config
+from protheus_broker.config import BrokerConfig, load_config
+from protheus_broker.desktop.settings import DESKTOP_SECTION
+from protheus_broker.ini import ConfigError
 from protheus_broker.balancing.pool import ServerPool, ServerState, UnknownServer
 
 log = Logger()

@@ -10,9 +10,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from protheus_broker.config import AdminConfig
+from protheus_broker.web.settings import AdminConfig
 from protheus_broker.web.http import Access, AdminResource, QuietSite
 from protheus_broker.web.model import Broker, ConnectionHistory
+from protheus_broker.web.port_status import HttpStatusRecogniser
 
 log = Logger()
 
@@ -80,7 +81,6 @@ class AdminService(MultiService):
 def add_admin(broker: Any, reactor: Any, config: AdminConfig) -> AdminService:
     """Attach the broker screen to a ``BrokerService``: its admin endpoint and, with
     PORT_STATUS, the status query on the SmartClient port."""
-    from protheus_broker.web.port_status import HttpStatusRecogniser
 
     service = AdminService(reactor, broker, config)
     service.setServiceParent(broker)
