@@ -13,7 +13,7 @@ $(VENV)/.done: setup.cfg Makefile
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q twisted pyopenssl service-identity configobj zope.interface \
-		hypothesis cryptography psutil prometheus-client selenium mypy mypy-zope
+		hypothesis cryptography psutil prometheus-client selenium mypy mypy-zope import-linter
 	$(VENV)/bin/pip install -q --no-deps -e .
 	$(PY) -c 'import sysconfig; open(sysconfig.get_paths()["purelib"] + "/protheus-broker-src.pth", "w").write("$(CURDIR)\n")'
 	touch $@
@@ -29,8 +29,9 @@ test: venv  ## all tests, newest Twisted from PyPI
 test-floor:  ## all tests under Debian 12's own python3-twisted 22.4
 	/usr/bin/python3 -m twisted.trial --temp-directory=/tmp/_trial_temp_protheus_floor tests
 
-lint: venv
+lint: venv  ## mypy (typed everywhere) and the import-linter layering contracts in setup.cfg
 	$(VENV)/bin/mypy protheus_broker
+	$(VENV)/bin/lint-imports
 
 bench: venv  ## broker vs direct vs HAProxy on 127.0.0.1 (needs haproxy)
 	$(PY) bench/bench.py
