@@ -112,7 +112,7 @@ class MonitoredBrokerTests(ProcessTestCase):
             client.transport.loseConnection()
             await task.deferLater(reactor, 0.05, lambda: None)
             if re.search(r"server B \(\S+\) \w+ -> down: SMARTCLIENT_SSL_ACTIVE: agent: AppServer "
-                         r"not accepting", broker.text()):
+                         r"not accepting[^\n]*\n", broker.text()):  # (the whole line)
                 down_at = time.monotonic()
             elif time.monotonic() - killed_at > 15:  # a bound on the wait, not a figure
                 self.fail(f"b not down 15 s after the kill:\n{broker.text()}")
