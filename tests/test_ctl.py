@@ -1,5 +1,6 @@
 """protheus-broker-ctl: every failure is one line on stderr and exit status 2 (command line) or 1
-(the broker), never a traceback: in-process, against small servers on 127.0.0.1, and as a process."""
+(the broker), never a traceback: in-process here; against small servers on 127.0.0.1 in test_ctl_sockets, as a process in
+test_ctl_e2e."""
 
 from __future__ import annotations
 
@@ -68,36 +69,3 @@ class CommandLineTests(SynchronousTestCase):
         """A command without its argument, or a bad page number: one line, exit 2."""
         self.one_line(["drain"], 2, "drain needs a server ID")
         self.one_line(["sessions", "two"], 2, "page must be a number")
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ProcessTests(TestCase):
-    """The installed command's path: ``python -m protheus_broker.ctl``."""
-
-    timeout = 60
-
-    async def ctl(self, *argv: str) -> tuple[str, str, int]:
-        out, err, code = await getProcessOutputAndValue(
-            sys.executable, ["-m", "protheus_broker.ctl", *argv],
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-        return out.decode(), err.decode(), code
-
-    @defer.inlineCallbacks
-    def test_no_traceback_for_bad_token_file_or_url(self) -> Any:
-        """A missing --token-file, a non-HTTP --url and a refused connection: each one line on
-        stderr, no traceback; exit 2, 2 and 1."""
-        missing = os.path.abspath(self.mktemp())
-        cases = [(["--token-file", missing, "status"], 2), (["--url", "ftp://127.0.0.1/", "status"], 2),
-                 (["--url", f"http://127.0.0.1:{closed_port()}", "status"], 1)]
-        for argv, expected in cases:
-            out, err, code = yield defer.ensureDeferred(self.ctl(*argv))
-            print(f"\nprotheus-broker-ctl {' '.join(argv)} -> exit {code}: {err.strip()}")
-            self.assertEqual((code, out), (expected, ""), err)
-            self.assertNotIn("Traceback", err)
-            self.assertEqual(len(err.strip().splitlines()), 1, err)

@@ -3,6 +3,7 @@ not (or not quite) the broker screen."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor, threads
@@ -12,7 +13,12 @@ from twisted.web.server import Site
 
 from protheus_broker import ctl
 
-from .test_ctl import closed_port
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class _Fixed(Resource):
