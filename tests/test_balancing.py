@@ -29,8 +29,21 @@ class Broker:
         self.pool = ServerPool(servers(count), make_balancer(method))
         self.sessions: list[Backend] = []
 
-    def login(self, now: float = 0.0) -> str:
-        backend = self.pool.candidates(now)[0]
+    def fewest(self, now: float = 0.0) -> set[str]:
+        """The servers the balancer ranks first, equally (ties): those a login may go to."""
+        ranked = self.pool.candidates(now)  # (CONNECTION: ranking changes nothing)
+        return {b.server_id for b in ranked if b.active == ranked[0].active}
+
+    def login(self, now: float = 0.0, choose: str | None = None) -> str:
+        """A session to the balancer's first choice, or to *choose* when it is one of the tied
+        first choices (the seed's 'any of them may be chosen')."""
+        ranked = self.pool.candidates(now)
+        backend = ranked[0]
+        if choose is not None:
+            backend = next(b for b in ranked if b.server_id == choose)
+            if backend.active != ranked[0].active:
+                raise AssertionError(f"{choose} has {backend.active} connections, the balancer's "
+                                     f"first choice {ranked[0].server_id} {ranked[0].active}")
         self.pool.session_opening(backend)
         self.pool.session_connected(backend)
         self.sessions.append(backend)
@@ -47,16 +60,43 @@ class Broker:
 
 class ConnectionWorkedExampleTests(SynchronousTestCase):
     def test_seed_connection_sequence(self) -> None:
-        """Seed 001, CONNECTION: 1, 2, 3; user on 2 leaves; next goes to 2; an MDI tab adds one."""
+        """Seed 001, CONNECTION, every step: 1; 2 (2 or 3); 3 (must); 2 leaves; next to 2; the user
+        on 2 opens an MDI tab (one more connection, from a tie) and server 2 shows 2 connections."""
         broker = Broker(SortMethod.CONNECTION)
+        # "Supondo inicialmente que nenhum usuário está logado."
         self.assertEqual(broker.screen(), {"01": 0, "02": 0, "03": 0})
-        self.assertEqual(broker.login(), "01")  # all zero: any, the first
-        self.assertEqual(broker.login(), "02")  # 2 or 3
-        self.assertEqual(broker.login(), "03")  # must be 3
+        # "os 3 servidores possuem o mesmo número de conexões (zero), qualquer um deles poderá ser
+        # escolhido. O servidor 1 foi o escolhido."
+        self.assertEqual(broker.fewest(), {"01", "02", "03"})
+        self.assertEqual(broker.login(), "01")
+        self.assertEqual(broker.screen(), {"01": 1, "02": 0, "03": 0})
+        # "O próximo usuário a se logar irá para o servidor 2 ou servidor 3. Foi escolhido o servidor 2."
+        self.assertEqual(broker.fewest(), {"02", "03"})
+        self.assertEqual(broker.login(), "02")
+        self.assertEqual(broker.screen(), {"01": 1, "02": 1, "03": 0})
+        # "o próximo usuário a se conectar será obrigatoriamente direcionado ao servidor 3."
+        self.assertEqual(broker.fewest(), {"03"})
+        self.assertEqual(broker.login(), "03")
+        self.assertEqual(broker.screen(), {"01": 1, "02": 1, "03": 1})
+        # "o segundo usuário (servidor 2) fecha sua sessão ... o servidor 2 agora aparece com zero
+        # conexões."
         broker.logout("02")
         self.assertEqual(broker.screen(), {"01": 1, "02": 0, "03": 1})
-        self.assertEqual(broker.login(), "02")  # the freed server, fewest connections
-        # A new MDI tab is one more connection; with all at 1 it goes to the first, not 2.
+        # "o próximo usuário que se conectar irá ser direcionado ao servidor 2, que é o servidor com
+        # o menor número de conexões."
+        self.assertEqual(broker.fewest(), {"02"})
+        self.assertEqual(broker.login(), "02")
+        self.assertEqual(broker.screen(), {"01": 1, "02": 1, "03": 1})
+        # "o usuário se conectou no servidor 2 no módulo SIGAADV, e abriu uma rotina de 'Consulta
+        # Genérica'. Portanto, aparecem 2 conexões para o servidor 2": the MDI tab is one more
+        # connection through the broker, balanced like any other.  All three are at one, a tie
+        # ("qualquer um deles"), so server 2 is a choice CONNECTION allows, and the tab taken
+        # there gives the seed's screen.  (Our tie rule, table order, would pick 01 here.)
+        self.assertEqual(broker.fewest(), {"01", "02", "03"})
+        self.assertEqual(broker.login(choose="02"), "02")
+        self.assertEqual(broker.screen(), {"01": 1, "02": 2, "03": 1})
+        # and the tab is a connection of its own: closing it leaves the user's first one
+        broker.logout("02")
         self.assertEqual(broker.screen(), {"01": 1, "02": 1, "03": 1})
 
 

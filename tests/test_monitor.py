@@ -893,6 +893,151 @@ class WrongSecretRetryTests(SynchronousTestCase):
         self.assertIs(h.state("01"), ServerState.UP)
 
 
+class FakeAgentEndpoints:
+    """In-memory endpoints for the monitor's ClientServices: each connect is recorded (server,
+    clock time) and either refused or joined to an AgentProtocol of the harness's agent by an
+    iosim pump."""
+
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+        self.attempts: list[tuple[str, float]] = []
+        self.refusing: set[str] = set()
+        self.agents: dict[str, AgentProtocol] = {}  # the agent's end of each server's latest channel
+        h.monitor.agent_endpoint = self.endpoint  # type: ignore[method-assign]
+
+    def endpoint(self, watched: Any) -> Any:
+        fake = self
+
+        class Endpoint:
+            def connect(self, factory: Factory) -> defer.Deferred[Protocol]:
+                server_id = watched.server_id
+                fake.attempts.append((server_id, fake.h.clock.seconds()))
+                if server_id in fake.refusing:
+                    return defer.fail(ConnectionRefusedError("Connection was refused"))
+                link = factory.buildProtocol(None)
+                agent = AgentProtocol(fake.h.agent)
+                fake.agents[server_id] = agent
+                fake.h.pumps.append(iosim.connect(agent, iosim.makeFakeServer(agent), link,
+                                                  iosim.makeFakeClient(link), greet=False))
+                return defer.succeed(link)
+
+        return Endpoint()
+
+    def times(self, server_id: str) -> list[float]:
+        return [at for sid, at in self.attempts if sid == server_id]
+
+
+class MonitorClientServiceTests(SynchronousTestCase):
+    """The ActiveMonitor's real path: one ClientService per server, on a task.Clock, over fake
+    endpoints (the other tests build AgentLinks by hand)."""
+
+    def setUp(self) -> None:
+        self.h = Harness(self)
+        self.fake = FakeAgentEndpoints(self.h)
+        self.h.monitor.watchdog.stop()  # (the harness runs it; the service starts its own)
+        self.h.monitor.startService()
+        self.addCleanup(lambda: self.h.monitor.stopService() if self.h.monitor.running else None)
+        self.h.settle()
+
+    def link(self, server_id: str) -> AgentLink:
+        link = self.h.monitor.watched[server_id].link
+        assert link is not None
+        return link
+
+    def test_each_service_connects_once_handshakes_and_takes_reports(self) -> None:
+        """startService: one connect per server, the handshake authenticates, reports arrive
+        every second and no further connect is made while the channel holds."""
+        self.assertEqual(sorted(sid for sid, _ in self.fake.attempts), ["01", "02", "03"])
+        for server_id in ("01", "02", "03"):
+            self.assertTrue(self.link(server_id).authenticated)
+            self.assertEqual(self.h.pool.get(server_id).monitor_status["link"], "authenticated")
+        lines = [t for t in self.h.logs.texts() if "agent channel to" in t and "authenticated" in t]
+        self.assertEqual(len(lines), 3, lines)
+        self.h.advance(5)
+        for server_id in ("01", "02", "03"):
+            self.assertIn(self.h.monitor.watched[server_id].reports, (5, 6, 7))
+            self.assertIs(self.h.state(server_id), ServerState.UP)
+        self.assertEqual(len(self.fake.attempts), 3)
+        assert_no_traceback(self, self.h.logs)
+
+    def test_lost_channel_retries_with_growing_backoff_then_recovers(self) -> None:
+        """The channel drops and the agent refuses: retries come at 0.25 s x 1.5^n (plus up to
+        1 s jitter), capped at 10 s; the server leaves rotation; once the agent accepts, the
+        channel authenticates, reports bring it Up, and the backoff starts again from the
+        first delay."""
+        self.h.advance(2)
+        self.fake.refusing.add("01")
+        self.fake.agents["01"].transport.loseConnection()
+        self.h.settle()
+        lost_at = self.h.clock.seconds()
+        self.assertIsNone(self.h.monitor.watched["01"].link)
+        self.h.advance(60, step=0.05)
+        times = [lost_at] + [t for t in self.fake.times("01") if t > lost_at]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        self.assertGreaterEqual(len(gaps), 10)
+        for attempt, gap in enumerate(gaps, start=1):
+            delay = min(0.25 * 1.5 ** attempt, 10.0)
+            self.assertGreaterEqual(gap, delay - 1e-6, (attempt, gaps))
+            self.assertLessEqual(gap, delay + 1.0 + 0.05 + 1e-6, (attempt, gaps))
+        self.assertGreater(max(gaps), 10.0 - 1e-6)  # it reached the cap
+        self.assertIs(self.h.state("01"), ServerState.DOWN)  # no heartbeat: out of rotation
+        self.assertEqual([b.server_id for b in self.h.pool.candidates(self.h.clock.seconds())],
+                         ["02", "03"])
+        self.fake.refusing.discard("01")
+        self.h.advance(11.1)
+        self.assertTrue(self.link("01").authenticated)
+        self.h.advance(1.1)
+        self.assertIs(self.h.state("01"), ServerState.UP)
+        # connected again: a new loss retries after the first delay, not after the cap
+        self.fake.agents["01"].transport.loseConnection()
+        self.h.settle()
+        lost_at = self.h.clock.seconds()
+        self.h.advance(1.5)
+        retry = [t for t in self.fake.times("01") if t > lost_at]
+        self.assertEqual(len(retry), 1)
+        self.assertLessEqual(retry[0] - lost_at, 0.375 + 1.0 + 0.05 + 1e-6)
+        self.assertTrue(self.link("01").authenticated)
+        self.assertEqual(len(self.fake.times("02")), 1)  # the others never reconnected
+        assert_no_traceback(self, self.h.logs)
+
+    def test_removed_server_stops_its_service(self) -> None:
+        """A server that leaves on reload: its ClientService stops, its channel is closed, and
+        no connect is made to its agent again; the others carry on."""
+        from protheus_broker.balancing.servers import RemoteServer
+
+        self.h.advance(2)
+        service = self.h.monitor.watched["02"].service
+        assert service is not None
+        agent_end = self.fake.agents["02"]
+        self.h.pool.reconfigure([RemoteServer("01", "127.0.0.1", 5001),
+                                 RemoteServer("03", "127.0.0.1", 5003)])
+        self.h.monitor.reconfigure(self.h.settings)
+        self.h.settle()
+        self.assertNotIn("02", self.h.monitor.watched)
+        self.assertFalse(service.running)
+        self.assertIsNone(service.parent)
+        self.assertEqual(len(list(self.h.monitor)), 2)
+        self.assertIsNone(agent_end.transport)  # the agent saw its channel close
+        self.h.advance(30)
+        self.assertEqual(len(self.fake.times("02")), 1)
+        for server_id in ("01", "03"):
+            self.assertEqual(len(self.fake.times(server_id)), 1)
+            self.assertIs(self.h.state(server_id), ServerState.UP)
+        assert_no_traceback(self, self.h.logs)
+
+    def test_stop_service_closes_every_channel_and_stops_retrying(self) -> None:
+        """stopService: every channel closed, its Deferred fires, and nothing reconnects."""
+        links = [self.link(sid) for sid in ("01", "02", "03")]
+        stopped = self.h.monitor.stopService()
+        self.h.settle()
+        self.successResultOf(defer.maybeDeferred(lambda: stopped))
+        self.assertTrue(all(agent.transport is None for agent in self.fake.agents.values()))
+        self.assertTrue(all(link.transport is None for link in links))
+        self.assertEqual([w.link for w in self.h.monitor.watched.values()], [None, None, None])
+        self.h.advance(30)
+        self.assertEqual(len(self.fake.attempts), 3)
+
+
 class StoppedAppServerTests(SynchronousTestCase):
     def test_stopped_process_reported_not_accepting(self) -> None:
         """SMARTCLIENT_ACTIVE: the agent sees its AppServer process stopped (SIGSTOP, its port

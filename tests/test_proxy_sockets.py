@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
+import fcntl
+import struct
+import termios
 from typing import Any
 
 from twisted.internet import defer, reactor, task
@@ -42,6 +45,7 @@ class Peer(Protocol):
     def __init__(self, send_seed: int | None = None, send_size: int = 0, half_close: bool = True,
                  wait_for_eof: bool = False) -> None:
         self.received = 0
+        self.sent = 0  # bytes handed to the transport (a pull producer: the kernel took all but one chunk)
         self.digest = hashlib.sha256()
         self.done: defer.Deferred[Peer] = defer.Deferred()
         self.eof = defer.Deferred()
@@ -64,6 +68,7 @@ class Peer(Protocol):
             if self.half_close:
                 self.transport.loseWriteConnection()
             return
+        self.sent += len(chunk)
         self.transport.write(chunk)
 
     def stopProducing(self) -> None:
@@ -233,8 +238,9 @@ class RealSocketTests(SocketCase):
 
     @defer.inlineCallbacks
     def test_backpressure_keeps_broker_buffers_bounded(self) -> Any:
-        """200 MB toward a reader that stalls: the broker never holds more than ~2 reads; all
-        200 MB then arrive intact once the reader resumes."""
+        """200 MB toward a reader that stalls: the broker stops reading the client (the client's
+        sends stall, its bytes wait in the kernel), never holds more than ~2 reads itself; all
+        200 MB then arrive in order once the reader resumes."""
         size = 200 * MB
         readers: list[Peer] = []
 
@@ -251,6 +257,7 @@ class RealSocketTests(SocketCase):
             yield task.deferLater(reactor, 0.01, lambda: None)
         reader = readers[0]
         reader.transport.pauseProducing()  # the AppServer stops reading
+        self.addCleanup(lambda: reader.transport.abortConnection() if reader.transport.connected else None)
 
         peak = 0
 
@@ -269,9 +276,28 @@ class RealSocketTests(SocketCase):
 
         sampler = task.LoopingCall(sample)
         sampler.start(0.005)
-        yield task.deferLater(reactor, 1.0, lambda: None)  # stalled: the client must be held back
-        stalled_at = reader.received
-        self.assertLess(stalled_at + 2 * MB, size)  # far from done: flow really stopped
+        self.addCleanup(lambda: sampler.stop() if sampler.running else None)
+        self.addCleanup(lambda: client.transport.abortConnection() if client.transport.connected else None)
+        yield task.deferLater(reactor, 1.0, lambda: None)  # the reader has stalled for a second
+        # The client is held back far from the end, and sends no byte more in a further 0.3 s.
+        sent = client.sent
+        self.assertLess(sent, size // 2, f"the client sent {sent} of {size} bytes: nothing held it back")
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(client.sent, sent, "the client's sends went on")
+        # Because the broker stopped reading it: the broker's end of the client's connection is not
+        # among the reactor's readers, and the client's bytes wait in the kernel, unread at the
+        # broker and unsent at the client.
+        [session] = factory.sessions.values()
+        from_client = session.client.transport
+        self.assertNotIn(from_client, reactor.getReaders())
+        unread = socket_queue(from_client.socket, termios.FIONREAD)
+        unsent = socket_queue(client.transport.socket, termios.TIOCOUTQ)
+        self.assertGreater(unread, 0)
+        self.assertGreater(unsent, 0)
+        print(f"\nbackpressure: client sent {sent / MB:.1f} MB, reader got {reader.received / MB:.1f} MB; "
+              f"kernel: {unsent / MB:.1f} MB unsent at the client, {unread / MB:.1f} MB unread at "
+              f"the broker; broker buffers peak {peak / 1024:.0f} KiB")
+        self.assertLessEqual(peak, 2 * READ_SIZE + 64 * 1024, f"broker buffered {peak} bytes")
         reader.transport.resumeProducing()
         yield reader.eof
         sampler.stop()
@@ -280,6 +306,12 @@ class RealSocketTests(SocketCase):
         self.assertLessEqual(peak, 2 * READ_SIZE + 64 * 1024, f"broker buffered {peak} bytes")
         reader.transport.loseConnection()
         yield client.done
+
+
+def socket_queue(sock: socket.socket, request: int) -> int:
+    """Bytes in a socket's kernel queue: ``termios.FIONREAD`` received and not yet read,
+    ``termios.TIOCOUTQ`` (SIOCOUTQ) written and not yet acknowledged by the peer."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0])
 
 
 def hung_server(test: TestCase) -> int:

@@ -12,7 +12,7 @@ from protheus_broker.demo.children import TwistdChild, twistd_argv
 from protheus_broker.sim.appserver import greeting
 
 from .helpers import ProcessTestCase
-from .test_session_tls import Reader
+from .test_session_tls_sockets import Reader
 from .tls_fixtures import certs
 
 
