@@ -1,6 +1,15 @@
 """The eager-send adapter for TCP transports, shared by every relay (SmartClient sessions,
 resumable links, the connector): TCP_NODELAY, a larger read size, and sending at once when nothing
-is queued."""
+is queued.
+
+The adapter is two calls.  :func:`tune` once per connection (in ``connectionMade``) says whether
+the transport allows eager sends; the relay then writes with :func:`send_now` if it does and with
+``transport.write`` if not (a TLS transport, a test transport, a Twisted without the internals
+``send_now`` reads).  Its promises, tested in ``tests/test_sockets.py``: bytes leave in the order
+they were given, whatever the kernel takes; nothing overtakes queued bytes; an error on the socket
+is left to the transport, which meets it on its next write and reports it as usual; a transport
+that is closing or half-closed is written to as ``transport.write`` would.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +22,17 @@ from twisted.internet.interfaces import ITransport
 #: also Twisted's write-buffer mark for pausing the producer, so it bounds per-session buffering.
 READ_SIZE = 256 * 1024
 
-_EAGER_NEEDS = ("_tempDataLen", "offset", "dataBuffer", "socket", "_writeDisconnecting", "disconnecting")
+#: The FileDescriptor internals send_now reads (the same in Twisted 22.4 and 26).
+_EAGER_NEEDS = ("_tempDataLen", "offset", "dataBuffer", "socket", "connected", "_writeDisconnecting",
+                "disconnecting")
 
 
 def tune(transport: ITransport) -> bool:
-    """TCP_NODELAY and the larger read size; True if the transport allows eager sends."""
+    """TCP_NODELAY and the larger read size; True if the transport allows eager sends.
+
+    Only a plain ``tcp.Connection`` does: not one that started TLS (its bytes must go through
+    OpenSSL), and not one of a Twisted whose internals differ (it falls back to plain writes).
+    """
     set_nodelay = getattr(transport, "setTcpNoDelay", None)
     if set_nodelay is not None:
         try:
@@ -26,19 +41,21 @@ def tune(transport: ITransport) -> bool:
             pass
     if isinstance(transport, tcp.Connection):
         transport.bufferSize = READ_SIZE
-        # send_now reads FileDescriptor internals (the same in Twisted 22.4 and 26); a Twisted
-        # without them falls back to plain transport.write.
+        if getattr(transport, "TLS", False):
+            return False
         return all(hasattr(transport, name) for name in _EAGER_NEEDS)
     return False
 
 
 def send_now(transport: Any, data: bytes) -> None:
-    """Write *data* to a TCP transport, sending at once when nothing is queued.
+    """Write *data* to a TCP transport that :func:`tune` accepted, sending at once when nothing
+    is queued.
 
     ``transport.write`` only queues: bytes leave on the next reactor turn.  Sending straight away
     when the queue is empty keeps order (nothing is ahead of us) and saves that turn, which is most
     of the added latency of a Python proxy.  What the kernel does not take is queued as usual, so
-    backpressure is unchanged.
+    backpressure is unchanged.  A closing or half-closed transport is left to ``transport.write``,
+    and so is a socket error: the transport meets it again when it flushes and reports it.
     """
     if (
         not transport._tempDataLen

@@ -2,19 +2,20 @@
 
 Each accepted SmartClient connection is a :class:`ConnectorStream`.  It opens a session on the
 broker (X25519 key exchange: both sides derive the resume secret, which never travels), then
-relays.  When the link drops it reconnects with a short capped backoff, proves the secret, and both
-sides replay what the other did not get.  SmartClient bytes not yet acknowledged stay in a bounded
-replay buffer (full: the SmartClient is not read).  After the broker's window it gives up and
-closes the SmartClient connection.
+relays.  When the link drops it reconnects with a short capped backoff (:func:`backoff_policy`,
+as ``ClientService`` retries, with the clock and the jitter's random source passed in), proves the
+secret, and both sides replay what the other did not get.  SmartClient bytes not yet acknowledged
+stay in a bounded replay buffer (full: the SmartClient is not read).  After the broker's window
+it gives up and closes the SmartClient connection.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,16 +31,59 @@ from protheus_broker.resume.settings import ConnectorConfig
 
 log = Logger()
 
+#: Retries after a drop that go at once, before any backoff (a drop is often one reset: the link is
+#: back at the first try).
+RETRIES_AT_ONCE = 2
+#: The first delayed retry, doubling after each failure up to ``ConnectorConfig.max_backoff``.
+FIRST_DELAY = 0.08
+
+
+def backoff_policy(initial_delay: float = FIRST_DELAY, max_delay: float = 0.25, factor: float = 2.0,
+                   jitter: Callable[[], float] | None = None,
+                   at_once: int = RETRIES_AT_ONCE) -> Callable[[int], float]:
+    """Seconds to wait before retry number *attempt* (1 = the first after the drop), the way
+    ``twisted.application.internet.backoffPolicy`` gives them to ``ClientService``.
+
+    The first *at_once* retries wait nothing; then *initial_delay*, times *factor* after each
+    failure, capped at *max_delay*; each delay is multiplied by ``jitter()`` (default: from 0.5
+    to 1.0, drawn from :mod:`random`) so that many sessions dropped together do not retry in step.
+    With the defaults: 0, 0, 80 ms, 160 ms, then 250 ms, each with 50-100 % jitter.
+    """
+    scale = jitter if jitter is not None else half_to_full(random.Random())
+
+    def policy(attempt: int) -> float:
+        if attempt <= at_once:
+            return 0.0
+        try:
+            delay = min(initial_delay * factor ** min(attempt - at_once - 1, 100), max_delay)
+        except OverflowError:
+            delay = max_delay
+        return delay * scale()
+
+    return policy
+
+
+def half_to_full(rng: random.Random) -> Callable[[], float]:
+    """A jitter source for :func:`backoff_policy`: factors from 0.5 to 1.0 drawn from *rng*."""
+    return lambda: rng.uniform(0.5, 1.0)
+
 
 class ConnectorFactory(ServerFactory):
-    """Accepts SmartClient connections on the workstation and carries each to the broker."""
+    """Accepts SmartClient connections on the workstation and carries each to the broker.
+
+    *clock* (default: the reactor) times keepalives, retries and the window; *rng* (default: a
+    new ``random.Random``) draws the retry jitter, so tests pass seeded ones."""
 
     noisy = False
 
-    def __init__(self, reactor: Any, config: ConnectorConfig) -> None:
+    def __init__(self, reactor: Any, config: ConnectorConfig, clock: IReactorTime | None = None,
+                 rng: random.Random | None = None) -> None:
         self.reactor = reactor
-        self.clock = reactor
+        self.clock: Any = clock if clock is not None else reactor
         self.config = config
+        jitter = half_to_full(rng if rng is not None else random.Random())
+        #: Seconds before a session's retry number n after a drop (see :func:`backoff_policy`).
+        self.retry_delay = backoff_policy(max_delay=config.max_backoff, jitter=jitter)
         self.streams: set[ConnectorStream] = set()
         self.drops = 0
         self.resumes = 0
@@ -97,7 +141,7 @@ class ConnectorStream(StreamEnd):
         self.secret = b""
         self.window = 0.0
         self.dropped_at: float | None = None
-        self.attempts = 0
+        self.failures = 0  # retries since the link was last good (welcomed or resumed)
         self.retry: Any = None
         self.local_closed = False
         self.drop_counted = False  # the current outage was counted (and logged) as a drop
@@ -108,7 +152,6 @@ class ConnectorStream(StreamEnd):
         self.retry = None
         if self.finished:
             return
-        self.attempts += 1
         config = self.factory.config
         self.factory.reactor.connectTCP(config.broker_host, config.broker_port, LinkFactory(self),
                                         timeout=config.connect_timeout)
@@ -133,7 +176,7 @@ class ConnectorStream(StreamEnd):
             self.give_up(f"broker cannot continue the stream: {exc}")
             return
         self.dropped_at = None
-        self.attempts = 0
+        self.failures = 0
         assert self.key is not None
         if not self.drop_counted:  # only confirming the end of a finished session
             self.check_done()
@@ -176,11 +219,8 @@ class ConnectorStream(StreamEnd):
             return
         # Twice at once, then 80, 160 ms ... capped at max_backoff (250 ms: back within a second of
         # the network returning), with jitter so that many sessions do not retry in step.
-        delay = min(self.factory.config.max_backoff, 0.02 * (2 ** min(self.attempts, 10)))
-        delay *= random.uniform(0.5, 1.0)
-        if self.attempts <= 1:
-            delay = 0.0
-        self.retry = self.clock.callLater(delay, self.connect)
+        self.failures += 1
+        self.retry = self.clock.callLater(self.factory.retry_delay(self.failures), self.connect)
 
     @property
     def complete(self) -> bool:
