@@ -22,7 +22,7 @@ from protheus_broker.desktop.unit import DesktopUnit, endpoint_string
 from protheus_broker.stats import COUNTERS, ISessionStats, SessionStats
 from protheus_broker.tap import BrokerService
 from protheus_broker.units import IBalanceUnit
-from protheus_broker.web import metrics, model
+from protheus_broker.web import ctl, metrics, model
 
 from .helpers import LogCatcher
 
@@ -314,3 +314,29 @@ class TwoPoolScreenTests(SynchronousTestCase):
         status = model.status(self.p.service, history)
         self.assertEqual([pool["history"]["samples"][0]["connections"] for pool in status["pools"]],
                          [{"01": 1, "02": 0}, {"01": 1, "02": 0}])
+
+
+class CtlTests(SynchronousTestCase):
+    def test_tables_per_pool_when_several(self) -> None:
+        """protheus-broker-ctl prints the servers of each pool under its name, the sessions with
+        their pool, and the status pools with their sections."""
+        p = Pair(self)
+        p.service.privilegedStartService()
+        open_session(p.a, p.reactor)
+        open_session(p.b, p.reactor, 50001)
+        servers = ctl.render("servers", {"servers": model.servers(p.service)})
+        self.assertIn("pool BALANCE_A:", servers)
+        self.assertIn("pool BALANCE_B:", servers)
+        sessions = ctl.render("sessions", model.sessions(p.service))
+        self.assertIn("POOL", sessions)
+        self.assertIn("BALANCE_B", sessions)
+        status = ctl.render("status", model.status(p.service))
+        self.assertIn("[BALANCE_A]", status)
+
+    def test_one_pool_prints_as_before(self) -> None:
+        """With one pool the tables have no pool column or heading."""
+        reactor = MemoryReactorClock()
+        service = BrokerService(reactor, parse_config(desktop_ini()))
+        open_session(service.desktop, reactor)
+        self.assertNotIn("pool", ctl.render("servers", {"servers": model.servers(service)}))
+        self.assertNotIn("POOL", ctl.render("sessions", model.sessions(service)))

@@ -20,6 +20,7 @@ from protheus_broker.ini import ConfigError
 from protheus_broker.web.settings import ReadAccess
 from protheus_broker.balancing.pool import ServerState
 from protheus_broker.desktop.proxy import ClientSide, FirstBytes
+from protheus_broker.desktop.unit import DesktopUnit
 from protheus_broker.tap import BrokerService
 from protheus_broker.web.auth import (FailureLimiter, TokenChecker, Verifier, hash_token, host_allowed,
                                      host_of, origin_matches, parse_token_hash, reactor_thread_runner)
@@ -330,6 +331,24 @@ class ActionTests(SynchronousTestCase):
 
     def post(self, path: str, headers: dict[str, str] | None = None, **kw: Any) -> Reply:
         return self.h.request("POST", path, self.h.auth() if headers is None else headers, **kw)
+
+    def test_server_in_two_pools_is_named_by_pool(self) -> None:
+        """With a second unit holding a server of the same id, an action without ?pool= is a 409
+        that says so; with ?pool= only that pool's server changes; an unknown pool is a 404."""
+        other = DesktopUnit(self.h.reactor, parse_config(ini()).desktop, name="BALANCE_OTHER")
+        self.h.service.units.append(other)
+        reply = self.post("/api/v1/servers/01/drain")
+        self.assertEqual(reply.status, 409)
+        self.assertIn("?pool=", reply.json()["error"])
+        reply = self.post("/api/v1/servers/01/drain?pool=BALANCE_OTHER")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.json()["pool"], "BALANCE_OTHER")
+        self.assertEqual(other.pool.get("01").state, ServerState.DRAINING)
+        self.assertEqual(self.h.service.pool.get("01").state, ServerState.UP)
+        self.assertEqual(self.post("/api/v1/servers/01/drain?pool=BALANCE_NONE").status, 404)
+        status = self.h.request("GET", "/api/v1/status").json()
+        self.assertEqual([pool["section"] for pool in status["pools"]],
+                         ["BALANCE_SMART_CLIENT_DESKTOP", "BALANCE_OTHER"])
 
     def test_drain_keeps_sessions_and_stops_new_ones(self) -> None:
         """Drain: the existing session carries on, new sessions go elsewhere; ready puts it back."""
