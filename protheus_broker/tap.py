@@ -151,6 +151,9 @@ class BrokerService(MultiService):
         open_files_limit(sum(c.max_sessions for c in caps) if all(c.max_sessions for c in caps) else 0,
                          sum(c.max_pending for c in caps))
         super().startService()  # each unit logs where it listens
+        if len(self.units) > 1:
+            log.info("{count} balance units: {units}", count=len(self.units),
+                     units="; ".join(f"[{unit.name}] {unit.describe()}" for unit in self.units))
 
     def stopService(self) -> Any:
         """Stop every unit and the screen; the Deferred fires when all of them have (twistd

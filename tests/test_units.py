@@ -157,9 +157,13 @@ class TwoUnitTests(SynchronousTestCase):
     def test_both_units_listen_and_serve(self) -> None:
         """Two units in one service each listen and take sessions into their own pool."""
         p = self.p
+        logs = LogCatcher(self)
         p.service.privilegedStartService()
         p.service.startService()
+        self.addCleanup(p.service.stopService)
         self.assertEqual([f for _, f, _, _ in p.reactor.tcpServers], [p.a.factory, p.b.factory])
+        [started] = [t for t in logs.texts() if "balance units" in t]
+        self.assertIn("[BALANCE_B] 0.0.0.0:0 (protheus-broker)", started)
         open_session(p.a, p.reactor)
         open_session(p.b, p.reactor, 50001)
         self.assertEqual(p.a.pool.get("01").active, 1)

@@ -23,22 +23,11 @@ STATES = tuple(state.value for state in ServerState)
 MAX_PER_PAGE = 500
 
 
-class Unit(TypingProtocol):
-    """What the screen needs from a balance unit (``units.IBalanceUnit``)."""
-
-    name: str  # its section: the `pool` of the API and of /metrics
-    config: Any  # its section's config (service_name, sort_method, monitoring_type, ...)
-    pool: ServerPool
-    factory: Any  # proxy.BrokerFactory: sessions, standby
-    stats: Any  # stats.ISessionStats
-    port: Any
-
-
 class Broker(TypingProtocol):
     """What the screen needs from the broker (``tap.BrokerService`` is one)."""
 
     config: BrokerConfig
-    units: list[Any]  # of Unit
+    units: list[Any]  # units.IBalanceUnit: name (section), config, pool, factory, stats, port
     reactor: Any
     started_at: float
 
