@@ -30,9 +30,20 @@ class BrokerConfig:
 
     path: str
     general: GeneralConfig
-    desktop: DesktopBalanceConfig
+    #: one (section name, its config) per ``[BALANCE_*]`` section this version serves, in file order
+    units: tuple[tuple[str, Any], ...]
     warnings: tuple[str, ...] = field(default=(), compare=False)
     admin: AdminConfig | None = None  # [BROKER_ADMIN]: the broker screen; None when absent
+
+    def unit(self, section: str) -> Any:
+        """The config of the unit of ``[section]``, or None when the file has no such section."""
+        return dict(self.units).get(section)
+
+    @property
+    def desktop(self) -> DesktopBalanceConfig:
+        """The ``[BALANCE_SMART_CLIENT_DESKTOP]`` unit's config (always present)."""
+        config: DesktopBalanceConfig = self.unit(DESKTOP_SECTION)
+        return config
 
 
 #: Reads one section into its part of the config; may look at other sections (a unit's
@@ -68,8 +79,8 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
 
     if DESKTOP_SECTION not in sections:
         raise ConfigError(path, f"no [{DESKTOP_SECTION}] section: nothing for the broker to serve")
-    units = {name: reader(sections[name], sections, warnings)
-             for name, reader in UNIT_READERS.items() if name in sections}
+    units = {name: UNIT_READERS[name](sections[name], sections, warnings)
+             for name in sections if name in UNIT_READERS}  # file order
     general_section = sections.get(GENERAL_SECTION, Section(path, GENERAL_SECTION, {}, where))
     general = read_general(general_section)
     admin = read_admin(sections[ADMIN_SECTION], warnings) if ADMIN_SECTION in sections else None
@@ -80,7 +91,7 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
     for section in checked:
         for key in section.unknown_keys():
             warnings.append(f"{path}:{section.line(key)}: [{section.name}] {key}: unknown key; ignored")
-    return BrokerConfig(path=path, general=general, desktop=units[DESKTOP_SECTION],
+    return BrokerConfig(path=path, general=general, units=tuple(units.items()),
                         warnings=tuple(warnings), admin=admin)
 
 

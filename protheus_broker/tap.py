@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from twisted.application.service import MultiService
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
-from protheus_broker import __version__
-from protheus_broker.balancing.methods import make_balancer
 from protheus_broker.config import BrokerConfig, DEFAULT_CONFIG_PATH, load_config
+from protheus_broker.desktop.settings import DESKTOP_SECTION
+from protheus_broker.desktop.unit import DesktopUnit
 from protheus_broker.ini import ConfigError
-from protheus_broker.balancing.methods import SortMethod
-from protheus_broker.desktop.settings import DesktopBalanceConfig
 from protheus_broker.logs import console_file_observer
-from protheus_broker.monitoring.monitor import make_monitor
-from protheus_broker.balancing.pool import ServerPool
-from protheus_broker.desktop.proxy import BrokerFactory
-from protheus_broker.resume.broker import ResumableSessions
-from protheus_broker.desktop.tls import SessionTLS
 from protheus_broker.web.service import add_admin
 
 log = Logger()
@@ -37,13 +30,6 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", DEFAULT_CONFIG_PATH, "The broker's appserver.ini."],
     ]
-
-
-def _balancer(desktop: DesktopBalanceConfig) -> Any:
-    monitoring = desktop.monitoring
-    costs = {SortMethod.SERVER_MEMORY: float(monitoring.session_memory_bytes),
-             SortMethod.SERVER_CPU: monitoring.session_cpu_percent}
-    return make_balancer(desktop.effective_sort_method, desktop.metrics_max_age, costs)
 
 
 def _admin_shape(config: BrokerConfig) -> tuple[Any, ...] | None:
@@ -92,53 +78,52 @@ def open_files_limit(max_sessions: int, max_pending: int, rlimit: Any = None) ->
     return soft, hard
 
 
-class BrokerService(MultiService):
-    """The broker: one listener and its pool, built from one config, reloadable on SIGHUP."""
+#: The balance units this version serves: ``[BALANCE_*]`` section -> how to build its unit
+#: (the section's reader is in :data:`protheus_broker.config.UNIT_READERS`).
+UNIT_BUILDERS: dict[str, Callable[..., Any]] = {DESKTOP_SECTION: DesktopUnit}
 
-    def __init__(self, reactor: Any, config: BrokerConfig) -> None:
+
+class BrokerService(MultiService):
+    """The broker: one balance unit per ``[BALANCE_*]`` section (listener, factory, pool,
+    monitor, counters), the broker screen and the console log; reloadable on SIGHUP."""
+
+    def __init__(self, reactor: Any, config: BrokerConfig, units: Sequence[Any] | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
-        desktop = config.desktop
-        self.pool = ServerPool(desktop.servers, _balancer(desktop), clock=reactor,
-                               suspect_time=desktop.monitoring.suspect_time)
-        self.monitor = make_monitor(reactor, self.pool, desktop.monitoring_type, desktop.monitoring,
-                                    connect_timeout=desktop.connect_timeout)
-        if self.monitor is not None:
-            self.monitor.setServiceParent(self)
-        resumable = ResumableSessions(reactor, desktop.resume) if desktop.resume.enabled else None
-        self.factory = BrokerFactory(
-            reactor, self.pool, connect_timeout=desktop.connect_timeout,
-            max_sessions=desktop.max_sessions, sort_method=desktop.effective_sort_method.value,
-            first_bytes_wait=desktop.first_bytes_wait,
-            first_response_timeout=desktop.first_response_timeout,
-            max_pending_per_address=desktop.max_pending_per_address,
-            max_pending=desktop.max_pending,
-            recognisers=[resumable.recogniser] if resumable is not None else [],
-        )
-        self.factory.standby = resumable
-        self.session_tls = SessionTLS(reactor, desktop.tls, self.factory)  # ConfigError: bad file
+        #: session ids, unique across the units (the screen closes a session by its id)
+        self.session_ids = itertools.count(1)
+        if units is None:  # tests may hand units built directly
+            units = [UNIT_BUILDERS[section](reactor, unit_config, name=section, path=config.path,
+                                            ids=self.session_ids)
+                     for section, unit_config in config.units]
+        self.units: list[Any] = list(units)
+        for unit in self.units:
+            unit.setServiceParent(self)
         if config.admin is not None:  # the broker screen ([BROKER_ADMIN])
             add_admin(self, reactor, config.admin)
-        self.port: Any = None
         self.started_at = reactor.seconds()
         self._console: Any = None
         self._previous_sighup: Any = None
 
-    def privilegedStartService(self) -> None:
-        desktop = self.config.desktop
-        try:
-            self.port = self.reactor.listenTCP(
-                desktop.local_port, self.session_tls.listening_factory(), backlog=1024,
-                interface=desktop.local_interface,
-            )
-        except CannotListenError as exc:
-            where = f"{desktop.local_interface or '*'}:{desktop.local_port}"
-            raise SystemExit(
-                f"protheus-broker: {self.config.path}: LOCAL_SERVER_PORT: cannot listen on "
-                f"{where}: {exc.socketError}"
-            ) from None
-        super().privilegedStartService()
+    def unit(self, name: str) -> Any:
+        """The unit of section *name*, or None."""
+        for unit in self.units:
+            if unit.name == name:
+                return unit
+        return None
+
+    @property
+    def desktop(self) -> Any:
+        """The SmartClient desktop unit (the first unit when a test built others)."""
+        return self.unit(DESKTOP_SECTION) or self.units[0]
+
+    # The desktop unit's parts, where callers from before units look for them.
+    pool = property(lambda self: self.desktop.pool)
+    factory = property(lambda self: self.desktop.factory)
+    monitor = property(lambda self: self.desktop.monitor)
+    session_tls = property(lambda self: self.desktop.session_tls)
+    port = property(lambda self: self.desktop.port)
 
     def startService(self) -> None:
         # SIGHUP first: whoever reads "listening on" may reload at once.
@@ -162,33 +147,29 @@ class BrokerService(MultiService):
         if not self.config.general.console_log:
             log.warn("config: ConsoleLog=0: under twistd the log goes where twistd sends it "
                      "(--logfile, --syslog, the journal); it is not switched off")
-        host = self.port.getHost()
-        desktop = self.config.desktop
-        open_files_limit(desktop.max_sessions, desktop.max_pending)
-        self.session_tls.warn_at_startup()
-        log.info("SmartClient sessions: {tls}", tls=self.session_tls.describe())
-        log.info(
-            "protheus-broker {version} listening on {host}:{port} ({service}); {count} AppServers, "
-            "SORT_METHOD={sort_method}, MONITORING_TYPE={monitoring}",
-            version=__version__, host=host.host, port=host.port, service=desktop.service_name,
-            count=len(self.pool), sort_method=desktop.effective_sort_method.value,
-            monitoring=desktop.monitoring_type.value,
-        )
-        super().startService()
+        caps = [unit.config for unit in self.units]
+        open_files_limit(sum(c.max_sessions for c in caps) if all(c.max_sessions for c in caps) else 0,
+                         sum(c.max_pending for c in caps))
+        super().startService()  # each unit logs where it listens
+        if len(self.units) > 1:
+            log.info("{count} balance units: {units}", count=len(self.units),
+                     units="; ".join(f"[{unit.name}] {unit.describe()}" for unit in self.units))
 
     def stopService(self) -> Any:
+        """Stop every unit and the screen; the Deferred fires when all of them have (twistd
+        waits for it)."""
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         if self._console is not None:
             globalLogPublisher.removeObserver(self._console[0])
             self._console[1].close()
-        super().stopService()
-        if self.port is not None:
-            return self.port.stopListening()
-        return None
+            self._console = None
+        return super().stopService()
 
     def reload(self) -> bool:
-        """Re-read the config and apply it without dropping any session.  False if it is bad."""
+        """Re-read the config and hand each unit its section, without dropping any session.
+        False if the file is bad (nothing applied)."""
         try:
             new = load_config(self.config.path)
         except ConfigError as exc:
@@ -196,45 +177,22 @@ class BrokerService(MultiService):
             return False
         for warning in new.warnings:
             log.warn("config: {remark}", remark=warning)
-        old, desktop = self.config.desktop, new.desktop
-        try:
-            self.session_tls.reload(desktop.tls)  # certificates re-read; open sessions keep theirs
-        except ConfigError as exc:
-            log.error("reload refused, keeping the running config: {error}", error=str(exc))
-            return False
-        if (desktop.local_port, desktop.local_interface) != (old.local_port, old.local_interface):
-            log.warn("reload: LOCAL_SERVER_PORT/LOCAL_SERVER_INTERFACE changed; restart to apply")
-        result = self.pool.reconfigure(desktop.servers)
-        self.pool.balancer = _balancer(desktop)
-        self.pool.suspect_time = desktop.monitoring.suspect_time
-        if (desktop.monitoring_type, desktop.monitoring.tls, desktop.monitoring.heartbeat_interval,
-                desktop.monitoring.probe_interval) != (old.monitoring_type, old.monitoring.tls,
-                                                        old.monitoring.heartbeat_interval,
-                                                        old.monitoring.probe_interval):
-            log.warn("reload: MONITORING_TYPE, AGENT_SSL_* or the intervals changed; restart to apply")
-        elif self.monitor is not None:
-            self.monitor.reconfigure(desktop.monitoring)  # type: ignore[attr-defined]
-        self.factory.connect_timeout = desktop.connect_timeout
-        self.factory.max_sessions = desktop.max_sessions
-        self.factory.first_bytes_wait = desktop.first_bytes_wait
-        self.factory.first_response_timeout = desktop.first_response_timeout  # new sessions
-        self.factory.pending.per_address = desktop.max_pending_per_address
-        self.factory.pending.total = desktop.max_pending
-        self.factory.sort_method = desktop.effective_sort_method.value
-        if self.factory.standby is not None:  # new links and drops use the new STANDBY_TIME etc.
-            self.factory.standby.config = desktop.resume
-        if desktop.resume.enabled != old.resume.enabled:
-            log.warn("reload: RESUME_ENABLE changed; restart to apply")
+        running = {unit.name for unit in self.units}
+        for section, _ in new.units:
+            if section not in running:
+                log.warn("reload: [{section}] is new; restart to serve it", section=section)
+        for unit in self.units:
+            unit_config = new.unit(unit.name)
+            if unit_config is None:
+                log.warn("reload: [{section}] is gone from the file; it keeps running with its "
+                         "old config until a restart", section=unit.name)
+                continue
+            if not unit.reload(unit_config):
+                return False
         if _admin_shape(self.config) != _admin_shape(new):  # TOKEN_HASH, READ_ACCESS: live
             log.warn("reload: [BROKER_ADMIN] (the section, ENDPOINT, PORT_STATUS or HISTORY_*) "
                      "changed; restart to apply (TOKEN_HASH and READ_ACCESS apply now)")
         self.config = new
-        log.info(
-            "reloaded {path}: added {added}, removed {removed}, draining {draining}, kept {kept}; "
-            "SORT_METHOD={sort_method}", path=new.path, added=result.added or "none",
-            removed=result.removed or "none", draining=result.draining or "none",
-            kept=len(result.kept), sort_method=desktop.effective_sort_method.value,
-        )
         return True
 
 

@@ -275,3 +275,15 @@ class HardeningKeyTests(SynchronousTestCase):
         errors.assertConfigError(MINIMAL + "MAX_PENDING_PER_ADDRESS = many\n", 4,
                                  "MAX_PENDING_PER_ADDRESS", "expected a whole number")
         errors.assertConfigError(MINIMAL + "MAX_PENDING = -5\n", 4, "MAX_PENDING", "out of range")
+
+
+class UnitConfigTests(SynchronousTestCase):
+    def test_units_in_file_order_and_desktop_property(self) -> None:
+        """One unit config per [BALANCE_*] section the broker serves; config.desktop is the
+        desktop one; an unknown [BALANCE_*] section is a warning, not a unit."""
+        config = parse_config("[BALANCE_SOMETHING]\nX=1\n" + MINIMAL)
+        self.assertEqual([name for name, _ in config.units], ["BALANCE_SMART_CLIENT_DESKTOP"])
+        self.assertIs(config.desktop, config.units[0][1])
+        self.assertIs(config.unit("BALANCE_SMART_CLIENT_DESKTOP"), config.desktop)
+        self.assertIsNone(config.unit("BALANCE_SOMETHING"))
+        self.assertTrue([w for w in config.warnings if "[BALANCE_SOMETHING] is not a balance unit" in w])

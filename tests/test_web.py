@@ -20,6 +20,7 @@ from protheus_broker.ini import ConfigError
 from protheus_broker.web.settings import ReadAccess
 from protheus_broker.balancing.pool import ServerState
 from protheus_broker.desktop.proxy import ClientSide, FirstBytes
+from protheus_broker.desktop.unit import DesktopUnit
 from protheus_broker.tap import BrokerService
 from protheus_broker.web.auth import (FailureLimiter, TokenChecker, Verifier, hash_token, host_allowed,
                                      host_of, origin_matches, parse_token_hash, reactor_thread_runner)
@@ -187,34 +188,37 @@ class ReadTests(SynchronousTestCase):
         self.assertEqual(page["standby"], [])
 
     def test_standby_and_handshake_counters_are_read_when_present(self) -> None:
-        """The resumable-session store and TLS counter appear in status and metrics."""
+        """The resumable-session store and the counters recorded through the unit's recorder
+        (resumes, handshakes, ...) appear in status and metrics."""
         class Standby:
-            count, drops, resumes, expiries, resume_failures = 1, 4, 3, 1, 2
-            unestablished, evictions = 6, 5
+            count = 1
 
             def snapshot(self) -> list[dict[str, Any]]:
                 return [{"session_id": 7, "client": "10.1.1.1:1", "server_id": "02", "since": 1.0,
                          "buffered_bytes": 10}]
         self.h.service.factory.standby = Standby()
-        self.h.service.factory.handshake_failures = 9
+        stats = self.h.service.desktop.stats
+        for name, n in (("drops", 4), ("resumes", 3), ("expiries", 1), ("resume_failures", 2),
+                        ("unestablished_drops", 6), ("standby_evictions", 5), ("handshake_failures", 9)):
+            stats.record(name, n)
         status = self.h.request("GET", "/api/v1/status").json()
         self.assertEqual(status["totals"]["resumes"], 3)
         self.assertEqual(status["totals"]["handshake_failures"], 9)
         self.assertEqual({s["id"]: s["standby"] for s in status["pools"][0]["servers"]}, {"01": 0, "02": 1})
         text = self.h.request("GET", "/metrics").body.decode()
-        self.assertIn("protheus_broker_resumes_total 3.0", text)
-        self.assertIn("protheus_broker_handshake_failures_total 9.0", text)
-        self.assertIn("protheus_broker_standby_sessions 1.0", text)
+        self.assertIn('protheus_broker_resumes_total{pool="BALANCE_SMART_CLIENT_DESKTOP"} 3.0', text)
+        self.assertIn('protheus_broker_handshake_failures_total{pool="BALANCE_SMART_CLIENT_DESKTOP"} 9.0', text)
+        self.assertIn('protheus_broker_standby_sessions{pool="BALANCE_SMART_CLIENT_DESKTOP"} 1.0', text)
         self.assertEqual(status["totals"]["unestablished_drops"], 6)
-        self.assertIn("protheus_broker_standby_evictions_total 5.0", text)
-        self.assertIn("protheus_broker_unestablished_drops_total 6.0", text)
+        self.assertIn('protheus_broker_standby_evictions_total{pool="BALANCE_SMART_CLIENT_DESKTOP"} 5.0', text)
+        self.assertIn('protheus_broker_unestablished_drops_total{pool="BALANCE_SMART_CLIENT_DESKTOP"} 6.0', text)
 
     def test_pending_refusals_are_counted(self) -> None:
         """Connections refused by the pending caps appear in status and metrics."""
-        self.h.service.factory.refused_pending_total = 4
+        self.h.service.desktop.stats.record("pending_refused", 4)
         status = self.h.request("GET", "/api/v1/status").json()
         self.assertEqual(status["totals"]["pending_refused"], 4)
-        self.assertIn("protheus_broker_pending_refused_total 4.0",
+        self.assertIn('protheus_broker_pending_refused_total{pool="BALANCE_SMART_CLIENT_DESKTOP"} 4.0',
                       self.h.request("GET", "/metrics").body.decode())
 
     def test_metrics_are_prometheus_text(self) -> None:
@@ -224,11 +228,11 @@ class ReadTests(SynchronousTestCase):
         self.assertEqual(reply.status, 200)
         self.assertIn(b"text/plain", reply.headers[b"content-type"])
         text = reply.body.decode()
-        self.assertIn('protheus_broker_server_connections{address="127.0.0.1:5001",pool="protheus-broker",server="01"} 1.0', text)
-        self.assertIn('protheus_broker_server_state{address="127.0.0.1:5002",pool="protheus-broker",server="02",state="up"} 1.0', text)
-        self.assertIn("protheus_broker_sessions 1.0", text)
-        self.assertIn("protheus_broker_bytes_in_total 5.0", text)
-        self.assertIn("protheus_broker_sessions_total 1.0", text)
+        self.assertIn('protheus_broker_server_connections{address="127.0.0.1:5001",pool="BALANCE_SMART_CLIENT_DESKTOP",server="01"} 1.0', text)
+        self.assertIn('protheus_broker_server_state{address="127.0.0.1:5002",pool="BALANCE_SMART_CLIENT_DESKTOP",server="02",state="up"} 1.0', text)
+        self.assertIn('protheus_broker_sessions{pool="BALANCE_SMART_CLIENT_DESKTOP"} 1.0', text)
+        self.assertIn('protheus_broker_bytes_in_total{pool="BALANCE_SMART_CLIENT_DESKTOP"} 5.0', text)
+        self.assertIn('protheus_broker_sessions_total{pool="BALANCE_SMART_CLIENT_DESKTOP"} 1.0', text)
 
     def test_remote_reader_needs_token_by_default(self) -> None:
         """READ_ACCESS=LOCALHOST: a remote client gets 401 without a token, 200 with it."""
@@ -327,6 +331,24 @@ class ActionTests(SynchronousTestCase):
 
     def post(self, path: str, headers: dict[str, str] | None = None, **kw: Any) -> Reply:
         return self.h.request("POST", path, self.h.auth() if headers is None else headers, **kw)
+
+    def test_server_in_two_pools_is_named_by_pool(self) -> None:
+        """With a second unit holding a server of the same id, an action without ?pool= is a 409
+        that says so; with ?pool= only that pool's server changes; an unknown pool is a 404."""
+        other = DesktopUnit(self.h.reactor, parse_config(ini()).desktop, name="BALANCE_OTHER")
+        self.h.service.units.append(other)
+        reply = self.post("/api/v1/servers/01/drain")
+        self.assertEqual(reply.status, 409)
+        self.assertIn("?pool=", reply.json()["error"])
+        reply = self.post("/api/v1/servers/01/drain?pool=BALANCE_OTHER")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.json()["pool"], "BALANCE_OTHER")
+        self.assertEqual(other.pool.get("01").state, ServerState.DRAINING)
+        self.assertEqual(self.h.service.pool.get("01").state, ServerState.UP)
+        self.assertEqual(self.post("/api/v1/servers/01/drain?pool=BALANCE_NONE").status, 404)
+        status = self.h.request("GET", "/api/v1/status").json()
+        self.assertEqual([pool["section"] for pool in status["pools"]],
+                         ["BALANCE_SMART_CLIENT_DESKTOP", "BALANCE_OTHER"])
 
     def test_drain_keeps_sessions_and_stops_new_ones(self) -> None:
         """Drain: the existing session carries on, new sessions go elsewhere; ready puts it back."""

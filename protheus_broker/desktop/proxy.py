@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from protheus_broker.balancing.pool import Backend, ServerPool, ServerState
 from protheus_broker.sockets import send_now, tune
+from protheus_broker.stats import ISessionStats, SessionStats
 
 log = Logger()
 
@@ -593,7 +594,7 @@ class Session(ClientFactory):
                 "session {session_id} from {client}: no AppServer available, closing the client "
                 "({tried})", session_id=self.session_id, client=self.client_address, tried=tried,
             )
-            self.broker.sessions_failed += 1
+            self.broker.stats.record("sessions_failed")
             self.client.transport.loseConnection()
             return
         backend = self.candidates.pop(0)
@@ -845,8 +846,6 @@ class BrokerFactory(ServerFactory):
     """
 
     noisy = False
-    bytes_in_total = 0  # bytes of ended sessions (the status page adds the live ones)
-    bytes_out_total = 0
 
     def __init__(
         self,
@@ -860,7 +859,10 @@ class BrokerFactory(ServerFactory):
         first_response_timeout: float = 0.0,
         max_pending_per_address: int = 0,
         max_pending: int = 0,
+        stats: ISessionStats | None = None,
     ) -> None:
+        #: the unit's counters (sessions, refusals, bytes of ended sessions, handshakes)
+        self.stats: ISessionStats = stats if stats is not None else SessionStats()
         self.reactor = reactor
         self.clock = reactor
         self.pool = pool
@@ -878,10 +880,6 @@ class BrokerFactory(ServerFactory):
         #: resumable sessions (``resume_broker.ResumableSessions``: count, snapshot(), drops,
         #: resumes, expiries, resume_failures); None when the port takes no connector links
         self.standby: Any = None
-        self.sessions_total = 0
-        self.sessions_failed = 0
-        self.refused_total = 0  # refused by MAX_SESSIONS
-        self.refused_pending_total = 0  # refused by MAX_PENDING or MAX_PENDING_PER_ADDRESS
         self.refusal_logs = {
             "MAX_SESSIONS": RefusalLog(reactor, lambda: f"session cap MAX_SESSIONS={self.max_sessions} reached"),
             "MAX_PENDING": RefusalLog(reactor, lambda: (
@@ -890,8 +888,16 @@ class BrokerFactory(ServerFactory):
                 f"MAX_PENDING_PER_ADDRESS={self.pending.per_address} connections not yet "
                 f"established from one address")),
         }
-        self.handshake_failures = 0  # TLS handshakes that failed or timed out (session_tls)
         self.upstream_tls: Any = None  # set by session_tls.SessionTLS for SSL_ENCRYPT_UPSTREAM
+
+    # The counters, read from the recorder (for callers and tests that read them here).
+    sessions_total = property(lambda self: self.stats.get("sessions_total"))
+    sessions_failed = property(lambda self: self.stats.get("sessions_failed"))
+    refused_total = property(lambda self: self.stats.get("sessions_refused"))  # MAX_SESSIONS
+    refused_pending_total = property(lambda self: self.stats.get("pending_refused"))
+    bytes_in_total = property(lambda self: self.stats.get("bytes_in"))  # of ended sessions
+    bytes_out_total = property(lambda self: self.stats.get("bytes_out"))
+    handshake_failures = property(lambda self: self.stats.get("handshake_failures"))
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         pending = self.admit(addr)
@@ -912,7 +918,7 @@ class BrokerFactory(ServerFactory):
         cap = self.pending.over(host)
         if cap is None:
             return self.pending.take(host)
-        self.refused_pending_total += 1
+        self.stats.record("pending_refused")
         self.refusal_logs[cap].refused(_client_text(addr))
         return None
 
@@ -922,7 +928,7 @@ class BrokerFactory(ServerFactory):
 
     def _refuse(self, addr: Any) -> None:
         """One connection refused by MAX_SESSIONS: counted, and in one rate-limited log line."""
-        self.refused_total += 1
+        self.stats.record("sessions_refused")
         self.refusal_logs["MAX_SESSIONS"].refused(_client_text(addr))
 
     def stopFactory(self) -> None:
@@ -931,7 +937,7 @@ class BrokerFactory(ServerFactory):
 
     def session_started(self, session: Session) -> None:
         self.sessions[session.session_id] = session
-        self.sessions_total += 1
+        self.stats.record("sessions_total")
 
     def session_ended(self, session: Session, how: str) -> None:
         self.sessions.pop(session.session_id, None)
@@ -940,8 +946,8 @@ class BrokerFactory(ServerFactory):
         duration = self.clock.seconds() - session.started
         bytes_in = session.client.received
         bytes_out = session.server.received if session.server else 0
-        self.bytes_in_total += bytes_in
-        self.bytes_out_total += bytes_out
+        self.stats.record("bytes_in", bytes_in)
+        self.stats.record("bytes_out", bytes_out)
         # The text is formatted here, once: twisted.logger re-parsing a nine-field format string
         # in every observer was a sixth of the broker's CPU per session.  The fields stay on the
         # event for structured observers.

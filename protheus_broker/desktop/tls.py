@@ -370,7 +370,7 @@ def describe_failure(reason: Failure) -> str:
 
 def handshake_failed(broker: BrokerFactory, side: str, peer: str, why: str) -> None:
     """Count and log one failed handshake (*side*: "client" or "AppServer")."""
-    broker.handshake_failures += 1
+    broker.stats.record("handshake_failures")
     log.warn("TLS handshake with {side} {peer} failed: {why}", side=side, peer=peer, why=why,
              tls_failure=True)
 

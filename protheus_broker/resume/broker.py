@@ -32,6 +32,7 @@ from protheus_broker.resume.frames import encode, reason_frame, recognise
 from protheus_broker.resume.link import FrameLink, StreamEnd
 from protheus_broker.resume.replay import ReplayError
 from protheus_broker.resume.settings import ResumeConfig
+from protheus_broker.stats import ISessionStats, SessionStats
 
 log = Logger()
 
@@ -50,20 +51,24 @@ class SessionEnded(ConnectionLost):
 class ResumableSessions:
     """The broker's resumable sessions (``BrokerFactory.standby``), with standby accounting."""
 
-    def __init__(self, clock: Any, config: ResumeConfig) -> None:
+    # The counters, read from the recorder (for callers and tests that read them here).
+    drops = property(lambda self: self.stats.get("drops"))
+    resumes = property(lambda self: self.stats.get("resumes"))
+    expiries = property(lambda self: self.stats.get("expiries"))
+    resume_failures = property(lambda self: self.stats.get("resume_failures"))
+    unestablished = property(lambda self: self.stats.get("unestablished_drops"))
+    evictions = property(lambda self: self.stats.get("standby_evictions"))
+
+    def __init__(self, clock: Any, config: ResumeConfig, stats: ISessionStats | None = None) -> None:
         self.clock = clock
         self.config = config
+        #: the unit's counters: drops, resumes, expiries, resume_failures, unestablished_drops
+        #: (links dropped before their session was established), standby_evictions (ended to
+        #: make room for a newer drop at STANDBY_MAX_SESSIONS)
+        self.stats: ISessionStats = stats if stats is not None else SessionStats()
         self.streams: dict[bytes, BrokerStream] = {}
         #: in standby (no link attached), oldest drop first (a dict keeps insertion order)
         self.waiting: dict[BrokerStream, None] = {}
-        self.drops = 0  # links dropped under an established session (each put it in standby)
-        self.resumes = 0
-        self.expiries = 0
-        self.resume_failures = 0
-        #: sessions ended because their link dropped before they were established
-        self.unestablished = 0
-        #: sessions in standby ended to make room for a newer drop (STANDBY_MAX_SESSIONS reached)
-        self.evictions = 0
         self._evicted_since_log = 0
         self._eviction_logged_at = -1e9
         self.recogniser = ResumeRecogniser(self)
@@ -93,7 +98,7 @@ class ResumableSessions:
         while len(self.waiting) >= cap:
             oldest = next(iter(self.waiting))
             del self.waiting[oldest]  # (_end forgets it too; this keeps the loop finite regardless)
-            self.evictions += 1
+            self.stats.record("standby_evictions")
             self._evicted_since_log += 1
             now = self.clock.seconds()
             if now - self._eviction_logged_at >= 10:
@@ -292,7 +297,7 @@ class BrokerStream(StreamEnd):
         if not self.established:
             # Nothing earned a place in standby: end now, freeing the slot and the AppServer
             # connection.  The session's end is logged once, by the proxy, with this reason.
-            self.sessions.unestablished += 1
+            self.sessions.stats.record("unestablished_drops")
             self._end(Failure(SessionEnded(
                 f"resumable link dropped ({why}) before the session was established (no AppServer "
                 f"bytes acknowledged); not kept in standby")))
@@ -305,7 +310,7 @@ class BrokerStream(StreamEnd):
         self.sessions.make_room()
         self.dropped_at = self.clock.seconds()
         self.sessions.waiting[self] = None
-        self.sessions.drops += 1
+        self.sessions.stats.record("drops")
         if not self.source_paused:
             # What the AppServer sends now waits in its socket buffers, not in our memory.
             self.source_paused = True
@@ -344,7 +349,7 @@ class BrokerStream(StreamEnd):
         self.dropped_at = None
         self.peer = link.peer_address
         link.stream = self
-        self.sessions.resumes += 1
+        self.sessions.stats.record("resumes")
         client = _address(link.peer_address)
         log.info(
             "{text}", text=f"resumable session {self.session_id} resumed from {client} after "
@@ -357,7 +362,7 @@ class BrokerStream(StreamEnd):
     def _replaced(self) -> None:
         """A proven link takes over from one still attached: a drop, with no standby between."""
         self.dropped_at = self.clock.seconds()
-        self.sessions.drops += 1
+        self.sessions.stats.record("drops")
         client = _address(self.peer)
         log.info(
             "{text}", text=f"resumable session {self.session_id} from {client}: link dropped "
@@ -371,7 +376,7 @@ class BrokerStream(StreamEnd):
         self.expiry = None
         if self.finished:
             return
-        self.sessions.expiries += 1
+        self.sessions.stats.record("expiries")
         window = self.sessions.config.standby_time
         log.info(
             "{text}", text=f"resumable session {self.session_id}: no resume within {window:g}s; "
@@ -474,7 +479,7 @@ class BrokerLink(FrameLink):
         key, self.connector_nonce = RESUME.unpack(payload)
         stream = self.sessions.streams.get(key)
         if stream is None or stream.finished:
-            self.sessions.resume_failures += 1
+            self.sessions.stats.record("resume_failures")
             self.refuse("unknown or expired session")
             return
         self.candidate = stream
@@ -490,18 +495,18 @@ class BrokerLink(FrameLink):
         expected = crypto.proof(stream.secret, b"connector", stream.key, self.connector_nonce,
                                 self.broker_nonce, position)
         if not crypto.same(mac, expected):
-            self.sessions.resume_failures += 1
+            self.sessions.stats.record("resume_failures")
             self.refuse("resume proof does not match the session's secret")
             return
         if stream.finished:
-            self.sessions.resume_failures += 1
+            self.sessions.stats.record("resume_failures")
             self.refuse("unknown or expired session")
             return
         self.state = "open"
         try:
             stream.resumed(self, position)
         except ReplayError as exc:
-            self.sessions.resume_failures += 1
+            self.sessions.stats.record("resume_failures")
             log.error("resumable session {session_id}: cannot resume: {why}",
                       session_id=stream.session_id, why=str(exc))
             self.refuse(f"cannot resume: {exc}")

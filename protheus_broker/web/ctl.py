@@ -147,17 +147,28 @@ def render(command: str, body: Any) -> str:
                f"refused {t['sessions_refused']}), standby {t['standby']}, bytes in {t['bytes_in']} "
                f"out {t['bytes_out']}, connect failures {t['connect_failures']}, resumes {t['resumes']}, "
                f"handshake failures {t['handshake_failures']}"]
+        several = len(body["pools"]) > 1
         for pool in body["pools"]:
-            out.append(f"\npool {pool['name']} on {pool['listen']}: SORT_METHOD {pool['sort_method']}, "
+            section = f" [{pool.get('section')}]" if several else ""
+            out.append(f"\npool {pool['name']}{section} on {pool['listen']}: SORT_METHOD {pool['sort_method']}, "
                        f"MONITORING_TYPE {pool['monitoring_type']}")
             out.append(_servers_table(pool["servers"]))
         return "\n".join(out)
     if command == "servers":
-        return _servers_table(body["servers"])
+        pools: dict[str, list[dict[str, Any]]] = {}
+        for server in body["servers"]:
+            pools.setdefault(server.get("pool", ""), []).append(server)
+        if len(pools) <= 1:
+            return _servers_table(body["servers"])
+        return "\n\n".join(f"pool {name}:\n{_servers_table(servers)}" for name, servers in pools.items())
     if command == "sessions":
-        rows = [[s["id"], s["client"], s["server"], s["state"], f"{s['duration_seconds']:.0f}s",
-                 s["bytes_in"], s["bytes_out"]] for s in body["sessions"]]
-        return (table(["ID", "CLIENT", "SERVER", "STATE", "AGE", "BYTES IN", "BYTES OUT"], rows)
+        several = len({s.get("pool") for s in body["sessions"]}) > 1
+        rows = [[s["id"]] + ([s.get("pool")] if several else [])
+                + [s["client"], s["server"], s["state"], f"{s['duration_seconds']:.0f}s",
+                   s["bytes_in"], s["bytes_out"]] for s in body["sessions"]]
+        headers = ["ID"] + (["POOL"] if several else []) + ["CLIENT", "SERVER", "STATE", "AGE",
+                                                            "BYTES IN", "BYTES OUT"]
+        return (table(headers, rows)
                 + f"\npage {body['page']} of {body['pages']}, {body['total']} sessions, "
                   f"{len(body['standby'])} in standby")
     if "server" in body and isinstance(body["server"], dict):
@@ -175,6 +186,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="read the admin token from the first line of this file")
     p.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
     p.add_argument("--stdin", action="store_true", help="hash-token: hash the token read from stdin")
+    p.add_argument("--pool", help="drain/ready/down: the pool (its [BALANCE_*] section) when several "
+                                  "have a server of that ID")
     p.add_argument("command", choices=["status", "servers", "sessions", "drain", "ready", "down", "close",
                                        "reload", "hash-token"])
     p.add_argument("arg", nargs="?", help="server ID, session id, or page number for sessions")
@@ -214,6 +227,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         method, path = "POST", f"/api/v1/sessions/{urllib.parse.quote(args.arg)}/close"
     else:
         method, path = "POST", f"/api/v1/servers/{urllib.parse.quote(args.arg, safe='')}/{args.command}"
+        if args.pool:
+            path += "?" + urllib.parse.urlencode({"pool": args.pool})
     body = call(url, token, method, path)
     if args.json:
         print(json.dumps(body, indent=2, sort_keys=True))

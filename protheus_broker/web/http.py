@@ -294,6 +294,17 @@ def _json(request: Request, status: int, body: Any) -> bytes:
     return json.dumps(body, sort_keys=True).encode() + b"\n"
 
 
+def _str_arg(request: Request, name: str) -> str | None:
+    """A query argument as text, or None when absent."""
+    values = (request.args or {}).get(name.encode())
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Reply(400, f"{name} must be UTF-8 text") from None
+
+
 def _int_arg(request: Request, name: str, default: int) -> int:
     values = (request.args or {}).get(name.encode())
     if not values:
@@ -410,15 +421,18 @@ class AdminResource(_Router):
             return self.read(method, request, lambda: model.sessions(
                 self.broker, _int_arg(request, "page", 1), _int_arg(request, "per_page", 50)))
         if rest == ["history"]:
-            return self.read(method, request, lambda: {"samples": self.history.as_list()})
+            return self.read(method, request, lambda: {
+                "samples": self.history.as_list(),
+                "pools": {unit.name: self.history.as_list(unit.name) for unit in self.broker.units}})
         if rest == ["reload"]:
             return self.act(method, request, lambda who: model.reload(self.broker, who))
         if len(rest) == 3 and rest[0] == "servers":
             server_id, action = rest[1], rest[2]
             if action not in ("drain", "ready", "down"):
                 return None
+            pool = _str_arg(request, "pool")
             return self.act(method, request,
-                            lambda who: model.server_action(self.broker, server_id, action, who))
+                            lambda who: model.server_action(self.broker, server_id, action, who, pool))
         if len(rest) == 3 and rest[0] == "sessions" and rest[2] == "close":
             text = rest[1]
             if not text.isdigit():
@@ -491,7 +505,8 @@ class PortStatusResource(_Router):
             if granted == "loopback":
                 self.access.check_host(request)
             status = model.status(self.broker)
-            status["pools"][0].pop("history")
+            for pool in status["pools"]:
+                pool.pop("history")
             if parts == ["status.json"]:
                 return _json(request, 200, status)
             return self.text(request, status_text(status))

@@ -8,15 +8,36 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from protheus_broker import __version__
-from protheus_broker.web.model import STATES, Broker, counters
+from protheus_broker.web.model import STATES, Broker, unit_counters, units_of
 
 __all__ = ["BrokerCollector", "CONTENT_TYPE_LATEST", "render"]
 
 _PREFIX = "protheus_broker"
 
 
+#: The per-unit counters and their help, labelled ``pool`` (the unit's section).
+COUNTER_HELP = (
+    ("sessions_total", "Sessions accepted since start"),
+    ("sessions_failed", "Sessions closed because no AppServer answered"),
+    ("sessions_refused", "Connections refused by MAX_SESSIONS"),
+    ("pending_refused", "Connections refused by MAX_PENDING or MAX_PENDING_PER_ADDRESS"),
+    ("bytes_in", "Bytes from SmartClients to AppServers"),
+    ("bytes_out", "Bytes from AppServers to SmartClients"),
+    ("connect_failures", "Failed connects to AppServers"),
+    ("drops", "Resumable sessions whose client dropped (held in standby)"),
+    ("resumes", "Sessions resumed by a reconnecting client"),
+    ("expiries", "Standby sessions that expired unresumed"),
+    ("resume_failures", "Resume attempts refused"),
+    ("unestablished_drops", "Resumable sessions ended because their link dropped before "
+                            "they were established"),
+    ("standby_evictions", "Standby sessions ended at STANDBY_MAX_SESSIONS to make room"),
+    ("handshake_failures", "Failed TLS handshakes on the SmartClient port"),
+)
+
+
 class BrokerCollector:
-    """Yields the broker's metric families from its pool and factory, fresh at each scrape."""
+    """Yields the broker's metric families from its units, fresh at each scrape: every counter
+    and every server metric is labelled ``pool`` (the unit's section)."""
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -24,36 +45,29 @@ class BrokerCollector:
     def collect(self) -> Iterator[Any]:
         broker = self.broker
         now = broker.reactor.seconds()
-        totals = counters(broker.factory)
-        pool_name = broker.config.desktop.service_name
+        units = units_of(broker)
+        per_unit = [(unit.name, unit_counters(unit)) for unit in units]
 
         info = GaugeMetricFamily(f"{_PREFIX}_info", "Broker version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
         yield GaugeMetricFamily(f"{_PREFIX}_uptime_seconds", "Seconds since the broker started",
                                 value=now - broker.started_at)
-        yield GaugeMetricFamily(f"{_PREFIX}_sessions", "Sessions open now", value=totals["sessions"])
-        for key, help_text in (
-            ("sessions_total", "Sessions accepted since start"),
-            ("sessions_failed", "Sessions closed because no AppServer answered"),
-            ("sessions_refused", "Connections refused by MAX_SESSIONS"),
-            ("pending_refused", "Connections refused by MAX_PENDING or MAX_PENDING_PER_ADDRESS"),
-            ("bytes_in", "Bytes from SmartClients to AppServers"),
-            ("bytes_out", "Bytes from AppServers to SmartClients"),
-            ("connect_failures", "Failed connects to AppServers"),
-            ("drops", "Resumable sessions whose client dropped (held in standby)"),
-            ("resumes", "Sessions resumed by a reconnecting client"),
-            ("expiries", "Standby sessions that expired unresumed"),
-            ("resume_failures", "Resume attempts refused"),
-            ("unestablished_drops", "Resumable sessions ended because their link dropped before "
-                                    "they were established"),
-            ("standby_evictions", "Standby sessions ended at STANDBY_MAX_SESSIONS to make room"),
-            ("handshake_failures", "Failed TLS handshakes on the SmartClient port"),
-        ):
+        sessions = GaugeMetricFamily(f"{_PREFIX}_sessions", "Sessions open now", labels=["pool"])
+        for name, totals in per_unit:
+            sessions.add_metric([name], totals["sessions"])
+        yield sessions
+        for key, help_text in COUNTER_HELP:
             name = key[: -len("_total")] if key.endswith("_total") else key
-            yield CounterMetricFamily(f"{_PREFIX}_{name}", help_text, value=totals[key])
-        yield GaugeMetricFamily(f"{_PREFIX}_standby_sessions", "Sessions held in standby now",
-                                value=totals["standby"])
+            family = CounterMetricFamily(f"{_PREFIX}_{name}", help_text, labels=["pool"])
+            for pool, totals in per_unit:
+                family.add_metric([pool], totals[key])
+            yield family
+        standby = GaugeMetricFamily(f"{_PREFIX}_standby_sessions", "Sessions held in standby now",
+                                    labels=["pool"])
+        for pool, totals in per_unit:
+            standby.add_metric([pool], totals["standby"])
+        yield standby
 
         labels = ["pool", "server", "address"]
         state = GaugeMetricFamily(f"{_PREFIX}_server_state", "1 for the server's current state",
@@ -70,20 +84,21 @@ class BrokerCollector:
         cpu = GaugeMetricFamily(f"{_PREFIX}_server_cpu_percent", "Reported CPU", labels=labels)
         age = GaugeMetricFamily(f"{_PREFIX}_server_metrics_age_seconds", "Age of the last report",
                                 labels=labels)
-        for backend in broker.pool:
-            values = [pool_name, backend.server_id, backend.address]
-            for name in STATES:
-                state.add_metric(values + [name], 1 if backend.state.value == name else 0)
-            connections.add_metric(values, backend.active)
-            total.add_metric(values, backend.total)
-            failures.add_metric(values, backend.connect_failures)
-            metrics = backend.metrics
-            if metrics is not None:
-                memory.add_metric(values, metrics.memory_bytes)
-                users.add_metric(values, metrics.users)
-                threads.add_metric(values, metrics.threads)
-                cpu.add_metric(values, metrics.cpu_percent)
-                age.add_metric(values, max(0.0, now - metrics.taken_at))
+        for unit in units:
+            for backend in unit.pool:
+                values = [unit.name, backend.server_id, backend.address]
+                for name in STATES:
+                    state.add_metric(values + [name], 1 if backend.state.value == name else 0)
+                connections.add_metric(values, backend.active)
+                total.add_metric(values, backend.total)
+                failures.add_metric(values, backend.connect_failures)
+                metrics = backend.metrics
+                if metrics is not None:
+                    memory.add_metric(values, metrics.memory_bytes)
+                    users.add_metric(values, metrics.users)
+                    threads.add_metric(values, metrics.threads)
+                    cpu.add_metric(values, metrics.cpu_percent)
+                    age.add_metric(values, max(0.0, now - metrics.taken_at))
         yield from (state, connections, total, failures, memory, users, threads, cpu, age)
 
 

@@ -1,7 +1,7 @@
 """What the broker screen shows and does, as plain data: no HTTP here.
 
-Everything reads the live objects (``BrokerService``: its pool, factory, config) at the moment
-of the request.  Field names are the stable API documented in the README ("The broker screen").
+Everything reads the live objects (``BrokerService``: its units, each with its pool, factory
+and stats recorder; the config) at the moment of the request.  Field names are the stable API documented in the README ("The broker screen").
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ class Broker(TypingProtocol):
     """What the screen needs from the broker (``tap.BrokerService`` is one)."""
 
     config: BrokerConfig
-    pool: ServerPool
-    factory: Any  # proxy.BrokerFactory
+    units: list[Any]  # units.IBalanceUnit: name (section), config, pool, factory, stats, port
     reactor: Any
     started_at: float
-    port: Any
 
     def reload(self) -> bool: ...
 
@@ -46,17 +44,23 @@ class ActionError(Exception):
 
 
 class ConnectionHistory:
-    """A ring of samples of connections per server, for the chart (one pool)."""
+    """Rings of samples of connections per server, for the chart: one ring per pool."""
 
     def __init__(self, samples: int = 120) -> None:
-        self.samples: Deque[dict[str, Any]] = collections.deque(maxlen=samples)
+        self.size = samples
+        self.rings: dict[str, Deque[dict[str, Any]]] = {}
 
-    def sample(self, now: float, pool: ServerPool) -> None:
-        self.samples.append({"t": round(now, 3),
-                             "connections": {b.server_id: b.active for b in pool}})
+    def sample(self, now: float, pool: ServerPool, name: str = DESKTOP_SECTION) -> None:
+        ring = self.rings.setdefault(name, collections.deque(maxlen=self.size))
+        ring.append({"t": round(now, 3), "connections": {b.server_id: b.active for b in pool}})
 
-    def as_list(self) -> list[dict[str, Any]]:
-        return list(self.samples)
+    def sample_units(self, now: float, units: list[Any]) -> None:
+        """One sample of every unit's pool."""
+        for unit in units:
+            self.sample(now, unit.pool, unit.name)
+
+    def as_list(self, name: str = DESKTOP_SECTION) -> list[dict[str, Any]]:
+        return list(self.rings.get(name, ()))
 
 
 def standby_of(factory: Any) -> Any:
@@ -75,46 +79,96 @@ def _standby_sessions(factory: Any) -> list[dict[str, Any]]:
         return []
 
 
-def counters(factory: Any) -> dict[str, int]:
-    """Broker-wide totals (live sessions' bytes included)."""
+#: The counters a unit's resumable sessions record.
+RESUME_COUNTERS = ("drops", "resumes", "expiries", "resume_failures", "unestablished_drops",
+                   "standby_evictions")
+
+
+class _FactoryUnit:
+    """A bare ``BrokerFactory`` (and its pool) seen as one unit: what callers from before units
+    hand the screen."""
+
+    def __init__(self, factory: Any, pool: Any = None) -> None:
+        self.name = DESKTOP_SECTION
+        self.factory = factory
+        self.pool = pool if pool is not None else factory.pool
+        self.stats = factory.stats
+        self.port = None
+
+
+def units_of(broker: Any) -> list[Any]:
+    """The broker's units; a bare factory, or anything with a ``pool`` and ``factory``, is one."""
+    units = getattr(broker, "units", None)
+    if units is not None:
+        return list(units)
+    if hasattr(broker, "sessions") and hasattr(broker, "stats"):  # a BrokerFactory
+        return [_FactoryUnit(broker)]
+    return [_FactoryUnit(broker.factory, broker.pool)]
+
+
+def _recorded(unit: Any) -> dict[str, int]:
+    """The unit's counters; a standby store with a recorder of its own adds the resume ones."""
+    recorded: dict[str, int] = unit.stats.snapshot()
+    standby = standby_of(unit.factory)
+    own = getattr(standby, "stats", None)
+    if own is not None and own is not unit.stats:
+        mine = own.snapshot()
+        for key in RESUME_COUNTERS:
+            recorded[key] = mine[key]
+    return recorded
+
+
+def unit_counters(unit: Any) -> dict[str, int]:
+    """One unit's totals (live sessions' bytes included), from its stats recorder."""
+    factory = unit.factory
+    recorded = _recorded(unit)
     sessions = list(factory.sessions.values())
     live_in = sum(s.client.received for s in sessions)
     live_out = sum(s.server.received for s in sessions if s.server is not None)
     standby = standby_of(factory)
     return {
         "sessions": len(sessions),
-        "sessions_total": factory.sessions_total,
-        "sessions_failed": factory.sessions_failed,
-        "sessions_refused": factory.refused_total,
-        "pending_refused": int(getattr(factory, "refused_pending_total", 0)),
-        "bytes_in": getattr(factory, "bytes_in_total", 0) + live_in,
-        "bytes_out": getattr(factory, "bytes_out_total", 0) + live_out,
-        "connect_failures": sum(b.connect_failures for b in factory.pool),
+        "sessions_total": recorded["sessions_total"],
+        "sessions_failed": recorded["sessions_failed"],
+        "sessions_refused": recorded["sessions_refused"],
+        "pending_refused": recorded["pending_refused"],
+        "bytes_in": recorded["bytes_in"] + live_in,
+        "bytes_out": recorded["bytes_out"] + live_out,
+        "connect_failures": sum(b.connect_failures for b in unit.pool),
         "standby": int(getattr(standby, "count", 0)) if standby is not None else 0,
-        "drops": int(getattr(standby, "drops", 0)),
-        "resumes": int(getattr(standby, "resumes", 0)),
-        "expiries": int(getattr(standby, "expiries", 0)),
-        "resume_failures": int(getattr(standby, "resume_failures", 0)),
-        "unestablished_drops": int(getattr(standby, "unestablished", 0)),
-        "standby_evictions": int(getattr(standby, "evictions", 0)),
-        "handshake_failures": int(getattr(factory, "handshake_failures", 0)),
+        "drops": recorded["drops"],
+        "resumes": recorded["resumes"],
+        "expiries": recorded["expiries"],
+        "resume_failures": recorded["resume_failures"],
+        "unestablished_drops": recorded["unestablished_drops"],
+        "standby_evictions": recorded["standby_evictions"],
+        "handshake_failures": recorded["handshake_failures"],
     }
 
 
-def _listen(broker: Broker) -> str:
-    port = getattr(broker, "port", None)
+def counters(broker: Any) -> dict[str, int]:
+    """Broker-wide totals: the sum over the units (a bare factory is one unit)."""
+    total: dict[str, int] = {}
+    for unit in units_of(broker):
+        for key, value in unit_counters(unit).items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _listen(unit: Any) -> str:
+    port = getattr(unit, "port", None)
     if port is None:
         return ""
     host = port.getHost()
     return f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}"
 
 
-def servers(broker: Broker) -> list[dict[str, Any]]:
-    now = broker.reactor.seconds()
+def unit_servers(unit: Any, now: float) -> list[dict[str, Any]]:
+    """The servers of one unit's pool, with their sessions in standby and the admin hold."""
     standby: collections.Counter[str] = collections.Counter(
-        str(entry.get("server_id")) for entry in _standby_sessions(broker.factory))
+        str(entry.get("server_id")) for entry in _standby_sessions(unit.factory))
     result = []
-    for backend in broker.pool:
+    for backend in unit.pool:
         entry = backend.snapshot(now)
         entry["standby"] = standby.get(backend.server_id, 0)
         entry["admin_hold"] = backend.admin_hold
@@ -122,34 +176,50 @@ def servers(broker: Broker) -> list[dict[str, Any]]:
     return result
 
 
-def status(broker: Broker, history: ConnectionHistory | None = None) -> dict[str, Any]:
-    """The whole screen: broker, totals, pools with their servers and chart history."""
+def servers(broker: Any) -> list[dict[str, Any]]:
+    """Every unit's servers; each names its ``pool`` (the unit's section)."""
     now = broker.reactor.seconds()
-    desktop = broker.config.desktop
-    admin = broker.config.admin
-    pool = {
-        "name": desktop.service_name,
-        "section": DESKTOP_SECTION,
-        "listen": _listen(broker),
-        "sort_method": desktop.effective_sort_method.value,
-        "sort_method_configured": desktop.sort_method.value,
-        "monitoring_type": desktop.monitoring_type.value,
-        "max_sessions": desktop.max_sessions,
-        "sessions": len(broker.factory.sessions),
-        "servers": servers(broker),
+    result = []
+    for unit in units_of(broker):
+        for entry in unit_servers(unit, now):
+            entry["pool"] = unit.name
+            result.append(entry)
+    return result
+
+
+def pool_status(unit: Any, admin: Any, history: ConnectionHistory | None, now: float) -> dict[str, Any]:
+    """One unit as the screen shows it."""
+    config = unit.config
+    return {
+        "name": config.service_name,
+        "section": unit.name,
+        "listen": _listen(unit),
+        "sort_method": config.effective_sort_method.value,
+        "sort_method_configured": config.sort_method.value,
+        "monitoring_type": config.monitoring_type.value,
+        "max_sessions": config.max_sessions,
+        "sessions": len(unit.factory.sessions),
+        "servers": unit_servers(unit, now),
+        "totals": unit_counters(unit),
         "history": {
             "interval_seconds": admin.history_interval if admin else None,
-            "samples": history.as_list() if history is not None else [],
+            "samples": history.as_list(unit.name) if history is not None else [],
         },
     }
+
+
+def status(broker: Broker, history: ConnectionHistory | None = None) -> dict[str, Any]:
+    """The whole screen: broker, totals, pools (one per unit) with their servers and history."""
+    now = broker.reactor.seconds()
+    admin = broker.config.admin
     return {
         "version": __version__,
         "now": round(now, 3),
         "started_at": round(broker.started_at, 3),
         "uptime_seconds": round(now - broker.started_at, 3),
         "config_path": broker.config.path,
-        "totals": counters(broker.factory),
-        "pools": [pool],
+        "totals": counters(broker),
+        "pools": [pool_status(unit, admin, history, now) for unit in units_of(broker)],
         "admin": {
             "actions": bool(admin and admin.token_hash),
             "read_access": admin.read_access.value if admin else None,
@@ -158,20 +228,23 @@ def status(broker: Broker, history: ConnectionHistory | None = None) -> dict[str
 
 
 def sessions(broker: Broker, page: int = 1, per_page: int = 50) -> dict[str, Any]:
-    """One page of live sessions (oldest first) and the sessions held in standby."""
+    """One page of live sessions (oldest first, every unit) and the sessions held in standby."""
     if page < 1:
         raise ActionError(400, f"page must be 1 or more, got {page}")
     if not 1 <= per_page <= MAX_PER_PAGE:
         raise ActionError(400, f"per_page must be 1 to {MAX_PER_PAGE}, got {per_page}")
     now = broker.reactor.seconds()
-    live = sorted(broker.factory.sessions.values(), key=lambda s: s.session_id)
+    live = sorted(((session, unit.name) for unit in units_of(broker)
+                   for session in unit.factory.sessions.values()),
+                  key=lambda pair: pair[0].session_id)
     total = len(live)
     chosen = live[(page - 1) * per_page: page * per_page]
     rows = []
-    for session in chosen:
+    for session, pool in chosen:
         backend, server = session.backend, session.server
         rows.append({
             "id": session.session_id,
+            "pool": pool,
             "client": session.client_address,
             "server": backend.server_id if backend is not None else None,
             "server_address": backend.address if backend is not None else None,
@@ -181,46 +254,79 @@ def sessions(broker: Broker, page: int = 1, per_page: int = 50) -> dict[str, Any
             "bytes_in": session.client.received,
             "bytes_out": server.received if server is not None else 0,
         })
+    standby = []
+    for unit in units_of(broker):
+        for entry in _standby_sessions(unit.factory):
+            entry.setdefault("pool", unit.name)
+            standby.append(entry)
     return {
         "page": page, "per_page": per_page, "total": total,
         "pages": max(1, -(-total // per_page)), "sessions": rows,
-        "standby": _standby_sessions(broker.factory),
+        "standby": standby,
     }
 
 
 # --- admin actions ---------------------------------------------------------------------------
 
-def _backend(broker: Broker, server_id: str) -> Any:
-    try:
-        return broker.pool.get(server_id)
-    except UnknownServer:
-        raise ActionError(404, f"no server {server_id!r} in the pool") from None
+def find_server(broker: Broker, server_id: str, pool: str | None = None) -> tuple[Any, Any]:
+    """(unit, backend) of *server_id*: in the unit of section *pool*, or in the only unit
+    that has it (409 when several do: the caller names the pool)."""
+    units = list(units_of(broker))
+    if pool is not None:
+        units = [unit for unit in units if unit.name == pool]
+        if not units:
+            names = ", ".join(unit.name for unit in units_of(broker))
+            raise ActionError(404, f"no pool {pool!r} (pools: {names})")
+    found = []
+    for unit in units:
+        try:
+            found.append((unit, unit.pool.get(server_id)))
+        except UnknownServer:
+            pass
+    if not found:
+        where = f"pool {pool}" if pool is not None else "the pool"
+        raise ActionError(404, f"no server {server_id!r} in {where}")
+    if len(found) > 1:
+        names = ", ".join(unit.name for unit, _ in found)
+        raise ActionError(409, f"server {server_id!r} is in several pools ({names}): name one "
+                               "with ?pool=<section>")
+    return found[0]
 
 
-def server_action(broker: Broker, server_id: str, action: str, who: str) -> dict[str, Any]:
+def server_action(broker: Broker, server_id: str, action: str, who: str,
+                  pool: str | None = None) -> dict[str, Any]:
     """drain (no new sessions, existing ones continue), ready (back in rotation), down (no new
-    sessions and monitoring does not bring it back until ready)."""
-    backend = _backend(broker, server_id)
+    sessions and monitoring does not bring it back until ready).  *pool* (a section) picks the
+    pool when several have a server of that id."""
+    if action not in ("drain", "ready", "down"):
+        raise ActionError(404, f"unknown server action {action!r} (drain, ready, down)")
+    unit, backend = find_server(broker, server_id, pool)
+    servers_pool = unit.pool
     if action == "drain":
         backend.admin_hold = False
-        broker.pool.set_state(server_id, ServerState.DRAINING, f"drained by admin ({who})")
+        servers_pool.set_state(server_id, ServerState.DRAINING, f"drained by admin ({who})")
     elif action == "ready":
         if backend.leaving:
             raise ActionError(409, f"server {server_id} was removed from the config; it leaves when "
                                    "its last session ends")
         backend.admin_hold = False
-        broker.pool.set_state(server_id, ServerState.UP, f"made ready by admin ({who})")
-    elif action == "down":
-        backend.admin_hold = True
-        broker.pool.set_state(server_id, ServerState.DOWN, f"marked down by admin ({who})")
+        servers_pool.set_state(server_id, ServerState.UP, f"made ready by admin ({who})")
     else:
-        raise ActionError(404, f"unknown server action {action!r} (drain, ready, down)")
-    log.info("admin {who}: {action} server {server_id}", who=who, action=action, server_id=server_id)
-    return {"ok": True, "action": action, "server": backend.snapshot(broker.reactor.seconds())}
+        backend.admin_hold = True
+        servers_pool.set_state(server_id, ServerState.DOWN, f"marked down by admin ({who})")
+    log.info("admin {who}: {action} server {server_id}", who=who, action=action, server_id=server_id,
+             pool=unit.name)
+    return {"ok": True, "action": action, "pool": unit.name,
+            "server": backend.snapshot(broker.reactor.seconds())}
 
 
 def close_session(broker: Broker, session_id: int, who: str) -> dict[str, Any]:
-    session = broker.factory.sessions.get(session_id)
+    """Close a live session (ids are unique across the units)."""
+    session = None
+    for unit in units_of(broker):
+        session = unit.factory.sessions.get(session_id)
+        if session is not None:
+            break
     if session is None:
         raise ActionError(404, f"no live session {session_id}")
     log.info("admin {who}: close session {session_id} ({client})", who=who,

@@ -108,7 +108,8 @@ function buildPools(s){var box=$("pools");box.textContent="";
     tr.appendChild(el("td",{"class":"n "+c}));});
    var a=el("td");[["drain","Drain",""],["ready","Ready",""],["down","Down","danger"]].forEach(function(x){
     var b=el("button",{"data-action":x[0],"data-server":sv.id,"class":x[2]},x[1]);
-    b.addEventListener("click",function(){act("/api/v1/servers/"+encodeURIComponent(sv.id)+"/"+x[0],x[1]+" "+sv.id);});
+    b.addEventListener("click",function(){act("/api/v1/servers/"+encodeURIComponent(sv.id)+"/"+x[0]+
+     (pool.section?"?pool="+encodeURIComponent(pool.section):""),x[1]+" "+sv.id);});
     a.appendChild(b);});tr.appendChild(a);tb.appendChild(tr);});
   tab.appendChild(tb);wrap.appendChild(tab);sec.appendChild(wrap);
   sec.appendChild(el("div",{"class":"sub"},"Connections per server"));

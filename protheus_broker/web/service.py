@@ -36,7 +36,7 @@ class AdminService(MultiService):
         sampler.setServiceParent(self)
 
     def _sample(self) -> None:
-        self.history.sample(self.reactor.seconds(), self.broker.pool)
+        self.history.sample_units(self.reactor.seconds(), self.broker.units)
 
     def privilegedStartService(self) -> None:
         endpoint = serverFromString(self.reactor, self.config.endpoint)
@@ -80,10 +80,11 @@ class AdminService(MultiService):
 
 def add_admin(broker: Any, reactor: Any, config: AdminConfig) -> AdminService:
     """Attach the broker screen to a ``BrokerService``: its admin endpoint and, with
-    PORT_STATUS, the status query on the SmartClient port."""
+    PORT_STATUS, the status query on every unit's port."""
 
     service = AdminService(reactor, broker, config)
     service.setServiceParent(broker)
     if config.port_status:
-        broker.factory.recognisers.append(HttpStatusRecogniser(broker, reactor, service.access))
+        for unit in broker.units:
+            unit.factory.recognisers.append(HttpStatusRecogniser(broker, reactor, service.access))
     return service

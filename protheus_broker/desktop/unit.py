@@ -1,0 +1,167 @@
+"""The SmartClient desktop balance unit (``[BALANCE_SMART_CLIENT_DESKTOP]``): its listener, factory,
+pool, monitor, resumable sessions and counters, and what of a reload applies live."""
+
+from __future__ import annotations
+
+from itertools import count
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import DeferredList, maybeDeferred
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from protheus_broker import __version__
+from protheus_broker.balancing.methods import SortMethod, make_balancer
+from protheus_broker.balancing.pool import ServerPool
+from protheus_broker.desktop.proxy import BrokerFactory
+from protheus_broker.desktop.settings import DESKTOP_SECTION, DesktopBalanceConfig
+from protheus_broker.desktop.tls import SessionTLS
+from protheus_broker.ini import ConfigError
+from protheus_broker.monitoring.monitor import make_monitor
+from protheus_broker.resume.broker import ResumableSessions
+from protheus_broker.stats import ISessionStats, SessionStats
+from protheus_broker.units import IBalanceUnit, listened
+
+log = Logger()
+
+
+def balancer(desktop: DesktopBalanceConfig) -> Any:
+    """The balancer for SORT_METHOD, with the per-session costs of the monitoring section."""
+    monitoring = desktop.monitoring
+    costs = {SortMethod.SERVER_MEMORY: float(monitoring.session_memory_bytes),
+             SortMethod.SERVER_CPU: monitoring.session_cpu_percent}
+    return make_balancer(desktop.effective_sort_method, desktop.metrics_max_age, costs)
+
+
+def endpoint_string(desktop: DesktopBalanceConfig, backlog: int = 1024) -> str:
+    """The listening endpoint of LOCAL_SERVER_PORT / LOCAL_SERVER_INTERFACE, e.g.
+    ``tcp:7890:backlog=1024:interface=127.0.0.1``."""
+    text = f"tcp:{desktop.local_port}:backlog={backlog}"
+    if desktop.local_interface:
+        text += f":interface={quoteStringArgument(desktop.local_interface)}"
+    return text
+
+
+@implementer(IBalanceUnit)
+class DesktopUnit(MultiService):
+    """SmartClient desktop sessions spread over the section's REMOTE_SERVER_xx."""
+
+    def __init__(self, reactor: Any, config: DesktopBalanceConfig, name: str = DESKTOP_SECTION,
+                 path: str = "<config>", ids: "count[int] | None" = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.name = name
+        self.path = path  # the config file, for messages
+        self.config = config
+        self.stats: ISessionStats = SessionStats()
+        self.pool = ServerPool(config.servers, balancer(config), clock=reactor,
+                               suspect_time=config.monitoring.suspect_time)
+        self.monitor = make_monitor(reactor, self.pool, config.monitoring_type, config.monitoring,
+                                    connect_timeout=config.connect_timeout)
+        if self.monitor is not None:
+            self.monitor.setServiceParent(self)
+        resumable = (ResumableSessions(reactor, config.resume, stats=self.stats)
+                     if config.resume.enabled else None)
+        self.factory = BrokerFactory(
+            reactor, self.pool, connect_timeout=config.connect_timeout,
+            max_sessions=config.max_sessions, sort_method=config.effective_sort_method.value,
+            first_bytes_wait=config.first_bytes_wait,
+            first_response_timeout=config.first_response_timeout,
+            max_pending_per_address=config.max_pending_per_address,
+            max_pending=config.max_pending,
+            recognisers=[resumable.recogniser] if resumable is not None else [],
+            stats=self.stats,
+        )
+        self.factory.ids = ids if ids is not None else count(1)  # one numbering per broker
+        self.factory.standby = resumable
+        self.session_tls = SessionTLS(reactor, config.tls, self.factory)  # ConfigError: bad file
+        self.endpoint = endpoint_string(config)
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        """Listen (ports below 1024 need the privilege); a port that is taken stops the daemon
+        with one line naming it."""
+        desktop = self.config
+        endpoint = serverFromString(self.reactor, self.endpoint)
+        outcome = listened(endpoint.listen(self.session_tls.listening_factory()))
+        if isinstance(outcome, Failure):
+            where = f"{desktop.local_interface or '*'}:{desktop.local_port}"
+            error = outcome.value
+            why = error.socketError if isinstance(error, CannotListenError) else error
+            raise SystemExit(f"protheus-broker: {self.path}: LOCAL_SERVER_PORT: cannot listen on "
+                             f"{where}: {why}")
+        self.port = outcome
+        super().privilegedStartService()
+
+    def describe(self) -> str:
+        host = self.port.getHost() if self.port is not None else None
+        where = f"{host.host}:{host.port}" if host is not None else self.endpoint
+        return f"{where} ({self.config.service_name})"
+
+    def startService(self) -> None:
+        desktop = self.config
+        host = self.port.getHost()
+        self.session_tls.warn_at_startup()
+        log.info("SmartClient sessions: {tls}", tls=self.session_tls.describe(), pool=self.name)
+        log.info(
+            "protheus-broker {version} listening on {host}:{port} ({service}); {count} AppServers, "
+            "SORT_METHOD={sort_method}, MONITORING_TYPE={monitoring}",
+            version=__version__, host=host.host, port=host.port, service=desktop.service_name,
+            count=len(self.pool), sort_method=desktop.effective_sort_method.value,
+            monitoring=desktop.monitoring_type.value, pool=self.name,
+        )
+        super().startService()
+
+    def stopService(self) -> Any:
+        """Stop the monitor and the listener; the Deferred fires when both have."""
+        stopping = [maybeDeferred(super().stopService)]
+        if self.port is not None:
+            port, self.port = self.port, None
+            stopping.append(maybeDeferred(port.stopListening))
+        return DeferredList(stopping, consumeErrors=True)
+
+    def reload(self, config: DesktopBalanceConfig) -> bool:
+        """Apply a reloaded section without dropping any session.  False (nothing applied) when a
+        certificate or key file is bad."""
+        old, desktop = self.config, config
+        try:
+            self.session_tls.reload(desktop.tls)  # certificates re-read; open sessions keep theirs
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: {error}", error=str(exc))
+            return False
+        if (desktop.local_port, desktop.local_interface) != (old.local_port, old.local_interface):
+            log.warn("reload: LOCAL_SERVER_PORT/LOCAL_SERVER_INTERFACE changed; restart to apply")
+        result = self.pool.reconfigure(desktop.servers)
+        self.pool.balancer = balancer(desktop)
+        self.pool.suspect_time = desktop.monitoring.suspect_time
+        if (desktop.monitoring_type, desktop.monitoring.tls, desktop.monitoring.heartbeat_interval,
+                desktop.monitoring.probe_interval) != (old.monitoring_type, old.monitoring.tls,
+                                                        old.monitoring.heartbeat_interval,
+                                                        old.monitoring.probe_interval):
+            log.warn("reload: MONITORING_TYPE, AGENT_SSL_* or the intervals changed; restart to apply")
+        elif self.monitor is not None:
+            self.monitor.reconfigure(desktop.monitoring)  # type: ignore[attr-defined]
+        factory = self.factory
+        factory.connect_timeout = desktop.connect_timeout
+        factory.max_sessions = desktop.max_sessions
+        factory.first_bytes_wait = desktop.first_bytes_wait
+        factory.first_response_timeout = desktop.first_response_timeout  # new sessions
+        factory.pending.per_address = desktop.max_pending_per_address
+        factory.pending.total = desktop.max_pending
+        factory.sort_method = desktop.effective_sort_method.value
+        if factory.standby is not None:  # new links and drops use the new STANDBY_TIME etc.
+            factory.standby.config = desktop.resume
+        if desktop.resume.enabled != old.resume.enabled:
+            log.warn("reload: RESUME_ENABLE changed; restart to apply")
+        self.config = desktop
+        log.info(
+            "reloaded {path}: added {added}, removed {removed}, draining {draining}, kept {kept}; "
+            "SORT_METHOD={sort_method}", path=self.path, added=result.added or "none",
+            removed=result.removed or "none", draining=result.draining or "none",
+            kept=len(result.kept), sort_method=desktop.effective_sort_method.value, pool=self.name,
+        )
+        return True
