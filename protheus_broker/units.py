@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 
