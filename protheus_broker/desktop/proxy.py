@@ -22,6 +22,7 @@ import itertools
 from typing import Any, Callable, Protocol as TypingProtocol, Sequence
 
 from twisted.internet import abstract
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, DNSLookupError
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -34,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from protheus_broker.balancing.pool import Backend, ServerPool, ServerState
+from protheus_broker.desktop.lifecycle import IGate, Lifecycle, ServerAvailable, SessionState
 from protheus_broker.sockets import send_now, tune
 
 log = Logger()
@@ -512,12 +514,20 @@ class _Resolving:
     def stopConnecting(self) -> None:
         if not self.stopped:
             self.stopped = True
-            self.session.clientConnectionFailed(None, Failure(DNSLookupError("stopped")))
+            self.session.attempt_failed(Failure(DNSLookupError("stopped")))
 
 
 class Session(ClientFactory):
-    """One SmartClient session: choose servers in the balancer's order until one connects, link
-    the two sides, and account for how the session ends.
+    """One SmartClient session: pass its gates, choose servers in the balancer's order until one
+    connects, link the two sides, and account for how the session ends.
+
+    Its lifecycle is :class:`~.lifecycle.Lifecycle` (accepted -> choosing -> waiting ->
+    connecting -> linked -> closing -> ended); the relay itself never goes through it.  In
+    *waiting* the client is paused (what TLS decrypted meanwhile is held within
+    :data:`KEEP_LIMIT`'s backpressure) and counted as pending, while each of the broker's gates
+    (:class:`~.lifecycle.IGate`) says it may go on or why not.  What steers a session from
+    outside (TLS upstream, a resumable link) uses its methods: :meth:`connecting_through`,
+    :meth:`attempt_failed`, :meth:`server_connected`, :meth:`unlink_refused`.
 
     It is also the factory of its server connection (one object less per session).
 
@@ -559,7 +569,8 @@ class Session(ClientFactory):
         self.client_lost = False
         self.server_lost = False
         self.how: str | None = None
-        self.ended = False
+        self.life = Lifecycle(self.session_id)
+        self.waiting: Deferred[None] | None = None  # a gate's answer, while waiting
         self.pending = client.pending or broker.pending.take(_host(peer))
         self.answer_timeout = broker.first_response_timeout  # a reload changes new sessions only
         self.keeping = self.answer_timeout > 0
@@ -574,27 +585,80 @@ class Session(ClientFactory):
 
     # --- choosing and connecting ----------------------------------------------------------
 
+    @property
+    def ended(self) -> bool:
+        return self.life.state is SessionState.ENDED
+
+    @property
+    def state(self) -> SessionState:
+        return self.life.state
+
     def start(self) -> None:
         self.broker.session_started(self)
-        self.candidates = self.broker.pool.candidates(self.started)
+        self.life.move(SessionState.CHOOSING)
+        self._pass_gates(0)
+
+    def _pass_gates(self, index: int) -> None:
+        """Ask gate *index* (then the next ones) whether the session may go on; connect after
+        the last.  A gate that answers at once costs no state change."""
+        gates = self.broker.gates
+        if index >= len(gates):
+            self._choose()
+            return
+        answer = gates[index].acquire(self)
+        if not answer.called:
+            if self.life.state is not SessionState.WAITING:
+                self.life.move(SessionState.WAITING)
+            log.info("session {session_id} from {client}: waiting ({gate})",
+                     session_id=self.session_id, client=self.client_address, gate=gates[index])
+            self.waiting = answer
+        answer.addCallbacks(self._gate_passed, self._gate_refused, callbackArgs=(index + 1,))
+
+    def _gate_passed(self, result: object, index: int) -> None:
+        self.waiting = None
+        if self.client_lost:  # (the wait was cancelled; a gate that fired anyway changes nothing)
+            return
+        self._pass_gates(index)
+
+    def _gate_refused(self, reason: Failure) -> None:
+        self.waiting = None
+        if reason.check(CancelledError) or self.client_lost:
+            return  # the client left: side_lost ends the session
+        why = _describe(reason)
+        what, _, detail = why.partition(" (")
+        self._fail(what, detail[:-1] if detail.endswith(")") else detail or "refused by a gate")
+
+    def _choose(self) -> None:
+        now = self.started
+        if self.life.state is SessionState.WAITING:
+            self.life.move(SessionState.CHOOSING)
+            now = self.broker.clock.seconds()
+        self.candidates = self.broker.pool.candidates(now)
+        self.life.move(SessionState.CONNECTING)
         self._try_next()
+
+    def _fail(self, what: str, detail: str) -> None:
+        """No server for this session (*what*, *detail* say why): close the client, logged and
+        counted."""
+        self.how = f"{what} ({detail})"
+        log.warn("session {session_id} from {client}: {what}, closing the client ({tried})",
+                 session_id=self.session_id, client=self.client_address, what=what, tried=detail)
+        self.broker.sessions_failed += 1
+        self.life.move(SessionState.CLOSING)
+        self.client.transport.loseConnection()
 
     def _try_next(self) -> None:
         if self.client_lost:
             self._end("client left before a server answered")
             return
+        if self.life.state is not SessionState.CONNECTING:
+            self.life.move(SessionState.CONNECTING)
         if self.addresses and self.backend is not None:  # the same server's next address
             self._connect(self.backend, self.addresses.pop(0))
             return
         if not self.candidates:
             tried = "; ".join(self.failures) if self.failures else "none is up"
-            self.how = f"no AppServer available ({tried})"
-            log.warn(
-                "session {session_id} from {client}: no AppServer available, closing the client "
-                "({tried})", session_id=self.session_id, client=self.client_address, tried=tried,
-            )
-            self.broker.sessions_failed += 1
-            self.client.transport.loseConnection()
+            self._fail("no AppServer available", tried)
             return
         backend = self.candidates.pop(0)
         self.backend = backend
@@ -616,6 +680,33 @@ class Session(ClientFactory):
         self.connector = receiver
         self.address = None
         resolver.resolveHostName(receiver, backend.host, backend.port)
+
+    # --- steering from outside (TLS upstream, a resolver): methods, not attributes ------------
+
+    def connecting_through(self, stopper: Any) -> None:
+        """The attempt under way is now *stopper*'s (a handshake, a lookup): a client that leaves
+        calls its ``stopConnecting``, which must end in :meth:`attempt_failed`."""
+        self.connector = stopper
+
+    def attempt_failed(self, reason: Failure) -> None:
+        """The attempt under way failed before the server was linked (a refused connect, a
+        failed lookup or TLS handshake): try the next address or server."""
+        self.connector = None
+        self.clientConnectionFailed(None, reason)
+
+    def unlink_refused(self, server: ServerSide, reason: Failure) -> bool:
+        """The linked *server* refused the session before the client sent a byte (a TLS alert
+        after the handshake): unlink it and fail over like a refused connect (True).  False if
+        that is too late (the client spoke, or left): the session goes on ending normally."""
+        client = self.client
+        if client.received or self.client_lost or self.backend is None or self.server is not server:
+            return False
+        client.transport.unregisterProducer()  # this side's transport; the next one registers
+        client.transport.pauseProducing()
+        client.peer = server.peer = None
+        self.server = None
+        self.attempt_failed(reason)
+        return True
 
     def resolved(self, backend: Backend, addresses: list[str]) -> None:
         """The addresses of *backend*'s name: each is tried in turn before the next server."""
@@ -685,6 +776,7 @@ class Session(ClientFactory):
         if self.client_lost:
             server.transport.loseConnection()
             return
+        self.life.move(SessionState.LINKED)
         client = self.client
         client.peer, server.peer = server, client
         client.transport.registerProducer(server.transport, True)
@@ -796,9 +888,14 @@ class Session(ClientFactory):
         who = "client" if side is self.client else "server"
         if self.how is None:
             self.how = f"{who} closed" if clean else f"{who} lost: {_describe(reason)}"
+        if self.life.state is not SessionState.CLOSING:
+            self.life.move(SessionState.CLOSING)
         if side is self.client:
             self.client_lost = True
             self._stop_answer_timer()
+            if self.waiting is not None:  # held by a gate: give up the wait
+                waiting, self.waiting = self.waiting, None
+                waiting.cancel()
             if self.connector is not None:
                 self.connector.stopConnecting()  # -> clientConnectionFailed -> _end
                 return
@@ -824,7 +921,9 @@ class Session(ClientFactory):
     def _end(self, how: str) -> None:
         if self.ended:
             return
-        self.ended = True
+        if self.life.state is not SessionState.CLOSING:
+            self.life.move(SessionState.CLOSING)
+        self.life.move(SessionState.ENDED)
         self._stop_answer_timer()
         self._probe_ended()
         self.pending.release()
@@ -841,7 +940,9 @@ class BrokerFactory(ServerFactory):
     without, every connection is a SmartClient session from its first byte.  Connections not yet
     established are capped per client address and in all (:class:`PendingLimits`); over a cap
     a connection is closed at once.  *first_response_timeout* (0: off) is the replay rule of
-    :class:`Session`.
+    :class:`Session`.  Each session passes *gates* before it connects: by default one,
+    :class:`~.lifecycle.ServerAvailable`, which holds a session up to *wait_for_server* seconds
+    (``WAIT_FOR_SERVER``; 0: no wait) while no server can take it; later issues add theirs.
     """
 
     noisy = False
@@ -860,6 +961,7 @@ class BrokerFactory(ServerFactory):
         first_response_timeout: float = 0.0,
         max_pending_per_address: int = 0,
         max_pending: int = 0,
+        wait_for_server: float = 0.0,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
@@ -871,6 +973,9 @@ class BrokerFactory(ServerFactory):
         self.first_bytes_wait = first_bytes_wait
         self.first_response_timeout = first_response_timeout
         self.pending = PendingLimits(max_pending_per_address, max_pending)
+        self.server_gate = ServerAvailable(pool, wait_for_server)
+        #: what a session must pass before it connects, in order (see lifecycle.IGate)
+        self.gates: list[IGate] = [self.server_gate]
         #: AppServer host name -> (valid until, its addresses), see RESOLVED_FOR
         self.resolved: dict[str, tuple[float, list[str]]] = {}
         self.ids = itertools.count(1)
@@ -892,6 +997,16 @@ class BrokerFactory(ServerFactory):
         }
         self.handshake_failures = 0  # TLS handshakes that failed or timed out (session_tls)
         self.upstream_tls: Any = None  # set by session_tls.SessionTLS for SSL_ENCRYPT_UPSTREAM
+
+    @property
+    def wait_for_server(self) -> float:
+        """``WAIT_FOR_SERVER``: how long a session waits for a server that can take it (a
+        reload changes new sessions only)."""
+        return self.server_gate.wait
+
+    @wait_for_server.setter
+    def wait_for_server(self, seconds: float) -> None:
+        self.server_gate.wait = seconds
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         pending = self.admit(addr)
