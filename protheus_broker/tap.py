@@ -114,6 +114,7 @@ class BrokerService(MultiService):
             first_response_timeout=desktop.first_response_timeout,
             max_pending_per_address=desktop.max_pending_per_address,
             max_pending=desktop.max_pending,
+            wait_for_server=desktop.wait_for_server,
             recognisers=[resumable.recogniser] if resumable is not None else [],
         )
         self.factory.standby = resumable
@@ -218,6 +219,7 @@ class BrokerService(MultiService):
         self.factory.max_sessions = desktop.max_sessions
         self.factory.first_bytes_wait = desktop.first_bytes_wait
         self.factory.first_response_timeout = desktop.first_response_timeout  # new sessions
+        self.factory.wait_for_server = desktop.wait_for_server  # new sessions
         self.factory.pending.per_address = desktop.max_pending_per_address
         self.factory.pending.total = desktop.max_pending
         self.factory.sort_method = desktop.effective_sort_method.value
