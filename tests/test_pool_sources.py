@@ -1,14 +1,20 @@
-"""Pool members from several sources, observers, and waiting for a server, in memory."""
+"""Pool members from several sources, observers, waiting for a server, host names, in memory."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from protheus_broker.balancing.methods import ConnectionBalancer
-from protheus_broker.balancing.pool import NoServerAvailable, PoolEvent, ServerPool, ServerState
+from protheus_broker.balancing.pool import (RESOLVE_AFTER_FAILURE, RESOLVE_EVERY, NoServerAvailable, PoolEvent,
+                                            ServerPool, ServerState)
 from protheus_broker.balancing.servers import RemoteServer
+from protheus_broker.desktop.proxy import BrokerFactory
 
 from .helpers import LogCatcher, servers
 
@@ -162,3 +168,94 @@ class WhenAvailableTests(SynchronousTestCase):
         d = p.when_available(1)
         clock.advance(1)
         self.assertIn("the pool is empty", self.failureResultOf(d, NoServerAvailable).getErrorMessage())
+
+
+class FakeResolver:
+    """An IHostnameResolver that answers when the test says so."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, Any]] = []
+
+    def resolveHostName(self, receiver: Any, host: str, port: int = 0, *args: Any) -> Any:
+        self.asked.append((host, receiver))
+        return receiver
+
+    def answer(self, index: int, *addresses: str) -> None:
+        host, receiver = self.asked[index]
+        receiver.resolutionBegan(None)
+        for address in addresses:
+            receiver.addressResolved(IPv4Address("TCP", address, 0))
+        receiver.resolutionComplete()
+
+
+class HostNameTests(SynchronousTestCase):
+    def _pool(self, clock: Clock) -> tuple[ServerPool, FakeResolver]:
+        p = ServerPool([RemoteServer("01", "app.example", 5001), RemoteServer("02", "10.0.0.2", 5002)],
+                       ConnectionBalancer(), clock=clock)
+        resolver = FakeResolver()
+        p.use_resolver(resolver)
+        return p, resolver
+
+    def test_names_resolved_at_load_in_the_background(self) -> None:
+        """Every host name is looked up when the pool gets its resolver; IP literals are not."""
+        clock = Clock()
+        p, resolver = self._pool(clock)
+        self.assertEqual([host for host, _ in resolver.asked], ["app.example"])
+        self.assertEqual(p.addresses_for(p.get("01")), [])  # not answered yet
+        resolver.answer(0, "192.0.2.1", "192.0.2.2")
+        self.assertEqual(p.addresses_for(p.get("01")), ["192.0.2.1", "192.0.2.2"])
+        self.assertEqual(p.get("02").addresses, [])
+
+    def test_reload_resolves_new_members(self) -> None:
+        """A server added by a reload (or another source) is looked up when it joins."""
+        clock = Clock()
+        p, resolver = self._pool(clock)
+        p.reconfigure([RemoteServer("01", "app.example", 5001), RemoteServer("03", "db.example", 5003)])
+        self.assertEqual([host for host, _ in resolver.asked], ["app.example", "db.example"])
+
+    def test_refreshed_when_old_and_after_failure(self) -> None:
+        """Known addresses are used at once; once old they are looked up again in the background,
+        and a server whose addresses all failed is looked up again."""
+        clock = Clock()
+        p, resolver = self._pool(clock)
+        resolver.answer(0, "192.0.2.1")
+        backend = p.get("01")
+        clock.advance(RESOLVE_EVERY - 1)
+        self.assertEqual(p.addresses_for(backend), ["192.0.2.1"])
+        self.assertEqual(len(resolver.asked), 1)
+        clock.advance(1)
+        self.assertEqual(p.addresses_for(backend), ["192.0.2.1"])  # the old ones meanwhile
+        self.assertEqual(len(resolver.asked), 2)
+        self.assertEqual(p.addresses_for(backend), ["192.0.2.1"])  # one lookup at a time
+        self.assertEqual(len(resolver.asked), 2)
+        resolver.answer(1, "192.0.2.9")
+        self.assertEqual(backend.addresses, ["192.0.2.9"])
+        clock.advance(RESOLVE_AFTER_FAILURE)
+        p.connect_failed(backend, "refused")
+        self.assertEqual(len(resolver.asked), 3)
+
+    def test_failed_lookup_keeps_the_last_addresses(self) -> None:
+        """A lookup that finds nothing keeps the last known addresses, with one log line."""
+        logs = LogCatcher(self)
+        clock = Clock()
+        p, resolver = self._pool(clock)
+        resolver.answer(0, "192.0.2.1")
+        clock.advance(RESOLVE_EVERY)
+        p.addresses_for(p.get("01"))
+        resolver.answer(1)
+        self.assertEqual(p.get("01").addresses, ["192.0.2.1"])
+        self.assertIn("server 01: app.example has no address; keeping the last known", logs.texts())
+
+    def test_session_uses_the_pool_addresses(self) -> None:
+        """A session connects to the addresses the pool resolved, without a lookup of its own."""
+        reactor = MemoryReactorClock()
+        p = ServerPool([RemoteServer("01", "app.example", 5001)], ConnectionBalancer(), clock=reactor)
+        resolver = FakeResolver()
+        reactor.nameResolver = resolver  # type: ignore[attr-defined]
+        factory = BrokerFactory(reactor, p)
+        resolver.answer(0, "192.0.2.7")
+        client = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 4000))
+        assert client is not None
+        client.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 4000)))
+        self.assertEqual([c[:2] for c in reactor.tcpClients], [("192.0.2.7", 5001)])
+        self.assertEqual(len(resolver.asked), 1)

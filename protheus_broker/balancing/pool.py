@@ -14,8 +14,11 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet import abstract
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IResolutionReceiver
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from protheus_broker.balancing.methods import IBalancer, Metrics
 from protheus_broker.balancing.servers import RemoteServer
@@ -24,6 +27,18 @@ log = Logger()
 
 #: The source of the members read from the config file.
 CONFIG = "config"
+
+#: Seconds a server's resolved addresses are used before they are looked up again (in the
+#: background: sessions use the known ones meanwhile).
+RESOLVE_EVERY = 30.0
+
+#: A server whose every address failed is looked up again, at most this often.
+RESOLVE_AFTER_FAILURE = 2.0
+
+
+def is_ip_literal(host: str) -> bool:
+    """True for an IPv4 or IPv6 address (connected to at once, no name resolution)."""
+    return abstract.isIPAddress(host) or abstract.isIPv6Address(host)
 
 
 class ServerState(enum.Enum):
@@ -41,7 +56,7 @@ class Backend:
     __slots__ = (
         "server_id", "host", "port", "index", "state", "active", "total", "connect_failures",
         "metrics", "leaving", "reason", "placed_since_report", "suspect_until", "monitor_status",
-        "admin_hold", "probation", "probes", "source",
+        "admin_hold", "probation", "probes", "source", "addresses", "resolved_at", "resolving",
     )
 
     def __init__(self, server: RemoteServer, index: int, source: str = CONFIG) -> None:
@@ -63,6 +78,9 @@ class Backend:
         self.admin_hold = False  # marked down by an admin: monitoring does not bring it back
         self.probation = False  # back from a broker suspicion: one session at a time until one is answered
         self.probes = 0  # sessions opening on it while on probation
+        self.addresses: list[str] = []  # its host name's addresses, resolved by the pool
+        self.resolved_at: float | None = None
+        self.resolving = False
 
     @property
     def address(self) -> str:
@@ -124,6 +142,27 @@ class PoolEvent:
 PoolObserver = Callable[[PoolEvent], None]
 
 
+@implementer(IResolutionReceiver)
+class _Lookup:
+    """Receives the addresses of one server's host name for the pool."""
+
+    def __init__(self, pool: ServerPool, backend: Backend) -> None:
+        self.pool = pool
+        self.backend = backend
+        self.addresses: list[str] = []
+
+    def resolutionBegan(self, resolution: Any) -> None:
+        pass
+
+    def addressResolved(self, address: Any) -> None:
+        host = getattr(address, "host", None)
+        if host and host not in self.addresses:
+            self.addresses.append(host)
+
+    def resolutionComplete(self) -> None:
+        self.pool._resolved(self.backend, self.addresses)
+
+
 class ServerPool:
     """The server table of one listener and the balancer that ranks it.
 
@@ -144,6 +183,7 @@ class ServerPool:
         self._backends: dict[str, Backend] = {}
         self._observers: list[PoolObserver] = []
         self._waiters: list[Deferred[None]] = []
+        self.resolver: Any = None  # an IHostnameResolver once use_resolver is called
         for server in servers:
             self._add(server, CONFIG)
 
@@ -164,7 +204,49 @@ class ServerPool:
         backend = Backend(server, index, source)
         self._backends[server.server_id] = backend
         self._changed("added", backend)
+        self._resolve(backend)
         return backend
+
+    # --- host names: resolved at load, reload and join, refreshed in the background ----------
+
+    def use_resolver(self, resolver: Any) -> None:
+        """Resolve every member's host name with *resolver* (an ``IHostnameResolver``, the
+        reactor's ``nameResolver``: IPv4 and IPv6, off the reactor thread) now, and each new
+        member's when it joins; IP literals are left alone."""
+        self.resolver = resolver
+        for backend in list(self._backends.values()):
+            self._resolve(backend)
+
+    def _resolve(self, backend: Backend) -> None:
+        if self.resolver is None or backend.resolving or is_ip_literal(backend.host):
+            return
+        backend.resolving = True
+        try:
+            self.resolver.resolveHostName(_Lookup(self, backend), backend.host, backend.port)
+        except Exception as e:
+            backend.resolving = False
+            log.warn("server {server_id}: cannot look up {host}: {why}", server_id=backend.server_id,
+                     host=backend.host, why=e)
+
+    def _resolved(self, backend: Backend, addresses: list[str]) -> None:
+        backend.resolving = False
+        backend.resolved_at = self._now()
+        if not addresses:
+            log.warn("server {server_id}: {host} has no address{kept}", server_id=backend.server_id,
+                     host=backend.host, kept="; keeping the last known" if backend.addresses else "")
+            return
+        if addresses != backend.addresses:
+            log.info("server {server_id}: {host} is {addresses}", server_id=backend.server_id,
+                     host=backend.host, addresses=" ".join(addresses))
+            backend.addresses = addresses
+
+    def addresses_for(self, backend: Backend) -> list[str]:
+        """The known addresses of *backend*'s host name ([] if none yet: the caller looks it up
+        itself); older than :data:`RESOLVE_EVERY`, they are looked up again in the background."""
+        if backend.addresses and backend.resolved_at is not None \
+                and self._now() - backend.resolved_at >= RESOLVE_EVERY:
+            self._resolve(backend)
+        return backend.addresses
 
     # --- observers and waiters --------------------------------------------------------------
 
@@ -299,7 +381,10 @@ class ServerPool:
             self._forget(backend)
 
     def connect_failed(self, backend: Backend, reason: str) -> None:
-        """A connect to *backend* failed while opening a session: suspend it at once."""
+        """A connect to *backend* failed while opening a session: suspend it at once (and look
+        its name up again: the server may have moved)."""
+        if backend.resolved_at is not None and self._now() - backend.resolved_at >= RESOLVE_AFTER_FAILURE:
+            self._resolve(backend)
         self.session_failed(backend, f"connect failed: {reason}")
 
     def session_failed(self, backend: Backend, reason: str) -> None:

@@ -21,7 +21,6 @@ import ipaddress
 import itertools
 from typing import Any, Callable, Protocol as TypingProtocol, Sequence
 
-from twisted.internet import abstract
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, DNSLookupError
 from twisted.internet.interfaces import (
@@ -34,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from protheus_broker.balancing.pool import Backend, ServerPool, ServerState
+from protheus_broker.balancing.pool import Backend, ServerPool, ServerState, is_ip_literal
 from protheus_broker.desktop.lifecycle import IGate, Lifecycle, ServerAvailable, SessionState
 from protheus_broker.sockets import send_now, tune
 
@@ -481,11 +480,6 @@ def _describe(reason: Failure) -> str:
     return text or type(value).__name__
 
 
-def is_ip_literal(host: str) -> bool:
-    """True for an IPv4 or IPv6 address (connected to at once, no name resolution)."""
-    return abstract.isIPAddress(host) or abstract.isIPv6Address(host)
-
-
 @implementer(IResolutionReceiver)
 class _Resolving:
     """Receives the addresses of one AppServer's host name (``reactor.nameResolver``: a
@@ -671,6 +665,11 @@ class Session(ClientFactory):
         resolver = getattr(self.broker.reactor, "nameResolver", None)
         if is_ip_literal(backend.host) or resolver is None:
             self._connect(backend, backend.host)
+            return
+        known_now = self.broker.pool.addresses_for(backend)  # resolved by the pool at load
+        if known_now:
+            self.addresses = list(known_now)
+            self._try_next()
             return
         known = self.broker.resolved.get(backend.host)
         if known is not None and known[0] > self.broker.clock.seconds():
@@ -976,8 +975,12 @@ class BrokerFactory(ServerFactory):
         self.server_gate = ServerAvailable(pool, wait_for_server)
         #: what a session must pass before it connects, in order (see lifecycle.IGate)
         self.gates: list[IGate] = [self.server_gate]
-        #: AppServer host name -> (valid until, its addresses), see RESOLVED_FOR
+        #: AppServer host name -> (valid until, its addresses), see RESOLVED_FOR: for a name
+        #: the pool has no addresses of yet (see ServerPool.use_resolver)
         self.resolved: dict[str, tuple[float, list[str]]] = {}
+        resolver = getattr(reactor, "nameResolver", None)
+        if resolver is not None and pool.resolver is None:
+            pool.use_resolver(resolver)  # every host name now, in the background
         self.ids = itertools.count(1)
         self.sessions: dict[int, Session] = {}
         #: resumable sessions (``resume_broker.ResumableSessions``: count, snapshot(), drops,
