@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from protheus_broker.balancing.methods import ConnectionBalancer, RoundRobinBalancer
 from protheus_broker.balancing.pool import RESOLVE_EVERY, ServerPool, ServerState
 from protheus_broker.balancing.servers import RemoteServer
+from protheus_broker.desktop.pending import client_host
 from protheus_broker.desktop.proxy import KEEP_LIMIT, BrokerFactory, ClientSide, ServerSide, Session
 
 from .helpers import LogCatcher, servers
@@ -522,12 +523,10 @@ class AddressKeyTests(SynchronousTestCase):
     def test_ipv6_clients_count_by_their_64_prefix(self) -> None:
         """Per-address caps count an IPv6 client by its /64 (one host may use any address in
         it), an IPv4-mapped one by its IPv4 address."""
-        from protheus_broker.desktop.proxy import _host
-
-        self.assertEqual(_host(IPv6Address("TCP", "2001:db8:1:2:aaaa::1", 1)),
-                         _host(IPv6Address("TCP", "2001:db8:1:2:bbbb::7", 2)))
-        self.assertNotEqual(_host(IPv6Address("TCP", "2001:db8:1:2::1", 1)),
-                            _host(IPv6Address("TCP", "2001:db8:1:3::1", 1)))
-        self.assertEqual(_host(IPv6Address("TCP", "::ffff:10.1.2.3", 1)), "10.1.2.3")
-        self.assertEqual(_host(IPv4Address("TCP", "10.1.2.3", 1)), "10.1.2.3")
-        self.assertEqual(_host(None), "")
+        self.assertEqual(client_host(IPv6Address("TCP", "2001:db8:1:2:aaaa::1", 1)),
+                         client_host(IPv6Address("TCP", "2001:db8:1:2:bbbb::7", 2)))
+        self.assertNotEqual(client_host(IPv6Address("TCP", "2001:db8:1:2::1", 1)),
+                            client_host(IPv6Address("TCP", "2001:db8:1:3::1", 1)))
+        self.assertEqual(client_host(IPv6Address("TCP", "::ffff:10.1.2.3", 1)), "10.1.2.3")
+        self.assertEqual(client_host(IPv4Address("TCP", "10.1.2.3", 1)), "10.1.2.3")
+        self.assertEqual(client_host(None), "")
