@@ -186,7 +186,7 @@ class GateTests(SynchronousTestCase):
     def test_refusing_gate_closes_with_its_reason(self) -> None:
         """A gate's refusal is the session's end reason and its log line; no server is tried."""
         h = Harness(self, down=False)
-        gate = RecordingGate(fail(GateRefused("no license available (all 10 in use)")))
+        gate = RecordingGate(fail(GateRefused("no license available", "all 10 in use")))
         h.factory.gates.append(gate)
         client, client_t = h.accept()
         self.assertEqual(gate.asked, [client.session])
@@ -207,6 +207,14 @@ class GateTests(SynchronousTestCase):
         self.assertIs(client.session.state, S.CONNECTING)
         self.assertEqual(len(h.reactor.tcpClients), 1)
 
+    def test_broken_gate_is_one_line_and_no_hold(self) -> None:
+        """A gate failing with an unexpected error closes the client with one line naming it."""
+        h = Harness(self, down=False)
+        h.factory.gates.append(RecordingGate(fail(ValueError("bad state"))))
+        client, client_t = h.accept()
+        self.assertTrue(client_t.disconnecting)
+        self.assertEqual(client.session.how, "a gate failed (bad state)")
+
 
 class WaitSettingTests(SynchronousTestCase):
     def test_wait_for_server_key(self) -> None:
@@ -214,3 +222,4 @@ class WaitSettingTests(SynchronousTestCase):
         text = "[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT=1\nREMOTE_SERVER_01=127.0.0.1 2\n"
         self.assertEqual(parse_config(text).desktop.wait_for_server, 0.0)
         self.assertEqual(parse_config(text + "WAIT_FOR_SERVER=2.5\n").desktop.wait_for_server, 2.5)
+

@@ -83,7 +83,13 @@ class Lifecycle:
 
 
 class GateRefused(Exception):
-    """A gate will not let a session go on; the text is the reason the client and log get."""
+    """A gate will not let a session go on: *what* ("no AppServer available") and *detail*
+    (why) reach the session's end line and its log line."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        super().__init__(f"{what} ({detail})")
+        self.what = what
+        self.detail = detail
 
 
 class IGate(Interface):
@@ -112,7 +118,7 @@ class ServerAvailable:
     @staticmethod
     def _refused(reason: Failure) -> None:
         reason.trap(NoServerAvailable)
-        raise GateRefused(f"no AppServer available ({reason.getErrorMessage()})")
+        raise GateRefused("no AppServer available", reason.getErrorMessage())
 
     def __repr__(self) -> str:
         return f"no AppServer can take a session yet: WAIT_FOR_SERVER={self.wait:g}s"

@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from protheus_broker.balancing.pool import Backend, ServerPool, ServerState, is_ip_literal
-from protheus_broker.desktop.lifecycle import IGate, Lifecycle, ServerAvailable, SessionState
+from protheus_broker.desktop.lifecycle import GateRefused, IGate, Lifecycle, ServerAvailable, SessionState
 from protheus_broker.desktop.pending import PendingLimits, PendingToken, RefusalLog
 from protheus_broker.desktop.pending import client_host as _host, client_text as _client_text
 from protheus_broker.sockets import send_now, tune
@@ -499,9 +499,11 @@ class Session(ClientFactory):
         self.waiting = None
         if reason.check(CancelledError) or self.client_lost:
             return  # the client left: side_lost ends the session
-        why = _describe(reason)
-        what, _, detail = why.partition(" (")
-        self._fail(what, detail[:-1] if detail.endswith(")") else detail or "refused by a gate")
+        refusal = reason.value
+        if isinstance(refusal, GateRefused):
+            self._fail(refusal.what, refusal.detail)
+        else:  # a gate's own bug: still one line, and the client is not held
+            self._fail("a gate failed", _describe(reason))
 
     def _choose(self) -> None:
         now = self.started
