@@ -15,7 +15,8 @@ from protheus_broker.resume import crypto
 from protheus_broker.balancing.methods import ConnectionBalancer
 from protheus_broker.config import parse_config
 from protheus_broker.resume.connector import ConnectorFactory
-from protheus_broker.balancing.pool import ServerPool
+from protheus_broker.balancing.pool import ServerPool, ServerState
+from protheus_broker.desktop.lifecycle import SessionState
 from protheus_broker.desktop.proxy import BrokerFactory, ClientSide
 from protheus_broker.resume.broker import ResumableSessions
 from protheus_broker.resume.frames import MAGIC, PROOF, RESUME, FrameParser, Kind, encode
@@ -146,6 +147,26 @@ class OpenAndRelayTests(SynchronousTestCase):
         self.assertIsInstance(conn.server.protocol, ClientSide)
         self.assertEqual(bytes(client.data), b"\x16\x03\x01hello")
         self.assertEqual(rig.sessions.streams, {})
+
+
+    def test_resumable_session_waits_for_a_server(self) -> None:
+        """Through the connector too, a session arriving with no AppServer up waits
+        (WAIT_FOR_SERVER), then its bytes reach the server that comes up, in order."""
+        rig = Rig()
+        rig.broker.wait_for_server = 5.0
+        rig.broker.pool.set_state("01", ServerState.DOWN, "monitor: refused")
+        client = rig.smartclient(establish=False)
+        data = payload(3, 100_000)
+        client.transport.write(data)
+        rig.advance(2)
+        self.assertEqual(rig.app.accepted, [])
+        [session] = rig.broker.sessions.values()
+        self.assertIs(session.state, SessionState.WAITING)
+        rig.broker.pool.set_state("01", ServerState.UP, "monitor: answered")
+        rig.settle()
+        [app] = rig.app.accepted
+        self.assertEqual(bytes(app.data), data)
+        self.assertEqual(bytes(client.data), data)  # echoed back
 
 
 class ResumeTests(SynchronousTestCase):

@@ -7,14 +7,15 @@ import os
 import socket
 from typing import Any, Callable
 
-from twisted.internet import defer, reactor, ssl
+from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.protocol import ClientCreator, Factory, ProcessProtocol, Protocol
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from protheus_broker.balancing.methods import ConnectionBalancer
 from protheus_broker.config import load_config
-from protheus_broker.balancing.pool import ServerPool
+from protheus_broker.balancing.pool import ServerPool, ServerState
+from protheus_broker.desktop.lifecycle import SessionState
 from protheus_broker.desktop.proxy import BrokerFactory
 from protheus_broker.desktop.tls import SessionTLS
 from protheus_broker.tap import BrokerService
@@ -420,6 +421,30 @@ class SessionTLSTests(TLSSocketCase):
         for client in (first, second):
             client.transport.loseConnection()
             yield client.done
+
+    def test_terminated_session_waits_for_a_server_then_connects(self) -> Any:
+        """With TLS both ways and WAIT_FOR_SERVER, a client that arrives while no AppServer is
+        up waits (handshake done, paused), then is served by the AppServer that comes up."""
+        c = certs()
+        backend = self.tls_sim("tls", "appserver")
+        factory, _, port = self.broker([backend], SessionTLSConfig(
+            server=identity("broker"), upstream=True, upstream_ca=c.ca_path))
+        factory.wait_for_server = 20.0
+        factory.pool.set_state("01", ServerState.DOWN, "monitor: refused")
+
+        async def scenario() -> None:
+            client = await self.tls_client(port, c.client_options(), expect=len(greeting("tls", 1)))
+            while not any(s.state is SessionState.WAITING for s in factory.sessions.values()):
+                await task.deferLater(reactor, 0.01, lambda: None)
+            self.assertEqual(client.received, 0)
+            factory.pool.set_state("01", ServerState.UP, "monitor: answered")
+            await client.complete
+            self.assertEqual(client.digest.digest(), hashlib.sha256(greeting("tls", 1)).digest())
+            client.transport.loseConnection()
+            await client.done
+            self.assertEqual(factory.sessions_failed, 0)
+
+        return defer.ensureDeferred(scenario())
 
     def test_refused_port_is_plain_failover(self) -> None:
         """Sanity: a closed port under upstream TLS is an ordinary connect failure (not a

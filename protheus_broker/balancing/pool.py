@@ -2,20 +2,43 @@
 
 Servers join, drain and leave at run time (admin actions, config reload, later managed nodes);
 a server that leaves while it still carries sessions stays, draining, until its last session ends.
+Each member comes from a *source* (``"config"`` today; node managers and Kubernetes later): a
+reload replaces only the config's members.  Observers (:meth:`ServerPool.subscribe`) hear every
+join, leave and state change; :meth:`ServerPool.when_available` waits for a server that can take a
+session.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+from twisted.internet import abstract
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IResolutionReceiver
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from protheus_broker.balancing.methods import IBalancer, Metrics
 from protheus_broker.balancing.servers import RemoteServer
 
 log = Logger()
+
+#: The source of the members read from the config file.
+CONFIG = "config"
+
+#: Seconds a server's resolved addresses are used before they are looked up again (in the
+#: background: sessions use the known ones meanwhile).
+RESOLVE_EVERY = 30.0
+
+#: A server whose every address failed is looked up again, at most this often.
+RESOLVE_AFTER_FAILURE = 2.0
+
+
+def is_ip_literal(host: str) -> bool:
+    """True for an IPv4 or IPv6 address (connected to at once, no name resolution)."""
+    return abstract.isIPAddress(host) or abstract.isIPv6Address(host)
 
 
 class ServerState(enum.Enum):
@@ -33,10 +56,11 @@ class Backend:
     __slots__ = (
         "server_id", "host", "port", "index", "state", "active", "total", "connect_failures",
         "metrics", "leaving", "reason", "placed_since_report", "suspect_until", "monitor_status",
-        "admin_hold", "probation", "probes",
+        "admin_hold", "probation", "probes", "source", "addresses", "resolved_at", "resolving",
     )
 
-    def __init__(self, server: RemoteServer, index: int) -> None:
+    def __init__(self, server: RemoteServer, index: int, source: str = CONFIG) -> None:
+        self.source = source  # where the member comes from: "config", later "nodes", ...
         self.server_id = server.server_id
         self.host = server.host
         self.port = server.port
@@ -54,6 +78,9 @@ class Backend:
         self.admin_hold = False  # marked down by an admin: monitoring does not bring it back
         self.probation = False  # back from a broker suspicion: one session at a time until one is answered
         self.probes = 0  # sessions opening on it while on probation
+        self.addresses: list[str] = []  # its host name's addresses, resolved by the pool
+        self.resolved_at: float | None = None
+        self.resolving = False
 
     @property
     def address(self) -> str:
@@ -78,7 +105,7 @@ class Backend:
             "connect_failures": self.connect_failures, "leaving": self.leaving, "metrics": metrics,
             "placed_since_report": self.placed_since_report,
             "suspect_for": None if self.suspect_until is None else round(max(0.0, self.suspect_until - now), 3),
-            "monitor": dict(self.monitor_status),
+            "monitor": dict(self.monitor_status), "source": self.source,
         }
 
 
@@ -90,10 +117,50 @@ class ReconfigureResult:
     removed: list[str] = field(default_factory=list)
     draining: list[str] = field(default_factory=list)  # removed but still carrying sessions
     kept: list[str] = field(default_factory=list)
+    clashes: list[str] = field(default_factory=list)  # ids another source's member holds
 
 
 class UnknownServer(KeyError):
     """No server with that id in the pool."""
+
+
+class NoServerAvailable(Exception):
+    """No server could take a session within the time a waiter gave (the text says so)."""
+
+
+@dataclass(frozen=True)
+class PoolEvent:
+    """What an observer hears: *kind* is "added", "removed" or "state"."""
+
+    kind: str
+    server_id: str
+    state: ServerState
+    reason: str
+    source: str
+
+
+PoolObserver = Callable[[PoolEvent], None]
+
+
+@implementer(IResolutionReceiver)
+class _Lookup:
+    """Receives the addresses of one server's host name for the pool."""
+
+    def __init__(self, pool: ServerPool, backend: Backend) -> None:
+        self.pool = pool
+        self.backend = backend
+        self.addresses: list[str] = []
+
+    def resolutionBegan(self, resolution: Any) -> None:
+        pass
+
+    def addressResolved(self, address: Any) -> None:
+        host = getattr(address, "host", None)
+        if host and host not in self.addresses:
+            self.addresses.append(host)
+
+    def resolutionComplete(self) -> None:
+        self.pool._resolved(self.backend, self.addresses)
 
 
 class ServerPool:
@@ -114,8 +181,11 @@ class ServerPool:
         self.suspect_time = suspect_time
         self._last_now = 0.0
         self._backends: dict[str, Backend] = {}
+        self._observers: list[PoolObserver] = []
+        self._waiters: list[Deferred[None]] = []
+        self.resolver: Any = None  # an IHostnameResolver once use_resolver is called
         for server in servers:
-            self._add(server)
+            self._add(server, CONFIG)
 
     def __iter__(self) -> Iterator[Backend]:
         return iter(self._backends.values())
@@ -129,11 +199,129 @@ class ServerPool:
         except KeyError:
             raise UnknownServer(server_id) from None
 
-    def _add(self, server: RemoteServer) -> Backend:
+    def _add(self, server: RemoteServer, source: str) -> Backend:
         index = max((b.index for b in self._backends.values()), default=-1) + 1
-        backend = Backend(server, index)
+        backend = Backend(server, index, source)
         self._backends[server.server_id] = backend
+        self._changed("added", backend)
+        self._resolve(backend)
         return backend
+
+    # --- host names: resolved at load, reload and join, refreshed in the background ----------
+
+    def use_resolver(self, resolver: Any) -> None:
+        """Resolve every member's host name with *resolver* (an ``IHostnameResolver``, the
+        reactor's ``nameResolver``: IPv4 and IPv6, off the reactor thread) now, and each new
+        member's when it joins; IP literals are left alone."""
+        self.resolver = resolver
+        for backend in list(self._backends.values()):
+            self._resolve(backend)
+
+    def _resolve(self, backend: Backend) -> None:
+        if self.resolver is None or backend.resolving or is_ip_literal(backend.host):
+            return
+        backend.resolving = True
+        try:
+            self.resolver.resolveHostName(_Lookup(self, backend), backend.host, backend.port)
+        except Exception as e:
+            backend.resolving = False
+            log.warn("server {server_id}: cannot look up {host}: {why}", server_id=backend.server_id,
+                     host=backend.host, why=e)
+
+    def _resolved(self, backend: Backend, addresses: list[str]) -> None:
+        backend.resolving = False
+        backend.resolved_at = self._now()
+        if not addresses:
+            log.warn("server {server_id}: {host} has no address{kept}", server_id=backend.server_id,
+                     host=backend.host, kept="; keeping the last known" if backend.addresses else "")
+            return
+        if addresses != backend.addresses:
+            log.info("server {server_id}: {host} is {addresses}", server_id=backend.server_id,
+                     host=backend.host, addresses=" ".join(addresses))
+            backend.addresses = addresses
+
+    def addresses_for(self, backend: Backend) -> list[str]:
+        """The known addresses of *backend*'s host name ([] if none yet: the caller looks it up
+        itself); older than :data:`RESOLVE_EVERY`, they are looked up again in the background."""
+        if backend.addresses and backend.resolved_at is not None \
+                and self._now() - backend.resolved_at >= RESOLVE_EVERY:
+            self._resolve(backend)
+        return backend.addresses
+
+    # --- observers and waiters --------------------------------------------------------------
+
+    def subscribe(self, observer: PoolObserver) -> Callable[[], None]:
+        """Call *observer* with a :class:`PoolEvent` on every join, leave and state change;
+        returns the function that unsubscribes it.  An observer that raises is logged, once per
+        event, and the others still hear it."""
+        self._observers.append(observer)
+
+        def unsubscribe() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+        return unsubscribe
+
+    def _changed(self, kind: str, backend: Backend) -> None:
+        if self._observers:
+            event = PoolEvent(kind, backend.server_id, backend.state, backend.reason, backend.source)
+            for observer in list(self._observers):
+                try:
+                    observer(event)
+                except Exception:
+                    log.failure("pool observer {observer!r} failed on {kind} {server_id}",
+                                observer=observer, kind=kind, server_id=backend.server_id)
+        if self._waiters and self.can_take_session():
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def can_take_session(self) -> bool:
+        """True if :meth:`candidates` would offer a server: one is Up, or Suspended (a last
+        resort, see :meth:`candidates`)."""
+        return any(b.state is ServerState.UP or b.state is ServerState.SUSPENDED
+                   for b in self._backends.values())
+
+    def when_available(self, timeout: float) -> Deferred[None]:
+        """A Deferred that fires when a server can take a session (at once if one can), or fails
+        with :class:`NoServerAvailable` after *timeout* seconds of the pool's clock (no clock:
+        no timeout).  Cancelling it stops the wait."""
+        if self.can_take_session():
+            d: Deferred[None] = Deferred()
+            d.callback(None)
+            return d
+        timer: Any = None
+
+        def cancel(d: Deferred[None]) -> None:
+            self._drop_waiter(d)
+            if timer is not None and timer.active():
+                timer.cancel()
+
+        waiter: Deferred[None] = Deferred(cancel)
+        self._waiters.append(waiter)
+        if self.clock is not None and timeout > 0:
+            def expire() -> None:
+                if self._drop_waiter(waiter):
+                    waiter.errback(NoServerAvailable(
+                        f"none could take a session within {timeout:g}s: {self._why_none()}"))
+            timer = self.clock.callLater(timeout, expire)
+
+            def stop_timer(result: Any) -> Any:
+                if timer.active():
+                    timer.cancel()
+                return result
+            waiter.addBoth(stop_timer)
+        return waiter
+
+    def _drop_waiter(self, waiter: Deferred[None]) -> bool:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+            return True
+        return False
+
+    def _why_none(self) -> str:
+        if not self._backends:
+            return "the pool is empty"
+        return "; ".join(f"{b.server_id} {b.state.value}: {b.reason}" for b in self._backends.values())
 
     # --- choosing -------------------------------------------------------------------------
 
@@ -193,7 +381,10 @@ class ServerPool:
             self._forget(backend)
 
     def connect_failed(self, backend: Backend, reason: str) -> None:
-        """A connect to *backend* failed while opening a session: suspend it at once."""
+        """A connect to *backend* failed while opening a session: suspend it at once (and look
+        its name up again: the server may have moved)."""
+        if backend.resolved_at is not None and self._now() - backend.resolved_at >= RESOLVE_AFTER_FAILURE:
+            self._resolve(backend)
         self.session_failed(backend, f"connect failed: {reason}")
 
     def session_failed(self, backend: Backend, reason: str) -> None:
@@ -250,23 +441,29 @@ class ServerPool:
                 server_id=server_id, address=backend.address, old=backend.state.value,
                 new=state.value, reason=reason,
             )
+        changed = backend.state is not state
         backend.state = state
         backend.reason = reason
         backend.suspect_until = None
+        if changed:
+            self._changed("state", backend)
         return backend
 
-    def add(self, server: RemoteServer) -> Backend:
-        """A server joins the pool and takes sessions at once."""
+    def add(self, server: RemoteServer, source: str = CONFIG) -> Backend:
+        """A server joins the pool from *source* and takes sessions at once."""
         if server.server_id in self._backends:
             raise ValueError(f"server {server.server_id} is already in the pool")
-        backend = self._add(server)
-        log.info("server {server_id} ({address}) joined the pool", server_id=server.server_id,
-                 address=backend.address)
+        backend = self._add(server, source)
+        log.info("server {server_id} ({address}) joined the pool from {source}",
+                 server_id=server.server_id, address=backend.address, source=source)
         return backend
 
-    def remove(self, server_id: str) -> bool:
-        """A server leaves: at once if idle, else it drains first.  True if it is gone now."""
+    def remove(self, server_id: str, source: str | None = None) -> bool:
+        """A server leaves: at once if idle, else it drains first.  True if it is gone now.
+        With *source*, only a member from that source may be removed (ValueError otherwise)."""
         backend = self.get(server_id)
+        if source is not None and backend.source != source:
+            raise ValueError(f"server {server_id} comes from {backend.source}, not {source}")
         if backend.active == 0:
             self._forget(backend)
             return True
@@ -281,15 +478,20 @@ class ServerPool:
             del self._backends[key]
             log.info("server {server_id} ({address}) left the pool", server_id=backend.server_id,
                      address=backend.address)
+            self._changed("removed", backend)
 
-    def reconfigure(self, servers: Iterable[RemoteServer]) -> ReconfigureResult:
-        """Make the pool match a reloaded server list without dropping any session.
+    def reconfigure(self, servers: Iterable[RemoteServer], source: str = CONFIG) -> ReconfigureResult:
+        """Make *source*'s members match a reloaded server list without dropping any session;
+        members from other sources are left alone (an id one of them holds is not added: a
+        clash, logged and listed in the result).
 
         A server whose address changed is a new server under the same id: the old one drains.
         """
         result = ReconfigureResult()
         wanted = {s.server_id: s for s in servers}
         for backend in list(self._backends.values()):
+            if backend.source != source:
+                continue
             new = wanted.get(backend.server_id)
             if new is not None and (new.host, new.port) == (backend.host, backend.port):
                 result.kept.append(backend.server_id)
@@ -301,13 +503,21 @@ class ServerPool:
             if backend.active:
                 backend.leaving = True
                 backend.state = ServerState.DRAINING
-                backend.reason = "removed from the config"
+                backend.reason = f"removed from the {source}"
                 self._backends[f"{backend.server_id}~{backend.address}"] = backend
                 result.draining.append(backend.server_id)
+                self._changed("state", backend)
             else:
                 result.removed.append(backend.server_id)
+                self._changed("removed", backend)
         for server_id, server in wanted.items():
-            if server_id not in self._backends:
-                self._add(server)
+            held = self._backends.get(server_id)
+            if held is None:
+                self._add(server, source)
                 result.added.append(server_id)
+            elif held.source != source:
+                result.clashes.append(server_id)
+                log.warn("{source}: server {server_id} ({address}) not added: that id is a member "
+                         "from {other} ({held})", source=source, server_id=server_id,
+                         address=server.address, other=held.source, held=held.address)
         return result

@@ -17,11 +17,10 @@ address and in all (:class:`PendingLimits`); established sessions only by ``MAX_
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
-from typing import Any, Callable, Protocol as TypingProtocol, Sequence
+from typing import Any, Protocol as TypingProtocol, Sequence
 
-from twisted.internet import abstract
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, DNSLookupError
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -33,7 +32,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from protheus_broker.balancing.pool import Backend, ServerPool, ServerState
+from protheus_broker.balancing.pool import Backend, ServerPool, ServerState, is_ip_literal
+from protheus_broker.desktop.lifecycle import GateRefused, IGate, Lifecycle, ServerAvailable, SessionState
+from protheus_broker.desktop.pending import PendingLimits, PendingToken, RefusalLog
+from protheus_broker.desktop.pending import client_host as _host, client_text as _client_text
 from protheus_broker.sockets import send_now, tune
 from protheus_broker.stats import ISessionStats, SessionStats
 
@@ -44,129 +46,9 @@ log = Logger()
 #: (backpressure) until an AppServer answers; at most one read more is kept.
 KEEP_LIMIT = 64 * 1024
 
-#: Seconds between two log lines about refused connections (each says how many since the last).
-REFUSAL_LOG_INTERVAL = 10.0
-
 #: Seconds the addresses of an AppServer's host name are reused before it is resolved again
 #: (a login storm does not become a storm of lookups).
 RESOLVED_FOR = 10.0
-
-
-def _host(addr: Any) -> str:
-    """The client address a cap counts by: its IPv4 address, or its IPv6 /64 (one site's
-    prefix: a single host can use any address in it); "" when unknown."""
-    host = str(getattr(addr, "host", "") or "")
-    if ":" not in host:
-        return host
-    try:
-        address = ipaddress.IPv6Address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(ipaddress.IPv6Network((address, 64), strict=False))
-
-
-def _client_text(addr: Any) -> str:
-    return f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
-
-
-class RefusalLog:
-    """Log lines about refused connections, at most one per *interval*: the first refusal is
-    logged at once, later ones are counted and the count is logged at the end of each interval
-    that had some, so every refusal is in exactly one line (``flush`` logs what is left)."""
-
-    def __init__(self, clock: Any, describe: Callable[[], str],
-                 interval: float = REFUSAL_LOG_INTERVAL) -> None:
-        self.clock = clock
-        self.describe = describe
-        self.interval = interval
-        self.count = 0  # refused since the last line
-        self.latest = ""
-        self.timer: Any = None
-
-    def refused(self, client: str) -> None:
-        self.count += 1
-        self.latest = client
-        if self.timer is None:
-            self._emit(first=True)
-            self.timer = self.clock.callLater(self.interval, self._tick)
-
-    def _tick(self) -> None:
-        self.timer = None
-        if self.count:
-            self._emit(first=False)
-            self.timer = self.clock.callLater(self.interval, self._tick)
-
-    def _emit(self, first: bool) -> None:
-        count, self.count = self.count, 0
-        when = "" if first else f" in the last {self.interval:g}s"
-        log.warn("{what}: refused {count} connection(s){when}, latest from {client}",
-                 what=self.describe(), count=count, when=when, client=self.latest,
-                 refused=count)
-
-    def flush(self) -> None:
-        """Log what was refused since the last line and stop the timer (the port is closing)."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.count:
-            self._emit(first=False)
-
-
-class PendingToken:
-    """One connection counted as not yet established; ``release`` (idempotent) uncounts it."""
-
-    __slots__ = ("limits", "host", "held")
-
-    def __init__(self, limits: PendingLimits, host: str) -> None:
-        self.limits = limits
-        self.host = host
-        self.held = True
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self.limits._release(self.host)
-
-
-class PendingLimits:
-    """Connections not yet established, per client address and in all, against their caps.
-
-    Pending is everything a stranger can hold without an AppServer having said a word: a
-    connection whose first bytes are undecided, one served by a non-session recogniser (the
-    port's ``/status``), and a session whose AppServer has not sent its first byte.  Established
-    sessions never count, so a branch office behind one NAT address is not capped.  A cap of 0
-    is no cap.
-    """
-
-    def __init__(self, per_address: int = 0, total: int = 0) -> None:
-        self.per_address = per_address
-        self.total = total
-        self.count = 0
-        self.by_address: dict[str, int] = {}
-
-    def over(self, host: str) -> str | None:
-        """The key of the cap one more connection from *host* would pass, or None."""
-        if self.total and self.count >= self.total:
-            return "MAX_PENDING"
-        if self.per_address and self.by_address.get(host, 0) >= self.per_address:
-            return "MAX_PENDING_PER_ADDRESS"
-        return None
-
-    def take(self, host: str) -> PendingToken:
-        """Count one more (no check: see :meth:`over`)."""
-        self.count += 1
-        self.by_address[host] = self.by_address.get(host, 0) + 1
-        return PendingToken(self, host)
-
-    def _release(self, host: str) -> None:
-        self.count -= 1
-        left = self.by_address.get(host, 0) - 1
-        if left > 0:
-            self.by_address[host] = left
-        else:
-            self.by_address.pop(host, None)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -480,11 +362,6 @@ def _describe(reason: Failure) -> str:
     return text or type(value).__name__
 
 
-def is_ip_literal(host: str) -> bool:
-    """True for an IPv4 or IPv6 address (connected to at once, no name resolution)."""
-    return abstract.isIPAddress(host) or abstract.isIPv6Address(host)
-
-
 @implementer(IResolutionReceiver)
 class _Resolving:
     """Receives the addresses of one AppServer's host name (``reactor.nameResolver``: a
@@ -513,12 +390,20 @@ class _Resolving:
     def stopConnecting(self) -> None:
         if not self.stopped:
             self.stopped = True
-            self.session.clientConnectionFailed(None, Failure(DNSLookupError("stopped")))
+            self.session.attempt_failed(Failure(DNSLookupError("stopped")))
 
 
 class Session(ClientFactory):
-    """One SmartClient session: choose servers in the balancer's order until one connects, link
-    the two sides, and account for how the session ends.
+    """One SmartClient session: pass its gates, choose servers in the balancer's order until one
+    connects, link the two sides, and account for how the session ends.
+
+    Its lifecycle is :class:`~.lifecycle.Lifecycle` (accepted -> choosing -> waiting ->
+    connecting -> linked -> closing -> ended); the relay itself never goes through it.  In
+    *waiting* the client is paused (what TLS decrypted meanwhile is held within
+    :data:`KEEP_LIMIT`'s backpressure) and counted as pending, while each of the broker's gates
+    (:class:`~.lifecycle.IGate`) says it may go on or why not.  What steers a session from
+    outside (TLS upstream, a resumable link) uses its methods: :meth:`connecting_through`,
+    :meth:`attempt_failed`, :meth:`server_connected`, :meth:`unlink_refused`.
 
     It is also the factory of its server connection (one object less per session).
 
@@ -560,7 +445,8 @@ class Session(ClientFactory):
         self.client_lost = False
         self.server_lost = False
         self.how: str | None = None
-        self.ended = False
+        self.life = Lifecycle(self.session_id)
+        self.waiting: Deferred[None] | None = None  # a gate's answer, while waiting
         self.pending = client.pending or broker.pending.take(_host(peer))
         self.answer_timeout = broker.first_response_timeout  # a reload changes new sessions only
         self.keeping = self.answer_timeout > 0
@@ -575,27 +461,82 @@ class Session(ClientFactory):
 
     # --- choosing and connecting ----------------------------------------------------------
 
+    @property
+    def ended(self) -> bool:
+        return self.life.state is SessionState.ENDED
+
+    @property
+    def state(self) -> SessionState:
+        return self.life.state
+
     def start(self) -> None:
         self.broker.session_started(self)
-        self.candidates = self.broker.pool.candidates(self.started)
+        self.life.move(SessionState.CHOOSING)
+        self._pass_gates(0)
+
+    def _pass_gates(self, index: int) -> None:
+        """Ask gate *index* (then the next ones) whether the session may go on; connect after
+        the last.  A gate that answers at once costs no state change."""
+        gates = self.broker.gates
+        if index >= len(gates):
+            self._choose()
+            return
+        answer = gates[index].acquire(self)
+        if not answer.called:
+            if self.life.state is not SessionState.WAITING:
+                self.life.move(SessionState.WAITING)
+            log.info("session {session_id} from {client}: waiting ({gate})",
+                     session_id=self.session_id, client=self.client_address, gate=gates[index])
+            self.waiting = answer
+        answer.addCallbacks(self._gate_passed, self._gate_refused, callbackArgs=(index + 1,))
+
+    def _gate_passed(self, result: object, index: int) -> None:
+        self.waiting = None
+        if self.client_lost:  # (the wait was cancelled; a gate that fired anyway changes nothing)
+            return
+        self._pass_gates(index)
+
+    def _gate_refused(self, reason: Failure) -> None:
+        self.waiting = None
+        if reason.check(CancelledError) or self.client_lost:
+            return  # the client left: side_lost ends the session
+        refusal = reason.value
+        if isinstance(refusal, GateRefused):
+            self._fail(refusal.what, refusal.detail)
+        else:  # a gate's own bug: still one line, and the client is not held
+            self._fail("a gate failed", _describe(reason))
+
+    def _choose(self) -> None:
+        now = self.started
+        if self.life.state is SessionState.WAITING:
+            self.life.move(SessionState.CHOOSING)
+            now = self.broker.clock.seconds()
+        self.candidates = self.broker.pool.candidates(now)
+        self.life.move(SessionState.CONNECTING)
         self._try_next()
+
+    def _fail(self, what: str, detail: str) -> None:
+        """No server for this session (*what*, *detail* say why): close the client, logged and
+        counted."""
+        self.how = f"{what} ({detail})"
+        log.warn("session {session_id} from {client}: {what}, closing the client ({tried})",
+                 session_id=self.session_id, client=self.client_address, what=what, tried=detail)
+        self.broker.stats.record("sessions_failed")
+        self.life.move(SessionState.CLOSING)
+        self.client.transport.loseConnection()
 
     def _try_next(self) -> None:
         if self.client_lost:
             self._end("client left before a server answered")
             return
+        if self.life.state is not SessionState.CONNECTING:
+            self.life.move(SessionState.CONNECTING)
         if self.addresses and self.backend is not None:  # the same server's next address
             self._connect(self.backend, self.addresses.pop(0))
             return
         if not self.candidates:
             tried = "; ".join(self.failures) if self.failures else "none is up"
-            self.how = f"no AppServer available ({tried})"
-            log.warn(
-                "session {session_id} from {client}: no AppServer available, closing the client "
-                "({tried})", session_id=self.session_id, client=self.client_address, tried=tried,
-            )
-            self.broker.stats.record("sessions_failed")
-            self.client.transport.loseConnection()
+            self._fail("no AppServer available", tried)
             return
         backend = self.candidates.pop(0)
         self.backend = backend
@@ -609,6 +550,11 @@ class Session(ClientFactory):
         if is_ip_literal(backend.host) or resolver is None:
             self._connect(backend, backend.host)
             return
+        known_now = self.broker.pool.addresses_for(backend)  # resolved by the pool at load
+        if known_now:
+            self.addresses = list(known_now)
+            self._try_next()
+            return
         known = self.broker.resolved.get(backend.host)
         if known is not None and known[0] > self.broker.clock.seconds():
             self.resolved(backend, known[1])
@@ -617,6 +563,33 @@ class Session(ClientFactory):
         self.connector = receiver
         self.address = None
         resolver.resolveHostName(receiver, backend.host, backend.port)
+
+    # --- steering from outside (TLS upstream, a resolver): methods, not attributes ------------
+
+    def connecting_through(self, stopper: Any) -> None:
+        """The attempt under way is now *stopper*'s (a handshake, a lookup): a client that leaves
+        calls its ``stopConnecting``, which must end in :meth:`attempt_failed`."""
+        self.connector = stopper
+
+    def attempt_failed(self, reason: Failure) -> None:
+        """The attempt under way failed before the server was linked (a refused connect, a
+        failed lookup or TLS handshake): try the next address or server."""
+        self.connector = None
+        self.clientConnectionFailed(None, reason)
+
+    def unlink_refused(self, server: ServerSide, reason: Failure) -> bool:
+        """The linked *server* refused the session before the client sent a byte (a TLS alert
+        after the handshake): unlink it and fail over like a refused connect (True).  False if
+        that is too late (the client spoke, or left): the session goes on ending normally."""
+        client = self.client
+        if client.received or self.client_lost or self.backend is None or self.server is not server:
+            return False
+        client.transport.unregisterProducer()  # this side's transport; the next one registers
+        client.transport.pauseProducing()
+        client.peer = server.peer = None
+        self.server = None
+        self.attempt_failed(reason)
+        return True
 
     def resolved(self, backend: Backend, addresses: list[str]) -> None:
         """The addresses of *backend*'s name: each is tried in turn before the next server."""
@@ -686,6 +659,7 @@ class Session(ClientFactory):
         if self.client_lost:
             server.transport.loseConnection()
             return
+        self.life.move(SessionState.LINKED)
         client = self.client
         client.peer, server.peer = server, client
         client.transport.registerProducer(server.transport, True)
@@ -797,9 +771,14 @@ class Session(ClientFactory):
         who = "client" if side is self.client else "server"
         if self.how is None:
             self.how = f"{who} closed" if clean else f"{who} lost: {_describe(reason)}"
+        if self.life.state is not SessionState.CLOSING:
+            self.life.move(SessionState.CLOSING)
         if side is self.client:
             self.client_lost = True
             self._stop_answer_timer()
+            if self.waiting is not None:  # held by a gate: give up the wait
+                waiting, self.waiting = self.waiting, None
+                waiting.cancel()
             if self.connector is not None:
                 self.connector.stopConnecting()  # -> clientConnectionFailed -> _end
                 return
@@ -825,7 +804,9 @@ class Session(ClientFactory):
     def _end(self, how: str) -> None:
         if self.ended:
             return
-        self.ended = True
+        if self.life.state is not SessionState.CLOSING:
+            self.life.move(SessionState.CLOSING)
+        self.life.move(SessionState.ENDED)
         self._stop_answer_timer()
         self._probe_ended()
         self.pending.release()
@@ -842,7 +823,9 @@ class BrokerFactory(ServerFactory):
     without, every connection is a SmartClient session from its first byte.  Connections not yet
     established are capped per client address and in all (:class:`PendingLimits`); over a cap
     a connection is closed at once.  *first_response_timeout* (0: off) is the replay rule of
-    :class:`Session`.
+    :class:`Session`.  Each session passes *gates* before it connects: by default one,
+    :class:`~.lifecycle.ServerAvailable`, which holds a session up to *wait_for_server* seconds
+    (``WAIT_FOR_SERVER``; 0: no wait) while no server can take it; later issues add theirs.
     """
 
     noisy = False
@@ -860,6 +843,7 @@ class BrokerFactory(ServerFactory):
         max_pending_per_address: int = 0,
         max_pending: int = 0,
         stats: ISessionStats | None = None,
+        wait_for_server: float = 0.0,
     ) -> None:
         #: the unit's counters (sessions, refusals, bytes of ended sessions, handshakes)
         self.stats: ISessionStats = stats if stats is not None else SessionStats()
@@ -873,8 +857,15 @@ class BrokerFactory(ServerFactory):
         self.first_bytes_wait = first_bytes_wait
         self.first_response_timeout = first_response_timeout
         self.pending = PendingLimits(max_pending_per_address, max_pending)
-        #: AppServer host name -> (valid until, its addresses), see RESOLVED_FOR
+        self.server_gate = ServerAvailable(pool, wait_for_server)
+        #: what a session must pass before it connects, in order (see lifecycle.IGate)
+        self.gates: list[IGate] = [self.server_gate]
+        #: AppServer host name -> (valid until, its addresses), see RESOLVED_FOR: for a name
+        #: the pool has no addresses of yet (see ServerPool.use_resolver)
         self.resolved: dict[str, tuple[float, list[str]]] = {}
+        resolver = getattr(reactor, "nameResolver", None)
+        if resolver is not None and pool.resolver is None:
+            pool.use_resolver(resolver)  # every host name now, in the background
         self.ids = itertools.count(1)
         self.sessions: dict[int, Session] = {}
         #: resumable sessions (``resume_broker.ResumableSessions``: count, snapshot(), drops,
@@ -898,6 +889,16 @@ class BrokerFactory(ServerFactory):
     bytes_in_total = property(lambda self: self.stats.get("bytes_in"))  # of ended sessions
     bytes_out_total = property(lambda self: self.stats.get("bytes_out"))
     handshake_failures = property(lambda self: self.stats.get("handshake_failures"))
+
+    @property
+    def wait_for_server(self) -> float:
+        """``WAIT_FOR_SERVER``: how long a session waits for a server that can take it (a
+        reload changes new sessions only)."""
+        return self.server_gate.wait
+
+    @wait_for_server.setter
+    def wait_for_server(self, seconds: float) -> None:
+        self.server_gate.wait = seconds
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         pending = self.admit(addr)

@@ -33,6 +33,7 @@ class DesktopBalanceConfig:
     first_response_timeout: float = 5.0  # FIRST_RESPONSE_TIMEOUT: no AppServer byte -> replay (0: off)
     max_pending_per_address: int = 128  # MAX_PENDING_PER_ADDRESS: not yet established, one address
     max_pending: int = 1024  # MAX_PENDING: not yet established, all addresses
+    wait_for_server: float = 0.0  # WAIT_FOR_SERVER: no server can take a session -> wait this long (0: fail at once)
     metrics_max_age: float = 3.0
     service_name: str = "protheus-broker"
     service_display_name: str = "protheus-broker"
@@ -122,6 +123,7 @@ def read_desktop(section: Section, sections: Mapping[str, Section],
         first_response_timeout=section.number("FIRST_RESPONSE_TIMEOUT", 5.0, 0.0, 300.0),
         max_pending_per_address=section.integer("MAX_PENDING_PER_ADDRESS", 128, 0, 1_000_000),
         max_pending=section.integer("MAX_PENDING", 1024, 0, 1_000_000),
+        wait_for_server=section.number("WAIT_FOR_SERVER", 0.0, 0.0, 3600.0),
         metrics_max_age=section.number("METRICS_MAX_AGE", 3.0, 0.1, 3600.0),
         service_name=section.text("SERVICE_NAME", "protheus-broker"),
         service_display_name=section.text("SERVICE_DISPLAY_NAME", "protheus-broker"),

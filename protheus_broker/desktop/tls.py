@@ -524,7 +524,7 @@ class TLSServerSide(ServerSide, _HandshakeTimer):
 
     def connectionMade(self) -> None:
         self.eager = tune(self.transport.transport) and False  # TLS writes go through OpenSSL
-        self.session.connector = _AbortHandshake(self.transport)
+        self.session.connecting_through(_AbortHandshake(self.transport))
         self.start_timer(self.upstream.clock, self.upstream.handshake_timeout, self.transport)
 
     def handshakeCompleted(self) -> None:
@@ -542,7 +542,6 @@ class TLSServerSide(ServerSide, _HandshakeTimer):
             return
         self.stop_timer()
         session = self.session
-        session.connector = None
         if session.client_lost:
             why = "client left"
         else:
@@ -553,7 +552,7 @@ class TLSServerSide(ServerSide, _HandshakeTimer):
             backend = session.backend
             handshake_failed(session.broker, "AppServer",
                              f"{backend.server_id} ({backend.address})" if backend else "?", why)
-        session.clientConnectionFailed(None, Failure(HandshakeFailed(f"TLS handshake failed: {why}")))
+        session.attempt_failed(Failure(HandshakeFailed(f"TLS handshake failed: {why}")))
 
 
     def _refused_after_handshake(self, reason: Failure) -> bool:
@@ -566,15 +565,7 @@ class TLSServerSide(ServerSide, _HandshakeTimer):
         why = describe_failure(reason)
         handshake_failed(session.broker, "AppServer",
                          f"{backend.server_id} ({backend.address})" if backend else "?", why)
-        client = session.client
-        if client.received or session.client_lost or backend is None:
-            return False
-        client.transport.unregisterProducer()  # this side's transport; the next one registers
-        client.transport.pauseProducing()
-        client.peer = self.peer = None
-        session.server = None
-        session.clientConnectionFailed(None, Failure(HandshakeFailed(f"TLS handshake failed: {why}")))
-        return True
+        return session.unlink_refused(self, Failure(HandshakeFailed(f"TLS handshake failed: {why}")))
 
 
 class _UpstreamFactory(ClientFactory):
@@ -590,7 +581,7 @@ class _UpstreamFactory(ClientFactory):
         return TLSServerSide(self.session, self.upstream)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.session.clientConnectionFailed(connector, reason)
+        self.session.attempt_failed(reason)
 
 
 # --- wiring ------------------------------------------------------------------------------------

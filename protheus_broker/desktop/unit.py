@@ -73,6 +73,7 @@ class DesktopUnit(MultiService):
             first_response_timeout=config.first_response_timeout,
             max_pending_per_address=config.max_pending_per_address,
             max_pending=config.max_pending,
+            wait_for_server=config.wait_for_server,
             recognisers=[resumable.recogniser] if resumable is not None else [],
             stats=self.stats,
         )
@@ -150,6 +151,7 @@ class DesktopUnit(MultiService):
         factory.max_sessions = desktop.max_sessions
         factory.first_bytes_wait = desktop.first_bytes_wait
         factory.first_response_timeout = desktop.first_response_timeout  # new sessions
+        factory.wait_for_server = desktop.wait_for_server  # new sessions
         factory.pending.per_address = desktop.max_pending_per_address
         factory.pending.total = desktop.max_pending
         factory.sort_method = desktop.effective_sort_method.value
