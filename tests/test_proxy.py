@@ -348,23 +348,27 @@ class ReplayTests(SynchronousTestCase):
         self.assertEqual(len(h.reactor.tcpClients), 1)
         self.assertEqual(server_t.value(), b"login")
 
-    def test_copy_is_bounded_by_backpressure(self) -> None:
-        """Past KEEP_LIMIT unanswered bytes the client is not read; the answer resumes it and
-        every byte reaches the replacement server in order."""
+    def test_copy_is_bounded_then_dropped(self) -> None:
+        """Past KEEP_LIMIT unanswered bytes (not a login: a bulk upload, a protocol whose server
+        answers late) the copy goes and the session is relayed without replay: the client is
+        never stalled, every byte reaches the server in order, and no timer replays it."""
         h, client, client_t, session, server, server_t = self.linked()
         chunks = [bytes([n]) * 40_000 for n in range(3)]
+        self.assertLess(40_000, KEEP_LIMIT, "the first chunk must fit the copy")
+        self.assertGreater(80_000, KEEP_LIMIT, "the second must pass it")
         client.dataReceived(chunks[0])
-        self.assertEqual(client_t.producerState, "producing")
+        self.assertEqual(session.kept_size, 40_000)
         client.dataReceived(chunks[1])
-        self.assertEqual(client_t.producerState, "paused")
-        self.assertLessEqual(session.kept_size, KEEP_LIMIT + 40_000)
-        h.reactor.advance(2)
-        server2, server2_t = h.connect_server(h.attempt()[2])
-        self.assertEqual(client_t.producerState, "paused")  # still unanswered
-        server2.dataReceived(b"ok")
+        self.assertIsNone(session.kept)
+        self.assertFalse(session.replayable())
         self.assertEqual(client_t.producerState, "producing")
+        self.assertIs(server_t.producer, client_t)  # ordinary backpressure from now on
         client.dataReceived(chunks[2])
-        self.assertEqual(server2_t.value(), b"".join(chunks))
+        h.reactor.advance(60)
+        self.assertEqual(len(h.reactor.tcpClients), 1)  # nothing replayed
+        self.assertEqual(server_t.value(), b"".join(chunks))
+        server.dataReceived(b"ok")
+        self.assertEqual(client_t.value(), b"ok")
 
     def test_off_when_zero(self) -> None:
         """FIRST_RESPONSE_TIMEOUT=0: nothing is kept and nothing is replayed."""

@@ -355,9 +355,9 @@ class ReplaySocketTests(SocketCase):
 
     @defer.inlineCallbacks
     def test_hung_server_login_replayed_byte_exact(self) -> Any:
-        """200 KB sent at once to a hung AppServer (more than the copy's limit: the client is
-        held back) are replayed on the next one and echoed back byte-exact after its greeting."""
-        size = 200 * 1024
+        """A 60 KB login sent at once to a hung AppServer (within the copy's limit) is replayed on
+        the next one and echoed back byte-exact after its greeting."""
+        size = 60 * 1024
         logs = LogCatcher(self)
         factory, port = self.broker([hung_server(self), self.listen(AppServerSimFactory("good"))],
                                     first_response_timeout=0.5)

@@ -42,8 +42,8 @@ from protheus_broker.stats import ISessionStats, SessionStats
 log = Logger()
 
 #: What a session keeps of the client's bytes until its AppServer's first byte, to replay them on
-#: the next AppServer if that one does not answer.  At this size the client is no longer read
-#: (backpressure) until an AppServer answers; at most one read more is kept.
+#: the next AppServer if that one does not answer.  A client that sends this much before any
+#: answer is not logging in: the copy goes and its session is relayed without replay.
 KEEP_LIMIT = 64 * 1024
 
 #: Seconds the addresses of an AppServer's host name are reused before it is resolved again
@@ -409,7 +409,8 @@ class Session(ClientFactory):
 
     *Replay* (when the broker's ``first_response_timeout`` is not 0): until the linked AppServer
     sends its first byte, the session keeps a copy of what it passed on from the client (up to
-    :data:`KEEP_LIMIT`; then the client is not read).  The SmartClient speaks first, so the
+    :data:`KEEP_LIMIT`: a client that sends more before any answer is not logging in, and its
+    session is relayed without replay).  The SmartClient speaks first, so the
     timer starts when the client's first bytes are sent to the server, not at connect: a client
     that says nothing never makes a server look hung (a server that speaks first, like the
     sample AppServer, has answered before any timer starts).  If the AppServer sends nothing
@@ -421,9 +422,9 @@ class Session(ClientFactory):
     AppServer byte drops the copy: from then on the data path holds nothing extra.
 
     This fits the SmartClient, whose first message is a small handshake (or a TLS ClientHello)
-    that the AppServer answers at once and that is safe to send twice.  A protocol whose server
-    stays silent until the client has sent more than :data:`KEEP_LIMIT`, or whose first request
-    may take longer than the timeout and must not run twice, needs ``FIRST_RESPONSE_TIMEOUT=0``.
+    that the AppServer answers at once and that is safe to send twice.  A protocol whose first
+    request may take longer than the timeout and must not run twice needs
+    ``FIRST_RESPONSE_TIMEOUT=0``.
     """
 
     noisy = False
@@ -454,7 +455,6 @@ class Session(ClientFactory):
         self.kept: list[bytes] | None = None  # client bytes sent to the unanswered server
         self.kept_size = 0
         self.kept_eof = False
-        self.kept_paused = False  # the client is not read: the copy is full
         self.answer_timer: Any = None
         self.silent: list[tuple[Backend, str]] = []  # servers that failed before answering
         self.probing: Backend | None = None  # a server on probation this session is trying
@@ -673,7 +673,7 @@ class Session(ClientFactory):
             self.client_sent(prefix)
         if client.eof:
             client.readConnectionLost()
-        elif not self.kept_paused:
+        else:
             client.transport.resumeProducing()
 
     # --- until the first answer: keep, time, replay -----------------------------------------
@@ -687,9 +687,20 @@ class Session(ClientFactory):
         self.kept_size += len(data)
         if self.answer_timer is None:
             self.answer_timer = self.broker.clock.callLater(self.answer_timeout, self._no_answer)
-        if self.kept_size >= KEEP_LIMIT and not self.kept_paused:
-            self.kept_paused = True
-            self.client.transport.pauseProducing()
+        if self.kept_size >= KEEP_LIMIT:
+            self._stop_keeping()
+
+    def _stop_keeping(self) -> None:
+        """The client sent :data:`KEEP_LIMIT` bytes before any answer: this is not a login
+        handshake, so the copy goes and the session is relayed as any other (without replay),
+        rather than stalling the client until the timeout."""
+        server, client = self.server, self.client
+        assert server is not None
+        self._stop_answer_timer()
+        log.info("session {session_id}: {size} bytes from the client before the AppServer's first "
+                 "byte; relayed without replay", session_id=self.session_id, size=self.kept_size)
+        self.kept, self.kept_size, self.kept_eof = None, 0, False
+        server.transport.registerProducer(client.transport, True)
 
     def client_eof(self) -> None:
         if self.kept is not None:
@@ -755,10 +766,6 @@ class Session(ClientFactory):
         if self.kept is not None:
             self.kept, self.kept_size = None, 0
             server.transport.registerProducer(client.transport, True)
-            if self.kept_paused:
-                self.kept_paused = False
-                if not client._read_closed:
-                    client.transport.resumeProducing()
 
     # --- ending ---------------------------------------------------------------------------
 
