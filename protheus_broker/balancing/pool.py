@@ -143,13 +143,15 @@ PoolObserver = Callable[[PoolEvent], None]
 
 
 @implementer(IResolutionReceiver)
-class _Lookup:
-    """Receives the addresses of one server's host name for the pool."""
+class AddressCollector:
+    """Collects the addresses of one host name (``reactor.nameResolver``: a getaddrinfo in a
+    thread, IPv4 and IPv6), each once, and hands them to *done* when the lookup completes, unless
+    :attr:`stopped` meanwhile."""
 
-    def __init__(self, pool: ServerPool, backend: Backend) -> None:
-        self.pool = pool
-        self.backend = backend
+    def __init__(self, done: Callable[[list[str]], None]) -> None:
+        self.done = done
         self.addresses: list[str] = []
+        self.stopped = False
 
     def resolutionBegan(self, resolution: Any) -> None:
         pass
@@ -160,7 +162,8 @@ class _Lookup:
             self.addresses.append(host)
 
     def resolutionComplete(self) -> None:
-        self.pool._resolved(self.backend, self.addresses)
+        if not self.stopped:
+            self.done(self.addresses)
 
 
 class ServerPool:
@@ -222,7 +225,9 @@ class ServerPool:
             return
         backend.resolving = True
         try:
-            self.resolver.resolveHostName(_Lookup(self, backend), backend.host, backend.port)
+            self.resolver.resolveHostName(
+                AddressCollector(lambda addresses: self._resolved(backend, addresses)),
+                backend.host, backend.port)
         except Exception as e:
             backend.resolving = False
             log.warn("server {server_id}: cannot look up {host}: {why}", server_id=backend.server_id,

@@ -22,17 +22,13 @@ from typing import Any, Protocol as TypingProtocol, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, DNSLookupError
-from twisted.internet.interfaces import (
-    IHalfCloseableProtocol,
-    IProtocol,
-    IResolutionReceiver,
-)
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from protheus_broker.balancing.pool import Backend, ServerPool, ServerState, is_ip_literal
+from protheus_broker.balancing.pool import AddressCollector, Backend, ServerPool, ServerState, is_ip_literal
 from protheus_broker.desktop.lifecycle import GateRefused, IGate, Lifecycle, ServerAvailable, SessionState
 from protheus_broker.desktop.pending import PendingLimits, PendingToken, RefusalLog
 from protheus_broker.desktop.pending import client_host as _host, client_text as _client_text
@@ -362,30 +358,13 @@ def _describe(reason: Failure) -> str:
     return text or type(value).__name__
 
 
-@implementer(IResolutionReceiver)
-class _Resolving:
-    """Receives the addresses of one AppServer's host name (``reactor.nameResolver``: a
-    getaddrinfo in a thread, IPv4 and IPv6) and stands for the connector meanwhile: a client that
-    leaves stops the attempt (``stopConnecting``)."""
+class _Resolving(AddressCollector):
+    """The lookup of one AppServer's host name for a session, standing for the connector
+    meanwhile: a client that leaves stops the attempt (``stopConnecting``)."""
 
     def __init__(self, session: Session, backend: Backend) -> None:
+        super().__init__(lambda addresses: session.resolved(backend, addresses))
         self.session = session
-        self.backend = backend
-        self.addresses: list[str] = []
-        self.stopped = False
-
-    def resolutionBegan(self, resolution: Any) -> None:
-        pass
-
-    def addressResolved(self, address: Any) -> None:
-        host = getattr(address, "host", None)
-        if host and host not in self.addresses:
-            self.addresses.append(host)
-
-    def resolutionComplete(self) -> None:
-        if self.stopped:
-            return
-        self.session.resolved(self.backend, self.addresses)
 
     def stopConnecting(self) -> None:
         if not self.stopped:
