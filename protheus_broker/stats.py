@@ -24,6 +24,10 @@ COUNTERS = (
     "resume_failures",      # resume attempts refused
     "unestablished_drops",  # resumable sessions whose link dropped before they were established
     "standby_evictions",    # standby sessions ended at STANDBY_MAX_SESSIONS to make room
+    "http_requests",        # HTTP units: requests received (a complete head)
+    "http_5xx",             # HTTP units: requests answered 5xx (by the broker or the AppServer)
+    "http_in_flight",       # HTTP units: requests being answered now (goes down too)
+    "http_bad_requests",    # HTTP units: requests refused 400/408/431 as malformed
 )
 
 

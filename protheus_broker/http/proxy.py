@@ -1,0 +1,613 @@
+"""The HTTP/1.1 reverse proxy: a raw Twisted ``Protocol`` with h11 on both legs.
+
+The client leg is an ``h11.Connection(SERVER)`` per connection (keep-alive; pipelined requests
+wait their turn: reading pauses while one is in flight).  Per request an :class:`IDispatcher`
+(the unit's balancing and affinity) names the servers to try; the request goes out on an idle
+upstream connection of :class:`~protheus_broker.http.upstream.UpstreamPool` or a new one, and
+bodies stream both ways with producer backpressure (each leg's transport is the producer of the
+other's).  A ``101`` turns the pair into a raw byte relay (WebSocket).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import h11
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from protheus_broker.desktop.pending import PendingLimits, PendingToken, client_host
+from protheus_broker.http.upstream import UpstreamPool, UpstreamProtocol, Valve
+from protheus_broker.stats import ISessionStats, SessionStats
+
+log = Logger()
+
+Headers = list[tuple[bytes, bytes]]
+
+#: Hop-by-hop headers (RFC 9110 7.6.1) never forwarded; Transfer-Encoding and Content-Length
+#: are the message framing, which h11 re-writes on each leg.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+                        b"proxy-connection", b"te", b"trailer", b"upgrade"})
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
+class NoBackend(Exception):
+    """No server can take the request: answered 503 with the reason (and Retry-After)."""
+
+    def __init__(self, reason: str, retry_after: int = 1) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass
+class RequestInfo:
+    """What a dispatcher sees of a request."""
+
+    method: bytes
+    target: bytes
+    headers: Headers
+    client: str
+    tls: bool = False
+
+
+@dataclass
+class Choice:
+    """A dispatcher's answer: the servers to try in order (each has ``server_id``, ``host``,
+    ``port``) and whatever the dispatcher keeps for the request."""
+
+    candidates: list[Any]
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class IDispatcher(Interface):
+    """Where the proxy asks which server takes a request and reports what happened."""
+
+    strip_request_headers = Attribute("Header names (lower-case bytes) never sent upstream.")
+
+    def choose(request: RequestInfo) -> "Deferred[Choice]":
+        """The servers for *request*, best first; fails with :class:`NoBackend`."""
+
+    def opening(choice: Choice, backend: Any) -> None:
+        """The request is about to be sent to *backend* (count it in flight)."""
+
+    def connect_failed(choice: Choice, backend: Any, reason: str) -> None:
+        """No connection to *backend* (before any byte of the request): the next one is tried."""
+
+    def answered(choice: Choice, backend: Any) -> None:
+        """*backend* sent the response head."""
+
+    def released(choice: Choice, backend: Any, outcome: str) -> None:
+        """The request on *backend* ended: "ok", "failed" (502, cut) or "client-gone"."""
+
+    def request_headers(choice: Choice, headers: Headers) -> Headers:
+        """The headers to send upstream (e.g. the affinity cookie removed)."""
+
+    def response_headers(choice: Choice, backend: Any) -> Headers:
+        """Headers to add to the response (e.g. Set-Cookie)."""
+
+
+@dataclass
+class ProxySettings:
+    """The proxy's limits and options (from the unit's section)."""
+
+    header_timeout: float = 10.0  # HEADER_TIMEOUT: a request head must arrive within (408)
+    keepalive_timeout: float = 60.0  # KEEPALIVE_TIMEOUT: an idle client connection closes after
+    max_header_bytes: int = 64 * 1024  # MAX_HEADER_BYTES: a larger head gets 431
+    max_headers: int = 100  # MAX_HEADERS: more header lines get 431
+    forwarded_headers: bool = True  # FORWARDED_HEADERS: X-Forwarded-For/-Proto and Forwarded
+    tls: bool = False  # the client leg is TLS (X-Forwarded-Proto https)
+
+
+def filter_headers(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool,
+                   strip: Iterable[bytes] = ()) -> Headers:
+    """*headers* without the hop-by-hop ones (and those named in Connection); with
+    *keep_upgrade* the Upgrade header and ``Connection: Upgrade`` stay (WebSocket)."""
+    named = set(HOP_BY_HOP) | set(strip)
+    for name, value in headers:
+        if name == b"connection":
+            named.update(token.strip().lower() for token in value.split(b",") if token.strip())
+    named.discard(b"transfer-encoding")
+    named.discard(b"content-length")
+    if keep_upgrade:
+        named.discard(b"upgrade")
+    out = [(name, value) for name, value in headers if name not in named]
+    if keep_upgrade:
+        out.append((b"connection", b"Upgrade"))
+    return out
+
+
+def forwarded_for(client: str) -> str:
+    """The Forwarded ``for=`` value (IPv6 quoted in brackets)."""
+    return f'"[{client}]"' if ":" in client else client
+
+
+def is_websocket(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """A WebSocket upgrade request (``Upgrade: websocket``)."""
+    return any(n == b"upgrade" and b"websocket" in v.lower() for n, v in headers)
+
+
+def _chunked(conn: h11.Connection) -> bool:
+    """True when *conn*'s outgoing body is chunked (only then can trailers go out)."""
+    return type(getattr(conn, "_writer", None)).__name__ == "ChunkedWriter"
+
+
+@implementer(IHalfCloseableProtocol)
+class HttpProxy(Protocol):
+    """One client connection: requests in turn, each to the server its dispatcher picks."""
+
+    factory: "HttpProxyFactory"
+    transport: Any
+
+    def __init__(self) -> None:
+        self.conn = h11.Connection(h11.SERVER)
+        self.valve: Valve | None = None
+        self.client = "?"
+        self.pending: PendingToken | None = None
+        self.timer: Any = None
+        self.closed = False
+        self.relay: Any = None  # the upstream transport once switched (WebSocket)
+        self.write_closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.request: RequestInfo | None = None
+        self.choice: Choice | None = None
+        self.backend: Any = None
+        self.upstream: UpstreamProtocol | None = None
+        self.flowing = False  # the request body may go upstream
+        self.request_done = False
+        self.response_started = False
+        self.response_done = False
+        self.body_sent = False
+        self.retried = False
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = 0.0
+        self.queue_wait = 0.0
+        self.cycle_bytes = 0
+        self.websocket = False
+        self.dispatching: Deferred[Choice] | None = None
+
+    # --- connection ------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=factory.settings.max_header_bytes)
+        self.valve = Valve(self.transport)
+        peer = self.transport.getPeer()
+        self.client = str(getattr(peer, "host", "") or "?")
+        self.pending_key = client_host(peer)
+        over = factory.pending.over(self.pending_key)
+        if over is not None:
+            factory.stats.record("pending_refused")
+            log.warn("http: refused {client}: {why}", client=self.client, why=over, pool=factory.name)
+            self.transport.abortConnection()
+            return
+        self.pending = factory.pending.take(self.pending_key)
+        self._arm(factory.settings.keepalive_timeout)
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        if seconds > 0:
+            self.timer = self.factory.clock.callLater(seconds, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.cycle_bytes:
+            self._error(408, "the request head did not arrive in time")
+        else:
+            self.transport.loseConnection()  # an idle keep-alive connection
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.relay is not None:
+            self.relay.write(data)
+            return
+        if self.request is None and not self.cycle_bytes and data:
+            self._arm(self.factory.settings.header_timeout)
+        self.cycle_bytes += len(data)
+        self.conn.receive_data(data)
+        self._pump()
+
+    def readConnectionLost(self) -> None:
+        if self.relay is not None:
+            if hasattr(self.relay, "loseWriteConnection"):
+                self.relay.loseWriteConnection()
+            if self.write_closed:
+                self.transport.loseConnection()
+            return
+        self.conn.receive_data(b"")
+        self._pump()
+
+    def writeConnectionLost(self) -> None:
+        self.write_closed = True
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed = True
+        self._disarm()
+        self._release_pending()
+        if self.dispatching is not None:
+            self.dispatching.cancel()
+        if self.relay is not None:
+            self.relay.loseConnection()
+            self._end("client-gone" if not self.response_done else "ok")
+        elif self.request is not None and not self.response_done:
+            if self.upstream is not None:
+                self.upstream.listener = None
+                self.upstream.transport.abortConnection()
+            self._end("client-gone")
+
+    def _release_pending(self) -> None:
+        if self.pending is not None:
+            self.pending.release()
+            self.pending = None
+
+    # --- the client's events -----------------------------------------------------------------
+
+    def _pump(self) -> None:
+        while not self.closed and self.relay is None:
+            if self.request is not None and not self.flowing:
+                return  # waiting for a server: h11 keeps the bytes, the transport is paused
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._bad_request(exc)
+                return
+            if event is h11.NEED_DATA:
+                return
+            if event is h11.PAUSED:
+                assert self.valve is not None
+                self.valve.hold("h11")
+                return
+            if isinstance(event, h11.Request):
+                self._request(event)
+            elif isinstance(event, h11.Data):
+                self._request_body(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._request_end(event)
+            elif isinstance(event, h11.ConnectionClosed):
+                self.transport.loseConnection()
+                return
+
+    def _bad_request(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint if exc.error_status_hint in (400, 413, 414, 431) else 400
+        self.factory.stats.record("http_bad_requests")
+        log.info("http: bad request from {client}: {status} {why}", client=self.client,
+                 status=status, why=str(exc), pool=self.factory.name)
+        if self.request is not None:  # a bad body mid-stream
+            if self.upstream is not None:
+                self._detach(close=True)
+            if self.response_started:
+                self.transport.abortConnection()
+            else:
+                self._error(status, f"malformed request: {exc}")
+            self._end("failed")
+            return
+        self._error(status, f"malformed request: {exc}")
+
+    def _request(self, event: h11.Request) -> None:
+        factory = self.factory
+        self._disarm()
+        self._release_pending()
+        self.started = factory.clock.seconds()
+        headers = list(event.headers)
+        self.request = RequestInfo(event.method, event.target, headers, self.client, factory.settings.tls)
+        if len(headers) > factory.settings.max_headers:
+            factory.stats.record("http_bad_requests")
+            self._error(431, f"more than {factory.settings.max_headers} header lines")
+            return
+        self.websocket = is_websocket(headers)
+        factory.stats.record("http_requests")
+        factory.stats.record("http_in_flight")
+        assert self.valve is not None
+        self.valve.hold("dispatch")
+        self.dispatching = factory.dispatcher.choose(self.request)
+        self.dispatching.addCallbacks(self._chosen, self._not_chosen)
+        self.dispatching.addErrback(self._bug)
+
+    def _bug(self, failure: Failure) -> None:
+        log.failure("http: proxy error", failure, pool=self.factory.name)
+        if not self.closed:
+            self.transport.abortConnection()
+
+    def _not_chosen(self, failure: Failure) -> None:
+        self.dispatching = None
+        if failure.check(NoBackend):
+            error: Any = failure.value
+            self._error(503, error.reason, retry_after=error.retry_after)
+            self._end(None)
+            return None
+        if failure.check(Exception) and self.closed:
+            return None  # cancelled: the client left
+        return failure  # type: ignore[return-value]
+
+    def _chosen(self, choice: Choice) -> None:
+        self.dispatching = None
+        self.choice = choice
+        self.queue_wait = self.factory.clock.seconds() - self.started
+        if self.closed:
+            self._end(None)
+            return
+        self._try_next()
+
+    def _try_next(self, fresh: bool = False) -> None:
+        assert self.choice is not None
+        if not self.choice.candidates:
+            self._error(503, "no AppServer could be reached", retry_after=1)
+            self._end(None)
+            return
+        backend = self.backend = self.choice.candidates.pop(0)
+        self.factory.dispatcher.opening(self.choice, backend)
+        d = self.factory.upstreams.get(backend.server_id, backend.host, backend.port, fresh=fresh)
+        d.addCallbacks(self._attached, self._connect_failed, errbackArgs=(backend,))
+        d.addErrback(self._bug)
+
+    def _connect_failed(self, failure: Failure, backend: Any) -> None:
+        assert self.choice is not None
+        reason = failure.getErrorMessage()
+        log.warn("http: cannot connect to {server} ({address}): {why}", server=backend.server_id,
+                 address=f"{backend.host}:{backend.port}", why=reason, pool=self.factory.name)
+        self.factory.dispatcher.connect_failed(self.choice, backend, reason)
+        if self.closed:
+            return
+        self._try_next()
+
+    def _attached(self, upstream: UpstreamProtocol) -> None:
+        if self.closed:
+            self.factory.upstreams.put(upstream) if upstream.reusable else upstream.transport.loseConnection()
+            return
+        assert self.request is not None and self.choice is not None and self.valve is not None
+        self.upstream = upstream
+        upstream.listener = self
+        upstream.transport.registerProducer(self.valve, True)
+        self.transport.registerProducer(upstream.valve, True)
+        request = self.request
+        headers = filter_headers(request.headers, self.websocket, self.factory.dispatcher.strip_request_headers)
+        headers = self.factory.dispatcher.request_headers(self.choice, headers)
+        if not any(n == b"host" for n, _ in headers):
+            headers.append((b"host", f"{self.backend.host}:{self.backend.port}".encode()))
+        if self.factory.settings.forwarded_headers:
+            proto = b"https" if request.tls else b"http"
+            headers = [(n, v) for n, v in headers if n != b"x-forwarded-proto"]
+            prior = [v for n, v in headers if n == b"x-forwarded-for"]
+            headers = [(n, v) for n, v in headers if n != b"x-forwarded-for"]
+            xff = b", ".join(prior + [self.client.encode()])
+            headers += [(b"x-forwarded-for", xff), (b"x-forwarded-proto", proto),
+                        (b"forwarded", f"for={forwarded_for(self.client)};proto={proto.decode()}".encode())]
+        try:
+            upstream.send(h11.Request(method=request.method, target=request.target, headers=headers))
+        except h11.LocalProtocolError as exc:
+            self._detach(close=True)
+            self._error(400, f"cannot forward the request: {exc}")
+            self._end("failed")
+            return
+        self.flowing = True
+        self.valve.release("dispatch")
+        self._pump()
+
+    def _request_body(self, data: bytes) -> None:
+        if self.upstream is None or self.response_done:
+            return  # the response came early; the rest is read and dropped
+        self.bytes_in += len(data)
+        self.body_sent = True
+        self.upstream.send(h11.Data(data=data))
+
+    def _request_end(self, event: h11.EndOfMessage) -> None:
+        self.request_done = True
+        if self.upstream is not None and not self.response_done:
+            trailers = list(event.headers) if _chunked(self.upstream.conn) else []
+            self.upstream.send(h11.EndOfMessage(headers=trailers))
+        if self.response_done:
+            self._next_cycle()
+
+    # --- the AppServer's events --------------------------------------------------------------
+
+    def upstream_event(self, upstream: UpstreamProtocol, event: Any) -> None:
+        assert self.choice is not None
+        dispatcher = self.factory.dispatcher
+        if isinstance(event, h11.InformationalResponse):
+            if event.status_code == 101 and self.websocket:
+                self._switch(upstream, event)
+            elif event.status_code == 100 and self.conn.they_are_waiting_for_100_continue:
+                self.conn_send(h11.InformationalResponse(status_code=100, headers=[]))
+            return
+        if isinstance(event, h11.Response):
+            dispatcher.answered(self.choice, self.backend)
+            self.status = event.status_code
+            headers = filter_headers(event.headers, False) + dispatcher.response_headers(self.choice, self.backend)
+            self.response_started = True
+            self.conn_send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
+        elif isinstance(event, h11.Data):
+            self.bytes_out += len(event.data)
+            self.conn_send(h11.Data(data=event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            trailers = list(event.headers) if _chunked(self.conn) else []
+            self.conn_send(h11.EndOfMessage(headers=trailers))
+            self.response_done = True
+            self._detach(close=not self.request_done)
+            self._end("ok")
+            if self.request_done:
+                self._next_cycle()
+            else:  # answered before the whole request body: the connection cannot go on
+                self.transport.loseConnection()
+
+    def conn_send(self, event: Any) -> None:
+        """Send *event* to the client (nothing once the connection is gone)."""
+        if self.closed:
+            return
+        data = self.conn.send(event)
+        if data:
+            self.transport.write(data)
+
+    def upstream_garbage(self, upstream: UpstreamProtocol, reason: str) -> None:
+        log.warn("http: AppServer {server} sent a malformed response: {why}", server=upstream.server_id,
+                 why=reason, pool=self.factory.name)
+        self._upstream_failed(f"AppServer {upstream.server_id} sent a malformed response")
+
+    def upstream_lost(self, upstream: UpstreamProtocol, reason: Failure) -> None:
+        assert self.request is not None
+        if (not self.response_started and upstream.reused and not self.retried and not self.body_sent
+                and self.request.method in IDEMPOTENT and not self.closed):
+            self.retried = True  # a keep-alive connection the server closed under us: once more, fresh
+            self._detach(close=True)
+            self.flowing = False
+            assert self.valve is not None and self.choice is not None
+            self.valve.hold("dispatch")
+            self.factory.dispatcher.released(self.choice, self.backend, "retry")
+            self.choice.candidates.insert(0, self.backend)
+            self._try_next(fresh=True)
+            return
+        self._upstream_failed(f"AppServer {upstream.server_id} closed the connection before the "
+                              f"response was complete")
+
+    def _upstream_failed(self, reason: str) -> None:
+        self._detach(close=True)
+        if self.response_started:
+            log.warn("http: {why}; closing the client connection", why=reason, pool=self.factory.name)
+            self.transport.abortConnection()  # never a cut body passed off as complete
+            self._end("failed")
+        else:
+            self._error(502, reason)
+            self._end("failed")
+
+    def _detach(self, close: bool) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is None:
+            return
+        upstream.listener = None
+        if not upstream.closed:
+            upstream.transport.unregisterProducer()
+        if not self.closed:
+            self.transport.unregisterProducer()
+        assert self.valve is not None
+        self.valve.release("peer-full")
+        if close:
+            if not upstream.closed:
+                upstream.transport.loseConnection()
+        else:
+            if upstream.valve is not None:
+                upstream.valve.release("peer-full")
+            self.factory.upstreams.put(upstream)
+
+    def _switch(self, upstream: UpstreamProtocol, event: h11.InformationalResponse) -> None:
+        """``101``: from now on a raw byte relay both ways."""
+        self.status = 101
+        self.response_started = self.response_done = True
+        assert self.choice is not None
+        headers = filter_headers(event.headers, True) + self.factory.dispatcher.response_headers(
+            self.choice, self.backend)
+        self.conn_send(h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason))
+        self.relay = upstream.transport
+        upstream.relay_to = self.transport
+        upstream.listener = None
+        leftover = self.conn.trailing_data[0]
+        if leftover:
+            upstream.transport.write(leftover)
+        upstream_leftover = upstream.conn.trailing_data[0]
+        if upstream_leftover:
+            self.transport.write(upstream_leftover)
+        assert self.valve is not None
+        self.valve.release("dispatch")
+        self.valve.release("h11")
+        log.info("http: {client} {path} switched protocols with {server}", client=self.client,
+                 path=self.request.target.decode("latin-1") if self.request else "",
+                 server=upstream.server_id, pool=self.factory.name)
+
+    def _next_cycle(self) -> None:
+        if self.closed:
+            return
+        if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is h11.MUST_CLOSE:
+            self.transport.loseConnection()
+            return
+        try:
+            self.conn.start_next_cycle()
+        except h11.LocalProtocolError:
+            self.transport.loseConnection()
+            return
+        self._reset()
+        assert self.valve is not None
+        self.valve.release("h11")
+        self.valve.release("dispatch")
+        self._arm(self.factory.settings.keepalive_timeout)
+        if self.conn.trailing_data[0]:  # a pipelined request is already here
+            self.cycle_bytes = len(self.conn.trailing_data[0])
+            self._arm(self.factory.settings.header_timeout)
+        self._pump()
+
+    # --- answers of our own ------------------------------------------------------------------
+
+    def _error(self, status: int, reason: str, retry_after: int | None = None) -> None:
+        """Answer *status* with a JSON body naming *reason*, then close the connection."""
+        self.status = status
+        if self.closed:
+            return
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            body = json.dumps({"status": status, "error": reason}).encode() + b"\n"
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            if retry_after is not None:
+                headers.append((b"retry-after", str(retry_after).encode()))
+            try:
+                self.conn_send(h11.Response(status_code=status, headers=headers))
+                self.conn_send(h11.Data(data=body))
+                self.conn_send(h11.EndOfMessage())
+            except h11.LocalProtocolError:
+                pass
+        self.response_done = True
+        self.transport.loseConnection()
+
+    def _end(self, outcome: str | None) -> None:
+        """One access-log event and the counters for the request; the dispatcher hears it."""
+        request = self.request
+        if request is None or self.started < 0:
+            return
+        factory = self.factory
+        stats = factory.stats
+        if self.choice is not None and self.backend is not None and outcome is not None:
+            factory.dispatcher.released(self.choice, self.backend, outcome)
+        if self.status >= 500:
+            stats.record("http_5xx")
+        stats.record("http_in_flight", -1)
+        stats.record("bytes_in", self.bytes_in)
+        stats.record("bytes_out", self.bytes_out)
+        now = factory.clock.seconds()
+        log.info("http: {client} {method} {path} -> {server} {status} in={bytes_in} out={bytes_out} "
+                 "{duration:.3f}s (queued {queue_wait:.3f}s)", client=self.client,
+                 method=request.method.decode("latin-1"), path=request.target.decode("latin-1"),
+                 server=self.backend.server_id if self.backend is not None else "-",
+                 status=self.status or "-", bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                 duration=now - self.started, queue_wait=self.queue_wait, pool=factory.name,
+                 access=True, outcome=outcome or "answered")
+        self.started = -1.0  # logged once
+
+
+class HttpProxyFactory(Factory):
+    """The client connections of one HTTP unit."""
+
+    protocol = HttpProxy  # type: ignore[assignment]
+
+    def __init__(self, clock: Any, dispatcher: IDispatcher, upstreams: UpstreamPool,
+                 settings: ProxySettings | None = None, stats: ISessionStats | None = None,
+                 pending: PendingLimits | None = None, name: str = "BALANCE_HTTP") -> None:
+        self.clock = clock
+        self.dispatcher = dispatcher
+        self.upstreams = upstreams
+        self.settings = settings or ProxySettings()
+        self.stats: ISessionStats = stats if stats is not None else SessionStats()
+        self.pending = pending if pending is not None else PendingLimits(128, 1024)
+        self.name = name
+        self.sessions: dict[int, Any] = {}  # the screen's session table: HTTP requests are not listed
+        self.standby = None
+        self.recognisers: list[Any] = []

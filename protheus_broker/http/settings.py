@@ -1,0 +1,111 @@
+"""``[BALANCE_HTTP]``: the HTTP unit's keys, typed and checked (the server table, SORT_METHOD and
+MONITORING_TYPE as in the desktop section)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from protheus_broker.balancing.methods import SortMethod
+from protheus_broker.balancing.servers import RemoteServer
+from protheus_broker.desktop.settings import read_sort_method
+from protheus_broker.ini import ConfigError, Section, host_and_port, parse_port
+from protheus_broker.monitoring.settings import MonitoringConfig, MonitoringType, read_monitoring, read_monitoring_type
+
+HTTP_SECTION = "BALANCE_HTTP"
+
+_SERVER_KEY_RE = re.compile(r"^REMOTE_SERVER_([A-Z0-9]+)$")
+
+
+@dataclass(frozen=True)
+class HttpBalanceConfig:
+    """``[BALANCE_HTTP]``: SmartClient HTML / WebApp and portals, with session affinity."""
+
+    local_port: int
+    servers: tuple[RemoteServer, ...]
+    local_interface: str = ""
+    sort_method: SortMethod = SortMethod.CONNECTION
+    monitoring_type: MonitoringType = MonitoringType.CONNECTION
+    connect_timeout: float = 5.0
+    max_sessions: int = 0  # MAX_SESSIONS: not applied to HTTP (open-files sum); 0 = no cap
+    max_pending_per_address: int = 128  # MAX_PENDING_PER_ADDRESS: connections without a request yet
+    max_pending: int = 1024  # MAX_PENDING
+    metrics_max_age: float = 3.0
+    header_timeout: float = 10.0  # HEADER_TIMEOUT (408)
+    keepalive_timeout: float = 60.0  # KEEPALIVE_TIMEOUT
+    max_header_bytes: int = 65536  # MAX_HEADER_BYTES (431)
+    max_headers: int = 100  # MAX_HEADERS (431)
+    forwarded_headers: bool = True  # FORWARDED_HEADERS
+    upstream_reuse: bool = True  # UPSTREAM_REUSE
+    upstream_max_idle: int = 16  # UPSTREAM_MAX_IDLE: idle connections kept per server
+    upstream_idle_timeout: float = 30.0  # UPSTREAM_IDLE_TIMEOUT
+    affinity_timeout: int = 0  # AFFINITY_TIMEOUT: cookie Max-Age in seconds, 0 = browser session
+    affinity_forward_cookie: bool = False  # AFFINITY_FORWARD_COOKIE: send the cookie upstream too
+    secure_cookie: bool = False  # SECURE_COOKIE: mark it Secure (behind a TLS front)
+    service_name: str = "protheus-broker-http"
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+
+    @property
+    def effective_sort_method(self) -> SortMethod:
+        """SERVER_* need active monitoring, which HTTP units do not have: CONNECTION then."""
+        if self.sort_method.needs_metrics and not self.monitoring_type.is_active:
+            return SortMethod.CONNECTION
+        return self.sort_method
+
+
+def read_servers(section: Section, warnings: list[str]) -> list[RemoteServer]:
+    """The REMOTE_SERVER_<id> = host port lines, in file order."""
+    servers: list[RemoteServer] = []
+    for key in section.values:
+        match = _SERVER_KEY_RE.match(key)
+        if match:
+            host, port = host_and_port(section, key)
+            servers.append(RemoteServer(server_id=match.group(1), host=host, port=port))
+        elif key.startswith("REMOTE_SERVER"):
+            raise section.error(key, "server id must be letters and digits after REMOTE_SERVER_")
+    if not servers:
+        raise ConfigError(section.path, "no REMOTE_SERVER_<id> = host port lines: nothing to send requests to",
+                          line=section.where.sections.get(section.name), key=f"[{section.name}]")
+    return servers
+
+
+def read_http(section: Section, sections: Mapping[str, Section], warnings: list[str]) -> HttpBalanceConfig:
+    """The ``[BALANCE_HTTP]`` unit's config."""
+    port_text = section.raw("LOCAL_SERVER_PORT")
+    if not port_text:
+        raise ConfigError(section.path, "LOCAL_SERVER_PORT is missing: the port browsers connect to",
+                          line=section.where.sections.get(section.name), key=f"[{section.name}]")
+    servers = read_servers(section, warnings)
+    monitoring_type = read_monitoring_type(section)
+    if monitoring_type.is_active:
+        raise section.error("MONITORING_TYPE", "HTTP units probe by CONNECTION (or DISABLED)")
+    config = HttpBalanceConfig(
+        local_port=parse_port(section, "LOCAL_SERVER_PORT", port_text, allow_zero=True),
+        servers=tuple(servers),
+        local_interface=section.text("LOCAL_SERVER_INTERFACE", ""),
+        sort_method=read_sort_method(section) if section.raw("SORT_METHOD") else SortMethod.CONNECTION,
+        monitoring_type=monitoring_type,
+        connect_timeout=section.number("CONNECT_TIMEOUT", 5.0, 0.1, 300.0),
+        max_sessions=section.integer("MAX_SESSIONS", 0, 0, 1_000_000),
+        max_pending_per_address=section.integer("MAX_PENDING_PER_ADDRESS", 128, 0, 1_000_000),
+        max_pending=section.integer("MAX_PENDING", 1024, 0, 1_000_000),
+        metrics_max_age=section.number("METRICS_MAX_AGE", 3.0, 0.1, 3600.0),
+        header_timeout=section.number("HEADER_TIMEOUT", 10.0, 0.1, 3600.0),
+        keepalive_timeout=section.number("KEEPALIVE_TIMEOUT", 60.0, 0.0, 86400.0),
+        max_header_bytes=section.integer("MAX_HEADER_BYTES", 65536, 1024, 1 << 24),
+        max_headers=section.integer("MAX_HEADERS", 100, 1, 10000),
+        forwarded_headers=section.integer("FORWARDED_HEADERS", 1, 0, 1) == 1,
+        upstream_reuse=section.integer("UPSTREAM_REUSE", 1, 0, 1) == 1,
+        upstream_max_idle=section.integer("UPSTREAM_MAX_IDLE", 16, 0, 100000),
+        upstream_idle_timeout=section.number("UPSTREAM_IDLE_TIMEOUT", 30.0, 0.0, 86400.0),
+        affinity_timeout=section.integer("AFFINITY_TIMEOUT", 0, 0, 10 * 365 * 86400),
+        affinity_forward_cookie=section.integer("AFFINITY_FORWARD_COOKIE", 0, 0, 1) == 1,
+        secure_cookie=section.integer("SECURE_COOKIE", 0, 0, 1) == 1,
+        service_name=section.text("SERVICE_NAME", "protheus-broker-http"),
+        monitoring=read_monitoring(section, monitoring_type, servers),
+    )
+    if config.sort_method != config.effective_sort_method:
+        warnings.append(f"{section.path}: [{section.name}] SORT_METHOD={config.sort_method.value} needs "
+                        f"active monitoring; balancing by CONNECTION (in-flight requests) instead")
+    return config

@@ -1,0 +1,197 @@
+"""The ``[BALANCE_HTTP]`` balance unit: its listener, HTTP proxy, pool, monitor, affinity cookie
+and counters."""
+
+from __future__ import annotations
+
+from itertools import count
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from protheus_broker.balancing.methods import make_balancer
+from protheus_broker.balancing.pool import ServerPool, ServerState, UnknownServer
+from protheus_broker.desktop.pending import PendingLimits
+from protheus_broker.http.affinity import AffinityCookies
+from protheus_broker.http.proxy import Choice, Headers, HttpProxyFactory, IDispatcher, NoBackend, ProxySettings, RequestInfo
+from protheus_broker.http.settings import HTTP_SECTION, HttpBalanceConfig
+from protheus_broker.http.upstream import UpstreamPool, tcp_connector
+from protheus_broker.monitoring.monitor import make_monitor
+from protheus_broker.stats import ISessionStats, SessionStats
+from protheus_broker.units import IBalanceUnit, listened
+
+log = Logger()
+
+
+@implementer(IDispatcher)
+class PoolDispatcher:
+    """Balances requests over a :class:`ServerPool` (in-flight requests count as its sessions),
+    with an optional affinity cookie: a request naming a server that is not Down goes there first
+    (a connect failure moves it on and the cookie is replaced)."""
+
+    def __init__(self, clock: Any, pool: ServerPool, affinity: AffinityCookies | None = None,
+                 forward_cookie: bool = False) -> None:
+        self.clock = clock
+        self.pool = pool
+        self.affinity = affinity
+        self.forward_cookie = forward_cookie
+        self.strip_request_headers: frozenset[bytes] = frozenset()
+
+    def choose(self, request: RequestInfo) -> "Deferred[Choice]":
+        candidates = self.pool.candidates(self.clock.seconds())
+        pinned = None
+        if self.affinity is not None:
+            value = self.affinity.value_in(request.headers)
+            if value:
+                server_id = self.affinity.server_of(value, [b.server_id for b in self.pool])
+                if server_id is not None:
+                    try:
+                        backend = self.pool.get(server_id)
+                    except UnknownServer:
+                        backend = None
+                    if backend is not None and backend.state is not ServerState.DOWN:
+                        pinned = backend  # Up, Suspended (try it), Draining (its session carries on)
+        if pinned is not None:
+            candidates = [pinned] + [b for b in candidates if b is not pinned]
+        if not candidates:
+            reasons = "; ".join(f"{b.server_id} {b.state.value}: {b.reason}" for b in self.pool) or "no servers"
+            return fail(NoBackend(f"no AppServer can take the request ({reasons})", retry_after=5))
+        return succeed(Choice(candidates, {"pinned": pinned.server_id if pinned is not None else None}))
+
+    def opening(self, choice: Choice, backend: Any) -> None:
+        choice.state["probe"] = self.pool.session_opening(backend)
+
+    def connect_failed(self, choice: Choice, backend: Any, reason: str) -> None:
+        self.pool.connect_failed(backend, reason)
+        self._close(choice, backend)
+
+    def answered(self, choice: Choice, backend: Any) -> None:
+        self.pool.session_answered(backend)
+        if choice.state.get("probe"):
+            self.pool.probe_ended(backend)
+            choice.state["probe"] = False
+
+    def released(self, choice: Choice, backend: Any, outcome: str) -> None:
+        self._close(choice, backend)
+
+    def _close(self, choice: Choice, backend: Any) -> None:
+        if choice.state.get("probe"):
+            self.pool.probe_ended(backend)
+            choice.state["probe"] = False
+        self.pool.session_closed(backend)
+
+    def request_headers(self, choice: Choice, headers: Headers) -> Headers:
+        if self.affinity is None or self.forward_cookie:
+            return headers
+        return self.affinity.strip(headers)
+
+    def response_headers(self, choice: Choice, backend: Any) -> Headers:
+        affinity = self.affinity
+        if affinity is None:
+            return []
+        if choice.state.get("pinned") == backend.server_id and affinity.max_age <= 0:
+            return []  # the browser already has it
+        return [affinity.set_cookie(backend.server_id)]
+
+
+def endpoint_string(config: HttpBalanceConfig, backlog: int = 1024) -> str:
+    text = f"tcp:{config.local_port}:backlog={backlog}"
+    if config.local_interface:
+        text += f":interface={quoteStringArgument(config.local_interface)}"
+    return text
+
+
+def proxy_settings(config: HttpBalanceConfig) -> ProxySettings:
+    return ProxySettings(header_timeout=config.header_timeout, keepalive_timeout=config.keepalive_timeout,
+                         max_header_bytes=config.max_header_bytes, max_headers=config.max_headers,
+                         forwarded_headers=config.forwarded_headers)
+
+
+@implementer(IBalanceUnit)
+class HttpUnit(MultiService):
+    """Browser requests spread over the section's REMOTE_SERVER_xx, kept on one by a cookie."""
+
+    def __init__(self, reactor: Any, config: HttpBalanceConfig, name: str = HTTP_SECTION,
+                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.name = name
+        self.path = path
+        self.config = config
+        self.stats: ISessionStats = SessionStats()
+        self.pool = ServerPool(config.servers, make_balancer(config.effective_sort_method, config.metrics_max_age),
+                               clock=reactor, suspect_time=config.monitoring.suspect_time)
+        self.monitor = make_monitor(reactor, self.pool, config.monitoring_type, config.monitoring,
+                                    connect_timeout=config.connect_timeout)
+        if self.monitor is not None:
+            self.monitor.setServiceParent(self)
+        self.affinity = AffinityCookies(max_age=config.affinity_timeout, secure=config.secure_cookie)
+        self.dispatcher = PoolDispatcher(reactor, self.pool, self.affinity, config.affinity_forward_cookie)
+        self.upstreams = UpstreamPool(reactor, connector or tcp_connector(reactor, config.connect_timeout),
+                                      max_idle=config.upstream_max_idle,
+                                      idle_timeout=config.upstream_idle_timeout, reuse=config.upstream_reuse)
+        self.factory = HttpProxyFactory(reactor, self.dispatcher, self.upstreams, proxy_settings(config),
+                                        stats=self.stats, name=name,
+                                        pending=PendingLimits(config.max_pending_per_address, config.max_pending))
+        self.endpoint = endpoint_string(config)
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        outcome = listened(serverFromString(self.reactor, self.endpoint).listen(self.factory))
+        if isinstance(outcome, Failure):
+            error = outcome.value
+            why = error.socketError if isinstance(error, CannotListenError) else error
+            raise SystemExit(f"protheus-broker: {self.path}: [{self.name}] LOCAL_SERVER_PORT: cannot listen on "
+                             f"{self.config.local_interface or '*'}:{self.config.local_port}: {why}")
+        self.port = outcome
+        super().privilegedStartService()
+
+    def describe(self) -> str:
+        host = self.port.getHost() if self.port is not None else None
+        where = f"{host.host}:{host.port}" if host is not None else self.endpoint
+        return f"{where} (HTTP, affinity cookie {self.affinity.name})"
+
+    def startService(self) -> None:
+        log.info("[{section}] HTTP listening on {where}; {count} AppServers, SORT_METHOD={sort_method}",
+                 section=self.name, where=self.describe(), count=len(self.pool),
+                 sort_method=self.config.effective_sort_method.value, pool=self.name)
+        super().startService()
+
+    def stopService(self) -> Any:
+        stopping = [maybeDeferred(super().stopService)]
+        if self.port is not None:
+            port, self.port = self.port, None
+            stopping.append(maybeDeferred(port.stopListening))
+        self.upstreams.close_all()
+        return DeferredList(stopping, consumeErrors=True)
+
+    def reload(self, config: HttpBalanceConfig) -> bool:
+        """Apply a reloaded section; open connections carry on."""
+        old = self.config
+        if (config.local_port, config.local_interface) != (old.local_port, old.local_interface):
+            log.warn("reload: [{section}] LOCAL_SERVER_PORT/LOCAL_SERVER_INTERFACE changed; restart to apply",
+                     section=self.name)
+        if config.monitoring_type != old.monitoring_type:
+            log.warn("reload: [{section}] MONITORING_TYPE changed; restart to apply", section=self.name)
+        result = self.pool.reconfigure(config.servers)
+        self.pool.balancer = make_balancer(config.effective_sort_method, config.metrics_max_age)
+        self.pool.suspect_time = config.monitoring.suspect_time
+        self.factory.settings = proxy_settings(config)
+        self.factory.pending.per_address = config.max_pending_per_address
+        self.factory.pending.total = config.max_pending
+        self.upstreams.max_idle = config.upstream_max_idle
+        self.upstreams.idle_timeout = config.upstream_idle_timeout
+        self.upstreams.reuse = config.upstream_reuse
+        self.affinity.max_age = config.affinity_timeout
+        self.affinity.secure = config.secure_cookie
+        self.dispatcher.forward_cookie = config.affinity_forward_cookie
+        self.config = config
+        log.info("reloaded [{section}]: added {added}, removed {removed}, kept {kept}", section=self.name,
+                 added=result.added or "none", removed=result.removed or "none", kept=len(result.kept),
+                 pool=self.name)
+        return True

@@ -1,0 +1,218 @@
+"""The AppServer leg of the HTTP proxy: one h11 CLIENT connection per upstream socket, and a
+per-server pool of idle keep-alive connections (bounded, with an idle timeout; reuse can be off)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol as TypingProtocol
+
+import h11
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+log = Logger()
+
+#: h11's limit on a response head from an AppServer (bytes)
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+@implementer(IPushProducer)
+class Valve:
+    """Pauses a transport's reading while any reason holds it (dispatch pending, the other leg's
+    write buffer full, h11 waiting for the response...): several owners share one transport.
+    Registered as the streaming producer of the other leg's transport, its pause/resume are
+    that leg's backpressure."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.reasons: set[str] = set()
+
+    def hold(self, reason: str) -> None:
+        if not self.reasons and self.transport is not None:
+            self.transport.pauseProducing()
+        self.reasons.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason not in self.reasons:
+            return
+        self.reasons.discard(reason)
+        if not self.reasons and self.transport is not None:
+            self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.hold("peer-full")
+
+    def resumeProducing(self) -> None:
+        self.release("peer-full")
+
+    def stopProducing(self) -> None:
+        """The peer leg is gone: its owner closes this one."""
+
+
+class UpstreamListener(TypingProtocol):
+    """What an upstream connection reports to the client exchange it carries."""
+
+    def upstream_event(self, upstream: "UpstreamProtocol", event: Any) -> None: ...
+
+    def upstream_garbage(self, upstream: "UpstreamProtocol", reason: str) -> None: ...
+
+    def upstream_lost(self, upstream: "UpstreamProtocol", reason: Failure) -> None: ...
+
+
+@implementer(IHalfCloseableProtocol)
+class UpstreamProtocol(Protocol):
+    """One connection to an AppServer speaking HTTP/1.1 (h11 CLIENT), one exchange at a time;
+    after a ``101`` it relays raw bytes to :attr:`relay_to`."""
+
+    transport: Any
+
+    def __init__(self, server_id: str) -> None:
+        self.server_id = server_id
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self.listener: UpstreamListener | None = None
+        self.reused = False  # came from the idle pool
+        self.closed = False
+        self.relay_to: Any = None  # the client transport once switched (WebSocket)
+        self.valve: Valve | None = None
+        self.on_lost: Callable[["UpstreamProtocol"], None] | None = None  # the pool forgets it
+        self.idle_timer: Any = None
+        self.write_closed = False
+
+    def connectionMade(self) -> None:
+        self.valve = Valve(self.transport)
+
+    def send(self, event: Any) -> None:
+        data = self.conn.send(event)
+        if data and not self.closed:
+            self.transport.write(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.relay_to is not None:
+            self.relay_to.write(data)
+            return
+        if self.listener is None:  # idle: an AppServer talking out of turn is not reusable
+            self.transport.loseConnection()
+            return
+        self.conn.receive_data(data)
+        self.pump()
+
+    def pump(self) -> None:
+        """Hand the parsed response events to the listener."""
+        while self.listener is not None and self.relay_to is None and not self.closed:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                listener = self.listener
+                self.listener = None
+                self.transport.abortConnection()
+                listener.upstream_garbage(self, str(exc))
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            self.listener.upstream_event(self, event)
+
+    def readConnectionLost(self) -> None:
+        if self.relay_to is not None:
+            if hasattr(self.relay_to, "loseWriteConnection"):
+                self.relay_to.loseWriteConnection()
+            if self.write_closed:
+                self.transport.loseConnection()
+            return
+        if self.listener is not None:
+            self.conn.receive_data(b"")  # a close-delimited body ends here
+            self.pump()
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.write_closed = True
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed = True
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.cancel()
+        if self.on_lost is not None:
+            self.on_lost(self)
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.upstream_lost(self, reason)
+        elif self.relay_to is not None:
+            self.relay_to.loseConnection()
+
+    @property
+    def reusable(self) -> bool:
+        """Both sides done with a keep-alive exchange."""
+        return (not self.closed and self.relay_to is None and self.conn.our_state is h11.DONE
+                and self.conn.their_state is h11.DONE)
+
+
+#: Opens a new connection to a server: (server_id, host, port) -> Deferred[UpstreamProtocol]
+Connector = Callable[[str, str, int], "Deferred[UpstreamProtocol]"]
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to each server: at most *max_idle* per server, each closed
+    after *idle_timeout* seconds unused; *reuse* False closes every connection after its exchange
+    (for AppServers that block on reused connections)."""
+
+    def __init__(self, clock: Any, connector: Connector, max_idle: int = 16,
+                 idle_timeout: float = 30.0, reuse: bool = True) -> None:
+        self.clock = clock
+        self.connector = connector
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.reuse = reuse
+        self.idle: dict[str, list[UpstreamProtocol]] = {}
+
+    def get(self, server_id: str, host: str, port: int, fresh: bool = False) -> "Deferred[UpstreamProtocol]":
+        """An idle connection to the server (newest first), else a new one (always new if *fresh*)."""
+        idle = self.idle.get(server_id, [])
+        while idle and not fresh:
+            upstream = idle.pop()
+            if upstream.idle_timer is not None and upstream.idle_timer.active():
+                upstream.idle_timer.cancel()
+            if not upstream.closed:
+                upstream.reused = True
+                upstream.on_lost = None
+                return succeed(upstream)
+        return self.connector(server_id, host, port)
+
+    def put(self, upstream: UpstreamProtocol) -> None:
+        """An exchange ended on *upstream*: keep it for the next request, or close it."""
+        upstream.listener = None
+        idle = self.idle.setdefault(upstream.server_id, [])
+        if not self.reuse or not upstream.reusable or len(idle) >= self.max_idle:
+            upstream.transport.loseConnection()
+            return
+        upstream.conn.start_next_cycle()
+        idle.append(upstream)
+        upstream.on_lost = self._forget
+        if self.idle_timeout > 0:
+            upstream.idle_timer = self.clock.callLater(self.idle_timeout, upstream.transport.loseConnection)
+
+    def _forget(self, upstream: UpstreamProtocol) -> None:
+        idle = self.idle.get(upstream.server_id, [])
+        if upstream in idle:
+            idle.remove(upstream)
+
+    def idle_count(self, server_id: str | None = None) -> int:
+        if server_id is not None:
+            return len(self.idle.get(server_id, []))
+        return sum(len(v) for v in self.idle.values())
+
+    def close_all(self) -> None:
+        for idle in list(self.idle.values()):
+            for upstream in list(idle):
+                upstream.transport.loseConnection()
+        self.idle.clear()
+
+
+def tcp_connector(reactor: Any, timeout: float) -> Connector:
+    """Connects with a HostnameEndpoint (names and addresses) within *timeout* seconds."""
+    def connect(server_id: str, host: str, port: int) -> "Deferred[UpstreamProtocol]":
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+        return connectProtocol(endpoint, UpstreamProtocol(server_id))  # type: ignore[no-any-return]
+    return connect
