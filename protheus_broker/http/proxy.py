@@ -308,14 +308,23 @@ class HttpProxy(Protocol):
             factory.stats.record("http_bad_requests")
             self._error(431, f"more than {factory.settings.max_headers} header lines")
             return
+        if sum(len(n) + len(v) + 4 for n, v in headers) + len(event.target) > factory.settings.max_header_bytes:
+            factory.stats.record("http_bad_requests")
+            self._error(431, f"request head above {factory.settings.max_header_bytes} bytes")
+            return
+        names = {n for n, _ in headers}
+        if b"transfer-encoding" in names and b"content-length" in names:
+            factory.stats.record("http_bad_requests")  # a request smuggling shape (RFC 9112 6.3)
+            self._error(400, "both Content-Length and Transfer-Encoding")
+            return
         self.websocket = is_websocket(headers)
         factory.stats.record("http_requests")
         factory.stats.record("http_in_flight")
         assert self.valve is not None
         self.valve.hold("dispatch")
-        self.dispatching = factory.dispatcher.choose(self.request)
-        self.dispatching.addCallbacks(self._chosen, self._not_chosen)
-        self.dispatching.addErrback(self._bug)
+        dispatching = self.dispatching = factory.dispatcher.choose(self.request)
+        dispatching.addCallbacks(self._chosen, self._not_chosen)
+        dispatching.addErrback(self._bug)
 
     def _bug(self, failure: Failure) -> None:
         log.failure("http: proxy error", failure, pool=self.factory.name)

@@ -122,8 +122,8 @@ class UpstreamProtocol(Protocol):
             if self.write_closed:
                 self.transport.loseConnection()
             return
-        if self.listener is not None:
-            self.conn.receive_data(b"")  # a close-delimited body ends here
+        if self.listener is not None and self.conn.their_state is h11.SEND_BODY:
+            self.conn.receive_data(b"")  # a close-delimited body ends here (others: an error)
             self.pump()
         self.transport.loseConnection()
 
