@@ -1,0 +1,388 @@
+"""The HTTP proxy, its upstream pool, the affinity cookie and the [BALANCE_HTTP] section, in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h11
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from protheus_broker.balancing.methods import SortMethod, make_balancer
+from protheus_broker.balancing.pool import ServerPool, ServerState
+from protheus_broker.balancing.servers import RemoteServer
+from protheus_broker.config import FUTURE_SECTIONS, UNIT_READERS, parse_config
+from protheus_broker.desktop.pending import PendingLimits
+from protheus_broker.http.affinity import COOKIE_NAME, AffinityCookies
+from protheus_broker.http.proxy import HttpProxy, HttpProxyFactory, ProxySettings, filter_headers
+from protheus_broker.http.settings import HTTP_SECTION, HttpBalanceConfig
+from protheus_broker.http.unit import HttpUnit, PoolDispatcher
+from protheus_broker.http.upstream import UpstreamPool, UpstreamProtocol
+from protheus_broker.ini import ConfigError
+from protheus_broker.tap import UNIT_BUILDERS, BrokerService
+
+from .helpers import LogCatcher
+
+DESKTOP = "[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 4000\nREMOTE_SERVER_01 = 10.0.0.1 5000\n"
+HTTP = "[BALANCE_HTTP]\nLOCAL_SERVER_PORT = 8080\nREMOTE_SERVER_A = 10.0.0.1 80\nREMOTE_SERVER_B = 10.0.0.2 80\n"
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+class FakeUpstreams:
+    """A connector handing out upstream connections on StringTransports; ids in *refuse* fail."""
+
+    def __init__(self) -> None:
+        self.made: list[UpstreamProtocol] = []
+        self.refuse: set[str] = set()
+        self.hold = False  # leave the connect pending
+
+    def __call__(self, server_id: str, host: str, port: int) -> Deferred[UpstreamProtocol]:
+        if server_id in self.refuse:
+            return fail(ConnectionRefusedError("refused"))
+        upstream = UpstreamProtocol(server_id)
+        upstream.makeConnection(StringTransport())
+        self.made.append(upstream)
+        return succeed(upstream)
+
+
+class Harness:
+    """A proxy factory over servers A and B with fake upstreams and a clock."""
+
+    def __init__(self, settings: ProxySettings | None = None, pending: PendingLimits | None = None,
+                 affinity: bool = True, max_idle: int = 16) -> None:
+        self.clock = Clock()
+        self.pool = ServerPool([RemoteServer("A", "10.0.0.1", 80), RemoteServer("B", "10.0.0.2", 80)],
+                               make_balancer(SortMethod.CONNECTION), clock=self.clock)
+        self.affinity = AffinityCookies(key=b"k" * 32) if affinity else None
+        self.dispatcher = PoolDispatcher(self.clock, self.pool, self.affinity)
+        self.upstreams_made = FakeUpstreams()
+        self.upstreams = UpstreamPool(self.clock, self.upstreams_made, max_idle=max_idle, idle_timeout=30.0)
+        self.factory = HttpProxyFactory(self.clock, self.dispatcher, self.upstreams, settings or ProxySettings(),
+                                        pending=pending)
+
+    def connect(self, host: str = "10.1.2.3") -> tuple[HttpProxy, StringTransport]:
+        address = IPv4Address("TCP", host, 5555)
+        protocol: HttpProxy = self.factory.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def upstream(self, n: int = -1) -> UpstreamProtocol:
+        return self.upstreams_made.made[n]
+
+
+def sent(upstream: UpstreamProtocol) -> bytes:
+    value: bytes = upstream.transport.value()
+    return value
+
+
+class ProxyTests(SynchronousTestCase):
+    """One client connection through the proxy, in memory."""
+
+    def test_request_forwarded_and_response_relayed(self) -> None:
+        """A GET goes upstream with X-Forwarded-*; the answer comes back; the upstream is pooled."""
+        rig = Harness()
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"GET /x HTTP/1.1\r\nHost: app\r\nConnection: keep-alive\r\n\r\n")
+        request = sent(rig.upstream())
+        self.assertTrue(request.startswith(b"GET /x HTTP/1.1\r\n"))
+        self.assertIn(b"x-forwarded-for: 10.1.2.3\r\n", request)
+        self.assertIn(b"forwarded: for=10.1.2.3;proto=http\r\n", request)
+        self.assertNotIn(b"connection:", request.lower())
+        rig.upstream().dataReceived(OK)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nok"))
+        self.assertEqual(rig.upstreams.idle_count("A") + rig.upstreams.idle_count("B"), 1)
+        self.assertEqual(sum(b.active for b in rig.pool), 0)
+        self.assertEqual(rig.factory.stats.get("http_in_flight"), 0)
+        self.assertEqual(rig.factory.stats.get("http_requests"), 1)
+
+    def test_pipelined_requests_one_at_a_time(self) -> None:
+        """Two pipelined requests: the second goes upstream only after the first is answered."""
+        rig = Harness(affinity=False)
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(len(rig.upstreams_made.made), 1)
+        self.assertNotIn(b"/2", sent(rig.upstream()))
+        self.assertEqual(transport.producerState, "paused")
+        rig.upstream().dataReceived(OK)
+        self.assertIn(b"GET /2 ", b"".join(sent(u) for u in rig.upstreams_made.made))
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_idle_keep_alive_closes_quietly(self) -> None:
+        """An idle keep-alive connection closes after KEEPALIVE_TIMEOUT, with no answer."""
+        rig = Harness(ProxySettings(keepalive_timeout=5.0, header_timeout=1.0))
+        proxy, transport = rig.connect()
+        rig.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        rig.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
+    def test_partial_head_408(self) -> None:
+        """A head that has started but not ended within HEADER_TIMEOUT: 408 and close."""
+        rig = Harness(ProxySettings(keepalive_timeout=60.0, header_timeout=2.0))
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost")
+        rig.clock.advance(2.1)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+        self.assertTrue(transport.disconnecting)
+
+    def test_pending_cap_per_address(self) -> None:
+        """MAX_PENDING_PER_ADDRESS: a second connection without a request is refused; a request frees it."""
+        rig = Harness(pending=PendingLimits(per_address=1, total=10))
+        first, _ = rig.connect()
+        _, second = rig.connect()
+        self.assertTrue(second.disconnecting)
+        first.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        _, third = rig.connect()
+        self.assertFalse(third.disconnecting)
+        self.assertEqual(rig.factory.stats.get("pending_refused"), 1)
+
+    def test_connect_refused_goes_to_the_next_server(self) -> None:
+        """A refused connect suspends that server and the request goes to the next one."""
+        rig = Harness(affinity=False)
+        rig.upstreams_made.refuse.add("A")
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(rig.upstream().server_id, "B")
+        self.assertIs(rig.pool.get("A").state, ServerState.SUSPENDED)
+
+    def test_all_refused_503(self) -> None:
+        """Every server refuses: 503 with Retry-After, counted as 5xx."""
+        rig = Harness(affinity=False)
+        rig.upstreams_made.refuse.update({"A", "B"})
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 503 "))
+        self.assertIn(b"retry-after: 1\r\n", transport.value())
+        self.assertEqual(rig.factory.stats.get("http_5xx"), 1)
+        self.assertEqual(rig.factory.stats.get("http_in_flight"), 0)
+
+    def test_client_gone_mid_request_frees_the_server(self) -> None:
+        """The client leaves while its request is upstream: the in-flight count goes back down."""
+        rig = Harness(affinity=False)
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n12345")
+        self.assertEqual(sum(b.active for b in rig.pool), 1)
+        proxy.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual(sum(b.active for b in rig.pool), 0)
+        self.assertTrue(rig.upstream().transport.disconnecting)
+        self.assertEqual(rig.factory.stats.get("http_in_flight"), 0)
+
+    def test_garbage_upstream_502_and_access_log(self) -> None:
+        """Garbage from the AppServer: 502; one access-log event names server, status and timing."""
+        logs = LogCatcher(self)
+        rig = Harness(affinity=False)
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"GET /p HTTP/1.1\r\nHost: a\r\n\r\n")
+        rig.upstream().dataReceived(b"\x00\x01garbage\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 502 "))
+        access = logs.find(access=True)
+        self.assertEqual(len(access), 1)
+        self.assertEqual((access[0]["method"], access[0]["path"], access[0]["status"]), ("GET", "/p", 502))
+        self.assertIn("queue_wait", access[0])
+        self.assertIn("duration", access[0])
+
+    def test_upload_backpressure_pauses_the_client(self) -> None:
+        """The upstream's write buffer full pauses the client's reading, and resumes it."""
+        rig = Harness(affinity=False)
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n12345")
+        upstream = rig.upstream()
+        upstream.transport.producer.pauseProducing()  # what a full TCP buffer does
+        self.assertEqual(transport.producerState, "paused")
+        upstream.transport.producer.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_download_backpressure_pauses_the_upstream(self) -> None:
+        """The client's write buffer full pauses reading from the AppServer."""
+        rig = Harness(affinity=False)
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        upstream = rig.upstream()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n12345")
+        transport.producer.pauseProducing()
+        self.assertEqual(upstream.transport.producerState, "paused")
+        transport.producer.resumeProducing()
+        self.assertEqual(upstream.transport.producerState, "producing")
+
+    @given(st.binary(max_size=600))
+    @settings(max_examples=300, deadline=None)
+    def test_fuzzed_request_bytes_never_crash(self, data: bytes) -> None:
+        """Any bytes: a status or a close or a wait, never an exception or a logged traceback."""
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        logs = LogCatcher(self)
+        rig = Harness(ProxySettings(max_headers=20, max_header_bytes=2048))
+        proxy, transport = rig.connect()
+        for at in range(0, len(data), 97):
+            proxy.dataReceived(data[at:at + 97])
+        for upstream in rig.upstreams_made.made:
+            upstream.dataReceived(OK)
+        out = transport.value()
+        self.assertTrue(out == b"" or out.startswith(b"HTTP/1.1 "), out[:40])
+        proxy.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertFalse([e for e in logs.events if e.get("log_failure") is not None])
+        self.assertEqual(sum(b.active for b in rig.pool), 0)
+        self.assertGreaterEqual(rig.factory.stats.get("http_in_flight"), 0)
+        self.assertLessEqual(rig.factory.stats.get("http_in_flight"), 0)
+
+    @given(st.lists(st.sampled_from([
+        b"GET / HTTP/1.1\r\n", b"Host: a\r\n", b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n",
+        b"\r\n", b"abc", b"3\r\nabc\r\n", b"0\r\n\r\n", b"Expect: 100-continue\r\n", b"Upgrade: websocket\r\n",
+        b"Connection: close\r\n", b"HEAD / HTTP/1.0\r\n", b"X: \x00\r\n", b" folded\r\n"]), max_size=14))
+    @settings(max_examples=300, deadline=None)
+    def test_fuzzed_request_shapes_never_crash(self, parts: list[bytes]) -> None:
+        """Request-shaped fragments in any order: never an exception or a logged traceback."""
+        self._feed(b"".join(parts))
+
+
+class UpstreamPoolTests(SynchronousTestCase):
+    """The idle upstream connections."""
+
+    def _exchange(self, upstream: UpstreamProtocol) -> None:
+        upstream.send(h11.Request(method="GET", target="/", headers=[("host", "a")]))
+        upstream.send(h11.EndOfMessage())
+        upstream.listener = _Sink()  # type: ignore[assignment]
+        upstream.dataReceived(OK)
+
+    def test_bounded_and_idle_timeout(self) -> None:
+        """At most UPSTREAM_MAX_IDLE kept per server; an idle one closes after UPSTREAM_IDLE_TIMEOUT."""
+        clock, made = Clock(), FakeUpstreams()
+        pool = UpstreamPool(clock, made, max_idle=1, idle_timeout=30.0)
+        first = self.successResultOf(pool.get("A", "h", 1))
+        second = self.successResultOf(pool.get("A", "h", 1))
+        for upstream in (first, second):
+            self._exchange(upstream)
+            pool.put(upstream)
+        self.assertEqual(pool.idle_count("A"), 1)
+        self.assertTrue(second.transport.disconnecting)
+        self.assertIs(self.successResultOf(pool.get("A", "h", 1)), first)
+        self.assertTrue(first.reused)
+        pool.put(first)
+        clock.advance(30.1)
+        self.assertTrue(first.transport.disconnecting)
+
+    def test_reuse_off(self) -> None:
+        """UPSTREAM_REUSE=0: a finished connection is closed, never kept."""
+        pool = UpstreamPool(Clock(), FakeUpstreams(), reuse=False)
+        upstream = self.successResultOf(pool.get("A", "h", 1))
+        self._exchange(upstream)
+        pool.put(upstream)
+        self.assertEqual(pool.idle_count(), 0)
+        self.assertTrue(upstream.transport.disconnecting)
+
+
+class _Sink:
+    def upstream_event(self, upstream: Any, event: Any) -> None:
+        pass
+
+
+class AffinityTests(SynchronousTestCase):
+    """The cookie and the dispatcher's use of it."""
+
+    def test_cookie_value_is_opaque_and_checked(self) -> None:
+        """The value names the server by an HMAC tag: no id, no address; a forged value names none."""
+        cookies = AffinityCookies(key=b"x" * 32)
+        name, value = cookies.set_cookie("01")
+        self.assertEqual(name, b"set-cookie")
+        text = value.decode()
+        self.assertTrue(text.startswith(f"{COOKIE_NAME}="))
+        tag = text.split(";")[0].split("=", 1)[1]
+        self.assertNotIn("01", tag)
+        self.assertEqual(cookies.server_of(tag, ["02", "01"]), "01")
+        self.assertIsNone(cookies.server_of(tag + "x", ["01"]))
+        self.assertIsNone(AffinityCookies(key=b"y" * 32).server_of(tag, ["01"]))
+        self.assertIn("HttpOnly", text)
+        self.assertIn("SameSite=Lax", text)
+        self.assertNotIn("Secure", text)
+        secure = AffinityCookies(max_age=600, secure=True).set_cookie("01")[1].decode()
+        self.assertIn("; Secure", secure)
+        self.assertIn("Max-Age=600", secure)
+
+    def test_strip_keeps_other_cookies(self) -> None:
+        """Only the affinity cookie is taken out; an empty Cookie header goes."""
+        cookies = AffinityCookies()
+        headers = [(b"cookie", f"a=1; {COOKIE_NAME}=zz; b=2".encode()), (b"cookie", f"{COOKIE_NAME}=q".encode())]
+        self.assertEqual(cookies.strip(headers), [(b"cookie", b"a=1; b=2")])
+        self.assertEqual(cookies.value_in(headers), "zz")
+
+    def test_pinned_and_redispatched(self) -> None:
+        """A valid cookie puts its server first (no new cookie); Down, it is re-dispatched with a new one."""
+        rig = Harness()
+        assert rig.affinity is not None
+        value = rig.affinity.tag("B").encode()
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: " + COOKIE_NAME.encode() + b"=" + value + b"\r\n\r\n")
+        self.assertEqual(rig.upstream().server_id, "B")
+        self.assertNotIn(COOKIE_NAME.encode(), sent(rig.upstream()))
+        rig.upstream().dataReceived(OK)
+        self.assertNotIn(b"set-cookie", transport.value())
+        rig.pool.set_state("B", ServerState.DOWN, "test")
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: " + COOKIE_NAME.encode() + b"=" + value + b"\r\n\r\n")
+        self.assertEqual(rig.upstream().server_id, "A")
+        rig.upstream().dataReceived(OK)
+        self.assertIn(b"set-cookie: " + COOKIE_NAME.encode() + b"=" + rig.affinity.tag("A").encode(),
+                      transport.value())
+
+
+class HeaderTests(SynchronousTestCase):
+    """Hop-by-hop filtering."""
+
+    def test_hop_by_hop_and_connection_named_removed(self) -> None:
+        """Connection, Keep-Alive, Proxy-*, TE, Trailer, Upgrade and headers named in Connection go."""
+        headers = [(b"connection", b"close, x-private"), (b"keep-alive", b"1"), (b"proxy-authorization", b"x"),
+                   (b"te", b"trailers"), (b"trailer", b"x-sum"), (b"upgrade", b"h2c"), (b"x-private", b"1"),
+                   (b"content-length", b"3"), (b"x-app", b"1")]
+        self.assertEqual(filter_headers(headers, False), [(b"content-length", b"3"), (b"x-app", b"1")])
+
+    def test_websocket_upgrade_kept(self) -> None:
+        """For a WebSocket upgrade, Upgrade stays and Connection says Upgrade."""
+        out = filter_headers([(b"connection", b"Upgrade"), (b"upgrade", b"websocket")], True)
+        self.assertEqual(out, [(b"upgrade", b"websocket"), (b"connection", b"Upgrade")])
+
+
+class SettingsTests(SynchronousTestCase):
+    """[BALANCE_HTTP] in the config."""
+
+    def test_section_read_with_defaults(self) -> None:
+        """[BALANCE_HTTP] is a unit now: its servers, CONNECTION by default, the documented defaults."""
+        config = parse_config(DESKTOP + HTTP + "AFFINITY_TIMEOUT = 3600\nUPSTREAM_REUSE = 0\n")
+        http: HttpBalanceConfig = config.unit(HTTP_SECTION)
+        self.assertEqual(http.local_port, 8080)
+        self.assertEqual([s.server_id for s in http.servers], ["A", "B"])
+        self.assertEqual(http.effective_sort_method, SortMethod.CONNECTION)
+        self.assertEqual((http.header_timeout, http.max_headers, http.affinity_timeout), (10.0, 100, 3600))
+        self.assertFalse(http.upstream_reuse)
+        self.assertNotIn(HTTP_SECTION, FUTURE_SECTIONS)
+        self.assertIn(HTTP_SECTION, UNIT_READERS)
+        self.assertFalse([w for w in config.warnings if "BALANCE_HTTP" in w])
+
+    def test_missing_port_and_active_monitoring_refused(self) -> None:
+        """No LOCAL_SERVER_PORT, or a SmartClient monitoring type: one clear error."""
+        with self.assertRaises(ConfigError) as missing:
+            parse_config(DESKTOP + "[BALANCE_HTTP]\nREMOTE_SERVER_A = 10.0.0.1 80\n")
+        self.assertIn("LOCAL_SERVER_PORT", str(missing.exception))
+        with self.assertRaises(ConfigError) as active:
+            parse_config(DESKTOP + HTTP + "MONITORING_TYPE = SMARTCLIENT_ACTIVE\n")
+        self.assertIn("CONNECTION", str(active.exception))
+
+    def test_broker_builds_an_http_unit(self) -> None:
+        """The broker service builds one HttpUnit for [BALANCE_HTTP], beside the desktop unit."""
+        config = parse_config(DESKTOP + HTTP)
+        self.assertIs(UNIT_BUILDERS[HTTP_SECTION], HttpUnit)
+        broker = BrokerService(MemoryReactorClock(), config)
+        unit = broker.unit(HTTP_SECTION)
+        self.assertIsInstance(unit, HttpUnit)
+        self.assertEqual(len(unit.pool), 2)
+        self.assertTrue(unit.reload(parse_config(DESKTOP + HTTP + "REMOTE_SERVER_C = 10.0.0.3 80\n").unit(HTTP_SECTION)))
+        self.assertEqual(len(unit.pool), 3)
