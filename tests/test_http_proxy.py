@@ -42,10 +42,15 @@ class FakeUpstreams:
         self.made: list[UpstreamProtocol] = []
         self.refuse: set[str] = set()
         self.hold = False  # leave the connect pending
+        self.waiting: list[Deferred[UpstreamProtocol]] = []
 
     def __call__(self, server_id: str, host: str, port: int) -> Deferred[UpstreamProtocol]:
         if server_id in self.refuse:
             return fail(ConnectionRefusedError("refused"))
+        if self.hold:
+            waiting: Deferred[UpstreamProtocol] = Deferred()
+            self.waiting.append(waiting)
+            return waiting
         upstream = UpstreamProtocol(server_id)
         upstream.makeConnection(StringTransport())
         self.made.append(upstream)
@@ -175,6 +180,18 @@ class ProxyTests(SynchronousTestCase):
         proxy.connectionLost(Failure(ConnectionRefusedError()))
         self.assertEqual(sum(b.active for b in rig.pool), 0)
         self.assertTrue(rig.upstream().transport.disconnecting)
+        self.assertEqual(rig.factory.stats.get("http_in_flight"), 0)
+
+    def test_client_gone_while_connecting_counts_once(self) -> None:
+        """The client leaves while the connect is under way, then it fails: the count is released once."""
+        rig = Harness(affinity=False)
+        rig.upstreams_made.hold = True
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        proxy.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual(sum(b.active for b in rig.pool), 0)
+        rig.upstreams_made.waiting[0].errback(ConnectionRefusedError("late"))
+        self.assertEqual([b.active for b in rig.pool], [0, 0])
         self.assertEqual(rig.factory.stats.get("http_in_flight"), 0)
 
     def test_garbage_upstream_502_and_access_log(self) -> None:

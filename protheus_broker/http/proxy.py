@@ -78,13 +78,15 @@ class IDispatcher(Interface):
         """The request is about to be sent to *backend* (count it in flight)."""
 
     def connect_failed(choice: Choice, backend: Any, reason: str) -> None:
-        """No connection to *backend* (before any byte of the request): the next one is tried."""
+        """No connection to *backend* (before any byte of the request): the next one is tried
+        (:meth:`released` follows)."""
 
     def answered(choice: Choice, backend: Any) -> None:
         """*backend* sent the response head."""
 
     def released(choice: Choice, backend: Any, outcome: str) -> None:
-        """The request on *backend* ended: "ok", "failed" (502, cut) or "client-gone"."""
+        """The request on *backend* ended (once per :meth:`opening`): "ok", "failed" (502, cut),
+        "client-gone", "connect-failed" or "retry"."""
 
     def request_headers(choice: Choice, headers: Headers) -> Headers:
         """The headers to send upstream (e.g. the affinity cookie removed)."""
@@ -175,6 +177,7 @@ class HttpProxy(Protocol):
         self.cycle_bytes = 0
         self.websocket = False
         self.dispatching: Deferred[Choice] | None = None
+        self.opened: Any = None  # the backend counted by dispatcher.opening, until released
 
     # --- connection ------------------------------------------------------------------------
 
@@ -359,6 +362,7 @@ class HttpProxy(Protocol):
             return
         backend = self.backend = self.choice.candidates.pop(0)
         self.factory.dispatcher.opening(self.choice, backend)
+        self.opened = backend
         d = self.factory.upstreams.get(backend.server_id, backend.host, backend.port, fresh=fresh)
         d.addCallbacks(self._attached, self._connect_failed, errbackArgs=(backend,))
         d.addErrback(self._bug)
@@ -369,6 +373,7 @@ class HttpProxy(Protocol):
         log.warn("http: cannot connect to {server} ({address}): {why}", server=backend.server_id,
                  address=f"{backend.host}:{backend.port}", why=reason, pool=self.factory.name)
         self.factory.dispatcher.connect_failed(self.choice, backend, reason)
+        self._release("connect-failed")
         if self.closed:
             return
         self._try_next()
@@ -474,7 +479,7 @@ class HttpProxy(Protocol):
             self.flowing = False
             assert self.valve is not None and self.choice is not None
             self.valve.hold("dispatch")
-            self.factory.dispatcher.released(self.choice, self.backend, "retry")
+            self._release("retry")
             self.choice.candidates.insert(0, self.backend)
             self._try_next(fresh=True)
             return
@@ -577,6 +582,12 @@ class HttpProxy(Protocol):
         self.response_done = True
         self.transport.loseConnection()
 
+    def _release(self, outcome: str) -> None:
+        """Tell the dispatcher the request left its server (once per opening)."""
+        backend, self.opened = self.opened, None
+        if backend is not None and self.choice is not None:
+            self.factory.dispatcher.released(self.choice, backend, outcome)
+
     def _end(self, outcome: str | None) -> None:
         """One access-log event and the counters for the request; the dispatcher hears it."""
         request = self.request
@@ -584,8 +595,7 @@ class HttpProxy(Protocol):
             return
         factory = self.factory
         stats = factory.stats
-        if self.choice is not None and self.backend is not None and outcome is not None:
-            factory.dispatcher.released(self.choice, self.backend, outcome)
+        self._release(outcome or "failed")
         if self.status >= 500:
             stats.record("http_5xx")
         stats.record("http_in_flight", -1)

@@ -68,7 +68,6 @@ class PoolDispatcher:
 
     def connect_failed(self, choice: Choice, backend: Any, reason: str) -> None:
         self.pool.connect_failed(backend, reason)
-        self._close(choice, backend)
 
     def answered(self, choice: Choice, backend: Any) -> None:
         self.pool.session_answered(backend)
