@@ -159,22 +159,27 @@ class RequestSlots:
     # --- requests ------------------------------------------------------------------------
 
     def acquire(self, candidates: Callable[[], Sequence[B]]) -> Deferred[B]:
-        """A slot on the first of ``candidates()`` below its cap, at once if one has room and nobody
-        waits ahead; else a place in the queue.  Fails with :class:`QueueFull` or :class:`QueueTimeout`;
-        cancelling the Deferred (client gone) leaves the queue."""
-        if not self._queue:
-            try:
+        """A slot on the first of ``candidates()`` below its cap, at once if one has room; else a place
+        at the tail of the queue.  Fails with :class:`QueueFull` or :class:`QueueTimeout`; cancelling the
+        Deferred (client gone) leaves the queue.
+
+        Waiters come first: after every release, poke and raised cap the queue is served, so a slot
+        free when a request arrives is one no waiter can use.  If waiters could use it after all (the
+        pool changed and :meth:`poke` is still to come) they are served before this request."""
+        try:
+            backend, reason = self._choose(candidates)
+            if backend is not None and self._queue:
+                if self._serving:  # called from a grant's callback: the running pass serves it in turn
+                    return self._enqueue(candidates, reason or ALL_FULL)
+                self._serve(until_taken=None)
                 backend, reason = self._choose(candidates)
-            except Exception as error:  # a broken candidates(): this request fails, nothing else
-                return _failed(error)
-            if backend is not None:
-                self._take(backend.server_id)
-                done: Deferred[B] = Deferred()
-                done.callback(backend)
-                return done
-        else:
-            # someone waits: they come first, even when this request's candidates differ
-            reason = self._queue[next(iter(self._queue))].last_reason
+        except Exception as error:  # a broken candidates(): this request fails, nothing else
+            return _failed(error)
+        if backend is not None:
+            self._take(backend.server_id)
+            done: Deferred[B] = Deferred()
+            done.callback(backend)
+            return done
         if len(self._queue) >= self.queue_length:
             self.queue_full += 1
             log.debug("request refused: queue full ({queued} waiting)", queued=len(self._queue))
