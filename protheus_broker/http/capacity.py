@@ -79,6 +79,7 @@ class RequestSlots:
         self._caps: dict[str, int] = {}
         self._in_flight: dict[str, int] = {}
         self._queue: OrderedDict[int, _Waiter] = OrderedDict()
+        self._callables: dict[int, int] = {}  # id(candidates) -> waiters using it
         self._seq = 0
         self._serving = False  # a pass over the queue is running (a callback may call back into us)
         self._again = False  # ... and something changed under it: run one more pass
@@ -104,8 +105,13 @@ class RequestSlots:
             self._caps[server_id] = cap
         else:
             self._caps.pop(server_id, None)
-        if cap == 0 or (old != 0 and cap > old):
+        if self._queue and cap != old and (cap == 0 or (old != 0 and cap > old)):
             self._serve(until_taken=None)
+
+    def forget(self, server_id: str) -> None:
+        """*server_id* left the configuration: drop its cap (requests still on it are counted until
+        they are released)."""
+        self._caps.pop(server_id, None)
 
     def cap(self, server_id: str) -> int:
         """The cap of *server_id* (0 = unlimited)."""
@@ -231,20 +237,33 @@ class RequestSlots:
         waiter = _Waiter(seq, deferred, candidates, self.clock.seconds(), reason)
         waiter.timer = self.clock.callLater(self.queue_timeout, self._expire, seq)
         self._queue[seq] = waiter
+        key = id(candidates)
+        self._callables[key] = self._callables.get(key, 0) + 1
         self.queued_total += 1
         return deferred
 
     def _drop(self, seq: int) -> _Waiter | None:
         """Take a waiter out of the queue and stop its timer (None if it already left)."""
         waiter = self._queue.pop(seq, None)
-        if waiter is not None and waiter.timer is not None and waiter.timer.active():
-            waiter.timer.cancel()
+        if waiter is not None:
+            self._left(waiter)
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
         return waiter
+
+    def _left(self, waiter: _Waiter) -> None:
+        key = id(waiter.candidates)
+        count = self._callables[key]
+        if count == 1:
+            del self._callables[key]
+        else:
+            self._callables[key] = count - 1
 
     def _expire(self, seq: int) -> None:
         waiter = self._queue.pop(seq, None)
         if waiter is None:
             return
+        self._left(waiter)
         waiter.timer = None
         self.queue_timeouts += 1
         waited = self.clock.seconds() - waiter.since
@@ -286,6 +305,8 @@ class RequestSlots:
         # callable that found no room is not asked again in this pass (only grants happened since, and
         # a release under us runs another pass): one shared callable per unit makes this O(1).
         stuck: set[int] = {id(head.candidates)}
+        if len(self._callables) == 1:
+            return  # every waiter shares the head's callable
         for waiter in list(self._queue.values())[1:]:
             if waiter.seq not in self._queue or id(waiter.candidates) in stuck:
                 continue  # left during this pass (a callback cancelled it), or known to find no room
