@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from protheus_broker.desktop.settings import DESKTOP_SECTION, DesktopBalanceConfig, read_desktop
-from protheus_broker.http.settings import HTTP_SECTION, read_http
+from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, read_http, read_web_services
 from protheus_broker.ini import ConfigError, Section, read_file, read_ini
 from protheus_broker.logs import GENERAL_SECTION, GeneralConfig, read_general
 from protheus_broker.tls.settings import SSL_SECTION
@@ -22,7 +22,7 @@ DEFAULT_CONFIG_PATH = "/etc/protheus-broker/appserver.ini"
 
 
 #: TOTVS broker sections this version recognises but does not serve yet.
-FUTURE_SECTIONS = ("BALANCE_WEB_SERVICES",)
+FUTURE_SECTIONS: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ class BrokerConfig:
 SectionReader = Callable[[Section, Mapping[str, Section], list[str]], Any]
 
 #: The balance units this version serves: ``[BALANCE_*]`` section -> its reader.
-UNIT_READERS: dict[str, SectionReader] = {DESKTOP_SECTION: read_desktop, HTTP_SECTION: read_http}
+UNIT_READERS: dict[str, SectionReader] = {DESKTOP_SECTION: read_desktop, HTTP_SECTION: read_http,
+                                          WEB_SERVICES_SECTION: read_web_services}
 
 #: Sections read by a unit's reader besides its own (their keys are checked there).
 COMPANION_SECTIONS = (SSL_SECTION,)

@@ -13,8 +13,8 @@ from twisted.python import usage
 from protheus_broker.config import BrokerConfig, DEFAULT_CONFIG_PATH, load_config
 from protheus_broker.desktop.settings import DESKTOP_SECTION
 from protheus_broker.desktop.unit import DesktopUnit
-from protheus_broker.http.settings import HTTP_SECTION
-from protheus_broker.http.unit import HttpUnit
+from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION
+from protheus_broker.http.unit import HttpUnit, WebServicesUnit
 from protheus_broker.ini import ConfigError
 from protheus_broker.logs import console_file_observer
 from protheus_broker.web.service import add_admin
@@ -82,7 +82,8 @@ def open_files_limit(max_sessions: int, max_pending: int, rlimit: Any = None) ->
 
 #: The balance units this version serves: ``[BALANCE_*]`` section -> how to build its unit
 #: (the section's reader is in :data:`protheus_broker.config.UNIT_READERS`).
-UNIT_BUILDERS: dict[str, Callable[..., Any]] = {DESKTOP_SECTION: DesktopUnit, HTTP_SECTION: HttpUnit}
+UNIT_BUILDERS: dict[str, Callable[..., Any]] = {DESKTOP_SECTION: DesktopUnit, HTTP_SECTION: HttpUnit,
+                                                WEB_SERVICES_SECTION: WebServicesUnit}
 
 
 class BrokerService(MultiService):

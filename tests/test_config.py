@@ -116,11 +116,11 @@ class SyntaxTests(SynchronousTestCase):
 
     def test_unknown_keys_and_sections_warn(self) -> None:
         """Unknown keys and sections are warnings naming them, not failures."""
-        config = parse_config(MINIMAL + "FANCY_KEY = 1\n[ENVIRONMENT]\nSourcePath = x\n[BALANCE_WEB_SERVICES]\n")
+        config = parse_config(MINIMAL + "FANCY_KEY = 1\n[ENVIRONMENT]\nSourcePath = x\n[BALANCE_FOO]\n")
         text = "\n".join(config.warnings)
         self.assertIn("FANCY_KEY: unknown key", text)
         self.assertIn("unknown section [ENVIRONMENT]", text)
-        self.assertIn("[BALANCE_WEB_SERVICES] is not supported yet", text)
+        self.assertIn("[BALANCE_FOO] is not a balance unit this broker knows", text)
 
     def test_windows_encodings(self) -> None:
         """cp1252 and UTF-16 files (Windows editors) read like UTF-8 ones."""

@@ -88,6 +88,13 @@ class IDispatcher(Interface):
         """The request on *backend* ended (once per :meth:`opening`): "ok", "failed" (502, cut),
         "client-gone", "connect-failed" or "retry"."""
 
+    def again(choice: Choice) -> "Deferred[Choice] | None":
+        """More servers once every candidate of *choice* failed to connect, or None (then 503)."""
+
+    def abandoned(choice: Choice) -> None:
+        """The request is over (answered, failed or its client gone): give back anything
+        :meth:`choose` took for it (a queue slot)."""
+
     def request_headers(choice: Choice, headers: Headers) -> Headers:
         """The headers to send upstream (e.g. the affinity cookie removed)."""
 
@@ -349,16 +356,22 @@ class HttpProxy(Protocol):
         self.dispatching = None
         self.choice = choice
         self.queue_wait = self.factory.clock.seconds() - self.started
-        if self.closed:
-            self._end(None)
+        if self.closed or self.started < 0:  # the client left meanwhile
+            self.factory.dispatcher.abandoned(choice)
             return
         self._try_next()
 
     def _try_next(self, fresh: bool = False) -> None:
         assert self.choice is not None
         if not self.choice.candidates:
-            self._error(503, "no AppServer could be reached", retry_after=1)
-            self._end(None)
+            more = self.factory.dispatcher.again(self.choice)
+            if more is None:
+                self._error(503, "no AppServer could be reached", retry_after=1)
+                self._end(None)
+                return
+            self.dispatching = more
+            more.addCallbacks(self._more, self._not_chosen)
+            more.addErrback(self._bug)
             return
         backend = self.backend = self.choice.candidates.pop(0)
         self.factory.dispatcher.opening(self.choice, backend)
@@ -366,6 +379,15 @@ class HttpProxy(Protocol):
         d = self.factory.upstreams.get(backend.server_id, backend.host, backend.port, fresh=fresh)
         d.addCallbacks(self._attached, self._connect_failed, errbackArgs=(backend,))
         d.addErrback(self._bug)
+
+    def _more(self, choice: Choice) -> None:
+        self.dispatching = None
+        assert self.choice is not None
+        self.choice.candidates = list(choice.candidates)
+        if self.closed or self.started < 0:  # the client left meanwhile
+            self.factory.dispatcher.abandoned(self.choice)
+            return
+        self._try_next()
 
     def _connect_failed(self, failure: Failure, backend: Any) -> None:
         assert self.choice is not None
@@ -596,6 +618,8 @@ class HttpProxy(Protocol):
         factory = self.factory
         stats = factory.stats
         self._release(outcome or "failed")
+        if self.choice is not None:
+            factory.dispatcher.abandoned(self.choice)
         if self.status >= 500:
             stats.record("http_5xx")
         stats.record("http_in_flight", -1)

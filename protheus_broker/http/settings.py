@@ -10,10 +10,12 @@ from typing import Mapping
 from protheus_broker.balancing.methods import SortMethod
 from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.desktop.settings import read_sort_method
+from protheus_broker.http.capacity_settings import parse_capped_server
 from protheus_broker.ini import ConfigError, Section, host_and_port, parse_port
 from protheus_broker.monitoring.settings import MonitoringConfig, MonitoringType, read_monitoring, read_monitoring_type
 
 HTTP_SECTION = "BALANCE_HTTP"
+WEB_SERVICES_SECTION = "BALANCE_WEB_SERVICES"
 
 _SERVER_KEY_RE = re.compile(r"^REMOTE_SERVER_([A-Z0-9]+)$")
 
@@ -54,12 +56,28 @@ class HttpBalanceConfig:
         return self.sort_method
 
 
-def read_servers(section: Section, warnings: list[str]) -> list[RemoteServer]:
-    """The REMOTE_SERVER_<id> = host port lines, in file order."""
+@dataclass(frozen=True)
+class WebServicesConfig(HttpBalanceConfig):
+    """``[BALANCE_WEB_SERVICES]``: REST and SOAP, stateless; in-flight requests capped per server by
+    ``REMOTE_SERVER_xx = host port [max]``, a FIFO queue when every server is full."""
+
+    caps: Mapping[str, int] = field(default_factory=dict)  # server id -> cap (0 = none)
+    queue_length: int = 1000  # QUEUE_LENGTH: requests that may wait; one more gets 503 at once
+    queue_timeout: float = 15.0  # QUEUE_TIMEOUT: a request waits this long, then 503
+    service_name: str = "protheus-broker-web-services"
+
+
+def read_servers(section: Section, warnings: list[str], caps: dict[str, int] | None = None) -> list[RemoteServer]:
+    """The REMOTE_SERVER_<id> = host port lines, in file order (with *caps*: ``host port [max]``,
+    the third field stored in *caps*)."""
     servers: list[RemoteServer] = []
     for key in section.values:
         match = _SERVER_KEY_RE.match(key)
-        if match:
+        if match and caps is not None:
+            server, cap = parse_capped_server(section, key, match.group(1))
+            servers.append(server)
+            caps[server.server_id] = cap
+        elif match:
             host, port = host_and_port(section, key)
             servers.append(RemoteServer(server_id=match.group(1), host=host, port=port))
         elif key.startswith("REMOTE_SERVER"):
@@ -72,15 +90,39 @@ def read_servers(section: Section, warnings: list[str]) -> list[RemoteServer]:
 
 def read_http(section: Section, sections: Mapping[str, Section], warnings: list[str]) -> HttpBalanceConfig:
     """The ``[BALANCE_HTTP]`` unit's config."""
+    return _read_unit(section, warnings, HttpBalanceConfig, read_servers(section, warnings), {
+        "affinity_timeout": section.integer("AFFINITY_TIMEOUT", 0, 0, 10 * 365 * 86400),
+        "affinity_forward_cookie": section.integer("AFFINITY_FORWARD_COOKIE", 0, 0, 1) == 1,
+        "secure_cookie": section.integer("SECURE_COOKIE", 0, 0, 1) == 1,
+        "service_name": section.text("SERVICE_NAME", "protheus-broker-http"),
+    })
+
+
+def read_web_services(section: Section, sections: Mapping[str, Section], warnings: list[str]) -> WebServicesConfig:
+    """The ``[BALANCE_WEB_SERVICES]`` unit's config (no affinity cookie: stateless)."""
+    caps: dict[str, int] = {}
+    servers = read_servers(section, warnings, caps)
+    config = _read_unit(section, warnings, WebServicesConfig, servers, {
+        "caps": caps,
+        "queue_length": section.integer("QUEUE_LENGTH", 1000, 0, 1_000_000),
+        "queue_timeout": section.number("QUEUE_TIMEOUT", 15.0, 0.0, 3600.0),
+        "service_name": section.text("SERVICE_NAME", "protheus-broker-web-services"),
+    })
+    assert isinstance(config, WebServicesConfig)
+    return config
+
+
+def _read_unit(section: Section, warnings: list[str], kind: type[HttpBalanceConfig], servers: list[RemoteServer],
+               extra: dict[str, object]) -> HttpBalanceConfig:
+    """The keys both HTTP units share, and *extra*."""
     port_text = section.raw("LOCAL_SERVER_PORT")
     if not port_text:
-        raise ConfigError(section.path, "LOCAL_SERVER_PORT is missing: the port browsers connect to",
+        raise ConfigError(section.path, "LOCAL_SERVER_PORT is missing: the port HTTP clients connect to",
                           line=section.where.sections.get(section.name), key=f"[{section.name}]")
-    servers = read_servers(section, warnings)
     monitoring_type = read_monitoring_type(section)
     if monitoring_type.is_active:
         raise section.error("MONITORING_TYPE", "HTTP units probe by CONNECTION (or DISABLED)")
-    config = HttpBalanceConfig(
+    config = kind(
         local_port=parse_port(section, "LOCAL_SERVER_PORT", port_text, allow_zero=True),
         servers=tuple(servers),
         local_interface=section.text("LOCAL_SERVER_INTERFACE", ""),
@@ -99,11 +141,8 @@ def read_http(section: Section, sections: Mapping[str, Section], warnings: list[
         upstream_reuse=section.integer("UPSTREAM_REUSE", 1, 0, 1) == 1,
         upstream_max_idle=section.integer("UPSTREAM_MAX_IDLE", 16, 0, 100000),
         upstream_idle_timeout=section.number("UPSTREAM_IDLE_TIMEOUT", 30.0, 0.0, 86400.0),
-        affinity_timeout=section.integer("AFFINITY_TIMEOUT", 0, 0, 10 * 365 * 86400),
-        affinity_forward_cookie=section.integer("AFFINITY_FORWARD_COOKIE", 0, 0, 1) == 1,
-        secure_cookie=section.integer("SECURE_COOKIE", 0, 0, 1) == 1,
-        service_name=section.text("SERVICE_NAME", "protheus-broker-http"),
         monitoring=read_monitoring(section, monitoring_type, servers),
+        **extra,  # type: ignore[arg-type]
     )
     if config.sort_method != config.effective_sort_method:
         warnings.append(f"{section.path}: [{section.name}] SORT_METHOD={config.sort_method.value} needs "

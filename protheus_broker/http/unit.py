@@ -18,8 +18,9 @@ from protheus_broker.balancing.methods import make_balancer
 from protheus_broker.balancing.pool import ServerPool, ServerState, UnknownServer
 from protheus_broker.desktop.pending import PendingLimits
 from protheus_broker.http.affinity import AffinityCookies
+from protheus_broker.http.capacity import QueueFull, QueueTimeout, RequestSlots
 from protheus_broker.http.proxy import Choice, Headers, HttpProxyFactory, IDispatcher, NoBackend, ProxySettings, RequestInfo
-from protheus_broker.http.settings import HTTP_SECTION, HttpBalanceConfig
+from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, HttpBalanceConfig, WebServicesConfig
 from protheus_broker.http.upstream import UpstreamPool, tcp_connector
 from protheus_broker.monitoring.monitor import make_monitor
 from protheus_broker.stats import ISessionStats, SessionStats
@@ -84,6 +85,12 @@ class PoolDispatcher:
             choice.state["probe"] = False
         self.pool.session_closed(backend)
 
+    def again(self, choice: Choice) -> "Deferred[Choice] | None":
+        return None  # the first choice listed every server
+
+    def abandoned(self, choice: Choice) -> None:
+        pass
+
     def request_headers(self, choice: Choice, headers: Headers) -> Headers:
         if self.affinity is None or self.forward_cookie:
             return headers
@@ -96,6 +103,55 @@ class PoolDispatcher:
         if choice.state.get("pinned") == backend.server_id and affinity.max_age <= 0:
             return []  # the browser already has it
         return [affinity.set_cookie(backend.server_id)]
+
+
+@implementer(IDispatcher)
+class SlotsDispatcher(PoolDispatcher):
+    """``[BALANCE_WEB_SERVICES]``: a request takes a slot on the best candidate below its cap
+    (:class:`RequestSlots`), or waits in the broker's FIFO queue; a full queue or a wait past
+    QUEUE_TIMEOUT is a 503 naming why.  A connect failure tries the next server (a new slot)."""
+
+    def __init__(self, clock: Any, pool: ServerPool, slots: Any) -> None:
+        super().__init__(clock, pool, None)
+        self.slots = slots
+
+    def choose(self, request: RequestInfo) -> "Deferred[Choice]":
+        return self._acquire({"tried": set(), "slot": None})
+
+    def _acquire(self, state: dict[str, Any]) -> "Deferred[Choice]":
+        tried: set[str] = state["tried"]
+
+        def candidates() -> list[Any]:
+            return [b for b in self.pool.candidates(self.clock.seconds()) if b.server_id not in tried]
+
+        def granted(backend: Any) -> Choice:
+            state["slot"] = backend.server_id
+            tried.add(backend.server_id)
+            return Choice([backend], state)
+
+        def refused(failure: Failure) -> Failure:
+            error = failure.trap(QueueFull, QueueTimeout)
+            retry_after = 1 if error is QueueFull else 5
+            return Failure(NoBackend(str(failure.value), retry_after=retry_after))
+
+        acquiring: Deferred[Any] = self.slots.acquire(candidates)
+        acquiring.addCallbacks(granted, refused)
+        return acquiring
+
+    def again(self, choice: Choice) -> "Deferred[Choice] | None":
+        if len(choice.state["tried"]) >= len(self.pool):
+            return None
+        return self._acquire(choice.state)
+
+    def released(self, choice: Choice, backend: Any, outcome: str) -> None:
+        super().released(choice, backend, outcome)
+        if outcome != "retry":  # a retry on a fresh connection keeps its slot
+            self.abandoned(choice)
+
+    def abandoned(self, choice: Choice) -> None:
+        slot, choice.state["slot"] = choice.state.get("slot"), None
+        if slot is not None:
+            self.slots.release(slot)
 
 
 def endpoint_string(config: HttpBalanceConfig, backlog: int = 1024) -> str:
@@ -130,7 +186,7 @@ class HttpUnit(MultiService):
         if self.monitor is not None:
             self.monitor.setServiceParent(self)
         self.affinity = AffinityCookies(max_age=config.affinity_timeout, secure=config.secure_cookie)
-        self.dispatcher = PoolDispatcher(reactor, self.pool, self.affinity, config.affinity_forward_cookie)
+        self.dispatcher = self.make_dispatcher(config)
         self.upstreams = UpstreamPool(reactor, connector or tcp_connector(reactor, config.connect_timeout),
                                       max_idle=config.upstream_max_idle,
                                       idle_timeout=config.upstream_idle_timeout, reuse=config.upstream_reuse)
@@ -139,6 +195,10 @@ class HttpUnit(MultiService):
                                         pending=PendingLimits(config.max_pending_per_address, config.max_pending))
         self.endpoint = endpoint_string(config)
         self.port: Any = None
+
+    def make_dispatcher(self, config: Any) -> PoolDispatcher:
+        """Balancing with the affinity cookie."""
+        return PoolDispatcher(self.reactor, self.pool, self.affinity, config.affinity_forward_cookie)
 
     def privilegedStartService(self) -> None:
         outcome = listened(serverFromString(self.reactor, self.endpoint).listen(self.factory))
@@ -190,7 +250,45 @@ class HttpUnit(MultiService):
         self.affinity.secure = config.secure_cookie
         self.dispatcher.forward_cookie = config.affinity_forward_cookie
         self.config = config
+        self.reloaded(config)
         log.info("reloaded [{section}]: added {added}, removed {removed}, kept {kept}", section=self.name,
                  added=result.added or "none", removed=result.removed or "none", kept=len(result.kept),
                  pool=self.name)
         return True
+
+    def reloaded(self, config: Any) -> None:
+        """What a subclass applies besides (the web-services caps)."""
+
+
+@implementer(IBalanceUnit)
+class WebServicesUnit(HttpUnit):
+    """REST and SOAP requests over the section's REMOTE_SERVER_xx, each server capped at its
+    ``[max]`` in-flight requests, the rest waiting in a bounded FIFO queue."""
+
+    dispatcher: SlotsDispatcher
+
+    def __init__(self, reactor: Any, config: WebServicesConfig, name: str = WEB_SERVICES_SECTION,
+                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None) -> None:
+        self.slots = RequestSlots(reactor, queue_length=config.queue_length, queue_timeout=config.queue_timeout)
+        super().__init__(reactor, config, name=name, path=path, ids=ids, connector=connector)
+        self.pool.subscribe(lambda event: self.slots.poke())
+        self.reloaded(config)
+
+    def make_dispatcher(self, config: Any) -> PoolDispatcher:
+        return SlotsDispatcher(self.reactor, self.pool, self.slots)
+
+    def describe(self) -> str:
+        host = self.port.getHost() if self.port is not None else None
+        where = f"{host.host}:{host.port}" if host is not None else self.endpoint
+        config: WebServicesConfig = self.config  # type: ignore[assignment]
+        capped = len([cap for cap in config.caps.values() if cap])
+        return (f"{where} (web services, {capped} servers capped, queue {config.queue_length} "
+                f"for {config.queue_timeout:g}s)")
+
+    def reloaded(self, config: Any) -> None:
+        for server_id in set(self.slots.stats()["caps"]) - set(config.caps):  # type: ignore[call-overload]
+            self.slots.forget(server_id)
+        for server_id, cap in config.caps.items():
+            self.slots.set_cap(server_id, cap)
+        self.slots.configure(config.queue_length, config.queue_timeout)
+        self.slots.poke()
