@@ -22,8 +22,9 @@ from protheus_broker.config import FUTURE_SECTIONS, UNIT_READERS, parse_config
 from protheus_broker.desktop.pending import PendingLimits
 from protheus_broker.http.affinity import COOKIE_NAME, AffinityCookies
 from protheus_broker.http.proxy import HttpProxy, HttpProxyFactory, ProxySettings, filter_headers
-from protheus_broker.http.settings import HTTP_SECTION, HttpBalanceConfig
-from protheus_broker.http.unit import HttpUnit, PoolDispatcher
+from protheus_broker.http.capacity import RequestSlots
+from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, HttpBalanceConfig, WebServicesConfig
+from protheus_broker.http.unit import HttpUnit, PoolDispatcher, SlotsDispatcher, WebServicesUnit
 from protheus_broker.http.upstream import UpstreamPool, UpstreamProtocol
 from protheus_broker.ini import ConfigError
 from protheus_broker.tap import UNIT_BUILDERS, BrokerService
@@ -403,3 +404,109 @@ class SettingsTests(SynchronousTestCase):
         self.assertEqual(len(unit.pool), 2)
         self.assertTrue(unit.reload(parse_config(DESKTOP + HTTP + "REMOTE_SERVER_C = 10.0.0.3 80\n").unit(HTTP_SECTION)))
         self.assertEqual(len(unit.pool), 3)
+
+
+WEB = ("[BALANCE_WEB_SERVICES]\nLOCAL_SERVER_PORT = 8081\nREMOTE_SERVER_A = 10.0.0.1 80 2\n"
+       "REMOTE_SERVER_B = 10.0.0.2 80 1\n")
+
+
+class WebServicesHarness(Harness):
+    """Servers A (cap 2) and B (cap 1) behind the web-services dispatcher."""
+
+    def __init__(self, queue_length: int = 10, queue_timeout: float = 15.0) -> None:
+        super().__init__(affinity=False)
+        self.slots = RequestSlots(self.clock, queue_length=queue_length, queue_timeout=queue_timeout)
+        self.slots.set_cap("A", 2)
+        self.slots.set_cap("B", 1)
+        self.pool.subscribe(lambda event: self.slots.poke())
+        self.dispatcher = SlotsDispatcher(self.clock, self.pool, self.slots)  # type: ignore[assignment]
+        self.factory.dispatcher = self.dispatcher
+
+    def busy(self) -> list[str]:
+        """The servers of the upstream connections carrying a request now."""
+        return sorted(u.server_id for u in self.upstreams_made.made if u.listener is not None)
+
+
+class WebServicesTests(SynchronousTestCase):
+    """[BALANCE_WEB_SERVICES]: per-server caps and the queue."""
+
+    def test_caps_and_queue(self) -> None:
+        """N+k requests with caps summing to N: N at the servers, k wait; freed slots serve the queue
+        in order; one still waiting at QUEUE_TIMEOUT gets 503 with Retry-After."""
+        logs = LogCatcher(self)
+        rig = WebServicesHarness()
+        clients = [rig.connect() for _ in range(5)]
+        for n, (proxy, _) in enumerate(clients):
+            proxy.dataReceived(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % n)
+        self.assertEqual(rig.busy(), ["A", "A", "B"])
+        self.assertEqual(rig.slots.queued(), 2)
+        rig.clock.advance(3.0)
+        first_a = [u for u in rig.upstreams_made.made if u.server_id == "A"][0]
+        first_a.dataReceived(OK)  # one A request done: the head of the queue takes its slot
+        self.assertEqual(rig.busy(), ["A", "A", "B"])
+        self.assertEqual(rig.slots.queued(), 1)
+        self.assertIn(b"GET /3 ", sent(first_a))  # the reused idle connection carries it
+        rig.clock.advance(12.1)
+        last = clients[4][1].value()
+        self.assertTrue(last.startswith(b"HTTP/1.1 503 "), last[:40])
+        self.assertIn(b"retry-after: 5", last)
+        self.assertIn(b"queue", last)
+        self.assertEqual(rig.slots.queued(), 0)
+        waited = [e["queue_wait"] for e in logs.find(access=True) if e["path"] == "/3"]
+        self.assertEqual(waited, [])  # still in flight: logged when it ends
+        for upstream in list(rig.upstreams_made.made):
+            if upstream.listener is not None:
+                upstream.dataReceived(OK)
+        waited = [e["queue_wait"] for e in logs.find(access=True) if e["path"] == "/3"]
+        self.assertAlmostEqual(waited[0], 3.0)
+        self.assertEqual(rig.slots.in_flight("A") + rig.slots.in_flight("B"), 0)
+
+    def test_queue_full_503_at_once(self) -> None:
+        """QUEUE_LENGTH reached: 503 at once."""
+        rig = WebServicesHarness(queue_length=0)
+        clients = [rig.connect() for _ in range(4)]
+        for proxy, _ in clients:
+            proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertTrue(clients[3][1].value().startswith(b"HTTP/1.1 503 "))
+        self.assertIn(b"retry-after: 1", clients[3][1].value())
+
+    def test_client_gone_while_queued_leaves_the_queue(self) -> None:
+        """A queued client that leaves takes no slot and leaves the queue."""
+        rig = WebServicesHarness()
+        clients = [rig.connect() for _ in range(4)]
+        for proxy, _ in clients:
+            proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(rig.slots.queued(), 1)
+        clients[3][0].connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual(rig.slots.queued(), 0)
+        for proxy, _ in clients[:3]:
+            proxy.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual(rig.slots.in_flight("A") + rig.slots.in_flight("B"), 0)
+        self.assertEqual(sum(b.active for b in rig.pool), 0)
+
+    def test_connect_failure_takes_a_slot_elsewhere(self) -> None:
+        """A server that refuses the connect gives its slot back; the request takes one on the next."""
+        rig = WebServicesHarness()
+        rig.upstreams_made.refuse.add("A")
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(rig.busy(), ["B"])
+        self.assertEqual((rig.slots.in_flight("A"), rig.slots.in_flight("B")), (0, 1))
+        rig.upstream().dataReceived(OK)
+        self.assertEqual(rig.slots.in_flight("B"), 0)
+
+    def test_section_read(self) -> None:
+        """REMOTE_SERVER_xx = host port [max]; QUEUE_TIMEOUT 15 and QUEUE_LENGTH 1000 by default."""
+        config = parse_config(DESKTOP + WEB + "REMOTE_SERVER_C = 10.0.0.3 80\n")
+        web: WebServicesConfig = config.unit(WEB_SERVICES_SECTION)
+        self.assertEqual(dict(web.caps), {"A": 2, "B": 1, "C": 0})
+        self.assertEqual((web.queue_timeout, web.queue_length), (15.0, 1000))
+        with self.assertRaises(ConfigError):
+            parse_config(DESKTOP + WEB + "REMOTE_SERVER_C = 10.0.0.3 80 many\n")
+        broker = BrokerService(MemoryReactorClock(), config)
+        unit = broker.unit(WEB_SERVICES_SECTION)
+        self.assertIsInstance(unit, WebServicesUnit)
+        self.assertEqual(unit.slots.cap("A"), 2)
+        self.assertTrue(unit.reload(parse_config(DESKTOP + WEB.replace("80 2", "80 5")).unit(WEB_SERVICES_SECTION)))
+        self.assertEqual(unit.slots.cap("A"), 5)
+        self.assertEqual(unit.slots.cap("C"), 0)
