@@ -304,6 +304,9 @@ class _Sink:
     def upstream_event(self, upstream: Any, event: Any) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
 
 class AffinityTests(SynchronousTestCase):
     """The cookie and the dispatcher's use of it."""

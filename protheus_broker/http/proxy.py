@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from protheus_broker.desktop.pending import PendingLimits, PendingToken, client_host
-from protheus_broker.http.upstream import UpstreamPool, UpstreamProtocol, Valve
+from protheus_broker.http.upstream import Outbox, UpstreamPool, UpstreamProtocol, Valve
 from protheus_broker.stats import ISessionStats, SessionStats
 
 log = Logger()
@@ -157,6 +157,7 @@ class HttpProxy(Protocol):
     def __init__(self) -> None:
         self.conn = h11.Connection(h11.SERVER)
         self.valve: Valve | None = None
+        self.out: Outbox | None = None
         self.client = "?"
         self.pending: PendingToken | None = None
         self.timer: Any = None
@@ -192,6 +193,7 @@ class HttpProxy(Protocol):
         factory = self.factory
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=factory.settings.max_header_bytes)
         self.valve = Valve(self.transport)
+        self.out = Outbox(self.transport)
         peer = self.transport.getPeer()
         self.client = str(getattr(peer, "host", "") or "?")
         self.pending_key = client_host(peer)
@@ -219,7 +221,7 @@ class HttpProxy(Protocol):
         if self.cycle_bytes:
             self._error(408, "the request head did not arrive in time")
         else:
-            self.transport.loseConnection()  # an idle keep-alive connection
+            self._close()  # an idle keep-alive connection
 
     def dataReceived(self, data: bytes) -> None:
         if self.relay is not None:
@@ -230,16 +232,20 @@ class HttpProxy(Protocol):
         self.cycle_bytes += len(data)
         self.conn.receive_data(data)
         self._pump()
+        if self.upstream is not None:
+            self.upstream.flush()
 
     def readConnectionLost(self) -> None:
         if self.relay is not None:
             if hasattr(self.relay, "loseWriteConnection"):
                 self.relay.loseWriteConnection()
             if self.write_closed:
-                self.transport.loseConnection()
+                self._close()
             return
         self.conn.receive_data(b"")
         self._pump()
+        if self.upstream is not None:
+            self.upstream.flush()
 
     def writeConnectionLost(self) -> None:
         self.write_closed = True
@@ -288,7 +294,7 @@ class HttpProxy(Protocol):
             elif isinstance(event, h11.EndOfMessage):
                 self._request_end(event)
             elif isinstance(event, h11.ConnectionClosed):
-                self.transport.loseConnection()
+                self._close()
                 return
 
     def _bad_request(self, exc: h11.RemoteProtocolError) -> None:
@@ -432,6 +438,7 @@ class HttpProxy(Protocol):
         self.flowing = True
         self.valve.release("dispatch")
         self._pump()
+        upstream.flush()
 
     def _request_body(self, data: bytes) -> None:
         if self.upstream is None or self.response_done:
@@ -477,15 +484,25 @@ class HttpProxy(Protocol):
             if self.request_done:
                 self._next_cycle()
             else:  # answered before the whole request body: the connection cannot go on
-                self.transport.loseConnection()
+                self._close()
 
     def conn_send(self, event: Any) -> None:
-        """Send *event* to the client (nothing once the connection is gone)."""
+        """Gather *event* for the client (sent at :meth:`flush`; nothing once it is gone)."""
         if self.closed:
             return
         data = self.conn.send(event)
-        if data:
-            self.transport.write(data)
+        if data and self.out is not None:
+            self.out.add(data)
+
+    def flush(self) -> None:
+        """Send what was gathered for the client."""
+        if self.out is not None and not self.closed:
+            self.out.flush()
+
+    def _close(self) -> None:
+        """Close the client connection once what was gathered for it is written."""
+        self.flush()
+        self.transport.loseConnection()
 
     def upstream_garbage(self, upstream: UpstreamProtocol, reason: str) -> None:
         log.warn("http: AppServer {server} sent a malformed response: {why}", server=upstream.server_id,
@@ -522,6 +539,7 @@ class HttpProxy(Protocol):
         upstream, self.upstream = self.upstream, None
         if upstream is None:
             return
+        upstream.flush()
         upstream.listener = None
         if not upstream.closed:
             upstream.transport.unregisterProducer()
@@ -548,6 +566,8 @@ class HttpProxy(Protocol):
         self.relay = upstream.transport
         upstream.relay_to = self.transport
         upstream.listener = None
+        upstream.flush()
+        self.flush()
         leftover = self.conn.trailing_data[0]
         if leftover:
             upstream.transport.write(leftover)
@@ -565,12 +585,12 @@ class HttpProxy(Protocol):
         if self.closed:
             return
         if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is h11.MUST_CLOSE:
-            self.transport.loseConnection()
+            self._close()
             return
         try:
             self.conn.start_next_cycle()
         except h11.LocalProtocolError:
-            self.transport.loseConnection()
+            self._close()
             return
         self._reset()
         assert self.valve is not None
@@ -602,7 +622,7 @@ class HttpProxy(Protocol):
             except h11.LocalProtocolError:
                 pass
         self.response_done = True
-        self.transport.loseConnection()
+        self._close()
 
     def _release(self, outcome: str) -> None:
         """Tell the dispatcher the request left its server (once per opening)."""

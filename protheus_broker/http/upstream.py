@@ -14,10 +14,42 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from protheus_broker.sockets import send_now, tune
+
 log = Logger()
 
 #: h11's limit on a response head from an AppServer (bytes)
 MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class Outbox:
+    """Bytes for one transport, gathered while a batch of events is handled and sent in one go:
+    at once when the socket takes them (:func:`~protheus_broker.sockets.send_now`), else queued."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.eager = tune(transport)
+        self.parts: list[bytes] = []
+
+    def add(self, data: bytes) -> None:
+        if data:
+            self.parts.append(data)
+
+    def flush(self) -> None:
+        if not self.parts:
+            return
+        data = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+        self.parts.clear()
+        self.write(data)
+
+    def write(self, data: bytes) -> None:
+        """Send *data* now, after anything gathered."""
+        if self.parts:
+            self.flush()
+        if self.eager:
+            send_now(self.transport, data)
+        else:
+            self.transport.write(data)
 
 
 @implementer(IPushProducer)
@@ -62,6 +94,8 @@ class UpstreamListener(TypingProtocol):
 
     def upstream_lost(self, upstream: "UpstreamProtocol", reason: Failure) -> None: ...
 
+    def flush(self) -> None: ...
+
 
 @implementer(IHalfCloseableProtocol)
 class UpstreamProtocol(Protocol):
@@ -78,27 +112,36 @@ class UpstreamProtocol(Protocol):
         self.closed = False
         self.relay_to: Any = None  # the client transport once switched (WebSocket)
         self.valve: Valve | None = None
+        self.out: Outbox | None = None
         self.on_lost: Callable[["UpstreamProtocol"], None] | None = None  # the pool forgets it
         self.idle_timer: Any = None
         self.write_closed = False
 
     def connectionMade(self) -> None:
         self.valve = Valve(self.transport)
+        self.out = Outbox(self.transport)
 
     def send(self, event: Any) -> None:
+        """Gather *event* for the AppServer (sent at :meth:`flush`)."""
         data = self.conn.send(event)
-        if data and not self.closed:
-            self.transport.write(data)
+        if data and not self.closed and self.out is not None:
+            self.out.add(data)
+
+    def flush(self) -> None:
+        if self.out is not None and not self.closed:
+            self.out.flush()
 
     def dataReceived(self, data: bytes) -> None:
         if self.relay_to is not None:
             self.relay_to.write(data)
             return
-        if self.listener is None:  # idle: an AppServer talking out of turn is not reusable
+        listener = self.listener
+        if listener is None:  # idle: an AppServer talking out of turn is not reusable
             self.transport.loseConnection()
             return
         self.conn.receive_data(data)
         self.pump()
+        listener.flush()
 
     def pump(self) -> None:
         """Hand the parsed response events to the listener."""
@@ -122,9 +165,11 @@ class UpstreamProtocol(Protocol):
             if self.write_closed:
                 self.transport.loseConnection()
             return
-        if self.listener is not None and self.conn.their_state is h11.SEND_BODY:
+        listener = self.listener
+        if listener is not None and self.conn.their_state is h11.SEND_BODY:
             self.conn.receive_data(b"")  # a close-delimited body ends here (others: an error)
             self.pump()
+            listener.flush()
         self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
