@@ -15,10 +15,13 @@ from zope.interface import implementer
 from protheus_broker.balancing.methods import SortMethod, make_balancer
 from protheus_broker.balancing.pool import ServerPool, ServerState
 from protheus_broker.balancing.servers import RemoteServer
+from protheus_broker.config import parse_config
 from protheus_broker.http.affinity import COOKIE_NAME, AffinityCookies
+from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION
 from protheus_broker.http.proxy import HttpProxyFactory, ProxySettings
 from protheus_broker.http.unit import PoolDispatcher
 from protheus_broker.http.upstream import UpstreamPool, tcp_connector
+from protheus_broker.tap import UNIT_BUILDERS
 
 from .helpers import LogCatcher
 from .http_backend import BackendFactory, Client, connect, header
@@ -490,3 +493,40 @@ class StreamingTests(TestCase):
         await timeout(client.done, 60)
         self.assertEqual(client.responses[0]["body"], str(64 * MB).encode())
         self.assertLess(peak[0], 4 * MB)
+
+
+class UnitTests(TestCase):
+    """[BALANCE_HTTP] and [BALANCE_WEB_SERVICES] units built from config text, on real sockets."""
+
+    @as_deferred
+    async def test_units_serve_from_their_sections(self) -> None:
+        """Both units listen on LOCAL_SERVER_PORT and send requests to their REMOTE_SERVER_xx."""
+        backends = []
+        for name in ("A", "B"):
+            factory = BackendFactory(name)
+            port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+            self.addCleanup(port.stopListening)
+            backends.append(port.getHost().port)
+        text = ("[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\nREMOTE_SERVER_01 = 127.0.0.1 1\n"
+                "[BALANCE_HTTP]\nLOCAL_SERVER_PORT = 0\nLOCAL_SERVER_INTERFACE = 127.0.0.1\n"
+                f"REMOTE_SERVER_A = 127.0.0.1 {backends[0]}\n"
+                "[BALANCE_WEB_SERVICES]\nLOCAL_SERVER_PORT = 0\nLOCAL_SERVER_INTERFACE = 127.0.0.1\n"
+                f"REMOTE_SERVER_B = 127.0.0.1 {backends[1]} 4\n")
+        config = parse_config(text)
+        for section, expected in ((HTTP_SECTION, b"A"), (WEB_SERVICES_SECTION, b"B")):
+            unit = UNIT_BUILDERS[section](reactor, config.unit(section), name=section)
+            unit.privilegedStartService()
+            unit.startService()
+            self.addCleanup(unit.stopService)
+            client = Client()
+            await connect(unit.port.getHost().port, client)
+            self.addCleanup(client.transport.loseConnection)
+            client.send_request(b"GET", b"/id")
+            await timeout(client.done)
+            self.assertEqual(client.responses[0]["body"], expected)
+            self.assertEqual(unit.stats.get("http_requests"), 1)
+            if section == HTTP_SECTION:
+                self.assertIsNotNone(header(client.responses[0], b"set-cookie"))
+            else:
+                self.assertIsNone(header(client.responses[0], b"set-cookie"))
+                self.assertEqual(unit.slots.in_flight("B"), 0)
