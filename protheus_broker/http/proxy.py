@@ -112,6 +112,7 @@ class ProxySettings:
     max_headers: int = 100  # MAX_HEADERS: more header lines get 431
     forwarded_headers: bool = True  # FORWARDED_HEADERS: X-Forwarded-For/-Proto and Forwarded
     tls: bool = False  # the client leg is TLS (X-Forwarded-Proto https)
+    access_log: bool = True  # ACCESS_LOG: one structured event per request
 
 
 def filter_headers(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool,
@@ -645,6 +646,8 @@ class HttpProxy(Protocol):
         stats.record("http_in_flight", -1)
         stats.record("bytes_in", self.bytes_in)
         stats.record("bytes_out", self.bytes_out)
+        if not factory.settings.access_log:
+            return
         now = factory.clock.seconds()
         log.info("http: {client} {method} {path} -> {server} {status} in={bytes_in} out={bytes_out} "
                  "{duration:.3f}s (queued {queue_wait:.3f}s)", client=self.client,
