@@ -195,6 +195,27 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual([b.active for b in rig.pool], [0, 0])
         self.assertEqual(rig.factory.stats.get("http_in_flight"), 0)
 
+    def test_server_timeout_504_then_close_mid_body(self) -> None:
+        """No byte from the AppServer for SERVER_TIMEOUT: 504; after the head has gone, the client is cut."""
+        rig = Harness(ProxySettings(server_timeout=30.0), affinity=False)
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        rig.clock.advance(29.0)
+        self.assertEqual(transport.value(), b"")
+        rig.clock.advance(1.1)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 504 "))
+        self.assertEqual(sum(b.active for b in rig.pool), 0)
+        proxy2, transport2 = rig.connect()
+        proxy2.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        upstream = rig.upstream()
+        rig.clock.advance(20.0)
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345")
+        rig.clock.advance(20.0)  # activity pushed the deadline back
+        self.assertFalse(transport2.disconnecting)
+        rig.clock.advance(10.1)
+        self.assertTrue(upstream.transport.disconnecting)
+        self.assertEqual(rig.factory.stats.get("http_in_flight"), 0)
+
     def test_garbage_upstream_502_and_access_log(self) -> None:
         """Garbage from the AppServer: 502; one access-log event names server, status and timing."""
         logs = LogCatcher(self)

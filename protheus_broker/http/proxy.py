@@ -113,6 +113,7 @@ class ProxySettings:
     forwarded_headers: bool = True  # FORWARDED_HEADERS: X-Forwarded-For/-Proto and Forwarded
     tls: bool = False  # the client leg is TLS (X-Forwarded-Proto https)
     access_log: bool = True  # ACCESS_LOG: one structured event per request
+    server_timeout: float = 300.0  # SERVER_TIMEOUT: no byte either way for this long -> 504 or close
 
 
 def filter_headers(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool,
@@ -162,6 +163,7 @@ class HttpProxy(Protocol):
         self.client = "?"
         self.pending: PendingToken | None = None
         self.timer: Any = None
+        self.stall_timer: Any = None  # SERVER_TIMEOUT while a request is at a server
         self.closed = False
         self.relay: Any = None  # the upstream transport once switched (WebSocket)
         self.write_closed = False
@@ -187,6 +189,7 @@ class HttpProxy(Protocol):
         self.websocket = False
         self.dispatching: Deferred[Choice] | None = None
         self.opened: Any = None  # the backend counted by dispatcher.opening, until released
+        self.last_activity = 0.0
 
     # --- connection ------------------------------------------------------------------------
 
@@ -231,6 +234,7 @@ class HttpProxy(Protocol):
         if self.request is None and not self.cycle_bytes and data:
             self._arm(self.factory.settings.header_timeout)
         self.cycle_bytes += len(data)
+        self.last_activity = self.factory.clock.seconds() if self.stall_timer is not None else 0.0
         self.conn.receive_data(data)
         self._pump()
         if self.upstream is not None:
@@ -254,6 +258,7 @@ class HttpProxy(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
         self._disarm()
+        self._unwatch()
         self._release_pending()
         if self.dispatching is not None:
             self.dispatching.cancel()
@@ -438,6 +443,7 @@ class HttpProxy(Protocol):
             return
         self.flowing = True
         self.valve.release("dispatch")
+        self._watch()
         self._pump()
         upstream.flush()
 
@@ -458,8 +464,41 @@ class HttpProxy(Protocol):
 
     # --- the AppServer's events --------------------------------------------------------------
 
+    def _watch(self) -> None:
+        """Arm SERVER_TIMEOUT for the request now at a server (bytes either way push it back)."""
+        timeout = self.factory.settings.server_timeout
+        self.last_activity = self.factory.clock.seconds()
+        if timeout > 0 and self.stall_timer is None:
+            self.stall_timer = self.factory.clock.callLater(timeout, self._stalled)
+
+    def _unwatch(self) -> None:
+        if self.stall_timer is not None and self.stall_timer.active():
+            self.stall_timer.cancel()
+        self.stall_timer = None
+
+    def _stalled(self) -> None:
+        self.stall_timer = None
+        timeout = self.factory.settings.server_timeout
+        left = self.last_activity + timeout - self.factory.clock.seconds()
+        if left > 0:
+            self.stall_timer = self.factory.clock.callLater(left, self._stalled)
+            return
+        if self.closed or self.relay is not None or self.request is None or self.response_done:
+            return
+        server = self.backend.server_id if self.backend is not None else "-"
+        log.warn("http: no byte to or from {server} for {timeout:g}s (SERVER_TIMEOUT); giving up on "
+                 "{client}'s request", server=server, timeout=timeout, client=self.client, pool=self.factory.name)
+        self._detach(close=True)
+        if self.response_started:
+            self.transport.abortConnection()
+        else:
+            self._error(504, f"AppServer {server} did not answer within {timeout:g}s")
+        self._end("failed")
+
     def upstream_event(self, upstream: UpstreamProtocol, event: Any) -> None:
         assert self.choice is not None
+        if self.stall_timer is not None:
+            self.last_activity = self.factory.clock.seconds()
         dispatcher = self.factory.dispatcher
         if isinstance(event, h11.InformationalResponse):
             if event.status_code == 101 and self.websocket:
@@ -559,6 +598,7 @@ class HttpProxy(Protocol):
     def _switch(self, upstream: UpstreamProtocol, event: h11.InformationalResponse) -> None:
         """``101``: from now on a raw byte relay both ways."""
         self.status = 101
+        self._unwatch()  # a WebSocket may rest as long as it likes
         self.response_started = self.response_done = True
         assert self.choice is not None
         headers = filter_headers(event.headers, True) + self.factory.dispatcher.response_headers(
@@ -636,6 +676,7 @@ class HttpProxy(Protocol):
         request = self.request
         if request is None or self.started < 0:
             return
+        self._unwatch()
         factory = self.factory
         stats = factory.stats
         self._release(outcome or "failed")

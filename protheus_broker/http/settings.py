@@ -40,6 +40,7 @@ class HttpBalanceConfig:
     max_headers: int = 100  # MAX_HEADERS (431)
     forwarded_headers: bool = True  # FORWARDED_HEADERS
     access_log: bool = True  # ACCESS_LOG: one log event per request (0: off, for throughput)
+    server_timeout: float = 300.0  # SERVER_TIMEOUT: a request with no byte either way this long: 504/close
     upstream_reuse: bool = True  # UPSTREAM_REUSE
     upstream_max_idle: int = 16  # UPSTREAM_MAX_IDLE: idle connections kept per server
     upstream_idle_timeout: float = 30.0  # UPSTREAM_IDLE_TIMEOUT
@@ -140,6 +141,7 @@ def _read_unit(section: Section, warnings: list[str], kind: type[HttpBalanceConf
         max_headers=section.integer("MAX_HEADERS", 100, 1, 10000),
         forwarded_headers=section.integer("FORWARDED_HEADERS", 1, 0, 1) == 1,
         access_log=section.integer("ACCESS_LOG", 1, 0, 1) == 1,
+        server_timeout=section.number("SERVER_TIMEOUT", 300.0, 0.0, 86400.0),
         upstream_reuse=section.integer("UPSTREAM_REUSE", 1, 0, 1) == 1,
         upstream_max_idle=section.integer("UPSTREAM_MAX_IDLE", 16, 0, 100000),
         upstream_idle_timeout=section.number("UPSTREAM_IDLE_TIMEOUT", 30.0, 0.0, 86400.0),

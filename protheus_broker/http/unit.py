@@ -164,7 +164,8 @@ def endpoint_string(config: HttpBalanceConfig, backlog: int = 1024) -> str:
 def proxy_settings(config: HttpBalanceConfig) -> ProxySettings:
     return ProxySettings(header_timeout=config.header_timeout, keepalive_timeout=config.keepalive_timeout,
                          max_header_bytes=config.max_header_bytes, max_headers=config.max_headers,
-                         forwarded_headers=config.forwarded_headers, access_log=config.access_log)
+                         forwarded_headers=config.forwarded_headers, access_log=config.access_log,
+                         server_timeout=config.server_timeout)
 
 
 @implementer(IBalanceUnit)
