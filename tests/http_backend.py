@@ -172,6 +172,7 @@ class Client(Protocol):
         self.raw = b""
         self.done: defer.Deferred[Client] = defer.Deferred()
         self.lost = False
+        self.gone: defer.Deferred[None] = defer.Deferred()  # fires at connectionLost
         self.complete = 0
         self.queue: list[list[Any]] = []
 
@@ -229,6 +230,7 @@ class Client(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:
         self.lost = True
+        self.gone.callback(None)
         if not self.done.called:
             self.done.callback(self)
 
@@ -238,6 +240,13 @@ def header(response: dict[str, Any], name: bytes) -> bytes | None:
         if n == name:
             return v  # type: ignore[no-any-return]
     return None
+
+
+def close(client: Client) -> defer.Deferred[None]:
+    """Close *client* and wait until it is closed (TLS needs a round trip)."""
+    if not client.lost:
+        client.transport.loseConnection()
+    return client.gone
 
 
 async def connect(port: int, protocol: Protocol) -> Any:

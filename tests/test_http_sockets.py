@@ -9,6 +9,7 @@ from typing import Any, Callable, Coroutine
 import h11
 from twisted.internet import defer, reactor, task
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import ClientCreator
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -24,7 +25,8 @@ from protheus_broker.http.upstream import UpstreamPool, tcp_connector
 from protheus_broker.tap import UNIT_BUILDERS
 
 from .helpers import LogCatcher
-from .http_backend import BackendFactory, Client, connect, header
+from .tls_fixtures import certs
+from .http_backend import BackendFactory, Client, close, connect, header
 
 MB = 1024 * 1024
 
@@ -530,3 +532,30 @@ class UnitTests(TestCase):
             else:
                 self.assertIsNone(header(client.responses[0], b"set-cookie"))
                 self.assertEqual(unit.slots.in_flight("B"), 0)
+
+    @as_deferred
+    async def test_tls_terminated(self) -> None:
+        """SSL_CERTIFICATE/SSL_KEY: HTTPS to the broker, X-Forwarded-Proto https, a Secure cookie."""
+        c = certs()
+        factory = BackendFactory("A")
+        backend = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(backend.stopListening)
+        config = parse_config(
+            "[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\nREMOTE_SERVER_01 = 127.0.0.1 1\n"
+            "[BALANCE_HTTP]\nLOCAL_SERVER_PORT = 0\nLOCAL_SERVER_INTERFACE = 127.0.0.1\n"
+            f"REMOTE_SERVER_A = 127.0.0.1 {backend.getHost().port}\n"
+            f"SSL_CERTIFICATE = {c.cert('broker')}\nSSL_KEY = {c.key('broker')}\n")
+        unit = UNIT_BUILDERS[HTTP_SECTION](reactor, config.unit(HTTP_SECTION), name=HTTP_SECTION)
+        unit.privilegedStartService()
+        unit.startService()
+        self.addCleanup(unit.stopService)
+        client = Client()
+        await ClientCreator(reactor, lambda: client).connectSSL(  # type: ignore[arg-type]
+            "127.0.0.1", unit.port.getHost().port, c.client_options())
+        self.addCleanup(close, client)
+        client.send_request(b"GET", b"/headers")
+        await timeout(client.done)
+        response = client.responses[0]
+        seen = dict((n, v) for n, v in json.loads(response["body"]))
+        self.assertEqual(seen["x-forwarded-proto"], "https")
+        self.assertIn(b"; Secure", header(response, b"set-cookie") or b"")

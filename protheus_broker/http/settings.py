@@ -12,6 +12,7 @@ from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.desktop.settings import read_sort_method
 from protheus_broker.http.capacity_settings import parse_capped_server
 from protheus_broker.ini import ConfigError, Section, host_and_port, parse_port
+from protheus_broker.tls.settings import SSL_SECTION, SessionTLSConfig, session_tls_config
 from protheus_broker.monitoring.settings import MonitoringConfig, MonitoringType, read_monitoring, read_monitoring_type
 
 HTTP_SECTION = "BALANCE_HTTP"
@@ -49,6 +50,7 @@ class HttpBalanceConfig:
     secure_cookie: bool = False  # SECURE_COOKIE: mark it Secure (behind a TLS front)
     service_name: str = "protheus-broker-http"
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    tls: SessionTLSConfig = field(default_factory=SessionTLSConfig)  # SSL_CERTIFICATE/SSL_KEY: terminate TLS
 
     @property
     def effective_sort_method(self) -> SortMethod:
@@ -92,7 +94,7 @@ def read_servers(section: Section, warnings: list[str], caps: dict[str, int] | N
 
 def read_http(section: Section, sections: Mapping[str, Section], warnings: list[str]) -> HttpBalanceConfig:
     """The ``[BALANCE_HTTP]`` unit's config."""
-    return _read_unit(section, warnings, HttpBalanceConfig, read_servers(section, warnings), {
+    return _read_unit(section, sections, warnings, HttpBalanceConfig, read_servers(section, warnings), {
         "affinity_timeout": section.integer("AFFINITY_TIMEOUT", 0, 0, 10 * 365 * 86400),
         "affinity_forward_cookie": section.integer("AFFINITY_FORWARD_COOKIE", 0, 0, 1) == 1,
         "secure_cookie": section.integer("SECURE_COOKIE", 0, 0, 1) == 1,
@@ -104,7 +106,7 @@ def read_web_services(section: Section, sections: Mapping[str, Section], warning
     """The ``[BALANCE_WEB_SERVICES]`` unit's config (no affinity cookie: stateless)."""
     caps: dict[str, int] = {}
     servers = read_servers(section, warnings, caps)
-    config = _read_unit(section, warnings, WebServicesConfig, servers, {
+    config = _read_unit(section, sections, warnings, WebServicesConfig, servers, {
         "caps": caps,
         "queue_length": section.integer("QUEUE_LENGTH", 1000, 0, 1_000_000),
         "queue_timeout": section.number("QUEUE_TIMEOUT", 15.0, 0.0, 3600.0),
@@ -114,9 +116,14 @@ def read_web_services(section: Section, sections: Mapping[str, Section], warning
     return config
 
 
-def _read_unit(section: Section, warnings: list[str], kind: type[HttpBalanceConfig], servers: list[RemoteServer],
-               extra: dict[str, object]) -> HttpBalanceConfig:
-    """The keys both HTTP units share, and *extra*."""
+def _read_unit(section: Section, sections: Mapping[str, Section], warnings: list[str],
+               kind: type[HttpBalanceConfig], servers: list[RemoteServer], extra: dict[str, object]) -> HttpBalanceConfig:
+    """The keys both HTTP units share (TLS termination with the desktop section's SSL_* keys and
+    ``[SSLConfigure]``), and *extra*."""
+    tls = session_tls_config(section, sections.get(SSL_SECTION), warnings)
+    if tls.upstream:
+        raise section.error("SSL_ENCRYPT_UPSTREAM", "HTTP units speak plain HTTP to AppServers (TLS to "
+                            "AppServers is not supported for HTTP yet)")
     port_text = section.raw("LOCAL_SERVER_PORT")
     if not port_text:
         raise ConfigError(section.path, "LOCAL_SERVER_PORT is missing: the port HTTP clients connect to",
@@ -146,6 +153,7 @@ def _read_unit(section: Section, warnings: list[str], kind: type[HttpBalanceConf
         upstream_max_idle=section.integer("UPSTREAM_MAX_IDLE", 16, 0, 100000),
         upstream_idle_timeout=section.number("UPSTREAM_IDLE_TIMEOUT", 30.0, 0.0, 86400.0),
         monitoring=read_monitoring(section, monitoring_type, servers),
+        tls=tls,
         **extra,  # type: ignore[arg-type]
     )
     if config.sort_method != config.effective_sort_method:

@@ -10,6 +10,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -17,11 +18,13 @@ from zope.interface import implementer
 from protheus_broker.balancing.methods import make_balancer
 from protheus_broker.balancing.pool import ServerPool, ServerState, UnknownServer
 from protheus_broker.desktop.pending import PendingLimits
+from protheus_broker.desktop.tls import ReloadableServerContext, server_options
 from protheus_broker.http.affinity import AffinityCookies
 from protheus_broker.http.capacity import QueueFull, QueueTimeout, RequestSlots
 from protheus_broker.http.proxy import Choice, Headers, HttpProxyFactory, IDispatcher, NoBackend, ProxySettings, RequestInfo
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, HttpBalanceConfig, WebServicesConfig
 from protheus_broker.http.upstream import UpstreamPool, tcp_connector
+from protheus_broker.ini import ConfigError
 from protheus_broker.monitoring.monitor import make_monitor
 from protheus_broker.stats import ISessionStats, SessionStats
 from protheus_broker.units import IBalanceUnit, listened
@@ -162,7 +165,7 @@ def endpoint_string(config: HttpBalanceConfig, backlog: int = 1024) -> str:
 
 
 def proxy_settings(config: HttpBalanceConfig) -> ProxySettings:
-    return ProxySettings(header_timeout=config.header_timeout, keepalive_timeout=config.keepalive_timeout,
+    return ProxySettings(tls=config.tls.terminate, header_timeout=config.header_timeout, keepalive_timeout=config.keepalive_timeout,
                          max_header_bytes=config.max_header_bytes, max_headers=config.max_headers,
                          forwarded_headers=config.forwarded_headers, access_log=config.access_log,
                          server_timeout=config.server_timeout)
@@ -186,7 +189,8 @@ class HttpUnit(MultiService):
                                     connect_timeout=config.connect_timeout)
         if self.monitor is not None:
             self.monitor.setServiceParent(self)
-        self.affinity = AffinityCookies(max_age=config.affinity_timeout, secure=config.secure_cookie)
+        self.affinity = AffinityCookies(max_age=config.affinity_timeout,
+                                        secure=config.secure_cookie or config.tls.terminate)
         self.dispatcher = self.make_dispatcher(config)
         self.upstreams = UpstreamPool(reactor, connector or tcp_connector(reactor, config.connect_timeout),
                                       max_idle=config.upstream_max_idle,
@@ -194,15 +198,25 @@ class HttpUnit(MultiService):
         self.factory = HttpProxyFactory(reactor, self.dispatcher, self.upstreams, proxy_settings(config),
                                         stats=self.stats, name=name,
                                         pending=PendingLimits(config.max_pending_per_address, config.max_pending))
+        # TLS termination (SSL_CERTIFICATE/SSL_KEY or [SSLConfigure]); ConfigError: a bad file
+        self.tls_context = ReloadableServerContext(server_options(config.tls)) if config.tls.terminate else None
         self.endpoint = endpoint_string(config)
         self.port: Any = None
+
+    def listening_factory(self) -> Any:
+        """The proxy, behind TLS when the section terminates it."""
+        if self.tls_context is None:
+            return self.factory
+        factory = TLSMemoryBIOFactory(self.tls_context, False, self.factory)
+        factory.noisy = False
+        return factory
 
     def make_dispatcher(self, config: Any) -> PoolDispatcher:
         """Balancing with the affinity cookie."""
         return PoolDispatcher(self.reactor, self.pool, self.affinity, config.affinity_forward_cookie)
 
     def privilegedStartService(self) -> None:
-        outcome = listened(serverFromString(self.reactor, self.endpoint).listen(self.factory))
+        outcome = listened(serverFromString(self.reactor, self.endpoint).listen(self.listening_factory()))
         if isinstance(outcome, Failure):
             error = outcome.value
             why = error.socketError if isinstance(error, CannotListenError) else error
@@ -214,7 +228,8 @@ class HttpUnit(MultiService):
     def describe(self) -> str:
         host = self.port.getHost() if self.port is not None else None
         where = f"{host.host}:{host.port}" if host is not None else self.endpoint
-        return f"{where} (HTTP, affinity cookie {self.affinity.name})"
+        tls = ", TLS terminated" if self.tls_context is not None else ""
+        return f"{where} (HTTP{tls}, affinity cookie {self.affinity.name})"
 
     def startService(self) -> None:
         log.info("[{section}] HTTP listening on {where}; {count} AppServers, SORT_METHOD={sort_method}",
@@ -231,8 +246,17 @@ class HttpUnit(MultiService):
         return DeferredList(stopping, consumeErrors=True)
 
     def reload(self, config: HttpBalanceConfig) -> bool:
-        """Apply a reloaded section; open connections carry on."""
+        """Apply a reloaded section; open connections carry on.  False (nothing applied) when a
+        certificate or key file is bad."""
         old = self.config
+        if config.tls.terminate != old.tls.terminate:
+            log.warn("reload: [{section}] TLS termination switched; restart to apply", section=self.name)
+        elif self.tls_context is not None:
+            try:
+                self.tls_context.options = server_options(config.tls)  # new handshakes use it
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running config: {error}", error=str(exc))
+                return False
         if (config.local_port, config.local_interface) != (old.local_port, old.local_interface):
             log.warn("reload: [{section}] LOCAL_SERVER_PORT/LOCAL_SERVER_INTERFACE changed; restart to apply",
                      section=self.name)
@@ -242,13 +266,14 @@ class HttpUnit(MultiService):
         self.pool.balancer = make_balancer(config.effective_sort_method, config.metrics_max_age)
         self.pool.suspect_time = config.monitoring.suspect_time
         self.factory.settings = proxy_settings(config)
+        self.factory.settings.tls = self.tls_context is not None
         self.factory.pending.per_address = config.max_pending_per_address
         self.factory.pending.total = config.max_pending
         self.upstreams.max_idle = config.upstream_max_idle
         self.upstreams.idle_timeout = config.upstream_idle_timeout
         self.upstreams.reuse = config.upstream_reuse
         self.affinity.max_age = config.affinity_timeout
-        self.affinity.secure = config.secure_cookie
+        self.affinity.secure = config.secure_cookie or self.tls_context is not None
         self.dispatcher.forward_cookie = config.affinity_forward_cookie
         self.config = config
         self.reloaded(config)
