@@ -152,6 +152,18 @@ class ProxyTests(SynchronousTestCase):
         self.assertFalse(third.disconnecting)
         self.assertEqual(rig.factory.stats.get("pending_refused"), 1)
 
+    def test_connection_cap(self) -> None:
+        """MAX_SESSIONS: one connection more than the cap is refused; a closed one makes room."""
+        rig = Harness(ProxySettings(max_connections=2), pending=PendingLimits(0, 0))
+        first, _ = rig.connect()
+        rig.connect()
+        _, third = rig.connect()
+        self.assertTrue(third.disconnecting)
+        self.assertEqual(rig.factory.stats.get("sessions_refused"), 1)
+        first.connectionLost(Failure(ConnectionRefusedError()))
+        _, fourth = rig.connect()
+        self.assertFalse(fourth.disconnecting)
+
     def test_connect_refused_goes_to_the_next_server(self) -> None:
         """A refused connect suspends that server and the request goes to the next one."""
         rig = Harness(affinity=False)

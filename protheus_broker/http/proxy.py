@@ -114,6 +114,7 @@ class ProxySettings:
     tls: bool = False  # the client leg is TLS (X-Forwarded-Proto https)
     access_log: bool = True  # ACCESS_LOG: one structured event per request
     server_timeout: float = 300.0  # SERVER_TIMEOUT: no byte either way for this long -> 504 or close
+    max_connections: int = 10000  # MAX_SESSIONS: open client connections (0 = no cap)
 
 
 def filter_headers(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool,
@@ -164,6 +165,7 @@ class HttpProxy(Protocol):
         self.pending: PendingToken | None = None
         self.timer: Any = None
         self.stall_timer: Any = None  # SERVER_TIMEOUT while a request is at a server
+        self.counted = False  # in factory.connections
         self.closed = False
         self.relay: Any = None  # the upstream transport once switched (WebSocket)
         self.write_closed = False
@@ -201,6 +203,13 @@ class HttpProxy(Protocol):
         peer = self.transport.getPeer()
         self.client = str(getattr(peer, "host", "") or "?")
         self.pending_key = client_host(peer)
+        cap = factory.settings.max_connections
+        if cap and factory.connections >= cap:
+            factory.stats.record("sessions_refused")
+            log.warn("http: refused {client}: MAX_SESSIONS={cap} connections open", client=self.client,
+                     cap=cap, pool=factory.name)
+            self.transport.abortConnection()
+            return
         over = factory.pending.over(self.pending_key)
         if over is not None:
             factory.stats.record("pending_refused")
@@ -208,6 +217,8 @@ class HttpProxy(Protocol):
             self.transport.abortConnection()
             return
         self.pending = factory.pending.take(self.pending_key)
+        factory.connections += 1
+        self.counted = True
         self._arm(factory.settings.keepalive_timeout)
 
     def _arm(self, seconds: float) -> None:
@@ -257,6 +268,9 @@ class HttpProxy(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
+        if self.counted:
+            self.counted = False
+            self.factory.connections -= 1
         self._disarm()
         self._unwatch()
         self._release_pending()
@@ -715,6 +729,7 @@ class HttpProxyFactory(Factory):
         self.stats: ISessionStats = stats if stats is not None else SessionStats()
         self.pending = pending if pending is not None else PendingLimits(128, 1024)
         self.name = name
+        self.connections = 0  # open client connections (MAX_SESSIONS)
         self.sessions: dict[int, Any] = {}  # the screen's session table: HTTP requests are not listed
         self.standby = None
         self.recognisers: list[Any] = []

@@ -31,7 +31,7 @@ class HttpBalanceConfig:
     sort_method: SortMethod = SortMethod.CONNECTION
     monitoring_type: MonitoringType = MonitoringType.CONNECTION
     connect_timeout: float = 5.0
-    max_sessions: int = 0  # MAX_SESSIONS: not applied to HTTP (open-files sum); 0 = no cap
+    max_sessions: int = 10000  # MAX_SESSIONS: open client connections (each may hold one upstream); 0 = no cap
     max_pending_per_address: int = 128  # MAX_PENDING_PER_ADDRESS: connections without a request yet
     max_pending: int = 1024  # MAX_PENDING
     metrics_max_age: float = 3.0
@@ -138,7 +138,7 @@ def _read_unit(section: Section, sections: Mapping[str, Section], warnings: list
         sort_method=read_sort_method(section) if section.raw("SORT_METHOD") else SortMethod.CONNECTION,
         monitoring_type=monitoring_type,
         connect_timeout=section.number("CONNECT_TIMEOUT", 5.0, 0.1, 300.0),
-        max_sessions=section.integer("MAX_SESSIONS", 0, 0, 1_000_000),
+        max_sessions=section.integer("MAX_SESSIONS", 10000, 0, 1_000_000),
         max_pending_per_address=section.integer("MAX_PENDING_PER_ADDRESS", 128, 0, 1_000_000),
         max_pending=section.integer("MAX_PENDING", 1024, 0, 1_000_000),
         metrics_max_age=section.number("METRICS_MAX_AGE", 3.0, 0.1, 3600.0),

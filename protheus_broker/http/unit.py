@@ -168,7 +168,7 @@ def proxy_settings(config: HttpBalanceConfig) -> ProxySettings:
     return ProxySettings(tls=config.tls.terminate, header_timeout=config.header_timeout, keepalive_timeout=config.keepalive_timeout,
                          max_header_bytes=config.max_header_bytes, max_headers=config.max_headers,
                          forwarded_headers=config.forwarded_headers, access_log=config.access_log,
-                         server_timeout=config.server_timeout)
+                         server_timeout=config.server_timeout, max_connections=config.max_sessions)
 
 
 @implementer(IBalanceUnit)
