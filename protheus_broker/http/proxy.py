@@ -167,6 +167,7 @@ class HttpProxy(Protocol):
         self.stall_timer: Any = None  # SERVER_TIMEOUT while a request is at a server
         self.counted = False  # in factory.connections
         self.closed = False
+        self.closing = False  # our close has begun: nothing more is read
         self.relay: Any = None  # the upstream transport once switched (WebSocket)
         self.write_closed = False
         self._reset()
@@ -242,6 +243,8 @@ class HttpProxy(Protocol):
         if self.relay is not None:
             self.relay.write(data)
             return
+        if self.closing:
+            return  # answered and closing: the rest is not read
         if self.request is None and not self.cycle_bytes and data:
             self._arm(self.factory.settings.header_timeout)
         self.cycle_bytes += len(data)
@@ -293,7 +296,7 @@ class HttpProxy(Protocol):
     # --- the client's events -----------------------------------------------------------------
 
     def _pump(self) -> None:
-        while not self.closed and self.relay is None:
+        while not self.closed and not self.closing and self.relay is None:
             if self.request is not None and not self.flowing:
                 return  # waiting for a server: h11 keeps the bytes, the transport is paused
             try:
@@ -555,6 +558,7 @@ class HttpProxy(Protocol):
 
     def _close(self) -> None:
         """Close the client connection once what was gathered for it is written."""
+        self.closing = True
         self.flush()
         self.transport.loseConnection()
 
