@@ -271,6 +271,7 @@ class FailureTests(TestCase):
         client2.send_request(b"GET", b"/id")
         await timeout(client2.done)
         self.assertEqual(len(rig.backends["A"].connections), 2)
+        self.assertEqual(rig.upstreams.idle_count("A"), 1)  # the retried exchange ended cleanly: reusable
         self.assertEqual(client2.responses[0]["body"], b"A")
 
     @as_deferred

@@ -344,17 +344,14 @@ class HttpProxy(Protocol):
         headers = list(event.headers)
         self.request = RequestInfo(event.method, event.target, headers, self.client, factory.settings.tls)
         if len(headers) > factory.settings.max_headers:
-            factory.stats.record("http_bad_requests")
-            self._error(431, f"more than {factory.settings.max_headers} header lines")
+            self._refuse(431, f"more than {factory.settings.max_headers} header lines")
             return
         if sum(len(n) + len(v) + 4 for n, v in headers) + len(event.target) > factory.settings.max_header_bytes:
-            factory.stats.record("http_bad_requests")
-            self._error(431, f"request head above {factory.settings.max_header_bytes} bytes")
+            self._refuse(431, f"request head above {factory.settings.max_header_bytes} bytes")
             return
         names = {n for n, _ in headers}
         if b"transfer-encoding" in names and b"content-length" in names:
-            factory.stats.record("http_bad_requests")  # a request smuggling shape (RFC 9112 6.3)
-            self._error(400, "both Content-Length and Transfer-Encoding")
+            self._refuse(400, "both Content-Length and Transfer-Encoding")  # a smuggling shape (RFC 9112 6.3)
             return
         self.websocket = is_websocket(headers)
         factory.stats.record("http_requests")
@@ -364,6 +361,13 @@ class HttpProxy(Protocol):
         dispatching = self.dispatching = factory.dispatcher.choose(self.request)
         dispatching.addCallbacks(self._chosen, self._not_chosen)
         dispatching.addErrback(self._bug)
+
+    def _refuse(self, status: int, why: str) -> None:
+        """A request refused before it goes anywhere: one log line, the status, close."""
+        self.factory.stats.record("http_bad_requests")
+        log.info("http: bad request from {client}: {status} {why}", client=self.client, status=status,
+                 why=why, pool=self.factory.name)
+        self._error(status, why)
 
     def _bug(self, failure: Failure) -> None:
         log.failure("http: proxy error", failure, pool=self.factory.name)
@@ -453,6 +457,8 @@ class HttpProxy(Protocol):
                         (b"forwarded", f"for={forwarded_for(self.client)};proto={proto.decode()}".encode())]
         try:
             upstream.send(h11.Request(method=request.method, target=request.target, headers=headers))
+            if self.request_done:  # a retry: the request (without a body) was read whole already
+                upstream.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
             self._detach(close=True)
             self._error(400, f"cannot forward the request: {exc}")
