@@ -288,6 +288,33 @@ class ProxyTests(SynchronousTestCase):
         self.assertLessEqual(rig.factory.stats.get("http_in_flight"), 0)
 
     @given(st.lists(st.sampled_from([
+        b"HTTP/1.1 200 OK\r\n", b"HTTP/1.0 204 No\r\n", b"HTTP/1.1 100 Continue\r\n\r\n", b"Content-Length: 3\r\n",
+        b"Transfer-Encoding: chunked\r\n", b"Connection: close\r\n", b"\r\n", b"abc", b"3\r\nabc\r\n",
+        b"0\r\n\r\n", b"HTTP/1.1 101 Switching\r\n", b"\x00\xff", b"Content-Length: -1\r\n"]), max_size=12),
+        st.booleans())
+    @settings(max_examples=300, deadline=None)
+    def test_fuzzed_responses_never_crash(self, parts: list[bytes], cut: bool) -> None:
+        """Any AppServer answer, cut or not: the client gets a response, a 502 or a close; no traceback."""
+        logs = LogCatcher(self)
+        rig = Harness(affinity=False)
+        proxy, transport = rig.connect()
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        upstream = rig.upstream()
+        for part in parts:
+            if upstream.listener is not None or upstream.relay_to is not None:
+                upstream.dataReceived(part)
+        if cut and not upstream.closed:
+            upstream.connectionLost(Failure(ConnectionRefusedError()))
+        out = transport.value()
+        self.assertTrue(out == b"" or out.startswith(b"HTTP/1.1 "), out[:40])
+        proxy.connectionLost(Failure(ConnectionRefusedError()))
+        if not upstream.closed:
+            upstream.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertFalse([e for e in logs.events if e.get("log_failure") is not None])
+        self.assertEqual(sum(b.active for b in rig.pool), 0)
+        self.assertEqual(rig.factory.stats.get("http_in_flight"), 0)
+
+    @given(st.lists(st.sampled_from([
         b"GET / HTTP/1.1\r\n", b"Host: a\r\n", b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n",
         b"\r\n", b"abc", b"3\r\nabc\r\n", b"0\r\n\r\n", b"Expect: 100-continue\r\n", b"Upgrade: websocket\r\n",
         b"Connection: close\r\n", b"HEAD / HTTP/1.0\r\n", b"X: \x00\r\n", b" folded\r\n"]), max_size=14))

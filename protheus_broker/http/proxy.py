@@ -519,9 +519,19 @@ class HttpProxy(Protocol):
         self._end("failed")
 
     def upstream_event(self, upstream: UpstreamProtocol, event: Any) -> None:
-        assert self.choice is not None
+        """One event of the AppServer's response, relayed to the client."""
         if self.stall_timer is not None:
             self.last_activity = self.factory.clock.seconds()
+        try:
+            self._relay_event(upstream, event)
+        except h11.LocalProtocolError as exc:  # a response h11 will not send on: never half of one
+            upstream.listener = None
+            upstream.transport.abortConnection()
+            self._upstream_failed(f"AppServer {upstream.server_id} sent a response that cannot be "
+                                  f"relayed: {exc}")
+
+    def _relay_event(self, upstream: UpstreamProtocol, event: Any) -> None:
+        assert self.choice is not None
         dispatcher = self.factory.dispatcher
         if isinstance(event, h11.InformationalResponse):
             if event.status_code == 101 and self.websocket:
@@ -533,6 +543,8 @@ class HttpProxy(Protocol):
             dispatcher.answered(self.choice, self.backend)
             self.status = event.status_code
             headers = filter_headers(event.headers, False) + dispatcher.response_headers(self.choice, self.backend)
+            if any(n == b"transfer-encoding" for n, _ in headers):  # chunked wins; never both downstream
+                headers = [(n, v) for n, v in headers if n != b"content-length"]
             self.response_started = True
             self.conn_send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
         elif isinstance(event, h11.Data):
