@@ -8,6 +8,8 @@ and fails after ``queue_timeout`` seconds.  Pure logic: no transport, the clock 
 A request served from the queue takes its slot in the same step that removes it from the queue (no other
 request can see that slot free in between), and the head of the queue is offered a slot before any later
 request.  Every granted slot must be released exactly once, also when the client left meanwhile.
+Pass the same ``candidates`` callable for every request of a unit (e.g. a bound method calling
+``ServerPool.candidates``): a slot no waiter can use then costs one call, not one per waiter.
 """
 
 from __future__ import annotations
