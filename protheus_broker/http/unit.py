@@ -119,13 +119,15 @@ class SlotsDispatcher(PoolDispatcher):
         self.slots = slots
 
     def choose(self, request: RequestInfo) -> "Deferred[Choice]":
-        return self._acquire({"tried": set(), "slot": None})
+        return self._acquire({"tried": set(), "slot": None}, self.candidates)
 
-    def _acquire(self, state: dict[str, Any]) -> "Deferred[Choice]":
+    def candidates(self) -> list[Any]:
+        """The pool's servers for a request, best first (one callable for every first try: the
+        queue then scans once per freed slot, not once per waiter)."""
+        return self.pool.candidates(self.clock.seconds())
+
+    def _acquire(self, state: dict[str, Any], candidates: Any) -> "Deferred[Choice]":
         tried: set[str] = state["tried"]
-
-        def candidates() -> list[Any]:
-            return [b for b in self.pool.candidates(self.clock.seconds()) if b.server_id not in tried]
 
         def granted(backend: Any) -> Choice:
             state["slot"] = backend.server_id
@@ -142,9 +144,13 @@ class SlotsDispatcher(PoolDispatcher):
         return acquiring
 
     def again(self, choice: Choice) -> "Deferred[Choice] | None":
-        if len(choice.state["tried"]) >= len(self.pool):
+        tried: set[str] = choice.state["tried"]
+        if len(tried) >= len(self.pool):
             return None
-        return self._acquire(choice.state)
+
+        def untried() -> list[Any]:
+            return [b for b in self.candidates() if b.server_id not in tried]
+        return self._acquire(choice.state, untried)
 
     def released(self, choice: Choice, backend: Any, outcome: str) -> None:
         super().released(choice, backend, outcome)
