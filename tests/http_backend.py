@@ -137,6 +137,7 @@ class Backend(Protocol):
 
     def pauseProducing(self) -> None:
         self.paused = True
+        self.factory.pauses += 1
 
     def resumeProducing(self) -> None:
         if self.paused:
@@ -156,6 +157,7 @@ class BackendFactory(Factory):
         self.requests: list[h11.Request] = []
         self.trailers: list[list[tuple[bytes, bytes]]] = []
         self.drop_next = False
+        self.pauses = 0  # times a /big/ download was paused by backpressure
 
 
 class Client(Protocol):

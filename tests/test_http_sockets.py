@@ -376,6 +376,7 @@ class Uploader:
         self.client = client
         self.left = size
         self.paused = False
+        self.pauses = 0
         client.transport.registerProducer(self, True)
         reactor.callLater(0, self.produce)  # type: ignore[attr-defined]
 
@@ -390,6 +391,7 @@ class Uploader:
 
     def pauseProducing(self) -> None:
         self.paused = True
+        self.pauses += 1
 
     def resumeProducing(self) -> None:
         if self.paused:
@@ -473,6 +475,7 @@ class StreamingTests(TestCase):
         await timeout(client.done, 60)
         self.assertEqual(got[0], 64 * MB)
         self.assertLess(peak[0], 4 * MB)
+        self.assertGreater(rig.backends["A"].pauses, 0)  # the slow reader's backpressure reached the AppServer
 
     @as_deferred
     async def test_upload_64mb_bounded(self) -> None:
@@ -481,7 +484,7 @@ class StreamingTests(TestCase):
         peak = self.watch(rig)
         client = await rig.client(self)
         client.send_request(b"POST", b"/count", [(b"content-length", str(64 * MB).encode())], end=False)
-        Uploader(client, 64 * MB)
+        uploader = Uploader(client, 64 * MB)
         backend_conn: list[Any] = []
         for _ in range(100):  # pause the AppServer's reading now and then
             if rig.backends["A"].connections:
@@ -496,6 +499,7 @@ class StreamingTests(TestCase):
         await timeout(client.done, 60)
         self.assertEqual(client.responses[0]["body"], str(64 * MB).encode())
         self.assertLess(peak[0], 4 * MB)
+        self.assertGreater(uploader.pauses, 0)  # the stalled AppServer's backpressure reached the client
 
 
 class UnitTests(TestCase):
