@@ -21,7 +21,7 @@ import os
 import secrets
 from typing import Any
 
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -147,36 +147,71 @@ class Health(Resource):
     render_HEAD = render_GET
 
 
-@implementer(IPullProducer)
-class GeneratedBody:
-    """*remaining* pattern bytes written as the transport asks for more (a pull producer)."""
+@implementer(IPushProducer)
+class PushBody:
+    """Writes a body chunk by chunk while the client keeps up: the transport pauses it when its
+    buffer fills and resumes it when drained (twisted.web passes both through)."""
 
-    def __init__(self, request: Request, total: int) -> None:
+    def __init__(self, request: Request) -> None:
         self.request = request
-        self.remaining = total
-        self.offset = 0
+        self.paused = False
         self.stopped = False
 
     def start(self) -> None:
-        """Register with the request; twisted.web pulls chunks while its buffer has room."""
+        """Register as the request's streaming producer and start writing."""
         self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
-        self.request.registerProducer(self, False)
+        self.request.registerProducer(self, True)
+        if not self.paused:
+            self.resumeProducing()
+
+    def next_chunk(self) -> bytes:
+        """The next piece of the body; empty at its end."""
+        raise NotImplementedError
 
     def resumeProducing(self) -> None:
-        if self.stopped:
-            return
-        if self.remaining <= 0:
-            self.stopped = True
-            self.request.unregisterProducer()
-            self.request.finish()
-            return
-        size = min(CHUNK, self.remaining)
-        self.request.write(pattern(self.offset, size))
-        self.offset += size
-        self.remaining -= size
+        self.paused = False
+        while not self.paused and not self.stopped:
+            chunk = self.next_chunk()
+            if not chunk:
+                self.stopped = True
+                self.request.unregisterProducer()
+                self.request.finish()
+                return
+            self.request.write(chunk)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
 
     def stopProducing(self) -> None:
         self.stopped = True
+
+
+class GeneratedBody(PushBody):
+    """*total* bytes of the pattern, generated as they are sent."""
+
+    def __init__(self, request: Request, total: int) -> None:
+        super().__init__(request)
+        self.remaining = total
+        self.offset = 0
+
+    def next_chunk(self) -> bytes:
+        size = min(CHUNK, self.remaining)
+        chunk = pattern(self.offset, size)
+        self.offset += size
+        self.remaining -= size
+        return chunk
+
+
+class FileBody(PushBody):
+    """A file-like body (twisted.web's spooled request content) sent back chunk by chunk."""
+
+    def __init__(self, request: Request, source: Any) -> None:
+        super().__init__(request)
+        self.source = source
+
+    def next_chunk(self) -> bytes:
+        chunk: bytes = self.source.read(CHUNK)
+        return chunk
 
 
 class Bytes(Resource):
@@ -185,7 +220,8 @@ class Bytes(Resource):
     isLeaf = True
 
     def render_GET(self, request: Request) -> Any:
-        text = request.postpath[0] if len(request.postpath) == 1 else b""
+        postpath = request.postpath or []
+        text = postpath[0] if len(postpath) == 1 else b""
         if not text.isdigit() or len(text) > 15:
             request.setResponseCode(400)
             request.setHeader(b"content-type", b"text/plain")
@@ -193,35 +229,6 @@ class Bytes(Resource):
         request.setHeader(b"content-type", b"application/octet-stream")
         GeneratedBody(request, int(text)).start()
         return NOT_DONE_YET
-
-
-@implementer(IPullProducer)
-class FileBody:
-    """A file-like body (twisted.web's spooled request content) written back chunk by chunk."""
-
-    def __init__(self, request: Request, source: Any) -> None:
-        self.request = request
-        self.source = source
-        self.stopped = False
-
-    def start(self) -> None:
-        """Register with the request and let it pull."""
-        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
-        self.request.registerProducer(self, False)
-
-    def resumeProducing(self) -> None:
-        if self.stopped:
-            return
-        chunk = self.source.read(CHUNK)
-        if chunk:
-            self.request.write(chunk)
-            return
-        self.stopped = True
-        self.request.unregisterProducer()
-        self.request.finish()
-
-    def stopProducing(self) -> None:
-        self.stopped = True
 
 
 class Echo(Resource):
@@ -343,5 +350,5 @@ class SimHttpSite(Site):
         self.name = name
         self.displayTracebacks = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         """No access log: benchmarks and the demo would drown in it."""

@@ -108,7 +108,7 @@ class FrameParser:
     def feed(self, data: bytes) -> list[Frame]:
         """Every complete frame in what has arrived; raises WebSocketError on a bad one."""
         self._buffer += data
-        frames = []
+        frames: list[Frame] = []
         while True:
             frame = self._next()
             if frame is None:
