@@ -73,7 +73,7 @@ def page(name: str, count: int) -> bytes:
     """The ``/`` page: server name, session counter, and a WebSocket echo in plain JavaScript."""
     name_html = html.escape(name)
     return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>{name_html}</title>
+<html><head><meta charset="utf-8"><title>{name_html}</title><link rel="icon" href="data:,">
 <style>body{{font-family:sans-serif;margin:2em}} code{{background:#eee;padding:0 .3em}}</style></head>
 <body>
 <h1>Sample AppServer <span id="server">{name_html}</span></h1>
