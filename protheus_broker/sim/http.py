@@ -335,6 +335,8 @@ class SimHttpState:
 class SimHttpSite(Site):
     """The sample HTTP AppServer: a Site over the routes above (keep-alive by HTTP/1.1)."""
 
+    noisy = False  # the tap logs the one "listening on" line
+
     def __init__(self, name: str, reactor: Any) -> None:
         self.state = SimHttpState(name, reactor)
         root = Resource()
