@@ -1,4 +1,6 @@
-"""``python -m protheus_broker.demo.run``: the broker on etc/demo.ini with three sample AppServers.
+"""``python -m protheus_broker.demo.run``: the broker on etc/demo.ini with its sample AppServers: a
+SmartClient sim per REMOTE_SERVER of the desktop section, an HTTP sim (``--http``) per REMOTE_SERVER of
+``[BALANCE_HTTP]``.
 
 Everything it starts is stopped, by pid, on Ctrl-C (or if any of them exits).
 """
@@ -13,6 +15,9 @@ from twisted.internet import defer, task
 
 from protheus_broker.demo.children import TwistdChild, spawn, twistd_argv
 from protheus_broker.config import load_config
+from protheus_broker.ini import Section, host_and_port, read_file, read_ini
+
+HTTP_SECTION = "BALANCE_HTTP"
 
 DEMO_INI = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "etc", "demo.ini")
 
@@ -43,6 +48,20 @@ def screen_url(endpoint: str) -> str:
     return f"http://{options.get('interface', '127.0.0.1')}:{parts[1]}/"
 
 
+def http_servers(ini: str) -> tuple[str | None, list[tuple[str, str, int]]]:
+    """The ``[BALANCE_HTTP]`` section's listening address (``host:port``) and its REMOTE_SERVERs as
+    ``(id, host, port)``; ``(None, [])`` without the section. Read here from the ini itself, so the
+    demo does not depend on how the broker's unit stores them."""
+    raw, where = read_ini(read_file(ini), ini)
+    if HTTP_SECTION not in raw.sections:
+        return None, []
+    section = Section(ini, HTTP_SECTION, dict(raw[HTTP_SECTION]), where)
+    servers = [(key[len("REMOTE_SERVER_"):], *host_and_port(section, key))
+               for key in section.values if key.startswith("REMOTE_SERVER_")]
+    listen = f"{section.text('LOCAL_SERVER_INTERFACE', '127.0.0.1')}:{section.text('LOCAL_SERVER_PORT', '?')}"
+    return listen, servers
+
+
 async def run_demo(reactor: Any, ini: str = DEMO_INI) -> int:
     config = load_config(ini)
     children: list[TwistdChild] = []
@@ -53,15 +72,24 @@ async def run_demo(reactor: Any, ini: str = DEMO_INI) -> int:
             spawn(reactor, child, twistd_argv("protheus-appserver-sim", "--name", f"appserver-{server.server_id}",
                                               "--port", f"tcp:{server.port}:interface={server.host}"))
             children.append(child)
+        web_address, web_servers = http_servers(ini)
+        for server_id, host, server_port in web_servers:
+            child = TwistdChild(f"web-{server_id}", _print)
+            spawn(reactor, child, twistd_argv("protheus-appserver-sim", "--http", "--name", f"webapp-{server_id}",
+                                              "--port", f"tcp:{server_port}:interface={host}"))
+            children.append(child)
         broker = TwistdChild("broker", _print)
         spawn(reactor, broker, twistd_argv("protheus-broker", "--config", ini))
         children.append(broker)
         port = await defer.gatherResults([c.listening() for c in children], consumeErrors=True)
         host = config.desktop.local_interface or "127.0.0.1"
         sys.stdout.write(
-            f"\nDemo running: broker on {host}:{port[-1]} -> {len(children) - 1} sample AppServers.\n"
+            f"\nDemo running: broker on {host}:{port[-1]} -> {len(config.desktop.servers)} sample AppServers.\n"
             f"Try:  nc {host} {port[-1]}     (the first line names the AppServer you landed on;\n"
             f"      type a line and it echoes; open several to watch the balancing)\n"
+            + (f"Web:  http://{web_address}/   ([BALANCE_HTTP] over {len(web_servers)} sample HTTP AppServers:\n"
+               f"      reload and the session counter grows on the same server; the page holds a WebSocket)\n"
+               if web_address else "")
             + (f"Broker screen: {screen_url(config.admin.endpoint)}\n" if config.admin else "")
             + "Ctrl-C stops everything.\n\n"
         )

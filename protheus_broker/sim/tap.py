@@ -1,4 +1,5 @@
-"""``twistd -n protheus-appserver-sim --port ENDPOINT --name NAME``: a sample AppServer."""
+"""``twistd -n protheus-appserver-sim --port ENDPOINT --name NAME [--http]``: a sample AppServer
+(the SmartClient echo one, or with ``--http`` the HTTP one of sim/http.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from protheus_broker.sim.appserver import AppServerSimFactory
+from protheus_broker.sim.http import SimHttpSite
 
 log = Logger()
 
 
 class Options(usage.Options):
-    synopsis = "[--port ENDPOINT] [--name NAME]"
+    synopsis = "[--port ENDPOINT] [--name NAME] [--http]"
     longdesc = "A stand-in TOTVS AppServer for demos and tests: greets with its name, then echoes."
     optParameters = [
         ["port", "p", "tcp:5000:interface=127.0.0.1", "Listening endpoint (tcp:0 picks a port)."],
@@ -25,7 +27,10 @@ class Options(usage.Options):
         ["tls-key", None, None, "The PEM key of --tls-cert."],
         ["tls-client-ca", None, None, "Require a client certificate signed by this CA."],
     ]
-    optFlags = [["no-greeting", None, "Echo only, no greeting line (for benchmarks)."]]
+    optFlags = [
+        ["no-greeting", None, "Echo only, no greeting line (for benchmarks)."],
+        ["http", None, "Serve HTTP (a WebApp/REST stand-in: session page, /ws, /bytes/N, /echo, /health, /slow)."],
+    ]
 
 
 class SimService(Service):
@@ -62,8 +67,12 @@ class SimService(Service):
 def makeService(options: Options) -> SimService:
     from twisted.internet import reactor
 
-    factory = AppServerSimFactory(options["name"], greet=not options["no-greeting"],
-                                  ballast_mb=options["ballast-mb"])
+    factory: Any
+    if options["http"]:
+        factory = SimHttpSite(options["name"], reactor)
+    else:
+        factory = AppServerSimFactory(options["name"], greet=not options["no-greeting"],
+                                      ballast_mb=options["ballast-mb"])
     if options["tls-cert"]:
         return SimService(reactor, options["port"], tls_factory(factory, options["tls-cert"],
                                                                 options["tls-key"] or options["tls-cert"],
@@ -71,7 +80,7 @@ def makeService(options: Options) -> SimService:
     return SimService(reactor, options["port"], factory)
 
 
-def tls_factory(factory: AppServerSimFactory, cert: str, key: str, client_ca: str | None = None) -> Any:
+def tls_factory(factory: Any, cert: str, key: str, client_ca: str | None = None) -> Any:
     """*factory* behind TLS with this certificate (dates not checked: tests serve expired ones)."""
     from twisted.internet import ssl
     from twisted.protocols.tls import TLSMemoryBIOFactory
