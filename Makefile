@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-floor lint bench bench-monitor bench-tls bench-resume certs deb venv clean
+.PHONY: run test test-floor lint bench bench-http bench-monitor bench-tls bench-resume certs deb venv clean
 
 # The project itself goes into the venv too, so `.venv/bin/twistd -n protheus-broker` and
 # `.venv/bin/protheus-broker-ctl` work as the README shows: an editable install (the console
@@ -13,7 +13,7 @@ $(VENV)/.done: setup.cfg Makefile
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q twisted pyopenssl service-identity configobj zope.interface \
-		hypothesis cryptography psutil prometheus-client selenium mypy mypy-zope import-linter
+		hypothesis cryptography psutil prometheus-client h11 selenium mypy mypy-zope import-linter
 	$(VENV)/bin/pip install -q --no-deps -e .
 	$(PY) -c 'import sysconfig; open(sysconfig.get_paths()["purelib"] + "/protheus-broker-src.pth", "w").write("$(CURDIR)\n")'
 	touch $@
@@ -35,6 +35,9 @@ lint: venv  ## mypy (typed everywhere) and the import-linter layering contracts 
 
 bench: venv  ## broker vs direct vs HAProxy on 127.0.0.1 (needs haproxy)
 	$(PY) bench/bench.py
+
+bench-http: venv  ## HTTP keep-alive: broker [BALANCE_HTTP] vs HAProxy mode http vs direct, against nginx (needs wrk, nginx, haproxy)
+	$(PY) bench/bench_http.py
 
 bench-monitor: venv  ## broker CPU for 1,000 monitored servers at 1 report/s (plain and TLS)
 	$(PY) bench/monitor_bench.py && $(PY) bench/monitor_bench.py --tls
