@@ -11,6 +11,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.internet.defer import CancelledError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -573,3 +574,34 @@ class WebServicesTests(SynchronousTestCase):
         self.assertTrue(unit.reload(parse_config(DESKTOP + WEB.replace("80 2", "80 5")).unit(WEB_SERVICES_SECTION)))
         self.assertEqual(unit.slots.cap("A"), 5)
         self.assertEqual(unit.slots.cap("C"), 0)
+
+
+class ScreenTests(SynchronousTestCase):
+    def test_http_counters_and_queue_on_the_screen(self) -> None:
+        """An HTTP unit's requests, 5xx, in-flight and the web-services queue reach the JSON
+        status (per pool), the servers list (cap, in flight) and /metrics, labelled by section."""
+        from protheus_broker.web import metrics, model
+
+        config = parse_config(DESKTOP + WEB)
+        broker = BrokerService(MemoryReactorClock(), config)
+        unit = broker.unit(WEB_SERVICES_SECTION)
+        unit.stats.record("http_requests", 7)
+        unit.stats.record("http_5xx", 2)
+        unit.stats.record("http_in_flight", 3)
+        backends = {b.server_id: b for b in unit.pool}
+        granted = [unit.slots.acquire(lambda: [backends["A"]]) for _ in range(3)]
+        self.assertEqual([d.called for d in granted], [True, True, False])  # A's cap is 2
+        totals = {u.name: model.unit_counters(u) for u in model.units_of(broker)}[WEB_SERVICES_SECTION]
+        self.assertEqual((totals["http_requests"], totals["http_5xx"], totals["http_in_flight"],
+                          totals["queued"]), (7, 2, 3, 1))
+        rows = {(s["pool"], s["id"]): s for s in model.servers(broker)}
+        self.assertEqual((rows[(WEB_SERVICES_SECTION, "A")]["cap"],
+                          rows[(WEB_SERVICES_SECTION, "A")]["in_flight"]), (2, 2))
+        self.assertNotIn("cap", rows[("BALANCE_SMART_CLIENT_DESKTOP", "01")])
+        text = metrics.render(broker).decode()
+        self.assertIn(f'protheus_broker_http_requests_total{{pool="{WEB_SERVICES_SECTION}"}} 7.0', text)
+        self.assertIn(f'protheus_broker_queued_requests{{pool="{WEB_SERVICES_SECTION}"}} 1.0', text)
+        self.assertIn('protheus_broker_http_5xx_total{pool="BALANCE_SMART_CLIENT_DESKTOP"} 0.0', text)
+        granted[2].addErrback(lambda f: f.trap(CancelledError))
+        granted[2].cancel()  # the waiter leaves the queue
+        self.assertEqual(unit.slots.queued(), 0)

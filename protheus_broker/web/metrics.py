@@ -32,6 +32,18 @@ COUNTER_HELP = (
                             "they were established"),
     ("standby_evictions", "Standby sessions ended at STANDBY_MAX_SESSIONS to make room"),
     ("handshake_failures", "Failed TLS handshakes on the SmartClient port"),
+    ("http_requests", "HTTP requests received (HTTP units)"),
+    ("http_5xx", "HTTP requests answered 5xx, by the broker or the AppServer"),
+    ("http_bad_requests", "HTTP requests refused as malformed (400, 408, 431)"),
+    ("queue_full", "Web-services requests refused at once: the queue was full"),
+    ("queue_timeouts", "Web-services requests that waited QUEUE_TIMEOUT and got 503"),
+)
+
+#: Per-unit gauges: (key of unit_counters, metric name, help).
+GAUGE_HELP = (
+    ("standby", "standby_sessions", "Sessions held in standby now"),
+    ("http_in_flight", "http_in_flight_requests", "HTTP requests being answered now"),
+    ("queued", "queued_requests", "Web-services requests waiting in the queue now"),
 )
 
 
@@ -63,11 +75,11 @@ class BrokerCollector:
             for pool, totals in per_unit:
                 family.add_metric([pool], totals[key])
             yield family
-        standby = GaugeMetricFamily(f"{_PREFIX}_standby_sessions", "Sessions held in standby now",
-                                    labels=["pool"])
-        for pool, totals in per_unit:
-            standby.add_metric([pool], totals["standby"])
-        yield standby
+        for key, name, help_text in GAUGE_HELP:
+            gauge = GaugeMetricFamily(f"{_PREFIX}_{name}", help_text, labels=["pool"])
+            for pool, totals in per_unit:
+                gauge.add_metric([pool], totals[key])
+            yield gauge
 
         labels = ["pool", "server", "address"]
         state = GaugeMetricFamily(f"{_PREFIX}_server_state", "1 for the server's current state",

@@ -143,6 +143,23 @@ def unit_counters(unit: Any) -> dict[str, int]:
         "unestablished_drops": recorded["unestablished_drops"],
         "standby_evictions": recorded["standby_evictions"],
         "handshake_failures": recorded["handshake_failures"],
+        **_http_counters(unit, recorded),
+    }
+
+
+def _http_counters(unit: Any, recorded: dict[str, int]) -> dict[str, int]:
+    """What an HTTP unit adds: requests, 5xx answers, requests in flight, malformed requests,
+    and the web-services queue (zero for a unit that has none)."""
+    slots = getattr(unit, "slots", None)
+    queue = slots.stats() if slots is not None else {}
+    return {
+        "http_requests": recorded.get("http_requests", 0),
+        "http_5xx": recorded.get("http_5xx", 0),
+        "http_in_flight": recorded.get("http_in_flight", 0),
+        "http_bad_requests": recorded.get("http_bad_requests", 0),
+        "queued": int(queue.get("queued", 0)),
+        "queue_full": int(queue.get("queue_full", 0)),
+        "queue_timeouts": int(queue.get("queue_timeouts", 0)),
     }
 
 
@@ -168,10 +185,14 @@ def unit_servers(unit: Any, now: float) -> list[dict[str, Any]]:
     standby: collections.Counter[str] = collections.Counter(
         str(entry.get("server_id")) for entry in _standby_sessions(unit.factory))
     result = []
+    slots = getattr(unit, "slots", None)  # [BALANCE_WEB_SERVICES]: per-server request caps
     for backend in unit.pool:
         entry = backend.snapshot(now)
         entry["standby"] = standby.get(backend.server_id, 0)
         entry["admin_hold"] = backend.admin_hold
+        if slots is not None:
+            entry["cap"] = slots.cap(backend.server_id)
+            entry["in_flight"] = slots.in_flight(backend.server_id)
         result.append(entry)
     return result
 
