@@ -8,6 +8,7 @@ from twisted.internet import defer, task
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from protheus_broker.balancing.methods import SortMethod, make_balancer
@@ -15,7 +16,7 @@ from protheus_broker.balancing.pool import ServerPool, ServerState
 from protheus_broker.config import parse_config
 from protheus_broker.http.health import HttpProbeMonitor, make_http_monitor
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION
-from protheus_broker.http.unit import HttpUnit
+from protheus_broker.http.unit import HttpUnit, WebServicesUnit
 from protheus_broker.ini import ConfigError
 from protheus_broker.monitoring.settings import MonitoringConfig, MonitoringType
 
@@ -76,8 +77,8 @@ class Harness:
         return self.pool.get("01")
 
     def changes(self) -> list[str]:
-        return [t for t in self.logs.texts() if "01" in t and ("suspended" in t.lower() or "down" in t.lower()
-                                                                or " up" in t.lower())]
+        """The pool's state-change lines for the server."""
+        return [formatEvent(e) for e in self.logs.find(server_id="01") if "new" in e and "old" in e]
 
 
 class HealthProbeTests(SynchronousTestCase):
@@ -116,7 +117,9 @@ class HealthProbeTests(SynchronousTestCase):
         h.clock.advance(10)
         h.endpoints.answer(b"HTTP/1.1 204 No Content\r\n\r\n")
         self.assertIs(h.backend.state, ServerState.UP)
-        self.assertEqual(len(h.changes()), 3, h.changes())
+        changes = h.changes()
+        self.assertEqual(len(changes), 3, changes)
+        self.assertIn("answered 500", changes[0])
 
     def test_timeout_suspends(self) -> None:
         """No answer within CONNECT_TIMEOUT: Suspended, the reason says so, the connection is aborted."""
@@ -167,6 +170,22 @@ class HealthSettingsTests(SynchronousTestCase):
         self.assertEqual(config.unit(HTTP_SECTION).health_path, "/health")
         self.assertEqual(config.unit(WEB_SERVICES_SECTION).health_path, "/rest/ping?x=1")
         self.assertEqual(parse_config(DESKTOP + HTTP).unit(HTTP_SECTION).health_path, "")
+
+    def test_web_services_unit_probes_its_path(self) -> None:
+        """[BALANCE_WEB_SERVICES] gets the same probe with its own HEALTH_PATH."""
+        web = ("[BALANCE_WEB_SERVICES]\nLOCAL_SERVER_PORT = 0\nREMOTE_SERVER_A = 127.0.0.1 5001 2\n"
+               "HEALTH_PATH = /rest/health\n")
+        reactor = MemoryReactorClock()
+        unit = WebServicesUnit(reactor, parse_config(DESKTOP + web).unit(WEB_SERVICES_SECTION))
+        monitor = unit.monitor
+        assert isinstance(monitor, HttpProbeMonitor)
+        endpoints = Endpoints()
+        monitor.tcp_endpoint = endpoints  # type: ignore[method-assign]
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        self.assertTrue(endpoints.sent.startswith(b"GET /rest/health HTTP/1.1\r\n"))
+        endpoints.answer(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n")
+        self.assertIs(unit.pool.get("A").state, ServerState.SUSPENDED)
 
     def test_bad_path_refused(self) -> None:
         """A path without the leading / or with a space: one clear error naming the key."""

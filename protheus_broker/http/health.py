@@ -17,7 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from protheus_broker.balancing.pool import ServerPool
-from protheus_broker.monitoring.monitor import ProbeMonitor, _Watched, make_monitor
+from protheus_broker.monitoring.monitor import ProbeMonitor, make_monitor
 from protheus_broker.monitoring.settings import MonitoringConfig, MonitoringType
 
 
@@ -90,7 +90,7 @@ class HttpProbeMonitor(ProbeMonitor):
         super().__init__(reactor, pool, monitoring_type, settings, connect_timeout)
         self.health_path = health_path
 
-    def probe(self, watched: _Watched) -> defer.Deferred[None]:
+    def probe(self, watched: Any) -> defer.Deferred[None]:
         if not self.health_path or self.monitoring_type is not MonitoringType.CONNECTION:
             return super().probe(watched)
         backend = watched.backend
