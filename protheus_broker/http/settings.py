@@ -30,6 +30,7 @@ class HttpBalanceConfig:
     local_interface: str = ""
     sort_method: SortMethod = SortMethod.CONNECTION
     monitoring_type: MonitoringType = MonitoringType.CONNECTION
+    health_path: str = ""  # HEALTH_PATH: the CONNECTION probe GETs it (2xx/3xx = up); empty = connect only
     connect_timeout: float = 5.0
     max_sessions: int = 10000  # MAX_SESSIONS: open client connections (each may hold one upstream); 0 = no cap
     max_pending_per_address: int = 128  # MAX_PENDING_PER_ADDRESS: connections without a request yet
@@ -116,6 +117,20 @@ def read_web_services(section: Section, sections: Mapping[str, Section], warning
     return config
 
 
+def read_health_path(section: Section, monitoring_type: MonitoringType, warnings: list[str]) -> str:
+    """``HEALTH_PATH``: empty, or an origin-form target (``/health``, ``/status?deep=1``)."""
+    path = section.text("HEALTH_PATH", "")
+    if not path:
+        return ""
+    if not path.startswith("/") or not all(33 <= ord(c) < 127 for c in path):
+        raise section.error("HEALTH_PATH", f"{path!r} is not a path (it starts with / and has no spaces "
+                            f"or non-ASCII characters)")
+    if monitoring_type is not MonitoringType.CONNECTION:
+        warnings.append(f"{section.path}: [{section.name}] HEALTH_PATH is used by MONITORING_TYPE=CONNECTION "
+                        f"only; ignored with {monitoring_type.value}")
+    return path
+
+
 def _read_unit(section: Section, sections: Mapping[str, Section], warnings: list[str],
                kind: type[HttpBalanceConfig], servers: list[RemoteServer], extra: dict[str, object]) -> HttpBalanceConfig:
     """The keys both HTTP units share (TLS termination with the desktop section's SSL_* keys and
@@ -137,6 +152,7 @@ def _read_unit(section: Section, sections: Mapping[str, Section], warnings: list
         local_interface=section.text("LOCAL_SERVER_INTERFACE", ""),
         sort_method=read_sort_method(section) if section.raw("SORT_METHOD") else SortMethod.CONNECTION,
         monitoring_type=monitoring_type,
+        health_path=read_health_path(section, monitoring_type, warnings),
         connect_timeout=section.number("CONNECT_TIMEOUT", 5.0, 0.1, 300.0),
         max_sessions=section.integer("MAX_SESSIONS", 10000, 0, 1_000_000),
         max_pending_per_address=section.integer("MAX_PENDING_PER_ADDRESS", 128, 0, 1_000_000),

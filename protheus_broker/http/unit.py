@@ -20,12 +20,12 @@ from protheus_broker.balancing.pool import ServerPool, ServerState, UnknownServe
 from protheus_broker.desktop.pending import PendingLimits
 from protheus_broker.desktop.tls import ReloadableServerContext, server_options
 from protheus_broker.http.affinity import AffinityCookies
+from protheus_broker.http.health import HttpProbeMonitor, make_http_monitor
 from protheus_broker.http.capacity import QueueFull, QueueTimeout, RequestSlots
 from protheus_broker.http.proxy import Choice, Headers, HttpProxyFactory, IDispatcher, NoBackend, ProxySettings, RequestInfo
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, HttpBalanceConfig, WebServicesConfig
 from protheus_broker.http.upstream import UpstreamPool, tcp_connector
 from protheus_broker.ini import ConfigError
-from protheus_broker.monitoring.monitor import make_monitor
 from protheus_broker.stats import ISessionStats, SessionStats
 from protheus_broker.units import IBalanceUnit, listened
 
@@ -191,8 +191,8 @@ class HttpUnit(MultiService):
         self.stats: ISessionStats = SessionStats()
         self.pool = ServerPool(config.servers, make_balancer(config.effective_sort_method, config.metrics_max_age),
                                clock=reactor, suspect_time=config.monitoring.suspect_time)
-        self.monitor = make_monitor(reactor, self.pool, config.monitoring_type, config.monitoring,
-                                    connect_timeout=config.connect_timeout)
+        self.monitor = make_http_monitor(reactor, self.pool, config.monitoring_type, config.monitoring,
+                                         connect_timeout=config.connect_timeout, health_path=config.health_path)
         if self.monitor is not None:
             self.monitor.setServiceParent(self)
         self.affinity = AffinityCookies(max_age=config.affinity_timeout,
@@ -268,7 +268,12 @@ class HttpUnit(MultiService):
                      section=self.name)
         if config.monitoring_type != old.monitoring_type:
             log.warn("reload: [{section}] MONITORING_TYPE changed; restart to apply", section=self.name)
+        elif isinstance(self.monitor, HttpProbeMonitor):
+            self.monitor.health_path = config.health_path
+            self.monitor.connect_timeout = config.connect_timeout
         result = self.pool.reconfigure(config.servers)
+        if self.monitor is not None and config.monitoring_type == old.monitoring_type:
+            self.monitor.reconfigure(config.monitoring)  # type: ignore[attr-defined]  # watch added servers
         self.pool.balancer = make_balancer(config.effective_sort_method, config.metrics_max_age)
         self.pool.suspect_time = config.monitoring.suspect_time
         self.factory.settings = proxy_settings(config)
