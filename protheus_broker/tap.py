@@ -25,9 +25,10 @@ log = Logger()
 class Options(usage.Options):
     synopsis = "[--config PATH]"
     longdesc = (
-        "Load-balancing broker for TOTVS Protheus AppServers: SmartClient desktop sessions are "
-        "spread over the REMOTE_SERVER_xx of [BALANCE_SMART_CLIENT_DESKTOP] by SORT_METHOD. "
-        "SIGHUP reloads the config without dropping sessions."
+        "Load-balancing broker for TOTVS Protheus AppServers: each [BALANCE_*] section of the "
+        "appserver.ini (SMART_CLIENT_DESKTOP, HTTP, WEB_SERVICES) is a unit spreading its "
+        "sessions or requests over its REMOTE_SERVER_xx by SORT_METHOD. SIGHUP reloads the "
+        "config without dropping sessions."
     )
     optParameters = [
         ["config", "c", DEFAULT_CONFIG_PATH, "The broker's appserver.ini."],
