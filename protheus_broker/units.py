@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 
@@ -40,3 +43,15 @@ def listened(listening: "Deferred[Any]") -> Any:
     result: list[Any] = []
     listening.addBoth(result.append)
     return result[0] if result else None
+
+
+def listen_or_exit(reactor: Any, endpoint: str, factory: Any, where: str, what: str) -> Any:
+    """Listen on the *endpoint* string with *factory* and return the port; a port that cannot
+    be had stops the daemon with one line: ``protheus-broker: <what>: cannot listen on <where>:
+    <why>`` (*what* names the config file and key)."""
+    outcome = listened(serverFromString(reactor, endpoint).listen(factory))
+    if isinstance(outcome, Failure):
+        error = outcome.value
+        why = error.socketError if isinstance(error, CannotListenError) else error
+        raise SystemExit(f"protheus-broker: {what}: cannot listen on {where}: {why}")
+    return outcome

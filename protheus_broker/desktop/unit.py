@@ -8,10 +8,8 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import DeferredList, maybeDeferred
-from twisted.internet.endpoints import quoteStringArgument, serverFromString
-from twisted.internet.error import CannotListenError
+from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from protheus_broker import __version__
@@ -24,7 +22,7 @@ from protheus_broker.ini import ConfigError
 from protheus_broker.monitoring.monitor import make_monitor
 from protheus_broker.resume.broker import ResumableSessions
 from protheus_broker.stats import ISessionStats, SessionStats
-from protheus_broker.units import IBalanceUnit, listened
+from protheus_broker.units import IBalanceUnit, listen_or_exit
 
 log = Logger()
 
@@ -87,15 +85,9 @@ class DesktopUnit(MultiService):
         """Listen (ports below 1024 need the privilege); a port that is taken stops the daemon
         with one line naming it."""
         desktop = self.config
-        endpoint = serverFromString(self.reactor, self.endpoint)
-        outcome = listened(endpoint.listen(self.session_tls.listening_factory()))
-        if isinstance(outcome, Failure):
-            where = f"{desktop.local_interface or '*'}:{desktop.local_port}"
-            error = outcome.value
-            why = error.socketError if isinstance(error, CannotListenError) else error
-            raise SystemExit(f"protheus-broker: {self.path}: LOCAL_SERVER_PORT: cannot listen on "
-                             f"{where}: {why}")
-        self.port = outcome
+        self.port = listen_or_exit(self.reactor, self.endpoint, self.session_tls.listening_factory(),
+                                   f"{desktop.local_interface or '*'}:{desktop.local_port}",
+                                   f"{self.path}: LOCAL_SERVER_PORT")
         super().privilegedStartService()
 
     def describe(self) -> str:

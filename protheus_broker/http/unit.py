@@ -8,8 +8,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
-from twisted.internet.endpoints import quoteStringArgument, serverFromString
-from twisted.internet.error import CannotListenError
+from twisted.internet.endpoints import quoteStringArgument
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,7 +26,7 @@ from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, Ht
 from protheus_broker.http.upstream import UpstreamPool, tcp_connector
 from protheus_broker.ini import ConfigError
 from protheus_broker.stats import ISessionStats, SessionStats
-from protheus_broker.units import IBalanceUnit, listened
+from protheus_broker.units import IBalanceUnit, listen_or_exit
 
 log = Logger()
 
@@ -222,13 +221,9 @@ class HttpUnit(MultiService):
         return PoolDispatcher(self.reactor, self.pool, self.affinity, config.affinity_forward_cookie)
 
     def privilegedStartService(self) -> None:
-        outcome = listened(serverFromString(self.reactor, self.endpoint).listen(self.listening_factory()))
-        if isinstance(outcome, Failure):
-            error = outcome.value
-            why = error.socketError if isinstance(error, CannotListenError) else error
-            raise SystemExit(f"protheus-broker: {self.path}: [{self.name}] LOCAL_SERVER_PORT: cannot listen on "
-                             f"{self.config.local_interface or '*'}:{self.config.local_port}: {why}")
-        self.port = outcome
+        self.port = listen_or_exit(self.reactor, self.endpoint, self.listening_factory(),
+                                   f"{self.config.local_interface or '*'}:{self.config.local_port}",
+                                   f"{self.path}: [{self.name}] LOCAL_SERVER_PORT")
         super().privilegedStartService()
 
     def describe(self) -> str:
