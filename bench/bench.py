@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 try:
     import psutil
@@ -688,27 +688,35 @@ def main() -> int:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
 
+    return run_and_report("bench", f"HAProxy {HAPROXY_VERSION}, iperf3", lambda children: run(args, children),
+                          lambda res: table(res, args), "latest.md")
+
+
+def run_and_report(name: str, tools: str, measure: Callable[["Children"], Any],
+                   render: Callable[[Any], str], results_file: str) -> int:
+    """The frame of every bench script: the machine line, *measure* with every child stopped by
+    pid whatever happens, the Markdown table printed and written to bench/results/."""
     started = time.monotonic()
-    say(f"protheus-broker bench: {platform.node()}, {os.cpu_count()} CPUs, load "
-        f"{os.getloadavg()[0]:.2f}; HAProxy {HAPROXY_VERSION}, iperf3, Python "
-        f"{platform.python_version()}, Twisted {TWISTED_VERSION}")
-    with tempfile.TemporaryDirectory(prefix="protheus-bench-") as tmp:
+    say(f"protheus-broker {name}: {platform.node()}, {os.cpu_count()} CPUs, load "
+        f"{os.getloadavg()[0]:.2f}; {tools}, Python {platform.python_version()}, "
+        f"Twisted {TWISTED_VERSION}")
+    with tempfile.TemporaryDirectory(prefix=f"protheus-{name}-") as tmp:
         children = Children(Path(tmp))
         try:
-            res = run(args, children)
+            res = measure(children)
         except KeyboardInterrupt:
             say("\ninterrupted: stopping every process the bench started")
             return 130
         finally:
             children.stop_all()
-    text = table(res, args)
+    text = render(res)
     elapsed = time.monotonic() - started
     say()
     say(text)
     say(f"({elapsed:.0f} s)")
-    out = HERE / "results" / "latest.md"
+    out = HERE / "results" / results_file
     out.parent.mkdir(exist_ok=True)
-    out.write_text(f"# protheus-broker bench, {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{text}"
+    out.write_text(f"# protheus-broker {name}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{text}"
                    f"\n({elapsed:.0f} s)\n")
     say(f"written to {out.relative_to(ROOT)}")
     return 0

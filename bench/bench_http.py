@@ -31,8 +31,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -353,30 +351,10 @@ def main() -> int:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
 
-    started = time.monotonic()
-    say(f"protheus-broker bench-http: {platform.node()}, {os.cpu_count()} CPUs, load "
-        f"{os.getloadavg()[0]:.2f}; HAProxy {HAPROXY_VERSION}, nginx {NGINX_VERSION}, wrk, Python "
-        f"{platform.python_version()}, Twisted {TWISTED_VERSION}")
-    with tempfile.TemporaryDirectory(prefix="protheus-bench-http-") as tmp:
-        children = base.Children(Path(tmp))
-        try:
-            res = run(args, children)
-        except KeyboardInterrupt:
-            say("\ninterrupted: stopping every process the bench started")
-            return 130
-        finally:
-            children.stop_all()
-    text = table(res, args)
-    elapsed = time.monotonic() - started
-    say()
-    say(text)
-    say(f"({elapsed:.0f} s)")
-    out = HERE / "results" / "http-latest.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(f"# protheus-broker bench-http, {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{text}"
-                   f"\n({elapsed:.0f} s)\n")
-    say(f"written to {out.relative_to(base.ROOT)}")
-    return 0
+    base.TWISTED_VERSION = TWISTED_VERSION
+    return base.run_and_report("bench-http", f"HAProxy {HAPROXY_VERSION}, nginx {NGINX_VERSION}, wrk",
+                               lambda children: run(args, children), lambda res: table(res, args),
+                               "http-latest.md")
 
 
 HAPROXY = "haproxy"

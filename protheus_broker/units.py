@@ -9,9 +9,9 @@ beside it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python.failure import Failure
@@ -55,3 +55,12 @@ def listen_or_exit(reactor: Any, endpoint: str, factory: Any, where: str, what: 
         why = error.socketError if isinstance(error, CannotListenError) else error
         raise SystemExit(f"protheus-broker: {what}: cannot listen on {where}: {why}")
     return outcome
+
+
+def stop_unit(stop_children: Callable[[], Any], port: Any) -> "Deferred[Any]":
+    """Stop a unit's child services (its monitor) and its listening *port* (None: not
+    listening); the Deferred fires when both have, so twistd waits for them."""
+    stopping = [maybeDeferred(stop_children)]
+    if port is not None:
+        stopping.append(maybeDeferred(port.stopListening))
+    return DeferredList(stopping, consumeErrors=True)

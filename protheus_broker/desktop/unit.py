@@ -7,7 +7,6 @@ from itertools import count
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import DeferredList, maybeDeferred
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -22,7 +21,7 @@ from protheus_broker.ini import ConfigError
 from protheus_broker.monitoring.monitor import make_monitor
 from protheus_broker.resume.broker import ResumableSessions
 from protheus_broker.stats import ISessionStats, SessionStats
-from protheus_broker.units import IBalanceUnit, listen_or_exit
+from protheus_broker.units import IBalanceUnit, listen_or_exit, stop_unit
 
 log = Logger()
 
@@ -111,11 +110,8 @@ class DesktopUnit(MultiService):
 
     def stopService(self) -> Any:
         """Stop the monitor and the listener; the Deferred fires when both have."""
-        stopping = [maybeDeferred(super().stopService)]
-        if self.port is not None:
-            port, self.port = self.port, None
-            stopping.append(maybeDeferred(port.stopListening))
-        return DeferredList(stopping, consumeErrors=True)
+        port, self.port = self.port, None
+        return stop_unit(super().stopService, port)
 
     def reload(self, config: DesktopBalanceConfig) -> bool:
         """Apply a reloaded section without dropping any session.  False (nothing applied) when a

@@ -7,7 +7,7 @@ from itertools import count
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.logger import Logger
@@ -26,7 +26,7 @@ from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, Ht
 from protheus_broker.http.upstream import UpstreamPool, tcp_connector
 from protheus_broker.ini import ConfigError
 from protheus_broker.stats import ISessionStats, SessionStats
-from protheus_broker.units import IBalanceUnit, listen_or_exit
+from protheus_broker.units import IBalanceUnit, listen_or_exit, stop_unit
 
 log = Logger()
 
@@ -239,12 +239,9 @@ class HttpUnit(MultiService):
         super().startService()
 
     def stopService(self) -> Any:
-        stopping = [maybeDeferred(super().stopService)]
-        if self.port is not None:
-            port, self.port = self.port, None
-            stopping.append(maybeDeferred(port.stopListening))
+        port, self.port = self.port, None
         self.upstreams.close_all()
-        return DeferredList(stopping, consumeErrors=True)
+        return stop_unit(super().stopService, port)
 
     def reload(self, config: HttpBalanceConfig) -> bool:
         """Apply a reloaded section; open connections carry on.  False (nothing applied) when a
