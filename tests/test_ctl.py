@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -62,3 +64,20 @@ class CommandLineTests(SynchronousTestCase):
         """A command without its argument, or a bad page number: one line, exit 2."""
         self.one_line(["drain"], 2, "drain needs a server ID")
         self.one_line(["sessions", "two"], 2, "page must be a number")
+
+
+class BrokenPipeTests(SynchronousTestCase):
+    def test_reader_leaving_is_not_an_error(self) -> None:
+        """`protheus-broker-ctl … | head`: a closed stdout ends the command quietly, status 0."""
+        def broken(argv: Any) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        self.patch(ctl, "run", broken)
+        with open(self.mktemp(), "w") as out:  # a real file: main re-points its descriptor
+            err = io.StringIO()
+            self.patch(sys, "stdout", out)
+            with contextlib.redirect_stderr(err):
+                with self.assertRaises(SystemExit) as exit:
+                    ctl.main(["servers"])
+        self.assertEqual(exit.exception.code, 0)
+        self.assertEqual(err.getvalue(), "")

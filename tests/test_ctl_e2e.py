@@ -38,3 +38,4 @@ class ProcessTests(TestCase):
             self.assertEqual((code, out), (expected, ""), err)
             self.assertNotIn("Traceback", err)
             self.assertEqual(len(err.strip().splitlines()), 1, err)
+

@@ -255,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         status = exc.status
     except KeyboardInterrupt:
         status = 130
+    except BrokenPipeError:  # the reader went away (`| head`): nothing to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        status = 0
     except Exception as exc:  # a bug: still one line, with what it was
         print(f"protheus-broker-ctl: unexpected error: {type(exc).__name__}: {_one_line(str(exc))}",
               file=sys.stderr)
