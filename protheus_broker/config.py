@@ -70,6 +70,7 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
 
     sections = {name: Section(path, name, dict(raw[name]), where) for name in raw.sections}
     known = set(UNIT_READERS) | {GENERAL_SECTION, ADMIN_SECTION, *COMPANION_SECTIONS}
+    known |= {str(s.values["NODES"]).strip() for s in sections.values() if s.values.get("NODES")}  # nodes
     for name in sections:
         if name in FUTURE_SECTIONS:
             warnings.append(f"{path}:{where.sections[name]}: [{name}] is not supported yet; ignored")

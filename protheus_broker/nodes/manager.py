@@ -92,6 +92,7 @@ class NodePolicy:
     idle_time: float = 60.0  # a node idle this long above the need is scaled away
     persistent: bool = False
     application: str = ""  # the name the persistent lock is taken under
+    lock_dir: str = "/run/protheus-broker"  # where that lock file lives
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,10 @@ class NodeManager:
         self._stopped: list[Deferred[None]] = []
         self._unsubscribe = pool.subscribe(self._pool_event)
         self.tick_every = min(1.0, policy.poll_interval)
+        #: Asked before a persistent node starts: None to go ahead, else why not (another
+        #: broker holds it); the unit sets a lock's ``acquire`` here.
+        self.claim_persistent: Callable[[], str | None] = lambda: None
+        self.persistent_refused: str | None = None
 
     # --- life ---------------------------------------------------------------------------
 
@@ -361,7 +366,15 @@ class NodeManager:
         policy = self.policy
         if policy.persistent and not any(n.persistent for n in self.nodes.values()) \
                 and now >= self.backoff_until:
-            self._spawn(persistent=True)
+            refused = self.claim_persistent()
+            if refused != self.persistent_refused:
+                if refused:
+                    log.error("{unit}: no persistent node here: {why}", unit=self.name, why=refused)
+                else:
+                    log.info("{unit}: persistent node lock taken", unit=self.name)
+                self.persistent_refused = refused
+            if refused is None:
+                self._spawn(persistent=True)
         desired = self.desired()
         while len(self.serving()) < desired and self.clock.seconds() >= self.backoff_until:
             self._spawn(persistent=False)

@@ -1,0 +1,141 @@
+"""Node keys, the persistent lock and the real spawner's pieces (no processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from protheus_broker.config import parse_config
+from protheus_broker.ini import ConfigError
+from protheus_broker.nodes.lock import PersistentLock
+from protheus_broker.nodes.manager import NodeSpec, Transport
+from protheus_broker.nodes.spawner import SETSID, NodeOutput, ProcessSpawner, describe_exit
+from tests.helpers import LogCatcher
+
+HEAD = "[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 7890\nSORT_METHOD = CONNECTION\n"
+
+
+class NodeKeysTests(SynchronousTestCase):
+    def test_defaults_in_the_unit_section(self) -> None:
+        """NODE_COMMAND alone enables nodes with the defaults; no REMOTE_SERVER needed."""
+        config = parse_config(HEAD + "NODE_COMMAND = appsrv --port {port}\n")
+        nodes = config.desktop.nodes
+        assert nodes is not None
+        self.assertEqual((nodes.command, nodes.min_nodes, nodes.max_nodes, nodes.transport, nodes.base_port),
+                         (("appsrv", "--port", "{port}"), 1, 4, Transport.TCP, 21000))
+        self.assertEqual(config.desktop.servers, ())
+        self.assertEqual(config.warnings, ())
+
+    def test_named_section(self) -> None:
+        """NODES = <section> reads the keys there; that section is not an unknown one."""
+        config = parse_config(HEAD + "REMOTE_SERVER_01 = 127.0.0.1 5000\nNODES = NODES_DESKTOP\n"
+                              "[NODES_DESKTOP]\nNODE_COMMAND = appsrv --unix {socket}\nTRANSPORT = unix\n"
+                              "MIN_NODES = 2\nMAX_NODES = 3\nRECYCLE_MEMORY = 512\nRECYCLE_AGE = 3600\n"
+                              "RECYCLE_SESSIONS = 100\nRECYCLE_JITTER = 0.2\nPERSISTENT = 1\n"
+                              "SOCKET_DIR = /tmp/n\n")
+        nodes = config.desktop.nodes
+        assert nodes is not None
+        self.assertEqual((nodes.transport, nodes.min_nodes, nodes.max_nodes, nodes.recycle_memory,
+                          nodes.recycle_age, nodes.recycle_sessions, nodes.recycle_jitter, nodes.persistent,
+                          nodes.socket_dir, nodes.application),
+                         (Transport.UNIX, 2, 3, 512 * 1024 * 1024, 3600.0, 100, 0.2, True, "/tmp/n",
+                          "BALANCE_SMART_CLIENT_DESKTOP"))
+        self.assertEqual(config.warnings, ())
+
+    def test_bad_values_name_file_line_and_key(self) -> None:
+        """A bad node key is one ConfigError naming its line and key."""
+        cases = {
+            "NODE_COMMAND = appsrv {nope}\n": "NODE_COMMAND",
+            "NODE_COMMAND = appsrv {port}\nTRANSPORT = PIPE\n": "TRANSPORT",
+            "NODE_COMMAND = appsrv {port}\nTRANSPORT = UNIX\n": "NODE_COMMAND",
+            "NODE_COMMAND = appsrv {port}\nMIN_NODES = 5\nMAX_NODES = 2\n": "MAX_NODES",
+            "NODE_COMMAND = appsrv {port}\nRECYCLE_JITTER = 2\n": "RECYCLE_JITTER",
+            "NODE_COMMAND = 'appsrv {port}\n": "NODE_COMMAND",
+            "NODES = NOWHERE\n": "NODES",
+        }
+        for text, key in cases.items():
+            with self.assertRaises(ConfigError) as caught:
+                parse_config(HEAD + text, "broker.ini")
+            self.assertIn(key, str(caught.exception), text)
+            self.assertIn("broker.ini:", str(caught.exception))
+
+
+class PersistentLockTests(SynchronousTestCase):
+    def test_second_holder_refused_naming_the_pid(self) -> None:
+        """A second broker asking for the same application's lock is refused, naming the holder's pid."""
+        lock_dir = self.mktemp()
+        script = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+                  "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d\\n' % os.getpid()); "
+                  "print('held', flush=True); time.sleep(30)")
+        os.makedirs(lock_dir)
+        mine = PersistentLock(lock_dir, "APP/1")
+        holder = subprocess.Popen([sys.executable, "-c", script, mine.path], stdout=subprocess.PIPE)
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.kill)
+        assert holder.stdout is not None
+        self.assertEqual(holder.stdout.readline(), b"held\n")
+        why = mine.acquire()
+        assert why is not None
+        self.assertIn(f"held by pid {holder.pid}", why)
+        holder.kill()
+        holder.wait()
+        self.assertIsNone(mine.acquire())  # the holder died: the kernel dropped its lock
+        with open(mine.path) as handle:
+            self.assertEqual(handle.read(), f"{os.getpid()}\n")
+        mine.release()
+
+    def test_same_process_other_lock_refused(self) -> None:
+        """Two locks on one application in one host are exclusive; another application is independent."""
+        lock_dir = self.mktemp()
+        first, second, other = (PersistentLock(lock_dir, "A"), PersistentLock(lock_dir, "A"),
+                                PersistentLock(lock_dir, "B"))
+        self.assertIsNone(first.acquire())
+        self.assertIn("held by pid", second.acquire() or "")
+        self.assertIsNone(other.acquire())
+        first.release()
+        self.assertIsNone(second.acquire())
+        second.release()
+        other.release()
+
+
+class SpawnerPiecesTests(SynchronousTestCase):
+    def test_output_lines_logged_with_node_id(self) -> None:
+        """Each stdout/stderr line is one log event with the node id; the exit is described."""
+        logs = LogCatcher(self)
+        ended: list[str] = []
+        output = NodeOutput("desktop", 3, ended.append)
+        output.childDataReceived(1, b"hello\nwor")
+        output.childDataReceived(2, b"oops\n")
+        output.childDataReceived(1, b"ld")
+        output.processEnded(Failure(ProcessTerminated(exitCode=None, signal=9)))
+        self.assertEqual([(e["node_id"], e["line"], e["stream"]) for e in logs.find(unit="desktop")
+                          if "line" in e], [(3, "hello", "stdout"), (3, "oops", "stderr"), (3, "world", "stdout")])
+        self.assertEqual(ended, ["killed by signal 9"])
+        self.assertEqual(describe_exit(Failure(ProcessDone(0))), "exit status 0")
+        self.assertEqual(describe_exit(Failure(ProcessTerminated(exitCode=3))), "exit status 3")
+
+    def test_spawn_runs_the_command_in_its_own_session(self) -> None:
+        """The command runs under a setsid wrapper, placeholders filled, node id in the environment."""
+        reactor = MemoryReactorClock()
+        calls: list[tuple[object, ...]] = []
+
+        class Transport:
+            pid = 4242
+
+        def spawnProcess(protocol: object, executable: str, args: list[str], env: dict[str, str],
+                         path: object, usePTY: bool) -> Transport:
+            calls.append((executable, args, env["PROTHEUS_NODE_ID"], usePTY))
+            return Transport()
+        reactor.spawnProcess = spawnProcess  # type: ignore[method-assign]
+        from protheus_broker.nodes.manager import NodePolicy
+        spawner = ProcessSpawner(reactor, NodePolicy(command=("srv", "--port={port}", "{id}")), "desktop")
+        process = spawner.spawn(NodeSpec(2, 21002, "", False), lambda why: None)
+        self.assertEqual(process.pid, 4242)
+        self.assertEqual(calls, [(sys.executable, [sys.executable, "-c", SETSID, "srv", "--port=21002", "2"],
+                                  "2", False)])
