@@ -453,3 +453,25 @@ class StopTests(Harness):
         rows = manager.snapshot()
         self.assertEqual([(r["id"], r["state"], r["endpoint"], r["sessions"]) for r in rows],
                          [(1, "active", "127.0.0.1:21001", 0), (2, "active", "127.0.0.1:21002", 2)])
+
+
+class PersistentLockGateTests(Harness):
+    def test_refused_persistent_node_logged_once_and_taken_later(self) -> None:
+        """A broker refused the persistent lock runs no persistent node, says why once, and takes over when free."""
+        self.clock = Clock()
+        self.logs = LogCatcher(self)
+        self.pool = ServerPool((), make_balancer(SortMethod.CONNECTION, 3.0, {}), clock=self.clock)
+        self.spawner = FakeSpawner()
+        manager = NodeManager(self.clock, self.pool, self.spawner, replace(POLICY, persistent=True), FixedRandom())
+        holder: list[str | None] = ["the persistent node of APP is held by pid 4711 (lock /run/x.lock)"]
+        manager.claim_persistent = lambda: holder[0]
+        manager.start()
+        self.manager = manager
+        self.clock.pump([1.0] * 3)
+        self.assertEqual([p.spec.persistent for p in self.spawner.spawned], [False, False])
+        refusals = [t for t in self.logs.texts() if "no persistent node here" in t]
+        self.assertEqual(len(refusals), 1)
+        self.assertIn("pid 4711", refusals[0])
+        holder[0] = None
+        self.clock.advance(1.0)
+        self.assertEqual([n.persistent for n in manager.nodes.values()].count(True), 1)
