@@ -233,3 +233,29 @@ class NodesE2ETests(ProcessTestCase):
         self.assertEqual(hashlib.sha256(echoed).hexdigest(), hashlib.sha256(payload).hexdigest())
         session.transport.loseConnection()
         self.assertIn("unix:" + os.path.join(sockets, "node-1.sock"), broker.text())
+
+    @defer.inlineCallbacks
+    def test_second_broker_refused_the_persistent_node(self) -> Any:
+        """Two brokers on one host with PERSISTENT=1 for one application: the second runs no
+        persistent node and says which pid holds it."""
+        yield defer.ensureDeferred(self._persistent())
+
+    async def _persistent(self) -> None:
+        where = self.node_dir()
+        script = os.path.join(where, "node.py")
+        with open(script, "w") as handle:
+            handle.write(IGNORES_TERM.replace("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n", ""))
+        brokers = []
+        for n in range(2):
+            base = random.randrange(30000, 60000, 100)
+            broker = self.broker(f"NODE_COMMAND = {sys.executable} {script} {{port}}\nBASE_PORT = {base}\n"
+                                 f"MIN_NODES = 1\nPERSISTENT = 1\nAPPLICATION = ERP\nLOCK_DIR = {where}\n")
+            await broker.listening()
+            await self.active_nodes(broker, 1)
+            brokers.append(broker)
+        first, second = brokers
+        self.assertIn("(persistent)", first.text())
+        self.assertNotIn("(persistent)", second.text())
+        self.assertIn(f"no persistent node here: the persistent node of ERP is held by pid {first.pid}",
+                      second.text())
+        print(f"\nsecond broker refused: held by pid {first.pid}")
