@@ -139,3 +139,18 @@ class SpawnerPiecesTests(SynchronousTestCase):
         self.assertEqual(process.pid, 4242)
         self.assertEqual(calls, [(sys.executable, [sys.executable, "-c", SETSID, "srv", "--port=21002", "2"],
                                   "2", False)])
+
+    def test_spawn_refuses_a_port_in_use(self) -> None:
+        """A node port another process listens on is refused before spawning (the probe would reach that process)."""
+        import socket
+
+        from protheus_broker.nodes.manager import NodePolicy
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        spawner = ProcessSpawner(MemoryReactorClock(), NodePolicy(command=("srv", "{port}")), "desktop")
+        with self.assertRaises(OSError) as caught:
+            spawner.spawn(NodeSpec(1, port, "", False), lambda why: None)
+        self.assertIn(f"port 127.0.0.1:{port} is in use", str(caught.exception))

@@ -152,7 +152,7 @@ class NodesE2ETests(ProcessTestCase):
         yield defer.ensureDeferred(self._rolling())
 
     async def _rolling(self) -> None:
-        base = random.randrange(30000, 60000, 100)
+        base = random.randrange(20000, 32000, 10)
         broker = self.broker(self.sim_command("TCP") + f"BASE_PORT = {base}\nMIN_NODES = 2\nMAX_NODES = 4\n"
                              "SESSIONS_PER_NODE = 100\nRECYCLE_AGE = 4\nRECYCLE_JITTER = 0.5\n"
                              "POLL_INTERVAL = 0.5\nSTART_TIMEOUT = 20\nDRAIN_TIMEOUT = 60\nSTOP_GRACE = 5\n")
@@ -186,7 +186,7 @@ class NodesE2ETests(ProcessTestCase):
         script = os.path.join(self.node_dir(), "stubborn.py")
         with open(script, "w") as handle:
             handle.write(IGNORES_TERM)
-        base = random.randrange(30000, 60000, 100)
+        base = random.randrange(20000, 32000, 10)
         broker = self.broker(f"NODE_COMMAND = {sys.executable} {script} {{port}}\nBASE_PORT = {base}\n"
                              "MIN_NODES = 1\nRECYCLE_AGE = 1\nRECYCLE_JITTER = 0\nSTOP_GRACE = 1\n"
                              "POLL_INTERVAL = 0.2\n")
@@ -247,7 +247,7 @@ class NodesE2ETests(ProcessTestCase):
             handle.write(IGNORES_TERM.replace("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n", ""))
         brokers = []
         for n in range(2):
-            base = random.randrange(30000, 60000, 100)
+            base = random.randrange(20000, 32000, 10)
             broker = self.broker(f"NODE_COMMAND = {sys.executable} {script} {{port}}\nBASE_PORT = {base}\n"
                                  f"MIN_NODES = 1\nPERSISTENT = 1\nAPPLICATION = ERP\nLOCK_DIR = {where}\n")
             await broker.listening()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import sys
 from typing import Any, Callable
@@ -114,6 +115,17 @@ class NodeProcess:
             return None
 
 
+def port_in_use(host: str, port: int) -> None:
+    """Raise OSError if another process holds *port*: a node there would fail to listen and the
+    readiness probe would reach the other process instead."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise OSError(f"port {host}:{port} is in use by another process ({e.strerror})") from None
+
+
 def remove_stale_socket(path: str) -> None:
     """A socket file left by an earlier node under this id would make the new one fail to listen."""
     try:
@@ -139,6 +151,8 @@ class ProcessSpawner:
 
     def spawn(self, spec: NodeSpec, ended: Callable[[str], None]) -> NodeProcess:
         argv = spec.argv(self.policy.command)
+        if spec.port:
+            port_in_use(self.policy.host, spec.port)
         if spec.socket:
             os.makedirs(os.path.dirname(spec.socket) or ".", exist_ok=True)
             remove_stale_socket(spec.socket)

@@ -63,7 +63,7 @@ class SimService(Service):
     def _failed(self, failure: Any) -> None:
         log.error("protheus-appserver-sim {name}: cannot listen on {endpoint}: {error}",
                   name=self.name, endpoint=self.endpoint, error=failure.getErrorMessage())
-        self.reactor.stop()
+        self.reactor.callWhenRunning(self.reactor.stop)  # not yet running: stop() would be lost
 
     def stopService(self) -> Any:
         super().stopService()
