@@ -129,8 +129,9 @@ class SpawnerPiecesTests(SynchronousTestCase):
             pid = 4242
 
         def spawnProcess(protocol: object, executable: str, args: list[str], env: dict[str, str],
-                         path: object, usePTY: bool) -> Transport:
+                         path: object, usePTY: bool, childFDs: dict[int, object]) -> Transport:
             calls.append((executable, args, env["PROTHEUS_NODE_ID"], usePTY))
+            self.assertEqual(childFDs, {0: "w", 1: "r", 2: "r"})
             return Transport()
         reactor.spawnProcess = spawnProcess  # type: ignore[method-assign]
         from protheus_broker.nodes.manager import NodePolicy

@@ -38,6 +38,15 @@ while True:
 """
 
 
+def alive(pid: int) -> bool:
+    """True while *pid* runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def sleep(seconds: float) -> defer.Deferred[None]:
     return task.deferLater(reactor, seconds, lambda: None)
 
@@ -233,18 +242,28 @@ class NodesE2ETests(ProcessTestCase):
         self.assertEqual(hashlib.sha256(echoed).hexdigest(), hashlib.sha256(payload).hexdigest())
         session.transport.loseConnection()
         self.assertIn("unix:" + os.path.join(sockets, "node-1.sock"), broker.text())
+        # A broker killed outright leaves no orphan: its nodes get SIGTERM (PR_SET_PDEATHSIG).
+        pids = {int(p) for p in re.findall(r"node \d+: pid (\d+):", broker.text())}
+        broker.signal("KILL")
+        await broker.ended
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in pids):
+            if time.monotonic() > deadline:
+                self.fail(f"nodes {sorted(p for p in pids if alive(p))} outlived their killed broker")
+            await sleep(0.05)
 
     @defer.inlineCallbacks
     def test_second_broker_refused_the_persistent_node(self) -> Any:
         """Two brokers on one host with PERSISTENT=1 for one application: the second runs no
-        persistent node and says which pid holds it."""
+        persistent node and names the holders; the lock outlives a killed broker while its
+        persistent node lives, and passes to the second broker when that node is gone."""
         yield defer.ensureDeferred(self._persistent())
 
     async def _persistent(self) -> None:
         where = self.node_dir()
-        script = os.path.join(where, "node.py")
+        script = os.path.join(where, "stubborn.py")
         with open(script, "w") as handle:
-            handle.write(IGNORES_TERM.replace("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n", ""))
+            handle.write(IGNORES_TERM)
         brokers = []
         for n in range(2):
             base = random.randrange(20000, 32000, 10)
@@ -256,6 +275,19 @@ class NodesE2ETests(ProcessTestCase):
         first, second = brokers
         self.assertIn("(persistent)", first.text())
         self.assertNotIn("(persistent)", second.text())
-        self.assertIn(f"no persistent node here: the persistent node of ERP is held by pid {first.pid}",
-                      second.text())
-        print(f"\nsecond broker refused: held by pid {first.pid}")
+        node_pid = int(re.findall(r"node 1: pid (\d+):", first.text())[0])
+        refusal = (f"no persistent node here: the persistent node of ERP is held by pid {first.pid}, "
+                   f"persistent node pid {node_pid}")
+        self.assertIn(refusal, second.text())
+        first.signal("KILL")  # the broker dies; its node (ignoring the SIGTERM it gets) keeps the lock
+        await first.ended
+        await sleep(2.5)
+        self.assertNotIn("persistent node lock taken", second.text())
+        os.kill(node_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while "(persistent)" not in second.text():
+            if time.monotonic() > deadline:
+                self.fail(f"the second broker did not take over:\n{second.text()[-3000:]}")
+            await sleep(0.05)
+        self.assertEqual(second.text().count("no persistent node here"), 1)  # logged once
+        print(f"\nsecond broker refused ({refusal}); took over after the node's death")

@@ -1,7 +1,9 @@
 """One persistent node per application on this host: an ``fcntl.flock`` on
-``<LOCK_DIR>/persistent-<application>.lock`` (the holder's pid written inside).  The kernel drops
-the lock when its holder dies, so another broker may take over.  Across hosts this does not
-reach: a farm needs the agents (not done here)."""
+``<LOCK_DIR>/persistent-<application>.lock`` (the holder's pid written inside).  The broker hands
+the locked file to its persistent node as file descriptor 3, so the lock lasts while either of
+them lives: a broker that dies leaves the lock with its node, and no second broker starts another
+persistent node beside it.  The kernel drops the lock when both are gone.  Across hosts this does
+not reach: a farm needs the agents (not done here)."""
 
 from __future__ import annotations
 
@@ -50,6 +52,12 @@ class PersistentLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
         return None
+
+    def note_node(self, pid: int) -> None:
+        """Name the persistent node's pid in the lock file, beside the broker's."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}, persistent node pid {pid}\n".encode(), 0)
 
     def release(self) -> None:
         if self.fd is not None:

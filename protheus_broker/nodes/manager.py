@@ -304,15 +304,16 @@ class NodeManager:
             node.idle_since = None
         elif node.idle_since is None:
             node.idle_since = now
-        if node.recycling is None and node.process is not None:
+        if node.polled_at is None or now - node.polled_at >= self.policy.poll_interval:
+            if node.process is not None:
+                node.memory = node.process.memory_bytes()  # psutil: for the screen and RECYCLE_MEMORY
+            if not node.probing:
+                node.polled_at = now
+                self._poll(node)
+        if node.recycling is None and node.state in (NodeState.ACTIVE, NodeState.SUSPENDED):
             why = self._recycle_due(node, now)
             if why:
                 self.recycle(node.node_id, why)
-        if node.state is NodeState.DISCARDED or node.probing:
-            return
-        if node.polled_at is None or now - node.polled_at >= self.policy.poll_interval:
-            node.polled_at = now
-            self._poll(node)
 
     def _recycle_due(self, node: Node, now: float) -> str:
         limits = node.limits
@@ -320,11 +321,9 @@ class NodeManager:
             return f"recycle after {self.total_sessions(node)} sessions (limit {limits['sessions']:.0f})"
         if limits["age"] and node.ready_at is not None and now - node.ready_at >= limits["age"]:
             return f"recycle at age {now - node.ready_at:.0f}s (limit {limits['age']:.0f}s)"
-        if limits["memory"]:
-            node.memory = node.process.memory_bytes()
-            if node.memory is not None and node.memory >= limits["memory"]:
-                return (f"recycle at {node.memory // (1024 * 1024)} MiB resident "
-                        f"(limit {limits['memory'] / (1024 * 1024):.0f} MiB)")
+        if limits["memory"] and node.memory is not None and node.memory >= limits["memory"]:
+            return (f"recycle at {node.memory // (1024 * 1024)} MiB resident "
+                    f"(limit {limits['memory'] / (1024 * 1024):.0f} MiB)")
         return ""
 
     def _poll(self, node: Node) -> None:

@@ -26,8 +26,14 @@ from protheus_broker.nodes.manager import INodeProcess, INodeSpawner, NodeManage
 log = Logger()
 
 #: Runs the node's command in a new session (its own process group) without a preexec hook,
-#: which spawnProcess does not have: the child calls setsid() and execs the command.
-SETSID = "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"
+#: which spawnProcess does not have: the child asks for SIGTERM if the broker dies
+#: (PR_SET_PDEATHSIG, kept across exec: no orphan holds the node's port), calls setsid() and
+#: execs the command.
+SETSID = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); os.setsid(); "
+          "os.execvp(sys.argv[1], sys.argv[1:])")
+
+#: The persistent node gets the locked lock file as this descriptor (nodes/lock.py).
+LOCK_FD = 3
 
 #: Seconds a readiness or poll connect may take.
 PROBE_TIMEOUT = 2.0
@@ -143,6 +149,7 @@ class ProcessSpawner:
 
     def __init__(self, reactor: Any, policy: NodePolicy, unit: str, env: dict[str, str] | None = None,
                  cwd: str | None = None) -> None:
+        self.lock: PersistentLock | None = None  # set by NodeService with PERSISTENT=1
         self.reactor = reactor
         self.policy = policy
         self.unit = unit
@@ -160,9 +167,15 @@ class ProcessSpawner:
         env["PROTHEUS_NODE_ID"] = str(spec.node_id)
         env["PROTHEUS_NODE_PERSISTENT"] = "1" if spec.persistent else "0"
         protocol = NodeOutput(self.unit, spec.node_id, ended)
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        lock = self.lock if spec.persistent else None
+        if lock is not None and lock.fd is not None:
+            child_fds[LOCK_FD] = lock.fd  # the node holds the lock too, as long as it lives
         transport = self.reactor.spawnProcess(protocol, sys.executable, [sys.executable, "-c", SETSID, *argv],
-                                              env=env, path=self.cwd, usePTY=False)
+                                              env=env, path=self.cwd, usePTY=False, childFDs=child_fds)
         process = NodeProcess(transport)
+        if lock is not None:
+            lock.note_node(process.pid)
         log.info("{unit} node {node_id}: pid {pid}: {command}", unit=self.unit, node_id=spec.node_id,
                  pid=process.pid, command=" ".join(argv))
         return process
@@ -191,6 +204,8 @@ class NodeService(Service):
         self.lock = PersistentLock(policy.lock_dir, policy.application) if policy.persistent else None
         if self.lock is not None:
             manager.claim_persistent = self.lock.acquire
+            if isinstance(manager.spawner, ProcessSpawner):
+                manager.spawner.lock = self.lock
 
     def startService(self) -> None:
         super().startService()
