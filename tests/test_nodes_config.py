@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
-from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.error import ConnectionRefusedError, ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from protheus_broker.balancing.methods import ConnectionBalancer
+from protheus_broker.balancing.pool import ServerPool
+from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.config import parse_config
+from protheus_broker.desktop.proxy import BrokerFactory
+from protheus_broker.desktop.unit import DesktopUnit
 from protheus_broker.ini import ConfigError
 from protheus_broker.nodes.lock import PersistentLock
-from protheus_broker.nodes.manager import NodeSpec, Transport
-from protheus_broker.nodes.spawner import SETSID, NodeOutput, ProcessSpawner, describe_exit
+from protheus_broker.nodes.manager import NodePolicy, NodeSpec, Transport
+from protheus_broker.nodes.spawner import SETSID, NodeOutput, NodeService, ProcessSpawner, describe_exit
 from tests.helpers import LogCatcher
+from tests.test_proxy import HalfCloseTransport
 
 HEAD = "[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 7890\nSORT_METHOD = CONNECTION\n"
 
@@ -47,6 +54,11 @@ class NodeKeysTests(SynchronousTestCase):
                          (Transport.UNIX, 2, 3, 512 * 1024 * 1024, 3600.0, 100, 0.2, True, "/tmp/n",
                           "BALANCE_SMART_CLIENT_DESKTOP"))
         self.assertEqual(config.warnings, ())
+
+    def test_unknown_key_in_named_section_warned(self) -> None:
+        """A misspelt key in the section NODES names is one warning with its line."""
+        config = parse_config(HEAD + "NODES = N\n[N]\nNODE_COMMAND = a {port}\nMIN_NODE = 2\n", "b.ini")
+        self.assertEqual(config.warnings, ("b.ini:7: [N] MIN_NODE: unknown key; ignored",))
 
     def test_bad_values_name_file_line_and_key(self) -> None:
         """A bad node key is one ConfigError naming its line and key."""
@@ -134,7 +146,6 @@ class SpawnerPiecesTests(SynchronousTestCase):
             self.assertEqual(childFDs, {0: "w", 1: "r", 2: "r"})
             return Transport()
         reactor.spawnProcess = spawnProcess  # type: ignore[method-assign]
-        from protheus_broker.nodes.manager import NodePolicy
         spawner = ProcessSpawner(reactor, NodePolicy(command=("srv", "--port={port}", "{id}")), "desktop")
         process = spawner.spawn(NodeSpec(2, 21002, "", False), lambda why: None)
         self.assertEqual(process.pid, 4242)
@@ -143,9 +154,6 @@ class SpawnerPiecesTests(SynchronousTestCase):
 
     def test_spawn_refuses_a_port_in_use(self) -> None:
         """A node port another process listens on is refused before spawning (the probe would reach that process)."""
-        import socket
-
-        from protheus_broker.nodes.manager import NodePolicy
         holder = socket.socket()
         self.addCleanup(holder.close)
         holder.bind(("127.0.0.1", 0))
@@ -155,3 +163,48 @@ class SpawnerPiecesTests(SynchronousTestCase):
         with self.assertRaises(OSError) as caught:
             spawner.spawn(NodeSpec(1, port, "", False), lambda why: None)
         self.assertIn(f"port 127.0.0.1:{port} is in use", str(caught.exception))
+
+
+class UnixMemberProxyTests(SynchronousTestCase):
+    def test_session_connects_to_a_unix_member(self) -> None:
+        """A pool member with a Unix socket path is reached with connectUNIX (no name lookup); a
+        failed connect there fails over to the next member."""
+        reactor = MemoryReactorClock()
+        pool = ServerPool([RemoteServer("NODE1", "127.0.0.1", 0, unix="/run/pb/node-1.sock"),
+                           RemoteServer("01", "127.0.0.1", 5001)], ConnectionBalancer(), clock=reactor)
+        factory = BrokerFactory(reactor, pool, connect_timeout=2.5)
+        logs = LogCatcher(self)
+        protocol = factory.buildProtocol(None)
+        assert protocol is not None
+        protocol.makeConnection(HalfCloseTransport())
+        self.assertEqual([(c[0], c[2]) for c in reactor.unixClients], [("/run/pb/node-1.sock", 2.5)])
+        self.assertEqual(reactor.tcpClients, [])
+        reactor.unixClients[0][1].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual([c[:2] for c in reactor.tcpClients], [("127.0.0.1", 5001)])
+        self.assertTrue(any("NODE1 (unix:/run/pb/node-1.sock) failed" in t for t in logs.texts()))
+
+
+class UnitWiringTests(SynchronousTestCase):
+    def make(self, extra: str = "") -> DesktopUnit:
+        config = parse_config("[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\n"
+                              "NODE_COMMAND = appsrv --port {port}\nMIN_NODES = 1\n" + extra)
+        return DesktopUnit(MemoryReactorClock(), config.desktop)
+
+    def test_unit_runs_a_node_manager_service(self) -> None:
+        """A desktop unit with NODE_COMMAND (default monitoring, no REMOTE_SERVER) has a node manager as a child service."""
+        unit = self.make()
+        assert unit.nodes is not None
+        self.assertIs(unit.nodes.pool, unit.pool)
+        self.assertEqual([type(s).__name__ for s in unit if isinstance(s, NodeService)], ["NodeService"])
+
+    def test_reload_applies_sizes_and_keeps_the_command(self) -> None:
+        """A reload applies MIN_NODES and the recycle keys live; a new NODE_COMMAND waits for a restart (logged)."""
+        unit = self.make()
+        logs = LogCatcher(self)
+        new = parse_config("[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\n"
+                           "NODE_COMMAND = other --port {port}\nMIN_NODES = 3\nRECYCLE_AGE = 60\n").desktop
+        self.assertTrue(unit.reload(new))
+        assert unit.nodes is not None
+        self.assertEqual((unit.nodes.policy.min_nodes, unit.nodes.policy.recycle_age, unit.nodes.policy.command),
+                         (3, 60.0, ("appsrv", "--port", "{port}")))
+        self.assertTrue(any("NODE_COMMAND, TRANSPORT" in t and "restart to apply" in t for t in logs.texts()))

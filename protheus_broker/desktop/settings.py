@@ -96,7 +96,7 @@ def read_desktop(section: Section, sections: Mapping[str, Section],
             raise section.error(key, "server id must be letters and digits after REMOTE_SERVER_")
         elif key.startswith("AGENT_SERVER") and not AGENT_KEY_RE.match(key):
             raise section.error(key, "server id must be letters and digits after AGENT_SERVER_")
-    nodes = read_nodes(section, sections, section.name)
+    nodes = read_nodes(section, sections, section.name, warnings)
     if not servers and nodes is None:
         raise ConfigError(
             section.path,

@@ -159,7 +159,7 @@ class Node:
         self.probing = False
         self.idle_since: float | None = None
         self.memory: int | None = None
-        self.sessions_done = 0  # sessions it carried (kept after it leaves the pool)
+        self.sessions_done = 0  # sessions that reached it (kept after it leaves the pool)
         self.timers: list[Any] = []
         self.exit_expected = False
         self.stop_requested_at: float | None = None
@@ -250,8 +250,11 @@ class NodeManager:
         return backend.active if backend is not None else 0
 
     def total_sessions(self, node: Node) -> int:
+        """Sessions that reached *node* (the last count seen once it left the pool)."""
         backend = self._backend(node)
-        return node.sessions_done + (backend.total if backend is not None else 0)
+        if backend is not None and node.live:
+            node.sessions_done = backend.total
+        return node.sessions_done
 
     def serving(self) -> list[Node]:
         """Nodes that take (or will take) sessions and are not being recycled."""
@@ -521,9 +524,8 @@ class NodeManager:
         if node.state is NodeState.PURGED:
             return
         self._cancel_timers(node)
+        self.total_sessions(node)  # keep its count
         backend = self._backend(node)
-        if backend is not None:
-            node.sessions_done += backend.total
         self._set(node, NodeState.PURGED, why)
         if backend is not None and not backend.leaving:
             self.pool.remove(node.member_id, source=NODES)

@@ -44,9 +44,11 @@ def read_command(section: Section) -> tuple[str, ...]:
     return words
 
 
-def read_nodes(unit: Section, sections: Mapping[str, Section], application: str) -> NodePolicy | None:
+def read_nodes(unit: Section, sections: Mapping[str, Section], application: str,
+               warnings: list[str] | None = None) -> NodePolicy | None:
     """The unit's :class:`NodePolicy`, or None without node keys.  *application* names the
-    persistent node's lock (the unit's section by default; ``APPLICATION`` overrides)."""
+    persistent node's lock (the unit's section by default; ``APPLICATION`` overrides).  Unknown
+    keys of a section named by ``NODES`` are added to *warnings*."""
     section = nodes_section(unit, sections)
     if section is None:
         return None
@@ -91,4 +93,7 @@ def read_nodes(unit: Section, sections: Mapping[str, Section], application: str)
     )
     if policy.persistent and policy.max_nodes < 1:
         raise ConfigError(section.path, "PERSISTENT=1 needs MAX_NODES of 1 or more", key="PERSISTENT")
+    if section is not unit and warnings is not None:
+        for key in section.unknown_keys():
+            warnings.append(f"{section.path}:{section.line(key)}: [{section.name}] {key}: unknown key; ignored")
     return policy
