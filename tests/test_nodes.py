@@ -377,6 +377,19 @@ class CrashTests(Harness):
         self.assertEqual(manager.crash_streak, 0)
         self.assertTrue(any("crash loop over" in t for t in self.logs.texts()))
 
+    def test_stable_old_node_does_not_hide_a_crash_loop(self) -> None:
+        """A node up for long does not reset the streak: only one started after the last failure does."""
+        manager = self.make(replace(POLICY, min_nodes=2))
+        self.clock.pump([1.0] * 40)  # both nodes long stable
+        for spawned, wait in ((2, 0.0), (3, 1.0), (4, 2.0), (5, 4.0)):
+            self.spawner.process(2).exit("exit status 1")
+            if wait:
+                self.clock.advance(wait - 0.01)
+                self.assertEqual(len(self.spawner.spawned), spawned)  # still backing off
+                self.clock.advance(0.01)
+            self.assertEqual(len(self.spawner.spawned), spawned + 1)
+        self.assertEqual(manager.crash_streak, 4)
+
     def test_command_that_cannot_start_is_not_a_tight_loop(self) -> None:
         """A spawn that raises is retried only after the backoff."""
         self.clock = Clock()

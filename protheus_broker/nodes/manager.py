@@ -193,6 +193,7 @@ class NodeManager:
         self.running = False
         self.crash_streak = 0
         self.backoff_until = 0.0
+        self.failed_at = 0.0  # when the latest node failure happened
         self._backoff_timer: Any = None
         self._loop: LoopingCall | None = None
         self._stopped: list[Deferred[None]] = []
@@ -292,9 +293,9 @@ class NodeManager:
         for node in list(self.nodes.values()):
             if node.state in (NodeState.ACTIVE, NodeState.SUSPENDED):
                 self._check_node(node, now)
-        if self.crash_streak and any(
-                n.state is NodeState.ACTIVE and n.ready_at is not None and now - n.ready_at >= STABLE_AFTER
-                for n in self.nodes.values()):
+        if self.crash_streak and any(  # a node started since the last failure has held up
+                n.state is NodeState.ACTIVE and n.ready_at is not None and n.started_at >= self.failed_at
+                and now - n.ready_at >= STABLE_AFTER for n in self.nodes.values()):
             if self.crash_streak > 1:
                 log.info("{unit}: crash loop over after {count} crashes in a row", unit=self.name,
                          count=self.crash_streak)
@@ -546,6 +547,7 @@ class NodeManager:
         """A node that failed (start timeout, missed polls, crash, cannot start): purged, and
         its replacement waits out the crash backoff."""
         self.crash_streak += 1
+        self.failed_at = self.clock.seconds()
         streak = self.crash_streak
         delay = 0.0 if streak == 1 else min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (streak - 2))
         delay = max(delay, min_delay)
