@@ -157,7 +157,8 @@ class NodesE2ETests(ProcessTestCase):
     @defer.inlineCallbacks
     def test_rolling_recycle_drops_nothing(self) -> Any:
         """Every node is recycled (RECYCLE_AGE with jitter) while a client logs in 20 times a
-        second and holds each session 1.5 s: no failed login, no dropped session."""
+        second and holds each session 1.5 s (four for the whole run): no failed login, no
+        dropped session."""
         yield defer.ensureDeferred(self._rolling())
 
     async def _rolling(self) -> None:
@@ -168,12 +169,14 @@ class NodesE2ETests(ProcessTestCase):
         port = await broker.listening()
         await self.active_nodes(broker, 2)
         tally, sessions = Tally(), []
+        # Four sessions held through the whole run: their nodes stay discarded, not stopped.
+        long_lived = [defer.ensureDeferred(self.held_session(port, 1000 + n, 12.0, tally)) for n in range(4)]
         started = time.monotonic()
         for number in range(220):  # 11 s at 20 logins a second
             sessions.append(defer.ensureDeferred(self.held_session(port, number, 1.5, tally)))
             await sleep(max(0.0, started + (number + 1) * 0.05 - time.monotonic()))
         took = time.monotonic() - started  # the login phase
-        await defer.gatherResults(sessions)
+        await defer.gatherResults(sessions + long_lived)
         text = broker.text()
         recycles = len(re.findall(r"recycle at age", text))
         ended = len(re.findall(r"node \d+ ended .*after the stop request", text))
@@ -181,7 +184,9 @@ class NodesE2ETests(ProcessTestCase):
               f"failed {tally.failed_logins}, dropped {tally.dropped}, completed {tally.completed}; "
               f"{recycles} recycles, {ended} nodes stopped; node names seen {sorted(tally.nodes)}")
         self.assertEqual((tally.failed_logins, tally.dropped), (0, 0))
-        self.assertEqual(tally.completed, 220)
+        self.assertEqual(tally.completed, 224)
+        for first in (1, 2):  # both first nodes were recycled
+            self.assertRegex(text, rf"node {first} (active|suspended) -> discarded: recycle at age")
         self.assertGreaterEqual(recycles, 2)  # both first nodes, at least
         self.assertGreaterEqual(ended, 2)
         self.assertNotIn("failed:", text)
