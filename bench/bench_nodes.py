@@ -5,7 +5,8 @@ transport (the order rotates), a broker whose ``[BALANCE_SMART_CLIENT_DESKTOP]``
 AppServers (``protheus-appserver-sim --no-greeting``, over ``TCP`` or ``UNIX``); it reads each node's
 spawn-to-ready time from the broker's log (``ready in N s``: from spawnProcess to the first accepted
 connection), then measures new sessions/s through the broker (connect, one 64 B echo round trip,
-close), sequential and 50 concurrent.  Medians over the rounds.  Every broker is stopped by pid
+close), sequential and 50 concurrent.  Medians over the rounds; the UNIX/TCP ratios are the
+medians of the per-round ratios.  Every broker is stopped by pid
 (it stops its nodes); any node pid it logged is killed afterwards in case.
 """
 
@@ -99,10 +100,12 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| {transport} | {med(r['ready']) * 1000:.0f} ms | {max(r['ready'], default=0) * 1000:.0f} ms "
                      f"| {med(r['seq']):.0f} | {med(r['conc']):.0f} | {sum(r['errors']):.0f} |")
     tcp, unix = res["TCP"], res["UNIX"]
-    if tcp["seq"] and unix["seq"]:
+    if tcp["seq"] and unix["seq"]:  # each round ran both: the median of the per-round ratios
+        seq = [u / t for u, t in zip(unix["seq"], tcp["seq"])]
+        conc = [u / t for u, t in zip(unix["conc"], tcp["conc"])]
         lines.append("")
-        lines.append(f"UNIX / TCP: {med(unix['seq']) / med(tcp['seq']):.2f}x sequential, "
-                     f"{med(unix['conc']) / med(tcp['conc']):.2f}x concurrent")
+        lines.append(f"UNIX / TCP (median of {len(seq)} per-round ratios): {med(seq):.2f}x sequential, "
+                     f"{med(conc):.2f}x concurrent")
     return "\n".join(lines)
 
 
