@@ -37,6 +37,7 @@ class NodeKeysTests(SynchronousTestCase):
         self.assertEqual((nodes.command, nodes.min_nodes, nodes.max_nodes, nodes.transport, nodes.base_port),
                          (("appsrv", "--port", "{port}"), 1, 4, Transport.TCP, 21000))
         self.assertEqual(config.desktop.servers, ())
+        self.assertEqual(config.desktop.wait_for_server, 10.0)  # logins wait for the first node
         self.assertEqual(config.warnings, ())
 
     def test_named_section(self) -> None:
