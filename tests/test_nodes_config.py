@@ -21,6 +21,7 @@ from protheus_broker.desktop.unit import DesktopUnit
 from protheus_broker.ini import ConfigError
 from protheus_broker.nodes.lock import PersistentLock
 from protheus_broker.nodes.manager import NodePolicy, NodeSpec, Transport
+from protheus_broker.nodes.settings import default_run_dir
 from protheus_broker.nodes.spawner import SETSID, NodeOutput, NodeService, ProcessSpawner, describe_exit
 from tests.helpers import LogCatcher
 from tests.test_proxy import HalfCloseTransport
@@ -55,6 +56,13 @@ class NodeKeysTests(SynchronousTestCase):
                          (Transport.UNIX, 2, 3, 512 * 1024 * 1024, 3600.0, 100, 0.2, True, "/tmp/n",
                           "BALANCE_SMART_CLIENT_DESKTOP"))
         self.assertEqual(config.warnings, ())
+
+    def test_run_dir_default_follows_systemd(self) -> None:
+        """SOCKET_DIR and LOCK_DIR default to $RUNTIME_DIRECTORY, else $STATE_DIRECTORY, else /run/protheus-broker."""
+        self.assertEqual(default_run_dir({"RUNTIME_DIRECTORY": "/run/pb:/run/x", "STATE_DIRECTORY": "/var/lib/pb"}),
+                         "/run/pb")
+        self.assertEqual(default_run_dir({"STATE_DIRECTORY": "/var/lib/pb"}), "/var/lib/pb")
+        self.assertEqual(default_run_dir({}), "/run/protheus-broker")
 
     def test_unknown_key_in_named_section_warned(self) -> None:
         """A misspelt key in the section NODES names is one warning with its line."""

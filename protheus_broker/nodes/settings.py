@@ -3,14 +3,26 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Mapping
 
 from protheus_broker.ini import ConfigError, Section, parse_port
 from protheus_broker.nodes.manager import NodePolicy, Transport
 
-#: Where Unix sockets and the persistent-node locks go by default.
+#: Where Unix sockets and the persistent-node locks go when systemd names no directory.
 RUN_DIR = "/run/protheus-broker"
+
+
+def default_run_dir(environ: Mapping[str, str]) -> str:
+    """SOCKET_DIR's and LOCK_DIR's default: systemd's ``RuntimeDirectory=`` (``$RUNTIME_DIRECTORY``),
+    else its ``StateDirectory=`` (``$STATE_DIRECTORY``: the shipped unit's /var/lib/protheus-broker,
+    writable under ``ProtectSystem=strict``), else /run/protheus-broker."""
+    for name in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY"):
+        value = environ.get(name, "").split(":")[0]
+        if value:
+            return value
+    return RUN_DIR
 
 _PLACEHOLDERS = {"id": "1", "port": "21001", "socket": "/run/x.sock", "persistent": "0"}
 
@@ -45,7 +57,7 @@ def read_command(section: Section) -> tuple[str, ...]:
 
 
 def read_nodes(unit: Section, sections: Mapping[str, Section], application: str,
-               warnings: list[str] | None = None) -> NodePolicy | None:
+               warnings: list[str] | None = None, environ: Mapping[str, str] | None = None) -> NodePolicy | None:
     """The unit's :class:`NodePolicy`, or None without node keys.  *application* names the
     persistent node's lock (the unit's section by default; ``APPLICATION`` overrides).  Unknown
     keys of a section named by ``NODES`` are added to *warnings*."""
@@ -53,6 +65,7 @@ def read_nodes(unit: Section, sections: Mapping[str, Section], application: str,
     if section is None:
         return None
     command = read_command(section)
+    run_dir = default_run_dir(os.environ if environ is None else environ)
     transport_text = section.text("TRANSPORT", "TCP").upper()
     try:
         transport = Transport(transport_text)
@@ -76,7 +89,7 @@ def read_nodes(unit: Section, sections: Mapping[str, Section], application: str,
         sessions_per_node=section.integer("SESSIONS_PER_NODE", 50, 1, 1_000_000),
         transport=transport,
         base_port=base_port,
-        socket_dir=section.text("SOCKET_DIR", RUN_DIR),
+        socket_dir=section.text("SOCKET_DIR", run_dir),
         start_timeout=section.number("START_TIMEOUT", 30.0, 0.1, 3600.0),
         poll_interval=section.number("POLL_INTERVAL", 5.0, 0.1, 3600.0),
         poll_misses=section.integer("POLL_MISSES", 3, 1, 1000),
@@ -89,7 +102,7 @@ def read_nodes(unit: Section, sections: Mapping[str, Section], application: str,
         idle_time=section.number("IDLE_TIME", 60.0, 0.0, 86400.0),
         persistent=section.boolean("PERSISTENT", False),
         application=section.text("APPLICATION", application),
-        lock_dir=section.text("LOCK_DIR", RUN_DIR),
+        lock_dir=section.text("LOCK_DIR", run_dir),
     )
     if policy.persistent and policy.max_nodes < 1:
         raise ConfigError(section.path, "PERSISTENT=1 needs MAX_NODES of 1 or more", key="PERSISTENT")
