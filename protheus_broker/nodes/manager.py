@@ -461,6 +461,7 @@ class NodeManager:
         self._cancel_timers(node)
         now = self.clock.seconds()
         node.ready_at = node.idle_since = node.polled_at = now
+        node.memory = node.process.memory_bytes() if node.process is not None else None
         self._set(node, NodeState.ACTIVE, f"ready in {now - node.started_at:.3f}s")
         policy = self.policy
         server = RemoteServer(node.member_id, policy.host, node.spec.port, unix=node.spec.socket)
