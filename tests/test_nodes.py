@@ -14,7 +14,7 @@ from protheus_broker.balancing.methods import SortMethod, make_balancer
 from protheus_broker.balancing.pool import ServerPool, ServerState
 from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.nodes.manager import (BACKOFF_BASE, NODES, INodeProcess, INodeSpawner, NodeManager,
-                                           NodePolicy, NodeSpec, NodeState, Transport)
+                                           NodePolicy, NodeSpec, Transport)
 from tests.helpers import LogCatcher
 
 
