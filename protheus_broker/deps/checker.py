@@ -2,8 +2,8 @@
 broker so that two units naming the same section share one check.
 
 A check connects to SERVER:PORT and closes at once; CONNECT_TIMEOUT bounds it (name resolution
-included).  At most one check per dependency is in flight: the next starts CHECK_INTERVAL after
-the last one ended.  The results go to a :class:`~protheus_broker.deps.state.DependencyState`.
+included).  At most one check per dependency is in flight: one runs every CHECK_INTERVAL, and one
+that outlasts the interval moves the next to the following tick.  The results go to a :class:`~protheus_broker.deps.state.DependencyState`.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class DependencyCheck:
         self._loop: LoopingCall | None = None
 
     def start(self) -> None:
-        """Check now, then every CHECK_INTERVAL after each check ends."""
+        """Check now, then every CHECK_INTERVAL (never two at once)."""
         if self._loop is not None:
             return
         self._loop = LoopingCall(self.check)
@@ -110,8 +110,11 @@ class DependencyCheck:
         old, self.config = self.config, config
         state = self.state
         state.down_after, state.up_after, state.retry_after = config.down_after, config.up_after, config.retry_after
-        if self._loop is not None:
-            self._loop.interval = config.check_interval
+        if self._loop is not None and old.check_interval != config.check_interval:
+            self._loop.stop()  # a check in flight finishes; the new interval counts from now
+            self._loop = LoopingCall(self.check)
+            self._loop.clock = self.clock
+            self._loop.start(config.check_interval, now=False)
         if (old.host, old.port) != (config.host, config.port):
             log.info("dependency {name}: now {where} (was {old})", name=config.name, where=config.where,
                      old=old.where)
