@@ -33,6 +33,11 @@ class _Probe(Protocol):
     """Connected: that is all a check wants to know."""
 
 
+class _ProbeFactory(Factory):
+    noisy = False  # no "Starting factory" line per check
+    protocol = _Probe
+
+
 def tcp_connect(reactor: Any) -> Connect:
     """Connect with the *reactor*, then close at once: IP addresses directly, host names through
     the reactor's resolver (IPv4 and IPv6).  The whole check, resolution included, is bounded by
@@ -44,7 +49,7 @@ def tcp_connect(reactor: Any) -> Connect:
             endpoint = TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
         else:
             endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
-        connecting: Deferred[Any] = endpoint.connect(Factory.forProtocol(_Probe))
+        connecting: Deferred[Any] = endpoint.connect(_ProbeFactory())
         connecting.addTimeout(timeout, reactor)
 
         def close(protocol: Any) -> None:
