@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
@@ -488,6 +490,27 @@ class ConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 parse_config(text, "a.ini")
             self.assertTrue(str(caught.exception).startswith(start), str(caught.exception))
+
+    @given(st.lists(st.tuples(st.sampled_from(["DBAccess", "LOCKSERVER", "lockserver", "[DBACCESS]", "LicenseClient"]),
+                              st.sampled_from([",", ", ", " ", " , "])), min_size=1, max_size=8))
+    def test_depends_on_list_property(self, items: list[tuple[str, str]]) -> None:
+        """Any case, brackets, and commas or spaces between: the names in first-seen
+        order, once each, upper case."""
+        value = "".join(name + separator for name, separator in items)
+        config = parse_config(ini(value, extra="[LicenseClient]\nserver = 10.0.0.7\nport = 5555\n"))
+        expected: list[str] = []
+        for name, _ in items:
+            upper = name.strip("[]").upper()
+            if upper not in expected:
+                expected.append(upper)
+        self.assertEqual(config.depends_on["BALANCE_SMART_CLIENT_DESKTOP"], tuple(expected))
+        self.assertEqual(sorted(config.dependencies), sorted(expected))
+
+    def test_ipv6_server(self) -> None:
+        """SERVER may be an IPv6 address, with or without brackets; messages bracket it."""
+        config = parse_config(ini("DBACCESS").replace("Server = 10.0.0.5", "Server = [::1]"))
+        self.assertEqual((config.dependencies["DBACCESS"].host, config.dependencies["DBACCESS"].where),
+                         ("::1", "[::1]:7890"))
 
     def test_unnamed_sections_are_still_unknown(self) -> None:
         """A [DBAccess] no unit names is an unknown section, as before."""

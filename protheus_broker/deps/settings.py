@@ -24,7 +24,7 @@ TOTVS_KEYS = ("DATABASE", "ALIAS", "PROTHEUSONLY", "ENABLE", "MESSAGELOG")
 #: TOTVS's value of SERVER for "no server configured" (``[LockServer] Server=NOCONFIG``).
 NO_SERVER = "NOCONFIG"
 
-_SPLIT_RE = re.compile(r"[\s,;]+")
+_SPLIT_RE = re.compile(r"[\s,]+")  # (a ";" starts a comment in TOTVS ini files)
 
 
 @dataclass(frozen=True)
