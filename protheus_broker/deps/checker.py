@@ -116,7 +116,8 @@ class DependencyCheck:
         state = self.state
         state.down_after, state.up_after, state.retry_after = config.down_after, config.up_after, config.retry_after
         if self._loop is not None and old.check_interval != config.check_interval:
-            self._loop.stop()  # a check in flight finishes; the new interval counts from now
+            if self._loop.running:
+                self._loop.stop()  # a check in flight finishes; the new interval counts from now
             self._loop = LoopingCall(self.check)
             self._loop.clock = self.clock
             self._loop.start(config.check_interval, now=False)
