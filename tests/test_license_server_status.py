@@ -21,7 +21,8 @@ TOKEN = "the-admin-token"
 def request(method: bytes, path: bytes, client: str = "127.0.0.1", token: str | None = None,
             args: dict[bytes, list[bytes]] | None = None, **headers: bytes) -> DummyRequest:
     made = DummyRequest([])
-    made.method, made.path, made.args = method, path, args or {}
+    made.method, made.args = method, args or {}
+    made.path = path  # type: ignore[attr-defined]
     made.client = IPv4Address("TCP", client, 50000)
     if token is not None:
         made.requestHeaders.addRawHeader(b"authorization", b"Bearer " + token.encode())
@@ -41,7 +42,7 @@ class StatusTests(SynchronousTestCase):
         self.resource = StatusResource(self.server, Verifier(lambda call: defer.maybeDeferred(call)))
 
     def render(self, made: DummyRequest) -> tuple[int, bytes]:
-        self.resource.render(made)
+        self.resource.render(made)  # type: ignore[arg-type]
         self.assertEqual(made.finished, 1)
         return made.responseCode or 200, b"".join(made.written)
 
