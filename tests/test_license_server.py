@@ -354,6 +354,21 @@ class JournalTests(SynchronousTestCase):
         self.assertEqual(([lease.seats for lease in replayed.leases], replayed.torn), ([1, 1], ""))
 
 
+class IndexTests(SynchronousTestCase):
+    def test_indexes_match_the_table(self) -> None:
+        """Seats in use and leases per client, kept as counters, match a count of the table."""
+        clock = task.Clock()
+        leases = run_scenario(clock, MemoryJournal())
+        for license_class in ("TOTVS_I", "APP1"):
+            self.assertEqual(leases.in_use(license_class),
+                             sum(lease.seats for lease in leases.leases.values()
+                                 if lease.license_class == license_class))
+        for client in ("A", "B", "C"):
+            self.assertEqual(leases.held_by(client), sorted(
+                (lease for lease in leases.leases.values() if lease.client == client),
+                key=lambda lease: lease.lease_id))
+
+
 class JournalModuleTests(SynchronousTestCase):
     def test_default_path(self) -> None:
         """The journal lives under /var/lib/protheus-broker by default."""

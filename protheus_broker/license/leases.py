@@ -15,6 +15,7 @@ leases end.
 from __future__ import annotations
 
 import enum
+import math
 import secrets
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
@@ -94,6 +95,10 @@ class LeaseTable:
         self.journal: Any = journal if journal is not None else NoJournal()
         self.new_id = new_id
         self.leases: dict[str, Lease] = {}
+        # Indexes kept with every change, so a grant costs no scan of the table.
+        self._used: dict[str, int] = {}
+        self._by_client: dict[str, set[str]] = {}
+        self._earliest = math.inf  # no lease ends before this (a lower bound)
         #: Clients whose connection is lost: since when (their leases end after the grace).
         self.lost: dict[str, float] = {}
         self.releases: dict[Reason, int] = {reason: 0 for reason in Reason}
@@ -103,19 +108,19 @@ class LeaseTable:
     # --- reading -----------------------------------------------------------------------------
 
     def in_use(self, license_class: str) -> int:
-        return sum(lease.seats for lease in self.leases.values() if lease.license_class == license_class)
+        return self._used.get(license_class, 0)
 
     def free(self, license_class: str) -> int:
         """Seats that may be granted now (0 while a shrunk class is still over its count)."""
         return max(0, self.counts.get(license_class, 0) - self.in_use(license_class))
 
     def held_by(self, client: str) -> list[Lease]:
-        return sorted((lease for lease in self.leases.values() if lease.client == client),
+        return sorted((self.leases[lease_id] for lease_id in self._by_client.get(client, ())),
                       key=lambda lease: lease.lease_id)
 
     def classes(self) -> list[str]:
         """The configured classes, then any class only leases still hold (removed by a reload)."""
-        extra = sorted({lease.license_class for lease in self.leases.values()} - set(self.counts))
+        extra = sorted({name for name, used in self._used.items() if used > 0} - set(self.counts))
         return sorted(self.counts) + extra
 
     # --- changes -----------------------------------------------------------------------------
@@ -124,7 +129,7 @@ class LeaseTable:
         """Take the leases a journal replay found (not journalled again); those past their
         deadline end at once as ``expired``; the others keep their wall-clock deadline."""
         for lease in leases:
-            self.leases[lease.lease_id] = lease
+            self._add(lease)
         self.tick()
 
     def grant(self, client: str, license_class: str, seats: int) -> Lease:
@@ -136,7 +141,7 @@ class LeaseTable:
         if seats < 1:
             self.refusals += 1
             raise NoSeats(f"asked for {seats} seats; ask for at least 1")
-        if len(self.held_by(client)) >= self.limits.max_leases_per_client:
+        if len(self._by_client.get(client, ())) >= self.limits.max_leases_per_client:
             self.refusals += 1
             raise NoSeats(f"client {client} already holds {self.limits.max_leases_per_client} leases "
                           "(MAX_LEASES_PER_CLIENT)")
@@ -150,7 +155,7 @@ class LeaseTable:
             lease = replace(lease, lease_id=self.new_id())
         self.journal.record({"op": "grant", "lease": lease.lease_id, "client": client,
                              "class": license_class, "seats": granted, "expires": lease.expires})
-        self.leases[lease.lease_id] = lease
+        self._add(lease)
         self.grants += 1
         log.info("lease {lease_id}: {seats} seats of {license_class} to {client} ({asked} asked, "
                  "{left} left)", lease_id=lease.lease_id, seats=granted, license_class=license_class,
@@ -170,7 +175,7 @@ class LeaseTable:
         expires = self.clock.seconds() + self.limits.ttl
         if expires > lease.expires:
             self.journal.record({"op": "renew", "lease": lease_id, "expires": expires})
-            self.leases[lease_id] = replace(lease, expires=expires)
+            self.leases[lease_id] = replace(lease, expires=expires)  # (the earliest bound holds)
         return self.limits.ttl
 
     def release(self, client: str, lease_id: str, seats: int) -> int:
@@ -208,6 +213,8 @@ class LeaseTable:
         """End every lease past its deadline, and those of clients gone longer than the grace."""
         now = self.clock.seconds()
         gone = {client for client, since in self.lost.items() if now - since >= self.limits.grace}
+        if now < self._earliest and not gone:
+            return
         for lease in sorted(self.leases.values(), key=lambda lease: lease.lease_id):
             if lease.expires <= now:
                 self._release(lease, lease.seats, Reason.EXPIRED)
@@ -215,6 +222,7 @@ class LeaseTable:
                 self._release(lease, lease.seats, Reason.CLIENT_GONE)
         for client in gone:
             del self.lost[client]
+        self._earliest = min((lease.expires for lease in self.leases.values()), default=math.inf)
 
     def set_counts(self, counts: Mapping[str, int]) -> None:
         """A reload: new seat counts.  Nothing leased is taken back."""
@@ -228,14 +236,25 @@ class LeaseTable:
                          license_class=license_class, before=before, after=after, over=over)
         self.counts = dict(counts)
 
+    def _add(self, lease: Lease) -> None:
+        self.leases[lease.lease_id] = lease
+        self._used[lease.license_class] = self._used.get(lease.license_class, 0) + lease.seats
+        self._by_client.setdefault(lease.client, set()).add(lease.lease_id)
+        self._earliest = min(self._earliest, lease.expires)
+
     def _release(self, lease: Lease, seats: int, reason: Reason, by: str = "") -> int:
         self.journal.record({"op": "release", "lease": lease.lease_id, "seats": seats,
                              "reason": reason.value})
         left = lease.seats - seats
+        self._used[lease.license_class] -= seats
         if left > 0:
             self.leases[lease.lease_id] = replace(lease, seats=left)
         else:
             del self.leases[lease.lease_id]
+            held = self._by_client[lease.client]
+            held.discard(lease.lease_id)
+            if not held:
+                del self._by_client[lease.client]
         self.releases[reason] += 1
         log.info("lease {lease_id} of {client}: {seats} seats of {license_class} released "
                  "({reason}{by}); {left} left in the lease", lease_id=lease.lease_id, seats=seats,
