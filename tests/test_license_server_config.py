@@ -130,3 +130,28 @@ class LicenseServiceTests(SynchronousTestCase):
         self.assertFalse(service.reload())
         self.assertEqual(service.table.counts["TOTVS_I"], 50)
         self.assertEqual(len([t for t in self.log.texts() if "reload refused" in t and "TOTVS_I" in t]), 1)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ShippedFilesTests(SynchronousTestCase):
+    def test_shipped_license_ini_needs_a_secret_then_loads(self) -> None:
+        """The shipped license.ini is a placeholder that does not start (no secret); with one it loads."""
+        path = os.path.join(ROOT, "packaging", "etc", "license.ini")
+        with open(path) as handle:
+            text = handle.read()
+        self.assertRaises(ConfigError, parse_license_config, text, path)
+        config = parse_license_config(text.replace(";SECRET_FILE = /etc/protheus-broker/license.secret",
+                                                   "SECRET = 0123456789abcdef0123"), path)
+        self.assertEqual((config.port, config.counts, config.warnings), (5555, {"TOTVS_I": 10}, ()))
+
+    def test_unit_has_the_brokers_hardening(self) -> None:
+        """protheus-license.service carries every hardening line of protheus-broker.service."""
+        def hardening(name: str) -> list[str]:
+            with open(os.path.join(ROOT, "packaging", "systemd", name)) as handle:
+                text = handle.read()
+            block = text[text.index("# Hardening"):text.index("[Install]")]
+            return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+        self.assertEqual(hardening("protheus-license.service"), hardening("protheus-broker.service"))
