@@ -31,7 +31,7 @@ class LicenseServerProcessTests(ProcessTestCase):
 
     def config(self, folder: str, extra: str = "", seats: int = 10, secret: bool = True) -> str:
         return self.write_ini(
-            "[LicenseServer]\nPORT = 0\nSTATUS_PORT = 0\n"
+            "[LicenseServer]\nINTERFACE = 127.0.0.1\nPORT = 0\nSTATUS_PORT = 0\n"
             + (f"SECRET = {SECRET.decode()}\n" if secret else "")
             + f"JOURNAL = {os.path.join(folder, 'license.journal')}\nLEASE_TTL = 30\nGRACE_TIME = 1\n"
             f"MAX_LEASES_PER_CLIENT = 100000\n{extra}[Licenses]\nTOTVS_I = {seats}\nAPP1 = 2\n",
