@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from protheus_broker.deps.settings import DependencyConfig, read_dependencies
 from protheus_broker.desktop.settings import DESKTOP_SECTION, DesktopBalanceConfig, read_desktop
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, read_http, read_web_services
 from protheus_broker.ini import ConfigError, Section, read_file, read_ini
@@ -35,6 +36,10 @@ class BrokerConfig:
     units: tuple[tuple[str, Any], ...]
     warnings: tuple[str, ...] = field(default=(), compare=False)
     admin: AdminConfig | None = None  # [BROKER_ADMIN]: the broker screen; None when absent
+    #: unit section -> the dependency sections its DEPENDS_ON names (units without: absent)
+    depends_on: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: each section some DEPENDS_ON names -> its SERVER/PORT and check keys
+    dependencies: Mapping[str, DependencyConfig] = field(default_factory=dict)
 
     def unit(self, section: str) -> Any:
         """The config of the unit of ``[section]``, or None when the file has no such section."""
@@ -69,7 +74,10 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
         warnings.append(f"{path}:{where.lines.get(('', first))}: {first}: outside any [SECTION]; ignored")
 
     sections = {name: Section(path, name, dict(raw[name]), where) for name in raw.sections}
-    known = set(UNIT_READERS) | {GENERAL_SECTION, ADMIN_SECTION, *COMPANION_SECTIONS}
+    reserved = (GENERAL_SECTION, ADMIN_SECTION, *COMPANION_SECTIONS)
+    depends_on, dependencies = read_dependencies([sections[n] for n in sections if n in UNIT_READERS],
+                                                 sections, reserved)
+    known = set(UNIT_READERS) | set(reserved) | set(dependencies)
     known |= {str(s.values["NODES"]).strip() for s in sections.values() if s.values.get("NODES")}  # nodes
     for name in sections:
         if name in FUTURE_SECTIONS:
@@ -88,14 +96,14 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
     general = read_general(general_section)
     admin = read_admin(sections[ADMIN_SECTION], warnings) if ADMIN_SECTION in sections else None
 
-    checked = [sections[name] for name in units] + [general_section]
+    checked = [sections[name] for name in units] + [general_section] + [sections[n] for n in dependencies]
     if admin is not None:
         checked.append(sections[ADMIN_SECTION])
     for section in checked:
         for key in section.unknown_keys():
             warnings.append(f"{path}:{section.line(key)}: [{section.name}] {key}: unknown key; ignored")
     return BrokerConfig(path=path, general=general, units=tuple(units.items()),
-                        warnings=tuple(warnings), admin=admin)
+                        warnings=tuple(warnings), admin=admin, depends_on=depends_on, dependencies=dependencies)
 
 
 def load_config(path: str) -> BrokerConfig:
