@@ -79,6 +79,7 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
                                                  sections, reserved)
     known = set(UNIT_READERS) | set(reserved) | set(dependencies)
     known |= {str(s.values["NODES"]).strip() for s in sections.values() if s.values.get("NODES")}  # nodes
+    known |= {str(s.values["KUBERNETES"]).strip() for s in sections.values() if s.values.get("KUBERNETES")}
     for name in sections:
         if name in FUTURE_SECTIONS:
             warnings.append(f"{path}:{where.sections[name]}: [{name}] is not supported yet; ignored")

@@ -22,6 +22,7 @@ from protheus_broker.desktop.proxy import BrokerFactory
 from protheus_broker.desktop.settings import DESKTOP_SECTION, DesktopBalanceConfig
 from protheus_broker.desktop.tls import SessionTLS
 from protheus_broker.ini import ConfigError
+from protheus_broker.kube.scaler import make_scaler
 from protheus_broker.monitoring.monitor import make_monitor
 from protheus_broker.nodes.manager import NodeManager
 from protheus_broker.nodes.spawner import NodeService, ProcessSpawner
@@ -72,6 +73,10 @@ class DesktopUnit(MultiService):
             self.nodes = NodeManager(reactor, self.pool, ProcessSpawner(reactor, config.nodes, name),
                                      config.nodes, random.Random(), name)
             NodeService(self.nodes).setServiceParent(self)
+        self.scaler: Any = None  # an IScaler: KUBERNETES = <section> (pods join the pool as "kubernetes")
+        if config.kubernetes is not None:
+            self.scaler = make_scaler(reactor, self.pool, config.kubernetes, name, path)
+            self.scaler.setServiceParent(self)
         resumable = (ResumableSessions(reactor, config.resume, stats=self.stats)
                      if config.resume.enabled else None)
         self.factory = BrokerFactory(
@@ -178,6 +183,8 @@ class DesktopUnit(MultiService):
         if factory.standby is not None:  # new links and drops use the new STANDBY_TIME etc.
             factory.standby.config = desktop.resume
         self._reload_nodes(old, desktop)
+        if desktop.kubernetes != old.kubernetes:
+            log.warn("reload: KUBERNETES or its section changed; restart to apply", pool=self.name)
         if desktop.resume.enabled != old.resume.enabled:
             log.warn("reload: RESUME_ENABLE changed; restart to apply")
         self.config = desktop

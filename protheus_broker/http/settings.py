@@ -12,6 +12,7 @@ from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.desktop.settings import read_sort_method
 from protheus_broker.http.capacity_settings import parse_capped_server
 from protheus_broker.ini import ConfigError, Section, host_and_port, parse_port
+from protheus_broker.kube.settings import KubeSettings, read_kubernetes
 from protheus_broker.tls.settings import SSL_SECTION, SessionTLSConfig, session_tls_config
 from protheus_broker.monitoring.settings import MonitoringConfig, MonitoringType, read_monitoring, read_monitoring_type
 
@@ -52,6 +53,7 @@ class HttpBalanceConfig:
     service_name: str = "protheus-broker-http"
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     tls: SessionTLSConfig = field(default_factory=SessionTLSConfig)  # SSL_CERTIFICATE/SSL_KEY: terminate TLS
+    kubernetes: KubeSettings | None = None  # KUBERNETES = <section>: a Kubernetes scaler
 
     @property
     def effective_sort_method(self) -> SortMethod:
@@ -74,7 +76,7 @@ class WebServicesConfig(HttpBalanceConfig):
 
 def read_servers(section: Section, warnings: list[str], caps: dict[str, int] | None = None) -> list[RemoteServer]:
     """The REMOTE_SERVER_<id> = host port lines, in file order (with *caps*: ``host port [max]``,
-    the third field stored in *caps*)."""
+    the third field stored in *caps*); none is fine when ``KUBERNETES`` brings the servers."""
     servers: list[RemoteServer] = []
     for key in section.values:
         match = _SERVER_KEY_RE.match(key)
@@ -87,8 +89,8 @@ def read_servers(section: Section, warnings: list[str], caps: dict[str, int] | N
             servers.append(RemoteServer(server_id=match.group(1), host=host, port=port))
         elif key.startswith("REMOTE_SERVER"):
             raise section.error(key, "server id must be letters and digits after REMOTE_SERVER_")
-    if not servers:
-        raise ConfigError(section.path, "no REMOTE_SERVER_<id> = host port lines: nothing to send requests to",
+    if not servers and not section.raw("KUBERNETES"):
+        raise ConfigError(section.path, "no REMOTE_SERVER_<id> = host port lines (nor KUBERNETES): nothing to send requests to",
                           line=section.where.sections.get(section.name), key=f"[{section.name}]")
     return servers
 
@@ -170,6 +172,7 @@ def _read_unit(section: Section, sections: Mapping[str, Section], warnings: list
         upstream_idle_timeout=section.number("UPSTREAM_IDLE_TIMEOUT", 30.0, 0.0, 86400.0),
         monitoring=read_monitoring(section, monitoring_type, servers),
         tls=tls,
+        kubernetes=read_kubernetes(section, sections, warnings),
         **extra,  # type: ignore[arg-type]
     )
     if config.sort_method != config.effective_sort_method:

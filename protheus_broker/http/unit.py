@@ -27,6 +27,7 @@ from protheus_broker.http.proxy import Choice, Headers, HttpProxyFactory, IDispa
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, HttpBalanceConfig, WebServicesConfig
 from protheus_broker.http.upstream import UpstreamPool, tcp_connector
 from protheus_broker.ini import ConfigError
+from protheus_broker.kube.scaler import make_scaler
 from protheus_broker.stats import ISessionStats, SessionStats
 from protheus_broker.units import IBalanceUnit, listen_or_exit, stop_unit
 
@@ -196,6 +197,10 @@ class HttpUnit(MultiService):
                                          connect_timeout=config.connect_timeout, health_path=config.health_path)
         if self.monitor is not None:
             self.monitor.setServiceParent(self)
+        self.scaler: Any = None  # an IScaler: KUBERNETES = <section> (pods join the pool as "kubernetes")
+        if config.kubernetes is not None:
+            self.scaler = make_scaler(reactor, self.pool, config.kubernetes, name, path)
+            self.scaler.setServiceParent(self)
         self.affinity = AffinityCookies(max_age=config.affinity_timeout,
                                         secure=config.secure_cookie or config.tls.terminate)
         self.dispatcher = self.make_dispatcher(config)
@@ -262,6 +267,8 @@ class HttpUnit(MultiService):
         if (config.local_port, config.local_interface) != (old.local_port, old.local_interface):
             log.warn("reload: [{section}] LOCAL_SERVER_PORT/LOCAL_SERVER_INTERFACE changed; restart to apply",
                      section=self.name)
+        if config.kubernetes != old.kubernetes:
+            log.warn("reload: [{section}] KUBERNETES or its section changed; restart to apply", section=self.name)
         if config.monitoring_type != old.monitoring_type:
             log.warn("reload: [{section}] MONITORING_TYPE changed; restart to apply", section=self.name)
         elif isinstance(self.monitor, HttpProbeMonitor):

@@ -21,8 +21,10 @@ from zope.interface import implementer
 
 from protheus_broker.balancing.pool import ServerPool
 from protheus_broker.balancing.servers import RemoteServer
-from protheus_broker.kube.client import KubeClient, KubeError
+from protheus_broker.ini import ConfigError
+from protheus_broker.kube.client import KubeClient, KubeError, make_http
 from protheus_broker.kube.endpoints import BadObject, EndpointTable, resource_version
+from protheus_broker.kube.kubeconfig import KubeConfigError
 from protheus_broker.kube.settings import KubeSettings
 from protheus_broker.scaling.interfaces import IScaler
 
@@ -352,6 +354,19 @@ class KubernetesScaler(Service):
             if d is not None:
                 d.cancel()
         return None
+
+
+def make_scaler(reactor: Any, pool: ServerPool, settings: KubeSettings, unit: str,
+                path: str = "<config>") -> KubernetesScaler:
+    """The scaler of a unit's ``KUBERNETES`` section, talking to the API server over treq
+    (:class:`ConfigError` if the CA or client certificate is unusable)."""
+    try:
+        http = make_http(reactor, settings.connection, settings.request_timeout)
+    except KubeConfigError as e:
+        raise ConfigError(path, f"[{settings.section}] {e}", key="KUBECONFIG") from None
+    client = KubeClient(reactor, http, settings.connection, request_timeout=settings.request_timeout,
+                        max_response=settings.max_response, token_refresh=settings.token_refresh)
+    return KubernetesScaler(reactor, client, pool, settings, unit)
 
 
 def _replicas(obj: Any) -> int | None:
