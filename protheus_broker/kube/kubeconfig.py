@@ -129,6 +129,8 @@ def from_kubeconfig(text: str, path: str, context: str = "") -> KubeConnection:
                               "or a client certificate")
     token = user.get("token")
     token_file = user.get("tokenFile")
+    if isinstance(token, bool) or isinstance(token_file, bool):
+        raise KubeConfigError("token and tokenFile must be text")
     return KubeConnection(
         server=server,
         namespace=str(ctx.get("namespace") or "default"),
@@ -188,6 +190,8 @@ def _scalar(text: str) -> Any:
         return False
     if text in ("null", "~", ""):
         return None
+    if re.fullmatch(r"-?[0-9]+", text):
+        return int(text)
     return text
 
 
