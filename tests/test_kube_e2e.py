@@ -258,7 +258,7 @@ class KubeApiServerTests(ProcessTestCase):
             self.assertEqual(e.status, 403)
 
         ini = self.write_ini(
-            "[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\nLOCAL_SERVER_INTERFACE = 127.0.0.1\n"
+            "[GENERAL]\nConsoleLog = 1\n[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\nLOCAL_SERVER_INTERFACE = 127.0.0.1\n"
             "SORT_METHOD = CONNECTION\nMONITORING_TYPE = DISABLED\nCONNECT_TIMEOUT = 2\nWAIT_FOR_SERVER = 60\n"
             "KUBERNETES = KUBE_APPSERVER\n"
             f"[KUBE_APPSERVER]\nKUBECONFIG = {kubeconfig}\nDEPLOYMENT = {DEPLOYMENT}\nSERVICE = {DEPLOYMENT}\n"
@@ -328,6 +328,24 @@ class KubeApiServerTests(ProcessTestCase):
         await self.api("DELETE", f"/api/v1/namespaces/{NS}/pods/{pod['metadata']['name']}?gracePeriodSeconds=0")
 
         self.figures.update({f"scaler {k}": v for k, v in scaler.counts.items()})
+        await unit.stopService()
+
+        # the daemon itself: twistd protheus-broker with the same file; someone scales the
+        # Deployment (as kubectl or an HPA would), the daemon's watch sees the pod Ready, and a
+        # login held at its empty pool reaches the pod
+        broker = self.start("broker", twistd_argv("protheus-broker", "--config", ini))
+        broker_port = await broker.listening()
+        await self.until("the daemon's first list", lambda: "discovery.k8s.io/v1beta1" in broker.text(), seconds=30)
+        held = defer.ensureDeferred(login(broker_port, 4, patience=60.0))
+        woke = time.monotonic()
+        await self.api("PATCH", f"/apis/apps/v1/namespaces/{NS}/deployments/{DEPLOYMENT}/scale",
+                       {"spec": {"replicas": 1}}, content_type="application/merge-patch+json")
+        pod = (await self.until("the new pod", lambda: defer.ensureDeferred(self.pods()), seconds=60))[0]
+        await self.play_kubelet(pod["metadata"]["name"])
+        answered, took = await held
+        self.assertTrue(answered, f"the daemon's held login did not reach the pod:\n{broker.text()}")
+        self.figures["daemon: held login, scale to answer (s)"] = round(time.monotonic() - woke, 3)
+        self.assertIn("1 ready endpoints of Service protheus-appserver", broker.text())
         warnings = self.scaler_warnings(logs)
         self.figures["scaler warnings (all during the restart)"] = len(warnings)
         print("\nKubernetes e2e figures (kube-apiserver 1.20.2):")

@@ -256,7 +256,7 @@ class KubeClient:
 
     # --- requests ---------------------------------------------------------------------------
 
-    def _timed(self, d: Deferred[Any], seconds: float, what: str) -> Deferred[Any]:
+    def _timed(self, d: Deferred[Any], seconds: float, what: str, late: str = "no answer within") -> Deferred[Any]:
         """*d*, cancelled after *seconds* of the clock (a :class:`KubeError` saying so)."""
         expired = []
 
@@ -269,7 +269,7 @@ class KubeClient:
             if timer.active():
                 timer.cancel()
             if expired and isinstance(result, Failure):
-                raise KubeError(f"{what}: no answer within {seconds:g}s")
+                raise KubeError(f"{what}: {late} {seconds:g}s")
             return result
         return d.addBoth(done)
 
@@ -322,6 +322,6 @@ class KubeClient:
                 return reader.done.addCallbacks(refuse, unread)
             lines = LineStream(self.max_response, on_line)
             response.deliverBody(lines)
-            return self._timed(lines.done, deadline, what)
+            return self._timed(lines.done, deadline, what, "still open (the server did not end it) after")
         d.addCallback(stream)
         return d
