@@ -124,5 +124,11 @@ class FakeApi(Resource):
         for request in watchers:
             request.finish()
 
+    def break_watches(self) -> None:
+        """Cut every open watch's connection mid-stream (no final chunk)."""
+        watchers, self.watchers = self.watchers, []
+        for request in watchers:
+            request.channel.transport.loseConnection()
+
     def of(self, method: str, fragment: str) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["method"] == method and fragment in r["path"]]

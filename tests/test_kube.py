@@ -105,6 +105,14 @@ class EndpointTableTests(SynchronousTestCase):
         one = endpoint_slice("erp-a", [("10.0.0.1", True, "p1")], "1", port=4321, port_name="whatever")
         self.assertEqual([e.port for e in slice_endpoints(one, "")[0]], [4321])
 
+    def test_fqdn_and_multi_address(self) -> None:
+        """An FQDN slice is ignored; an endpoint with several addresses is one AppServer."""
+        obj = endpoint_slice("erp-a", [("10.0.0.1", True, "p1")], "1")
+        obj["endpoints"][0]["addresses"] = ["10.0.0.1", "10.0.0.9"]
+        self.assertEqual([e.host for e in slice_endpoints(obj, "tcp")[0]], ["10.0.0.1"])
+        obj["addressType"] = "FQDN"
+        self.assertEqual(slice_endpoints(obj, "tcp"), (set(), None))
+
     def test_problem_logged_once(self) -> None:
         """A slice without the named port is logged once, not on every event."""
         logs = LogCatcher(self)
@@ -192,6 +200,33 @@ class ScalerListWatchTests(SynchronousTestCase):
         self.assertEqual([w["query"]["resourceVersion"] for w in watches], ["100", "101"])
         self.assertEqual(h.scaler.counts["lists"], 1)
         self.assertEqual(h.members(), {"erp-1": "10.0.0.1:1234 up"})
+
+    def test_broken_watch_resumes_after_pause(self) -> None:
+        """A watch cut mid-stream is one log line, then resumes from the last resourceVersion
+        after the backoff (no re-list)."""
+        h = Harness(self).start()
+        h.api.put_slice(endpoint_slice("erp-a", [("10.0.0.1", True, "erp-1")], "0"), "ADDED")
+        h.flush()
+        h.api.break_watches()
+        h.flush()
+        self.assertEqual(len([t for t in h.warnings() if "watching EndpointSlices" in t]), 1)
+        self.assertEqual(h.scaler.counts["watches"], 1)
+        h.advance(1.0)
+        watches = [r for r in h.api.of("GET", "endpointslices") if r["query"].get("watch") == "1"]
+        self.assertEqual([w["query"]["resourceVersion"] for w in watches], ["100", "101"])
+        self.assertEqual(h.scaler.counts["lists"], 1)
+        self.assertEqual(h.members(), {"erp-1": "10.0.0.1:1234 up"})
+
+    def test_error_event_backs_off(self) -> None:
+        """An ERROR event other than 410 is one log line and a retry after the backoff."""
+        h = Harness(self).start()
+        h.api.send({"type": "ERROR", "object": {"kind": "Status", "code": 500, "message": "etcd is sad"}})
+        h.flush()
+        texts = [t for t in h.warnings() if "watching EndpointSlices" in t]
+        self.assertEqual(len(texts), 1)
+        self.assertIn("error event 500: etcd is sad", texts[0])
+        h.advance(1.0)
+        self.assertEqual(h.scaler.counts["watches"], 2)
 
     def test_watch_ending_at_once_backs_off(self) -> None:
         """A watch that ends at once with no event waits before the next, doubling the wait."""

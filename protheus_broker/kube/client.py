@@ -16,7 +16,7 @@ from typing import Any, Callable
 from urllib.parse import urlencode
 
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.logger import Logger
