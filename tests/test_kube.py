@@ -145,6 +145,10 @@ class ScalerListWatchTests(SynchronousTestCase):
         self.assertEqual(lists[0]["authorization"], "Bearer secret")
         self.assertEqual(h.members(), {"erp-1": "10.0.0.1:1234 up"})
         self.assertEqual(h.scaler.ready(), 1)
+        snapshot = h.scaler.snapshot()
+        self.assertEqual((snapshot["ready"], snapshot["resource_version"], snapshot["endpointslices"]),
+                         (1, "100", "discovery.k8s.io/v1"))
+        self.assertNotIn("secret", repr(h.settings))
 
     def test_ready_endpoints_join_and_leave(self) -> None:
         """An endpoint turning ready joins the pool; turning not-ready it leaves (draining if busy)."""

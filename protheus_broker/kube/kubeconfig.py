@@ -12,7 +12,7 @@ import base64
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 #: The service account's files in a pod.
@@ -34,10 +34,10 @@ class KubeConnection:
     namespace: str = "default"
     ca_pem: bytes | None = None  # the cluster CA; None: the system's roots (or insecure)
     insecure: bool = False  # insecure-skip-tls-verify
-    token: str | None = None  # a fixed bearer token (kubeconfig)
+    token: str | None = field(default=None, repr=False)  # a fixed bearer token (kubeconfig)
     token_file: str | None = None  # a token file re-read periodically (in-cluster, tokenFile)
     client_cert_pem: bytes | None = None
-    client_key_pem: bytes | None = None
+    client_key_pem: bytes | None = field(default=None, repr=False)
     source: str = "in-cluster"  # for messages: "in-cluster" or the kubeconfig path
 
     @property

@@ -125,6 +125,14 @@ class KubernetesScaler(Service):
             self._notify()
         self._push_scale()
 
+    def snapshot(self) -> dict[str, object]:
+        """A plain dict for the status page and logs."""
+        return {"scaler": SOURCE, "workload": self.settings.workload_label, "namespace": self.settings.namespace,
+                "service": self.settings.service, "server": self.settings.connection.server,
+                "desired": self.desired(), "ready": self.ready(), "pending_scale": self._wanted is not None,
+                "endpointslices": f"discovery.k8s.io/{self.api_version}",
+                "resource_version": self.resource_version, "counts": dict(self.counts)}
+
     # --- the /scale subresource ----------------------------------------------------------------
 
     @property
