@@ -380,6 +380,17 @@ class ScalerScaleTests(SynchronousTestCase):
         h = Harness(self, api).start()
         self.assertEqual(h.scaler.desired(), 3)
 
+    def test_learning_retried(self) -> None:
+        """A failed read of the workload's scale at start is retried after BACKOFF_MAX."""
+        api = FakeApi()
+        api.replicas = 2
+        api.scripted = [(503, b"")]
+        h = Harness(self, api, backoff_max=5.0).start()
+        self.assertEqual(h.scaler.desired(), 0)
+        self.assertEqual(len([t for t in h.warnings() if "cannot read deployment/erp's scale" in t]), 1)
+        h.advance(5.0)
+        self.assertEqual(h.scaler.desired(), 2)
+
     def test_patch_body(self) -> None:
         """scale(n) GETs the Scale, then merge-patches spec.replicas."""
         h = Harness(self).start()

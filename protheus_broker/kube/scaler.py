@@ -82,6 +82,7 @@ class KubernetesScaler(Service):
         self._scaling: Deferred[Any] | None = None
         self._scale_timer: Any = None
         self._scale_backoff = BACKOFF_FIRST
+        self._learn_timer: Any = None
         self._slices: Deferred[Any] | None = None  # the list or watch in flight
         self._slices_timer: Any = None
         self._backoff = BACKOFF_FIRST
@@ -193,10 +194,14 @@ class KubernetesScaler(Service):
                 self._notify()
 
         def failed(failure: Failure) -> None:
-            if not failure.check(CancelledError) and self.running:
-                log.warn("Kubernetes: cannot read {workload}'s scale: {error}",
-                         workload=self.settings.workload_label, error=describe(failure), pool=self.unit)
-        self.client.request("GET", self.scale_path).addCallbacks(learned, failed)
+            if not failure.check(CancelledError) and self.running and self._desired is None:
+                delay = self.settings.backoff_max
+                log.warn("Kubernetes: cannot read {workload}'s scale: {error}; retrying in {delay:g}s",
+                         workload=self.settings.workload_label, error=describe(failure), delay=delay,
+                         pool=self.unit)
+                self._learn_timer = self.clock.callLater(delay, self._learn_replicas)
+        if self.running and self._desired is None:
+            self.client.request("GET", self.scale_path).addCallbacks(learned, failed)
 
     # --- EndpointSlices: list, then watch ---------------------------------------------------
 
@@ -355,7 +360,7 @@ class KubernetesScaler(Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        for timer in (self._slices_timer, self._scale_timer):
+        for timer in (self._slices_timer, self._scale_timer, self._learn_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         for d in (self._slices, self._scaling):
