@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from protheus_broker.balancing.methods import SortMethod, make_balancer
 from protheus_broker.balancing.pool import ServerPool
 from protheus_broker.balancing.servers import RemoteServer
-from protheus_broker.kube.client import KubeClient, KubeError
+from protheus_broker.kube.client import KubeClient, KubeError, LineStream, ResponseTooLarge
 from protheus_broker.kube.endpoints import EndpointTable, slice_endpoints
 from protheus_broker.kube.kubeconfig import KubeConnection
 from protheus_broker.kube.scaler import SOURCE, KubernetesScaler
@@ -517,3 +517,24 @@ class ClientTests(SynchronousTestCase):
         d = client.request("GET", "/api")
         stub.flush()
         self.assertIn("not JSON", str(self.failureResultOf(d, KubeError).value))
+
+
+class LineStreamTests(SynchronousTestCase):
+    """Watch lines, however the bytes arrive."""
+
+    def test_split_anywhere(self) -> None:
+        """Lines split across reads at any point come out whole, in order; blank lines are skipped."""
+        data = b'{"a":1}\n\n{"b":2}\n' + b"x" * 300 + b"\n"
+        for size in (1, 2, 7, 64, len(data)):
+            lines: list[bytes] = []
+            stream = LineStream(1000, lines.append)
+            for i in range(0, len(data), size):
+                stream.dataReceived(data[i:i + size])
+            self.assertEqual(lines, [b'{"a":1}', b'{"b":2}', b"x" * 300])
+
+    def test_long_line_in_pieces(self) -> None:
+        """A line past the cap fails the stream even when it arrives in small pieces."""
+        stream = LineStream(100, lambda line: None)
+        for _ in range(11):
+            stream.dataReceived(b"y" * 10)
+        self.failureResultOf(stream.done, ResponseTooLarge)

@@ -144,6 +144,8 @@ class LineStream(Protocol):
         self.on_line = on_line
         self.on_data = on_data
         self.buffer = b""
+        self.parts: list[bytes] = []  # an unfinished line, in pieces
+        self.pending = 0  # its length
         self.done: Deferred[None] = Deferred(lambda d: self._abort())
         self.failed = False
 
@@ -154,7 +156,7 @@ class LineStream(Protocol):
 
     def _fail(self, error: BaseException) -> None:
         self.failed = True
-        self.buffer = b""
+        self.buffer, self.parts = b"", []
         self._abort()
         if not self.done.called:
             self.done.errback(Failure(error))
@@ -164,7 +166,14 @@ class LineStream(Protocol):
             return
         if self.on_data is not None:
             self.on_data()
-        self.buffer += data
+        if b"\n" not in data:  # the middle of a long line: no rescan of what is buffered
+            self.parts.append(data)
+            self.pending += len(data)
+            if self.pending > self.cap:
+                self._fail(ResponseTooLarge(f"watch line longer than {self.cap} bytes"))
+            return
+        self.buffer = b"".join(self.parts) + data
+        self.parts, self.pending = [], 0
         while not self.failed:
             end = self.buffer.find(b"\n")
             if end < 0:
@@ -181,6 +190,10 @@ class LineStream(Protocol):
                     return
         if len(self.buffer) > self.cap:
             self._fail(ResponseTooLarge(f"watch line longer than {self.cap} bytes"))
+            return
+        if self.buffer:
+            self.parts, self.pending = [self.buffer], len(self.buffer)
+        self.buffer = b""
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
         if self.done.called:
