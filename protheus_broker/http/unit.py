@@ -27,6 +27,7 @@ from protheus_broker.http.proxy import Choice, Headers, HttpProxyFactory, IDispa
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, HttpBalanceConfig, WebServicesConfig
 from protheus_broker.http.upstream import UpstreamPool, tcp_connector
 from protheus_broker.ini import ConfigError
+from protheus_broker.scaling.gates import WakeDispatcher
 from protheus_broker.stats import ISessionStats, SessionStats
 from protheus_broker.units import IBalanceUnit, listen_or_exit, stop_unit
 
@@ -203,7 +204,9 @@ class HttpUnit(MultiService):
                                       max_idle=config.upstream_max_idle,
                                       idle_timeout=config.upstream_idle_timeout, reuse=config.upstream_reuse)
         self.dependencies = UnitDependencies(name)  # DEPENDS_ON (tap.py): 503 while one is down
-        self.factory = HttpProxyFactory(reactor, DependencyDispatcher(self.dispatcher, self.dependencies),
+        #: scale to zero: a scaler's ScaleToZero set as ``wake.controller`` holds requests while it wakes
+        self.wake = WakeDispatcher(self.dispatcher)
+        self.factory = HttpProxyFactory(reactor, DependencyDispatcher(self.wake, self.dependencies),
                                         self.upstreams, proxy_settings(config),
                                         stats=self.stats, name=name,
                                         pending=PendingLimits(config.max_pending_per_address, config.max_pending))
