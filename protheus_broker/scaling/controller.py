@@ -104,6 +104,8 @@ class ScaleToZero:
             return
         self.running = True
         self.idle_since = self.clock.seconds()
+        if self.target is None:
+            self.target = self.scaler.desired()  # what runs now: only a change is asked for
         self._unsubscribe = self.scaler.subscribe(self._scaler_changed)
         log.info("{unit}: scale to zero after {idle:g}s without a session; a login wakes a node "
                  "(WAKE_TIMEOUT={wake:g}s, MAX_HELD={held})", unit=self.name, idle=self.policy.idle_time,
