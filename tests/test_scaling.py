@@ -80,7 +80,7 @@ class Rig:
         self.clock = Clock()
         self.scaler = FakeScaler(ready)
         self.sessions = 0
-        options = {"enabled": True, "idle_time": 60.0, "wake_timeout": 30.0, "max_held": 5}
+        options: dict[str, Any] = {"enabled": True, "idle_time": 60.0, "wake_timeout": 30.0, "max_held": 5}
         options.update(policy)
         self.controller = ScaleToZero(self.clock, self.scaler, ScaleToZeroPolicy(**options),
                                       lambda: self.sessions, forecast=forecast, name="UNIT")
@@ -198,7 +198,7 @@ class ControllerIdleTests(SynchronousTestCase):
         rig.advance(2)
         self.assertEqual(rig.last, 0)
         when_idle = rig.controller.idle_since
-        self.assertIsNotNone(when_idle)
+        assert when_idle is not None
         self.assertTrue(100.0 <= when_idle <= 101.0, when_idle)  # (within one tick)
         self.assertIn("no session for 60s (ZERO_IDLE_TIME=60s)", rig.scale_downs()[0][1])
 
