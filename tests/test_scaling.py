@@ -161,7 +161,7 @@ class ControllerHoldTests(SynchronousTestCase):
         held.cancel()
         self.failureResultOf(held, CancelledError)
         self.assertEqual(rig.controller.held, [])
-        self.assertEqual(len(rig.clock.getDelayedCalls()), 1)  # the periodic check only
+        self.assertEqual([c for c in rig.clock.getDelayedCalls() if c.func == rig.controller._timed_out], [])
         self.assertFalse(rig.controller.hold().called)  # the slot is free again
 
     def test_stop_refuses_held(self) -> None:
@@ -234,6 +234,14 @@ class ControllerIdleTests(SynchronousTestCase):
         rig.advance(59)
         self.assertEqual(rig.scale_downs(), [])
         rig.advance(2)
+        self.assertEqual(rig.last, 0)
+
+    def test_countdown_ends_on_time(self) -> None:
+        """The pool sleeps at the countdown's end to the moment, not at the next periodic check."""
+        rig = Rig(ready=1, idle_time=15.0, tick=10.0)
+        rig.clock.advance(14.9)
+        self.assertEqual(rig.scale_downs(), [])
+        rig.clock.advance(0.1)
         self.assertEqual(rig.last, 0)
 
     def test_held_session_is_activity(self) -> None:

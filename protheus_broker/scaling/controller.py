@@ -94,6 +94,7 @@ class ScaleToZero:
         self.refused_full = 0  # MAX_HELD reached
         self.refused_timeout = 0  # WAKE_TIMEOUT passed
         self._loop: LoopingCall | None = None
+        self._sleep_timer: Any = None  # the countdown's end, to the moment (not the next tick)
         self._unsubscribe: Callable[[], None] | None = None
 
     # --- life ---------------------------------------------------------------------------
@@ -121,6 +122,7 @@ class ScaleToZero:
         self.running = False
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        self._cancel_sleep_timer()
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -244,6 +246,7 @@ class ScaleToZero:
         asked = self.target if self.target is not None else self.scaler.desired()
         if sessions:
             self.idle_since = None
+            self._cancel_sleep_timer()
             need = math.ceil(sessions / policy.sessions_per_member) if policy.sessions_per_member else 1
             # never down while a session is open: it may be on any member
             target, why = max(floor, need, 1, policy.min_awake, asked), "sessions open"
@@ -255,6 +258,8 @@ class ScaleToZero:
             idle = now - self.idle_since
             if idle < policy.idle_time:
                 target, why = max(floor, asked), "idle countdown"
+                if self.running and (self._sleep_timer is None or not self._sleep_timer.active()):
+                    self._sleep_timer = self.clock.callLater(policy.idle_time - idle, self.evaluate)
             else:
                 target = floor
                 self.waking_since = None  # a wake nobody waits for any more ends here
@@ -263,6 +268,11 @@ class ScaleToZero:
         if self.waking_since is not None:
             target = max(target, 1)
         self._ask(target, why)
+
+    def _cancel_sleep_timer(self) -> None:
+        if self._sleep_timer is not None and self._sleep_timer.active():
+            self._sleep_timer.cancel()
+        self._sleep_timer = None
 
     def _ask(self, replicas: int, why: str) -> None:
         if replicas == self.target:
