@@ -9,7 +9,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from protheus_broker import __version__
 from protheus_broker.nodes.manager import NodeState
-from protheus_broker.web.model import STATES, Broker, unit_counters, unit_dependencies, units_of
+from protheus_broker.web.model import STATES, Broker, unit_counters, unit_dependencies, unit_scale_to_zero, units_of
 
 __all__ = ["BrokerCollector", "CONTENT_TYPE_LATEST", "render"]
 
@@ -156,6 +156,29 @@ class BrokerCollector:
                 if row["memory_bytes"] is not None:
                     memory.add_metric(values, row["memory_bytes"])
         yield from (state, sessions, memory, streak)
+        yield from self._scale_to_zero(units)
+
+    def _scale_to_zero(self, units: list[Any]) -> Iterator[Any]:
+        """Scale to zero: waking, held sessions, target, wakes and refusals per pool."""
+        waking = GaugeMetricFamily(f"{_PREFIX}_wake_waking", "1 while a wake waits for a ready AppServer",
+                                   labels=["pool"])
+        held = GaugeMetricFamily(f"{_PREFIX}_wake_held_sessions", "Sessions held while a node wakes",
+                                 labels=["pool"])
+        target = GaugeMetricFamily(f"{_PREFIX}_wake_target", "AppServers scale to zero asks for", labels=["pool"])
+        wakes = CounterMetricFamily(f"{_PREFIX}_wakes", "Wakes from zero", labels=["pool"])
+        refused = CounterMetricFamily(f"{_PREFIX}_wake_refused", "Sessions refused while waking",
+                                      labels=["pool", "why"])
+        for unit in units:
+            snap = unit_scale_to_zero(unit)
+            if snap is None:
+                continue
+            waking.add_metric([unit.name], 1 if snap["waking"] else 0)
+            held.add_metric([unit.name], snap["held"])
+            target.add_metric([unit.name], snap["target"] or 0)
+            wakes.add_metric([unit.name], snap["wakes"])
+            refused.add_metric([unit.name, "max_held"], snap["refused_full"])
+            refused.add_metric([unit.name, "wake_timeout"], snap["refused_timeout"])
+        yield from (waking, held, target, wakes, refused)
 
 
 def render(broker: Broker) -> bytes:

@@ -208,6 +208,15 @@ def unit_nodes(unit: Any) -> dict[str, Any] | None:
             "persistent_refused": manager.persistent_refused, "nodes": manager.snapshot()}
 
 
+def unit_scale_to_zero(unit: Any) -> dict[str, Any] | None:
+    """The unit's scale to zero (None when off): waking or not, held sessions, target, countdown."""
+    controller = getattr(unit, "scale_to_zero", None)
+    if controller is None:
+        wake = getattr(unit, "wake", None)  # an HTTP unit's wake dispatcher, once given a controller
+        controller = getattr(wake, "controller", None)
+    return controller.snapshot() if controller is not None else None  # type: ignore[no-any-return]
+
+
 def servers(broker: Any) -> list[dict[str, Any]]:
     """Every unit's servers; each names its ``pool`` (the unit's section)."""
     now = broker.reactor.seconds()
@@ -252,6 +261,7 @@ def pool_status(unit: Any, admin: Any, history: ConnectionHistory | None, now: f
         "sessions": len(unit.factory.sessions),
         "servers": unit_servers(unit, now),
         "nodes": unit_nodes(unit),
+        "scale_to_zero": unit_scale_to_zero(unit),
         "dependencies": unit_dependencies(unit, now),
         "totals": unit_counters(unit),
         "history": {
