@@ -3,21 +3,26 @@ a real NodeManager with a fake spawner, the desktop gate and the HTTP dispatcher
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from protheus_broker.balancing.methods import SortMethod, make_balancer
-from protheus_broker.balancing.pool import ServerPool
+from protheus_broker.balancing.pool import ServerPool, ServerState
 from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.config import parse_config
 from protheus_broker.desktop.lifecycle import GateRefused
 from protheus_broker.http.proxy import Choice, NoBackend, RequestInfo
+from protheus_broker.http.unit import HttpUnit
 from protheus_broker.ini import ConfigError
 from protheus_broker.nodes.manager import NodeManager, NodePolicy, NodeState
 from protheus_broker.scaling.controller import ScaleToZero, ScaleToZeroPolicy, WakeRefused
@@ -525,3 +530,59 @@ class ScaleKeysTests(SynchronousTestCase):
             parse_config(HEAD + "NODE_COMMAND = appsrv --port {port}\nZERO_IDLE_TIME = -1\n")
         self.assertIn("ZERO_IDLE_TIME", str(caught.exception))
         self.assertIn("out of range", str(caught.exception))
+
+
+class HttpUnitWakeTests(SynchronousTestCase):
+    """Through a real HttpUnit and its proxy (StringTransport), the wake dispatcher set as ``unit.wake.controller``."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        config = parse_config(HEAD + "REMOTE_SERVER_01 = 127.0.0.1 5000\n[BALANCE_HTTP]\nLOCAL_SERVER_PORT = 8080\n"
+                              "REMOTE_SERVER_A = 127.0.0.1 8081\nMONITORING_TYPE = DISABLED\n")
+        self.unit = HttpUnit(self.reactor, config.unit("BALANCE_HTTP"), name="BALANCE_HTTP")
+        self.unit.pool.set_state("A", ServerState.DOWN, "asleep")  # no member can take a request
+        self.scaler = FakeScaler()
+        self.controller = ScaleToZero(self.reactor, self.scaler,
+                                      ScaleToZeroPolicy(enabled=True, wake_timeout=12.0, max_held=3),
+                                      lambda: sum(b.active for b in self.unit.pool))
+        self.unit.wake.controller = self.controller
+        self.controller.start()
+        self.addCleanup(self.controller.stop)
+
+    def request(self) -> StringTransport:
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 50000))
+        protocol: Any = self.unit.factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 50000))
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET /api HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.protocol = protocol
+        return transport
+
+    def test_wake_timeout_503_retry_after_json(self) -> None:
+        """A request held past WAKE_TIMEOUT gets 503, Retry-After and the reason as JSON."""
+        transport = self.request()
+        self.assertEqual(transport.value(), b"")  # held
+        self.assertEqual(len(self.controller.held), 1)
+        self.reactor.advance(12.5)
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 503 "), head)
+        self.assertIn(b"retry-after: 3", head.lower())
+        error = json.loads(body)["error"]
+        self.assertIn("no AppServer woke in time: none ready within WAKE_TIMEOUT=12s", error)
+
+    def test_held_then_sent_upstream(self) -> None:
+        """A held request goes upstream once a member is ready (no answer of ours)."""
+        transport = self.request()
+        self.unit.pool.set_state("A", ServerState.UP, "woke")
+        self.scaler.set_ready(1)
+        self.assertEqual(self.controller.held, [])
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.unit.pool.get("A").active, 1)  # in flight: activity
+        self.reactor.advance(20)  # past WAKE_TIMEOUT: its timer is gone, no 503
+        self.assertEqual(transport.value(), b"")
+
+    def test_client_gone_releases_hold(self) -> None:
+        """A client that leaves while its request is held holds nothing."""
+        self.request()
+        self.assertEqual(len(self.controller.held), 1)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.controller.held, [])
