@@ -21,6 +21,7 @@ from protheus_broker.balancing.pool import ServerPool, ServerState
 from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.config import parse_config
 from protheus_broker.desktop.lifecycle import GateRefused
+from protheus_broker.desktop.unit import DesktopUnit
 from protheus_broker.http.proxy import Choice, NoBackend, RequestInfo
 from protheus_broker.http.unit import HttpUnit
 from protheus_broker.ini import ConfigError
@@ -505,6 +506,19 @@ class ScaleKeysTests(SynchronousTestCase):
         self.assertEqual((policy.enabled, policy.idle_time, policy.wake_timeout, policy.max_held, policy.min_awake),
                          (True, 600.0, 90.0, 50, 1))
         self.assertEqual(config.warnings, ())
+
+    def test_desktop_unit_wiring(self) -> None:
+        """The desktop unit asks the wake gate after its dependencies and before "a server can take it"."""
+        config = parse_config(HEAD + "NODE_COMMAND = appsrv --port {port}\nMIN_NODES = 0\nSCALE_TO_ZERO = 1\n")
+        unit = DesktopUnit(MemoryReactorClock(), config.desktop)
+        self.assertEqual([type(g).__name__ for g in unit.factory.gates],
+                         ["DependencyGate", "WakeGate", "ServerAvailable"])
+        assert unit.nodes is not None and unit.scale_to_zero is not None
+        self.assertTrue(unit.nodes.scale_to_zero)
+        self.assertEqual(unit.nodes.desired(), 0)
+        plain = DesktopUnit(MemoryReactorClock(), parse_config(HEAD + "NODE_COMMAND = appsrv --port {port}\n").desktop)
+        self.assertIsNone(plain.scale_to_zero)
+        self.assertEqual(len(plain.factory.gates), 2)
 
     def test_short_wake_timeout_warns(self) -> None:
         """A WAKE_TIMEOUT not above START_TIMEOUT is one warning naming both."""

@@ -6,7 +6,8 @@ A :class:`ScaleToZero` drives an :class:`~protheus_broker.scaling.interfaces.ISc
   resume standby), an HTTP request in flight (a WebSocket is one long request), and every
   session held here while a node wakes.  An idle keep-alive connection is not activity.  The
   unit hands the count in as *activity* (a callable); the controller reads it every ``tick``
-  seconds and whenever a held session comes or goes.
+  seconds (1 s) and whenever a held session comes or goes; each tick it also hands the count
+  (open + held) to the forecast's ``record``.
 * **No scale-down while any session is open**: the target never drops while activity is above
   zero, however long the session (a 2-hour session keeps its node).
 * **The idle countdown** (``ZERO_IDLE_TIME``) starts when the *last* session ends (to within one
@@ -112,7 +113,7 @@ class ScaleToZero:
                  "(WAKE_TIMEOUT={wake:g}s, MAX_HELD={held})", unit=self.name, idle=self.policy.idle_time,
                  wake=self.policy.wake_timeout, held=self.policy.max_held)
         self.evaluate()
-        loop = LoopingCall(self.evaluate)
+        loop = LoopingCall(self.tick)
         loop.clock = self.clock
         loop.start(self.policy.tick, now=False)
         self._loop = loop
@@ -232,15 +233,23 @@ class ScaleToZero:
             log.failure("{unit}: the usage forecast failed; no warm-up floor this time", unit=self.name)
             return 0
 
+    def sessions(self) -> int:
+        """Open sessions (the unit's activity) and held ones."""
+        return max(0, int(self.activity())) + len(self.held)
+
+    def tick(self) -> None:
+        """The periodic check: record the sessions for the forecast (once a tick), then evaluate."""
+        if self.forecast is not None:
+            try:
+                self.forecast.record(self.clock.seconds(), self.sessions())
+            except Exception:
+                log.failure("{unit}: the usage forecast cannot record", unit=self.name)
+        self.evaluate()
+
     def evaluate(self) -> None:
         """Read the activity, run the idle countdown and ask the scaler for the target."""
         now = self.clock.seconds()
-        sessions = max(0, int(self.activity())) + len(self.held)
-        if self.forecast is not None:
-            try:
-                self.forecast.record(now, sessions)
-            except Exception:
-                log.failure("{unit}: the usage forecast cannot record", unit=self.name)
+        sessions = self.sessions()
         floor = self._floor(now)
         policy = self.policy
         asked = self.target if self.target is not None else self.scaler.desired()
