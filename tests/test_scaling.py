@@ -4,6 +4,7 @@ a real NodeManager with a fake spawner, the desktop gate and the HTTP dispatcher
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -519,6 +520,16 @@ class ScaleKeysTests(SynchronousTestCase):
         plain = DesktopUnit(MemoryReactorClock(), parse_config(HEAD + "NODE_COMMAND = appsrv --port {port}\n").desktop)
         self.assertIsNone(plain.scale_to_zero)
         self.assertEqual(len(plain.factory.gates), 2)
+
+    def test_reload_applies_live(self) -> None:
+        """A reload changes ZERO_IDLE_TIME and MAX_HELD live and leaves the controller's MIN_NODES alone."""
+        text = HEAD + "NODE_COMMAND = appsrv --port {port}\nMIN_NODES = 0\nSCALE_TO_ZERO = 1\n"
+        unit = DesktopUnit(MemoryReactorClock(), parse_config(text).desktop)
+        assert unit.nodes is not None and unit.scale_to_zero is not None
+        unit.nodes.policy = replace(unit.nodes.policy, min_nodes=1)  # as after a wake
+        self.assertTrue(unit.reload(parse_config(text + "ZERO_IDLE_TIME = 30\nMAX_HELD = 9\nMAX_NODES = 6\n").desktop))
+        self.assertEqual((unit.scale_to_zero.policy.idle_time, unit.scale_to_zero.policy.max_held), (30.0, 9))
+        self.assertEqual((unit.nodes.policy.min_nodes, unit.nodes.policy.max_nodes), (1, 6))
 
     def test_short_wake_timeout_warns(self) -> None:
         """A WAKE_TIMEOUT not above START_TIMEOUT is one warning naming both."""
