@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 from protheus_broker.desktop.settings import DESKTOP_SECTION, DesktopBalanceConfig, read_desktop
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, read_http, read_web_services
 from protheus_broker.ini import ConfigError, Section, read_file, read_ini
+from protheus_broker.license.settings import LICENSE_CLIENT_SECTION, LicenseClientConfig, read_license_client
 from protheus_broker.logs import GENERAL_SECTION, GeneralConfig, read_general
 from protheus_broker.tls.settings import SSL_SECTION
 from protheus_broker.web.settings import ADMIN_SECTION, AdminConfig, read_admin
@@ -35,6 +36,7 @@ class BrokerConfig:
     units: tuple[tuple[str, Any], ...]
     warnings: tuple[str, ...] = field(default=(), compare=False)
     admin: AdminConfig | None = None  # [BROKER_ADMIN]: the broker screen; None when absent
+    license_client: LicenseClientConfig | None = None  # [LICENSECLIENT]: the license server; None when absent
 
     def unit(self, section: str) -> Any:
         """The config of the unit of ``[section]``, or None when the file has no such section."""
@@ -69,7 +71,8 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
         warnings.append(f"{path}:{where.lines.get(('', first))}: {first}: outside any [SECTION]; ignored")
 
     sections = {name: Section(path, name, dict(raw[name]), where) for name in raw.sections}
-    known = set(UNIT_READERS) | {GENERAL_SECTION, ADMIN_SECTION, *COMPANION_SECTIONS}
+    known = set(UNIT_READERS) | {GENERAL_SECTION, ADMIN_SECTION, LICENSE_CLIENT_SECTION, *COMPANION_SECTIONS}
+    known |= _uri_sections(sections)
     for name in sections:
         if name in FUTURE_SECTIONS:
             warnings.append(f"{path}:{where.sections[name]}: [{name}] is not supported yet; ignored")
@@ -86,15 +89,38 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
     general_section = sections.get(GENERAL_SECTION, Section(path, GENERAL_SECTION, {}, where))
     general = read_general(general_section)
     admin = read_admin(sections[ADMIN_SECTION], warnings) if ADMIN_SECTION in sections else None
+    license_client = read_license_client(sections[LICENSE_CLIENT_SECTION]) \
+        if LICENSE_CLIENT_SECTION in sections else None
+    if license_client is None:
+        for name, unit in units.items():
+            gate = getattr(unit, "license", None)
+            if gate is not None and gate.stateless:
+                warnings.append(f"{path}:{where.sections[name]}: [{name}] has Stateless=1 URIs but the file has no "
+                                f"[{LICENSE_CLIENT_SECTION}]: their requests get 503 'license server not "
+                                f"configured'")
 
     checked = [sections[name] for name in units] + [general_section]
     if admin is not None:
         checked.append(sections[ADMIN_SECTION])
+    if license_client is not None:
+        checked.append(sections[LICENSE_CLIENT_SECTION])
     for section in checked:
         for key in section.unknown_keys():
             warnings.append(f"{path}:{section.line(key)}: [{section.name}] {key}: unknown key; ignored")
     return BrokerConfig(path=path, general=general, units=tuple(units.items()),
-                        warnings=tuple(warnings), admin=admin)
+                        warnings=tuple(warnings), admin=admin, license_client=license_client)
+
+
+def _uri_sections(sections: Mapping[str, Section]) -> set[str]:
+    """The URI sections the HTTP units name in ``URIS`` (read by the units' readers)."""
+    names: set[str] = set()
+    for unit in (HTTP_SECTION, WEB_SERVICES_SECTION):
+        section = sections.get(unit)
+        if section is not None:
+            text = section.values.get("URIS", "")
+            names.update(part.strip().upper() for part in text.replace(";", ",").replace(" ", ",").split(",")
+                         if part.strip())
+    return names
 
 
 def load_config(path: str) -> BrokerConfig:

@@ -16,6 +16,7 @@ from protheus_broker.desktop.unit import DesktopUnit
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION
 from protheus_broker.http.unit import HttpUnit, WebServicesUnit
 from protheus_broker.ini import ConfigError
+from protheus_broker.license.client import LicenseClient
 from protheus_broker.logs import console_file_observer
 from protheus_broker.web.service import add_admin
 
@@ -87,6 +88,10 @@ UNIT_BUILDERS: dict[str, Callable[..., Any]] = {DESKTOP_SECTION: DesktopUnit, HT
                                                 WEB_SERVICES_SECTION: WebServicesUnit}
 
 
+#: The units that take a license client (their Stateless=1 URIs take seats).
+HTTP_UNITS = (HTTP_SECTION, WEB_SERVICES_SECTION)
+
+
 class BrokerService(MultiService):
     """The broker: one balance unit per ``[BALANCE_*]`` section (listener, factory, pool,
     monitor, counters), the broker screen and the console log; reloadable on SIGHUP."""
@@ -97,9 +102,14 @@ class BrokerService(MultiService):
         self.config = config
         #: session ids, unique across the units (the screen closes a session by its id)
         self.session_ids = itertools.count(1)
+        #: the one license client ([LICENSECLIENT]), shared by the HTTP units' license gates
+        self.licenses = LicenseClient(reactor, config.license_client) if config.license_client else None
+        if self.licenses is not None:
+            self.licenses.setServiceParent(self)  # first: started before the units, stopped after
         if units is None:  # tests may hand units built directly
             units = [UNIT_BUILDERS[section](reactor, unit_config, name=section, path=config.path,
-                                            ids=self.session_ids)
+                                            ids=self.session_ids,
+                                            **({"licenses": self.licenses} if section in HTTP_UNITS else {}))
                      for section, unit_config in config.units]
         self.units: list[Any] = list(units)
         for unit in self.units:
@@ -193,6 +203,8 @@ class BrokerService(MultiService):
                 continue
             if not unit.reload(unit_config):
                 return False
+        if self.config.license_client != new.license_client:
+            log.warn("reload: [LICENSECLIENT] changed; restart to apply")
         if _admin_shape(self.config) != _admin_shape(new):  # TOKEN_HASH, READ_ACCESS: live
             log.warn("reload: [BROKER_ADMIN] (the section, ENDPOINT, PORT_STATUS or HISTORY_*) "
                      "changed; restart to apply (TOKEN_HASH and READ_ACCESS apply now)")

@@ -1,0 +1,65 @@
+"""``[LICENSECLIENT]``: where the broker's license client connects, and its seat pool's keys.
+
+The section and its ``SERVER`` / ``PORT`` keys are the ones TOTVS's own ``appserver.ini`` has
+(an AppServer names its License Server there); ours adds the shared secret of the license
+channel, the client's name and the local seat pool's watermarks.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from protheus_broker.ini import Section, parse_port, read_secret, valid_host
+
+LICENSE_CLIENT_SECTION = "LICENSECLIENT"
+DEFAULT_LICENSE_PORT = 5555
+
+
+@dataclass(frozen=True)
+class LicenseClientConfig:
+    """``[LICENSECLIENT]``, typed and checked."""
+
+    server: str  # SERVER: the license server's host
+    port: int = DEFAULT_LICENSE_PORT  # PORT
+    secret: bytes | None = field(default=None, repr=False)  # SECRET_FILE (or SECRET): the HMAC handshake
+    client_name: str = ""  # CLIENT_NAME: how the server knows us across restarts (default: host name)
+    low_watermark: int = 2  # LOW_WATERMARK: fewer free seats of a class than this: lease more
+    high_watermark: int = 16  # HIGH_WATERMARK: more free seats than this: give the surplus back
+    trace: bool = False  # FWFRAME_TRACELS: log every lease message
+    connect_timeout: float = 5.0  # CONNECT_TIMEOUT
+    max_classes: int = 256  # MAX_CLASSES: license classes (application codes) tracked at once
+
+
+def _client_name(section: Section) -> str:
+    name = section.text("CLIENT_NAME", "") or socket.gethostname() or "broker"
+    if not all(33 <= ord(c) < 127 for c in name) or len(name) > 200:
+        raise section.error("CLIENT_NAME", f"{name[:60]!r} must be printable ASCII without spaces "
+                            f"(at most 200 characters)")
+    return name
+
+
+def read_license_client(section: Section) -> LicenseClientConfig:
+    """The ``[LICENSECLIENT]`` section; a secret is required (nobody leases without credentials)."""
+    server = section.text("SERVER", "")
+    if not server:
+        raise section.error("SERVER", "is required: the license server's host name or address")
+    if not valid_host(server):
+        raise section.error("SERVER", f"{server!r} is not a host name or IP address")
+    port_text = section.text("PORT", str(DEFAULT_LICENSE_PORT))
+    secret = read_secret(section, "", "to authenticate the license channel")
+    low = section.integer("LOW_WATERMARK", 2, 0, 100_000)
+    high = section.integer("HIGH_WATERMARK", max(16, low), 1, 100_000)
+    if high < low:
+        raise section.error("HIGH_WATERMARK", f"{high} is below LOW_WATERMARK={low}")
+    return LicenseClientConfig(
+        server=server.strip("[]"),
+        port=parse_port(section, "PORT", port_text),
+        secret=secret,
+        client_name=_client_name(section),
+        low_watermark=low,
+        high_watermark=high,
+        trace=section.boolean("FWFRAME_TRACELS", False),
+        connect_timeout=section.number("CONNECT_TIMEOUT", 5.0, 0.1, 300.0),
+        max_classes=section.integer("MAX_CLASSES", 256, 1, 100_000),
+    )
