@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from protheus_broker.balancing.methods import SortMethod, make_balancer
@@ -22,6 +22,8 @@ from protheus_broker.http.settings import LicenseGateConfig, UriRule, read_trust
 from protheus_broker.http.unit import PoolDispatcher, SlotsDispatcher
 from protheus_broker.http.upstream import UpstreamPool, UpstreamProtocol
 from protheus_broker.ini import ConfigError
+from protheus_broker.tap import BrokerService
+from protheus_broker.web import metrics, model
 
 from .helpers import LogCatcher
 from .license_rig import Rig
@@ -426,3 +428,39 @@ class ConfigTests(SynchronousTestCase):
             parse_config(DESKTOP + f"[LICENSECLIENT]\nSERVER = 127.0.0.1\nSECRET_FILE = {self.secret_file()}\n"
                          "LOW_WATERMARK = 10\nHIGH_WATERMARK = 4\n")
         self.assertIn("HIGH_WATERMARK", str(caught.exception))
+
+
+class TapTests(SynchronousTestCase):
+    """BrokerService builds one license client and hands it to the HTTP units; the screen shows it."""
+
+    def test_one_client_shared_by_the_http_units_and_shown(self) -> None:
+        """Both HTTP units' gates take seats from the broker's one license client; JSON and /metrics show it."""
+        path = self.mktemp()
+        with open(path, "wb") as handle:
+            handle.write(b"0123456789abcdef0123\n")
+        config = parse_config(
+            DESKTOP + WS + URI_SECTIONS +
+            "[BALANCE_HTTP]\nLOCAL_SERVER_PORT = 8081\nREMOTE_SERVER_A = 10.0.0.1 80\n"
+            f"[LICENSECLIENT]\nSERVER = 127.0.0.1\nSECRET_FILE = {path}\n")
+        reactor = MemoryReactorClock()
+        broker = BrokerService(reactor, config)
+        self.assertIsNotNone(broker.licenses)
+        self.assertIs(broker.unit("BALANCE_WEB_SERVICES").gate.seats, broker.licenses.pool)
+        self.assertIs(broker.unit("BALANCE_HTTP").gate.seats, broker.licenses.pool)
+        self.assertIs(list(broker)[0], broker.licenses)  # started first, stopped last
+        screen = model.status(broker)
+        self.assertEqual(screen["license_client"]["connected"], False)
+        self.assertEqual(screen["license_client"]["server"], "127.0.0.1:5555")
+        pool = [p for p in screen["pools"] if p["section"] == "BALANCE_WEB_SERVICES"][0]
+        self.assertEqual(pool["license"]["uris"][1], {"section": "APP", "url": "/app/", "stateless": True})
+        self.assertEqual(pool["totals"]["license_waiting"], 0)
+        text = metrics.render(broker).decode()
+        self.assertIn("protheus_broker_license_connected 0.0", text)
+        self.assertIn('protheus_broker_license_refused_total{pool="BALANCE_WEB_SERVICES",reason="all_in_use"} 0.0',
+                      text)
+
+    def test_no_license_client_without_the_section(self) -> None:
+        """No [LICENSECLIENT]: no client; the screen says None."""
+        broker = BrokerService(MemoryReactorClock(), parse_config(DESKTOP))
+        self.assertIsNone(broker.licenses)
+        self.assertIsNone(model.status(broker)["license_client"])

@@ -1,0 +1,156 @@
+"""The license gate through a real [BALANCE_WEB_SERVICES] unit on 127.0.0.1 (port 0): a license
+client over TCP to a fake license server, an AppServer that counts requests in flight."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Coroutine
+
+import h11
+from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from protheus_broker.config import parse_config
+from protheus_broker.http.settings import WEB_SERVICES_SECTION
+from protheus_broker.license.client import LicenseClient
+from protheus_broker.tap import UNIT_BUILDERS
+
+from .http_backend import Client, connect, header
+from .license_fake import FakeLicenseFactory, FakeLicenseServer
+
+
+def as_deferred(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., defer.Deferred[None]]:
+    """An async test as a Deferred-returning one (Twisted 22.4's trial does not await coroutines)."""
+    @functools.wraps(test)
+    def run(self: Any) -> defer.Deferred[None]:
+        return defer.ensureDeferred(test(self))
+    return run
+
+
+class SlowBackend(Protocol):
+    """Answers each request 20 ms later; the factory counts requests in flight."""
+
+    factory: "SlowBackendFactory"
+    transport: Any
+
+    def connectionMade(self) -> None:
+        self.conn = h11.Connection(h11.SERVER)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError:
+                self.transport.loseConnection()
+                return
+            if event in (h11.NEED_DATA, h11.PAUSED):
+                return
+            if isinstance(event, h11.Request):
+                self.factory.started(event)
+            elif isinstance(event, h11.EndOfMessage):
+                reactor.callLater(0.02, self.answer)  # type: ignore[attr-defined]
+            elif isinstance(event, h11.ConnectionClosed):
+                return
+
+    def answer(self) -> None:
+        self.factory.in_flight -= 1
+        if self.transport is None or self.conn.our_state is not h11.SEND_RESPONSE:
+            return
+        self.transport.write(self.conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"2")])))
+        self.transport.write(self.conn.send(h11.Data(data=b"ok")))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+
+
+class SlowBackendFactory(Factory):
+    protocol = SlowBackend
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.most = 0
+        self.requests: list[h11.Request] = []
+
+    def started(self, request: h11.Request) -> None:
+        self.requests.append(request)
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition not met in time")
+
+
+class GateSocketTests(TestCase):
+    """Seats enforced on real sockets."""
+
+    async def rig(self, seats: int) -> tuple[Any, SlowBackendFactory, FakeLicenseServer]:
+        secret_path = self.mktemp()
+        with open(secret_path, "wb") as handle:
+            handle.write(b"0123456789abcdef0123\n")
+        server = FakeLicenseServer(reactor, {"TOTVS_I": seats, "APP7": 1}, b"0123456789abcdef0123", ttl=30.0)
+        license_port = reactor.listenTCP(0, FakeLicenseFactory(server), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(license_port.stopListening)
+        backend = SlowBackendFactory()
+        backend_port = reactor.listenTCP(0, backend, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(backend_port.stopListening)
+        config = parse_config(
+            "[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\nREMOTE_SERVER_01 = 127.0.0.1 1\n"
+            "SORT_METHOD = ROUND_ROBIN\n"
+            "[BALANCE_WEB_SERVICES]\nLOCAL_SERVER_PORT = 0\nLOCAL_SERVER_INTERFACE = 127.0.0.1\n"
+            f"REMOTE_SERVER_A = 127.0.0.1 {backend_port.getHost().port}\nMONITORING_TYPE = DISABLED\n"
+            "URIS = APP\nTRUSTED_API_MANAGERS = 127.0.0.2\nACCESS_LOG = 0\n"
+            "[APP]\nURL=/rest/\nStateless=1\n"
+            f"[LICENSECLIENT]\nSERVER = 127.0.0.1\nPORT = {license_port.getHost().port}\n"
+            f"SECRET_FILE = {secret_path}\nLOW_WATERMARK = 1\nHIGH_WATERMARK = 4\n")
+        client = LicenseClient(reactor, config.license_client)
+        client.startService()
+        self.addCleanup(client.stopService)
+        unit = UNIT_BUILDERS[WEB_SERVICES_SECTION](reactor, config.unit(WEB_SERVICES_SECTION),
+                                                   name=WEB_SERVICES_SECTION, licenses=client)
+        unit.privilegedStartService()
+        unit.startService()
+        self.addCleanup(unit.stopService)
+        await wait_for(lambda: client.connected and client.pool.stats().get("TOTVS_I", {}).get("held") == min(seats, 4))
+        return unit, backend, server
+
+    async def request(self, port: int, target: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+        client = Client(1)
+        await connect(port, client)
+        self.addCleanup(lambda: client.transport.loseConnection())
+        client.send_request(b"GET", target, headers)
+        await client.done.addTimeout(20, reactor)
+        return client.responses[0] if client.responses else {"status": None}
+
+    @as_deferred
+    async def test_seats_bound_the_requests_at_the_appserver(self) -> None:
+        """3 seats, 30 concurrent requests under /rest: all answered, never more than 3 at the AppServer."""
+        unit, backend, server = await self.rig(seats=3)
+        port = unit.port.getHost().port
+        answers = await defer.gatherResults([defer.ensureDeferred(self.request(port, b"/rest/x/%d" % n))
+                                             for n in range(30)])
+        self.assertEqual([a["status"] for a in answers], [200] * 30)
+        self.assertEqual(backend.most, 3)
+        self.assertEqual(len(backend.requests), 30)
+        free = await self.request(port, b"/other")
+        self.assertEqual(free["status"], 200)
+        self.assertEqual(unit.gate.status()["seated"], 30)
+        self.assertEqual(server.leased("TOTVS_I"), 3)
+        print(f"\n  sockets: 3 seats, 30 concurrent requests, at most {backend.most} at the AppServer, "
+              f"{unit.gate.seated_after_wait} waited for a seat ({unit.gate.wait_seconds * 1000:.0f} ms in all)")
+
+    @as_deferred
+    async def test_untrusted_appcode_never_reaches_the_appserver(self) -> None:
+        """From 127.0.0.1 (not trusted) x-totvs-appcode never reaches the AppServer."""
+        unit, backend, _ = await self.rig(seats=2)
+        port = unit.port.getHost().port
+        answer = await self.request(port, b"/rest/a", [(b"x-totvs-appcode", b"NOPE")])
+        self.assertEqual(answer["status"], 200)
+        self.assertNotIn(b"x-totvs-appcode", [name for name, _ in backend.requests[-1].headers])
+        self.assertIsNone(header(answer, b"retry-after"))
