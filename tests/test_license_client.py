@@ -63,6 +63,43 @@ class HandshakeTests(SynchronousTestCase):
         self.assertTrue(rig.client.connected)
         self.assertEqual(heard, [False])
 
+    def test_request_before_the_first_channel_waits(self) -> None:
+        """A request arriving while the first channel opens waits for it, not 503 at once."""
+        rig = Rig(start=False)
+        rig.client.startService()
+        self.assertTrue(rig.client.connecting)
+        waiting = rig.pool.wait("TOTVS_I", 10.0, 10)
+        self.assertNoResult(waiting)
+        rig.flush()
+        self.assertEqual(self.successResultOf(waiting), 0.0)
+        self.assertFalse(rig.client.connecting)
+
+    def test_no_server_at_start_is_unreachable_after_connect_timeout(self) -> None:
+        """No license server at start: waiters get 'license server unreachable' after CONNECT_TIMEOUT."""
+        rig = Rig(start=False)
+        rig.endpoint.refuse = True
+        rig.client.startService()
+        waiting = rig.pool.wait("TOTVS_I", 60.0, 10)
+        rig.advance(4.5)
+        self.assertNoResult(waiting)
+        rig.advance(1.0)
+        self.assertEqual(error_of(self, waiting).kind, UNREACHABLE)
+        self.assertEqual(error_of(self, rig.pool.wait("TOTVS_I", 60.0, 10)).kind, UNREACHABLE)
+
+    def test_unanswered_message_reopens_the_channel(self) -> None:
+        """A lease message unanswered for 10 s: the channel is dropped and opened again."""
+        catcher = LogCatcher(self)
+        rig = Rig()
+        for _ in range(7):
+            rig.pool.try_take("TOTVS_I")  # a Lease goes out, and is never delivered
+        rig.clock.advance(10.5)
+        rig.flush()
+        self.assertFalse(rig.client.connected)
+        self.assertTrue(any("did not answer Lease within 10s" in t for t in catcher.texts()))
+        rig.advance(2.0)
+        self.assertTrue(rig.client.connected)
+        self.assertEqual(rig.pool.stats()["TOTVS_I"]["held"], rig.server.leased("TOTVS_I"))
+
     def test_reconnect_adopts_the_leases_held(self) -> None:
         """A broker coming back (restart, same CLIENT_NAME) adopts the server's leases for it."""
         first = Rig()

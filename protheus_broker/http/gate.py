@@ -243,7 +243,12 @@ class LicenseGate:
         waiting = seats.wait(license_class, self.config.queue_timeout, self.config.queue_length)
         current.append(waiting)
         waiting.addCallbacks(seated, unseated)
+        waiting.addErrback(self._bug, deliver_failure)
         return outer
+
+    def _bug(self, failure: Failure, deliver_failure: Any) -> None:
+        log.failure("license gate: error while seating a request", failure, pool=self.name)
+        deliver_failure(failure)
 
     # --- the rest: the unit's dispatcher ---------------------------------------------------
 

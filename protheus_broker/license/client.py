@@ -34,6 +34,8 @@ log = Logger()
 HANDSHAKE_TIMEOUT = 10.0
 #: The same channel failure is logged again at most this often.
 REPEAT_LOG_INTERVAL = 60.0
+#: Seconds a lease message may go unanswered; then the channel is taken for dead and reopened.
+CALL_TIMEOUT = 10.0
 
 
 def describe(reason: Failure) -> str:
@@ -173,6 +175,10 @@ class LicenseClient(MultiService):
         self.pool = SeatPool(reactor, self, config.low_watermark, config.high_watermark, config.max_classes)
         self.channel: LicenseChannel | None = None
         self.connected = False
+        #: True from start until the first channel is up or CONNECT_TIMEOUT has passed: requests
+        #: arriving meanwhile wait for seats instead of getting "unreachable" at once
+        self.connecting = False
+        self._first_window: Any = None
         self.since = reactor.seconds()
         self.reason = "not connected yet"
         self.address = f"{config.server}:{config.port}"
@@ -222,7 +228,20 @@ class LicenseClient(MultiService):
 
     # --- the channel's events --------------------------------------------------------------
 
+    def _first_window_over(self) -> None:
+        self._first_window = None
+        self.connecting = False
+        if not self.connected:
+            self.pool.link_down()  # waiters of classes with no seat: "unreachable" now
+
+    def _end_first_window(self) -> None:
+        self.connecting = False
+        if self._first_window is not None and self._first_window.active():
+            self._first_window.cancel()
+        self._first_window = None
+
     def channel_up(self, channel: LicenseChannel, leases: list[dict[str, Any]]) -> None:
+        self._end_first_window()
         self.channel = channel
         self.failed_handshakes = 0
         self._last_problem = ""
@@ -268,6 +287,8 @@ class LicenseClient(MultiService):
             self.trace("-> {command} {arguments}", command=name,
                        arguments=" ".join(f"{k}={v}" for k, v in arguments.items()))
         calling: defer.Deferred[dict[str, Any]] = channel.callRemote(command, **arguments)
+        calling.addTimeout(CALL_TIMEOUT, self.clock, onTimeoutCancel=lambda result, timeout: self._unanswered(
+            channel, name, result, timeout))
         if self.config.trace:
             def answered(result: Any) -> Any:
                 if isinstance(result, Failure):
@@ -278,6 +299,17 @@ class LicenseClient(MultiService):
                 return result
             calling.addBoth(answered)
         return calling
+
+    def _unanswered(self, channel: LicenseChannel, name: str, result: Any, timeout: float) -> Any:
+        """A lease message unanswered for CALL_TIMEOUT: the channel is dead; drop it (ClientService
+        opens a new one and the seats held are adopted again)."""
+        if isinstance(result, Failure) and result.check(defer.CancelledError):
+            log.warn("license: {address} did not answer {command} within {timeout:g}s; reconnecting",
+                     address=self.address, command=name, timeout=timeout)
+            if channel.transport is not None:
+                channel.transport.abortConnection()
+            return Failure(NotConnected(f"{name} unanswered for {timeout:g}s"))
+        return result
 
     def lease(self, license_class: str, seats: int) -> defer.Deferred[dict[str, Any]]:
         return self._call(lp.Lease, license_class=license_class, seats=seats)
@@ -294,9 +326,12 @@ class LicenseClient(MultiService):
         log.info("license: client {name} connecting to {address} (seats kept between {low} and {high} "
                  "per class)", name=self.config.client_name, address=self.address,
                  low=self.config.low_watermark, high=self.config.high_watermark)
+        self.connecting = True
+        self._first_window = self.clock.callLater(self.config.connect_timeout, self._first_window_over)
         super().startService()
 
     def stopService(self) -> Any:
         """Give the leases back (the server need not wait for their TTL), then close."""
+        self._end_first_window()
         self.pool.release_all()
         return super().stopService()

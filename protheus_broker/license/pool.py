@@ -66,6 +66,7 @@ class ILeaseWire(Interface):
     """The pool's way to the license server (the license client's channel)."""
 
     connected = Attribute("True while an authenticated channel is up.")
+    connecting = Attribute("True while the first channel is being opened (requests wait, not refused).")
 
     def lease(license_class: str, seats: int) -> "Deferred[dict[str, Any]]":
         """Ask for up to *seats* seats: ``lease_id``, ``seats``, ``ttl``; NoSeats, UnknownClass."""
@@ -185,7 +186,7 @@ class SeatPool:
             seats.in_use += 1
             seats.granted += 1
             return succeed(0.0)
-        if not self.wire.connected and seats.held == 0:
+        if not self.wire.connected and seats.held == 0 and not getattr(self.wire, "connecting", False):
             return fail(NoSeat(UNREACHABLE))
         if len(seats.waiters) >= max_waiters:
             kind = ALL_IN_USE if self.wire.connected else UNREACHABLE
