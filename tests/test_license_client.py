@@ -127,6 +127,19 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(rig.pool.stats()["TOTVS_I"]["held"], 8)
         self.assertEqual(rig.server.leased("TOTVS_I"), 8)
 
+    def test_many_leases_adopted(self) -> None:
+        """A server holding 400 leases for us (a long run of small grants): all adopted, surplus returned."""
+        rig = Rig(start=False, seats={"TOTVS_I": 1000})
+        for n in range(400):
+            rig.server.leases[f"OLD{n}"] = {"client": "broker-1", "license_class": "TOTVS_I", "seats": 1,
+                                            "expires": 30.0}
+        rig.client.startService()
+        rig.flush()
+        self.assertTrue(rig.client.connected)
+        self.assertEqual(rig.pool.stats()["TOTVS_I"]["held"], 400)
+        rig.advance(3.0)
+        self.assertEqual(rig.server.leased("TOTVS_I"), 8)
+
     def test_leases_the_server_forgot_are_dropped(self) -> None:
         """On reconnect, a local lease the server does not list is gone."""
         rig = Rig()

@@ -464,3 +464,16 @@ class TapTests(SynchronousTestCase):
         broker = BrokerService(MemoryReactorClock(), parse_config(DESKTOP))
         self.assertIsNone(broker.licenses)
         self.assertIsNone(model.status(broker)["license_client"])
+
+    def test_reload_applies_new_uris_and_trust(self) -> None:
+        """A reload with other URI sections and trusted networks applies to new requests."""
+        reactor = MemoryReactorClock()
+        broker = BrokerService(reactor, parse_config(DESKTOP + WS + URI_SECTIONS))
+        unit = broker.unit("BALANCE_WEB_SERVICES")
+        self.assertTrue(unit.gate.table.stateless(b"/app/x"))
+        new = parse_config(DESKTOP + WS.replace("URIS = HTTPURI, APP", "URIS = HTTPURI\nTRUSTED_API_MANAGERS = 10.9.0.0/16")
+                           + URI_SECTIONS.replace("Stateless=0", "Stateless=1"))
+        self.assertTrue(unit.reload(new.unit("BALANCE_WEB_SERVICES")))
+        self.assertFalse(unit.gate.table.stateless(b"/app/x"))
+        self.assertTrue(unit.gate.table.stateless(b"/v1/x"))
+        self.assertTrue(unit.gate.trusted("10.9.1.1"))

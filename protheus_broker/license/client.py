@@ -110,6 +110,9 @@ class LicenseChannel(QuietAMP):
         if not lp.proof_matches(expected, answer["server_proof"]):
             raise lp.AuthenticationFailed("the license server's proof is wrong (a different SECRET, or not "
                                           "our license server)")
+        # the server proved itself: its answer (the leases it holds for us, which may be many)
+        # gets the authenticated box limits
+        self.limits_before = self.limits_after
         client.trace("-> LicenseAuthenticate")
         result = await self.callRemote(
             lp.LicenseAuthenticate,
