@@ -90,12 +90,12 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None
 class GateSocketTests(TestCase):
     """Seats enforced on real sockets."""
 
-    async def rig(self, seats: int) -> tuple[Any, SlowBackendFactory, FakeLicenseServer]:
+    async def rig(self, seats: int, ttl: float = 30.0) -> tuple[Any, SlowBackendFactory, FakeLicenseServer]:
         secret_path = self.mktemp()
         with open(secret_path, "wb") as handle:
             handle.write(b"0123456789abcdef0123\n")
-        server = FakeLicenseServer(reactor, {"TOTVS_I": seats, "APP7": 1}, b"0123456789abcdef0123", ttl=30.0)
-        license_port = reactor.listenTCP(0, FakeLicenseFactory(server), interface="127.0.0.1")  # type: ignore[attr-defined]
+        server = FakeLicenseServer(reactor, {"TOTVS_I": seats, "APP7": 1}, b"0123456789abcdef0123", ttl=ttl)
+        self.license_port = license_port = reactor.listenTCP(0, FakeLicenseFactory(server), interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(license_port.stopListening)
         backend = SlowBackendFactory()
         backend_port = reactor.listenTCP(0, backend, interface="127.0.0.1")  # type: ignore[attr-defined]
@@ -109,7 +109,7 @@ class GateSocketTests(TestCase):
             "[APP]\nURL=/rest/\nStateless=1\n"
             f"[LICENSECLIENT]\nSERVER = 127.0.0.1\nPORT = {license_port.getHost().port}\n"
             f"SECRET_FILE = {secret_path}\nLOW_WATERMARK = 1\nHIGH_WATERMARK = 4\n")
-        client = LicenseClient(reactor, config.license_client)
+        self.client = client = LicenseClient(reactor, config.license_client)
         client.startService()
         self.addCleanup(client.stopService)
         unit = UNIT_BUILDERS[WEB_SERVICES_SECTION](reactor, config.unit(WEB_SERVICES_SECTION),
@@ -154,3 +154,22 @@ class GateSocketTests(TestCase):
         self.assertEqual(answer["status"], 200)
         self.assertNotIn(b"x-totvs-appcode", [name for name, _ in backend.requests[-1].headers])
         self.assertIsNone(header(answer, b"retry-after"))
+
+    @as_deferred
+    async def test_partition_serves_from_leases_then_503_unreachable(self) -> None:
+        """License server gone: requests go on while the leases last, then 503 license server unreachable."""
+        unit, backend, server = await self.rig(seats=2, ttl=1.5)
+        port = unit.port.getHost().port
+        await self.license_port.stopListening()
+        for channel in list(server.channels):
+            channel.transport.abortConnection()
+        await wait_for(lambda: not self.client.connected)
+        answer = await self.request(port, b"/rest/during")
+        self.assertEqual(answer["status"], 200)
+        await wait_for(lambda: self.client.pool.stats()["TOTVS_I"]["held"] == 0, seconds=5.0)
+        answer = await self.request(port, b"/rest/after")
+        self.assertEqual(answer["status"], 503)
+        self.assertEqual(header(answer, b"retry-after"), b"10")
+        self.assertIn(b'"license server unreachable"', answer["body"])
+        free = await self.request(port, b"/other")
+        self.assertEqual(free["status"], 200)
