@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import unquote
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -344,13 +347,14 @@ class PathTests(SynchronousTestCase):
         table = UriTable(gate_config())
         for target in (b"/rest", b"/rest/", b"/rest/a/b", b"/rest?x=1", b"/REST/a", b"http://h:80/rest/a"):
             self.assertTrue(table.stateless(target), target)
-        for target in (b"/restful", b"/", b"/v1/rest", b"*"):
+        for target in (b"/restful", b"/", b"/v1/rest", b"*", b"/v1/%2e%2e/open"):
             self.assertFalse(table.stateless(target), target)
 
     def test_no_bypass_by_encoding(self) -> None:
         """Dot segments, double slashes, escapes and backslashes resolve before matching."""
         table = UriTable(gate_config())
-        for target in (b"/x/../rest/a", b"//rest/a", b"/%72est/a", b"/v1/%2e%2e/rest/a", b"/v1\\..\\rest"):
+        for target in (b"/x/../rest/a", b"//rest/a", b"/%72est/a", b"/v1/%2e%2e/rest/a", b"/v1\\..\\rest",
+                       b"/rest%2f..%2fopen", b"/rest/../open"):
             self.assertTrue(table.stateless(target), target)
         self.assertEqual(request_path(b"/a/./b//c/../d?q"), "/a/b/d")
 
@@ -477,3 +481,38 @@ class TapTests(SynchronousTestCase):
         self.assertFalse(unit.gate.table.stateless(b"/app/x"))
         self.assertTrue(unit.gate.table.stateless(b"/v1/x"))
         self.assertTrue(unit.gate.trusted("10.9.1.1"))
+
+
+class PathPropertyTests(SynchronousTestCase):
+    """request_path on any target."""
+
+    @given(st.binary(max_size=200))
+    @settings(max_examples=300, deadline=None)
+    def test_normalised_whatever_the_target(self, raw: bytes) -> None:
+        """Never raises; the result is an absolute path with no empty, '.' or '..' segments left."""
+        path = request_path(b"/" + raw)
+        self.assertTrue(path.startswith("/"))
+        segments = path.split("/")[1:]
+        if path != "/":
+            self.assertNotIn("", segments[:-1] if path.endswith("/") else segments)
+            self.assertNotIn(".", segments)
+            self.assertNotIn("..", segments)
+
+    @given(st.lists(st.sampled_from(["rest", "REST", "a", ".", "..", "", "%2e", "%2E%2e", "x%2fy", "\\",
+                                     "%72est", "rest%2f..%2fa"]), max_size=8))
+    @settings(max_examples=500, deadline=None)
+    def test_gated_as_sent_or_as_resolved(self, parts: list[str]) -> None:
+        """A target is gated when it is under /rest as sent, or once its escapes are decoded and its
+        segments resolved; otherwise not."""
+        target = "/" + "/".join(parts)
+        stack: list[str] = []
+        for segment in unquote(target).replace("\\", "/").split("/"):
+            if segment == "..":
+                stack = stack[:-1]
+            elif segment not in ("", "."):
+                stack.append(segment.lower())
+        raw = target.lower()
+        plain = not any(mark in target for mark in ("%", "/.", "//", "\\"))
+        expected = (bool(stack) and stack[0] == "rest") or raw.startswith("/rest" if not plain else "/rest/") \
+            or raw == "/rest"
+        self.assertEqual(UriTable(gate_config()).stateless(target.encode()), expected, target)

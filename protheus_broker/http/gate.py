@@ -38,10 +38,8 @@ _APPCODE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _TRUST_CACHE_SIZE = 4096
 
 
-def request_path(target: bytes) -> str:
-    """The path of a request target, normalised as a server would route it: no query, percent
-    escapes decoded, ``\\`` as ``/``, repeated slashes and dot segments resolved, lower case (so
-    ``/REST/../rest//x`` cannot slip past a gated ``/rest``)."""
+def _origin_path(target: bytes) -> str:
+    """The path of a request target as sent (absolute-form reduced to its path), without query."""
     text = target.decode("latin-1")
     if not text.startswith("/"):  # absolute-form (http://host/path) or asterisk-form
         scheme = text.find("://")
@@ -54,11 +52,22 @@ def request_path(target: bytes) -> str:
         at = text.find(cut)
         if at >= 0:
             text = text[:at]
+    return text
+
+
+def _normalised(text: str) -> str:
     if "%" in text or "/." in text or "//" in text or "\\" in text:
         text = unquote(text, encoding="latin-1").replace("\\", "/")
         text = re.sub("/+", "/", text)
         text = posixpath.normpath(text) if text != "/" else text
     return text.lower()
+
+
+def request_path(target: bytes) -> str:
+    """The path of a request target, normalised as a server would route it: no query, percent
+    escapes decoded, ``\\`` as ``/``, repeated slashes and dot segments resolved, lower case (so
+    ``/REST/../rest//x`` cannot slip past a gated ``/rest``)."""
+    return _normalised(_origin_path(target))
 
 
 class UriTable:
@@ -71,10 +80,20 @@ class UriTable:
         self.gated = any(stateless for _, stateless in rules)
 
     def stateless(self, target: bytes) -> bool:
-        """True when *target*'s path is under a Stateless=1 URL (and no more specific Stateless=0)."""
-        path = request_path(target)
+        """True when *target*'s path is under a Stateless=1 URL (and no more specific Stateless=0),
+        as sent or normalised: whichever way the AppServer reads it, a gated call takes a seat.  A
+        target with escapes, dot segments or backslashes is also gated when it merely starts with a
+        Stateless=1 URL as sent (``/rest%2f..%2fopen``): the safe side."""
+        raw = _origin_path(target)
+        path = _normalised(raw)
+        if self._match(path):
+            return True
+        lowered = raw.lower()
+        return lowered != path and self._match(lowered, loose=True)
+
+    def _match(self, path: str, loose: bool = False) -> bool:
         for prefix, stateless in self.rules:
-            if not prefix or path == prefix or path.startswith(prefix + "/"):
+            if not prefix or path == prefix or path.startswith(prefix if loose else prefix + "/"):
                 return stateless
         return False
 
@@ -104,6 +123,12 @@ class LicenseGate:
         self.table = UriTable(config)
         self.trusted_networks = config.trusted_api_managers
         self._trust: dict[str, bool] = {}
+        if self.table.gated:
+            log.info("[{section}] license gate: a seat per request under {urls}; x-totvs-appcode honoured "
+                     "from {trusted}; wait up to {timeout:g}s behind {length} requests", section=self.name,
+                     urls=", ".join(rule.url for rule in config.uris if rule.stateless),
+                     trusted=", ".join(str(net) for net in self.trusted_networks) or "nobody",
+                     timeout=config.queue_timeout, length=config.queue_length, pool=self.name)
 
     @property
     def strip_request_headers(self) -> Any:
@@ -155,7 +180,7 @@ class LicenseGate:
             self.seated += 1
             if self.config.time_log:
                 self._time_log(request, license_class, 0.0)
-            return self._forward(request, license_class, strip)
+            return self._forward(request, license_class, strip, 0.0)
         return self._wait(request, license_class, strip)
 
     def _strip(self, choice: Choice, strip: bool) -> Choice:
@@ -175,13 +200,15 @@ class LicenseGate:
                  ms=waited * 1000.0, outcome=f"; 503 {refused}" if refused else "", pool=self.name,
                  license_wait=waited)
 
-    def _forward(self, request: RequestInfo, license_class: str, strip: bool) -> "Deferred[Choice]":
-        """The seat is held: the unit's dispatcher chooses; its failure gives the seat back."""
+    def _forward(self, request: RequestInfo, license_class: str, strip: bool, waited: float) -> "Deferred[Choice]":
+        """The seat is held: the unit's dispatcher chooses; its failure gives the seat back.  The
+        choice's state keeps the class (``license``) and the wait (``license_wait``, seconds)."""
         seats = self.seats
         assert seats is not None
 
         def chosen(choice: Choice) -> Choice:
             choice.state["license"] = license_class
+            choice.state["license_wait"] = waited
             if strip:
                 choice.state["license_strip"] = True
             return choice
@@ -226,7 +253,7 @@ class LicenseGate:
             if outer.called:
                 seats.give_back(license_class)
                 return
-            forwarding = self._forward(request, license_class, strip)
+            forwarding = self._forward(request, license_class, strip, waited)
             current.append(forwarding)
             forwarding.addCallbacks(deliver, deliver_failure)
 
