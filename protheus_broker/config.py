@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 from protheus_broker.desktop.settings import DESKTOP_SECTION, DesktopBalanceConfig, read_desktop
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, read_http, read_web_services
 from protheus_broker.ini import ConfigError, Section, read_file, read_ini
-from protheus_broker.license.settings import LICENSE_CLIENT_SECTION, LicenseClientConfig, read_license_client
+from protheus_broker.license.client_settings import LICENSE_CLIENT_SECTION, LicenseClientConfig, read_license_client
 from protheus_broker.logs import GENERAL_SECTION, GeneralConfig, read_general
 from protheus_broker.tls.settings import SSL_SECTION
 from protheus_broker.web.settings import ADMIN_SECTION, AdminConfig, read_admin

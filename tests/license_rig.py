@@ -14,7 +14,7 @@ from twisted.test.iosim import FakeTransport, IOPump
 from zope.interface import implementer
 
 from protheus_broker.license.client import LicenseClient
-from protheus_broker.license.settings import LicenseClientConfig
+from protheus_broker.license.client_settings import LicenseClientConfig
 
 from .license_fake import FakeLicenseFactory, FakeLicenseServer
 

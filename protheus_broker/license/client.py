@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from protheus_broker.license import protocol as lp
 from protheus_broker.license.pool import ILeaseWire, NotConnected, SeatPool
-from protheus_broker.license.settings import LicenseClientConfig
+from protheus_broker.license.client_settings import LicenseClientConfig
 from protheus_broker.monitoring.commands import QuietAMP
 
 log = Logger()

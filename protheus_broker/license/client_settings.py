@@ -1,4 +1,5 @@
-"""``[LICENSECLIENT]``: where the broker's license client connects, and its seat pool's keys.
+"""``[LICENSECLIENT]`` in the broker's ini: where the broker's license client connects, and its
+seat pool's keys (protheus-license's own ini is read by settings.py).
 
 The section and its ``SERVER`` / ``PORT`` keys are the ones TOTVS's own ``appserver.ini`` has
 (an AppServer names its License Server there); ours adds the shared secret of the license
