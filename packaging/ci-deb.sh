@@ -189,39 +189,40 @@ fi
 apt-get install -y "$deb" >"$logs/apt-install.log" 2>&1 || { cat "$logs/apt-install.log"; fail "apt-get install"; }
 grep -A20 '^Setting up protheus-broker' "$logs/apt-install.log" | sed 's/^/  | /'
 dpkg-query -W -f='${Status}\n' "$PKG" | grep -q 'install ok installed' || fail "$PKG is not installed"
-for daemon in protheus-broker protheus-agent; do
+for daemon in protheus-broker protheus-agent protheus-license; do
   grep -q "^$daemon: enabled but not started" "$logs/apt-install.log" \
     || fail "postinst did not say it left $daemon's shipped placeholder config unstarted"
   [ -L "/etc/systemd/system/multi-user.target.wants/$daemon.service" ] || fail "$daemon.service not enabled"
 done
 unit=$(dpkg -L "$PKG" | grep '/systemd/system/protheus-broker\.service$')
 agent_unit=$(dpkg -L "$PKG" | grep '/systemd/system/protheus-agent\.service$')
+license_unit=$(dpkg -L "$PKG" | grep '/systemd/system/protheus-license\.service$')
 sim_unit=$(dpkg -L "$PKG" | grep '/systemd/system/protheus-appserver-sim@\.service$')
 [ -e /etc/systemd/system/multi-user.target.wants/protheus-appserver-sim@.service ] && fail "the sim template got enabled"
 getent passwd protheus-broker >/dev/null || fail "no protheus-broker user"
-for spec in /etc/protheus-broker:750 /etc/protheus-broker/appserver.ini:640 /etc/protheus-broker/agent.ini:640 \
+for spec in /etc/protheus-broker:750 /etc/protheus-broker/appserver.ini:640 /etc/protheus-broker/agent.ini:640 /etc/protheus-broker/license.ini:640 \
     /var/lib/protheus-broker:750; do
   path=${spec%:*}; [ -e "$path" ] || fail "$path missing"
   got=$(stat -c '%a %G' "$path"); [ "$got" = "${spec##*:} protheus-broker" ] || fail "$path is '$got', not '${spec##*:} protheus-broker'"
 done
 help=$(twistd3 --help)
-for plugin in protheus-broker protheus-agent protheus-appserver-sim; do
+for plugin in protheus-broker protheus-agent protheus-license protheus-appserver-sim; do
   grep -q "$plugin" <<<"$help" || fail "twistd3 --help does not list $plugin"
 done
-echo "  installed; broker and agent units enabled, not started; sim template not enabled"
-echo "  /etc/protheus-broker 750, its configs 640, group protheus-broker; twistd3 lists the 3 plugins"
+echo "  installed; broker, agent and license units enabled, not started; sim template not enabled"
+echo "  /etc/protheus-broker 750, its configs 640, group protheus-broker; twistd3 lists the 4 plugins"
 
 step "systemd-analyze verify, security"
 man_opt=()
 if ! command -v man >/dev/null || [ ! -e /usr/share/man/man8/protheus-broker.8.gz ]; then
   man_opt=(--man=no); echo "  (man pages not installed on this machine: --man=no)"
 fi
-for u in "$unit" "$agent_unit" "$sim_unit"; do
+for u in "$unit" "$agent_unit" "$license_unit" "$sim_unit"; do
   systemd-analyze verify "${man_opt[@]}" "$u" || fail "systemd-analyze verify $u"
   echo "  verify ok: $u"
 done
 cp "$sim_unit" "$work/protheus-appserver-sim@5000.service"   # score an instance of the template
-for u in "$unit" "$agent_unit" "$work/protheus-appserver-sim@5000.service"; do
+for u in "$unit" "$agent_unit" "$license_unit" "$work/protheus-appserver-sim@5000.service"; do
   score=$(systemd-analyze security --offline=yes "$u" | sed -n 's/.*Overall exposure level for \([^:]*\): \([0-9.]*\).*/\1 \2/p')
   [ -n "$score" ] || fail "no exposure score for $u"
   echo "  exposure: $score (limit $MAX_EXPOSURE)"
@@ -229,7 +230,8 @@ for u in "$unit" "$agent_unit" "$work/protheus-appserver-sim@5000.service"; do
 done
 
 step "ExecCondition: the shipped placeholders are skipped"
-for spec in "$unit:/etc/protheus-broker/appserver.ini" "$agent_unit:/etc/protheus-broker/agent.ini"; do
+for spec in "$unit:/etc/protheus-broker/appserver.ini" "$agent_unit:/etc/protheus-broker/agent.ini" \
+    "$license_unit:/etc/protheus-broker/license.ini"; do
   u=${spec%%:*}; conf=${spec#*:}
   condition=$(sed -n 's/^ExecCondition=//p' "$u"); [ -n "$condition" ] || fail "no ExecCondition in $u"
   eval "set -- $condition"   # our own unit file: split it as systemd does (no specifiers used)
@@ -404,9 +406,10 @@ for path in /etc/protheus-broker /var/lib/protheus-broker /var/log/protheus-brok
     /usr/lib/python3/dist-packages/protheus_broker \
     /usr/lib/python3/dist-packages/twisted/plugins/protheus_broker_plugin.py \
     /usr/lib/python3/dist-packages/twisted/plugins/__pycache__/protheus_broker_plugin.cpython-311.pyc \
-    /usr/share/protheus-broker "$unit" "$agent_unit" "$sim_unit" \
+    /usr/share/protheus-broker "$unit" "$agent_unit" "$license_unit" "$sim_unit" \
     /etc/systemd/system/multi-user.target.wants/protheus-broker.service \
-    /etc/systemd/system/multi-user.target.wants/protheus-agent.service; do
+    /etc/systemd/system/multi-user.target.wants/protheus-agent.service \
+    /etc/systemd/system/multi-user.target.wants/protheus-license.service; do
   { [ -e "$path" ] || [ -L "$path" ]; } && left+=("$path")
 done
 [ "${#left[@]}" -eq 0 ] || fail "left after purge: ${left[*]}"

@@ -26,3 +26,9 @@ protheusConnect = ServiceMaker(
     "Workstation connector: SmartClient sessions to the broker that survive network drops.",
     "protheus-connect",
 )
+protheusLicense = ServiceMaker(
+    "protheus-license",
+    "protheus_broker.license.tap",
+    "License server for protheus-broker: leased, counted seats per license class, journalled.",
+    "protheus-license",
+)
