@@ -9,8 +9,8 @@ interleaved rounds (the order alternates each round); medians are reported, and 
 ratios are the medians of the per-round ratios.  Targets (issue 15): < 1 ms added p50 (aim < 50 µs),
 < 5 % of requests/s lost; the seed's AppServer-side license on demand costs 50-80 ms and ~20 %.
 
-The license server is ``bench/fake_license_server.py`` (tests/license_fake.py: the server side of
-license/protocol.py) until protheus-license is on main.  Before measuring, the bench checks that the
+The license server is ``twistd protheus-license`` (``--fake-license``: bench/fake_license_server.py,
+tests/license_fake.py's server side of license/protocol.py).  Before measuring, the bench checks that the
 gate is live: a trusted ``x-totvs-appcode: NOPE`` on /rest gets 503 "no license for application NOPE".
 Every child (nginx, the license server, the broker) is stopped by pid, also on Ctrl-C.  The table goes
 to stdout and to bench/results/license-latest.md.
@@ -61,12 +61,21 @@ def start_backend(children: base.Children) -> int:
     return port
 
 
-def start_license_server(children: base.Children, seats: int) -> int:
+def start_license_server(children: base.Children, seats: int, fake: bool) -> int:
+    """protheus-license (``twistd protheus-license``, its journal in the temp directory), or with
+    *fake* the stand-in of bench/fake_license_server.py."""
     secret = children.workdir / "license.secret"
     secret.write_bytes(SECRET)
-    proc, log_path = children.start("license-server", [base.PY, str(HERE / "fake_license_server.py"),
-                                                       "--port", "0", "--secret-file", str(secret),
-                                                       "--seats", str(seats)])
+    if fake:
+        proc, log_path = children.start("license-server", [base.PY, str(HERE / "fake_license_server.py"),
+                                                           "--port", "0", "--secret-file", str(secret),
+                                                           "--seats", str(seats)])
+        return base.wait_logged_port(proc, log_path)
+    ini = children.workdir / "license.ini"
+    ini.write_text(f"[LicenseServer]\nINTERFACE = {HOST}\nPORT = 0\nSTATUS_PORT = 0\nSTATUS_INTERFACE = {HOST}\n"
+                   f"SECRET_FILE = {secret}\nJOURNAL = {children.workdir / 'license.journal'}\n"
+                   f"[Licenses]\nTOTVS_I = {seats}\n")
+    proc, log_path = children.start("license-server", base.twistd("protheus-license", "--config", str(ini)))
     return base.wait_logged_port(proc, log_path)
 
 
@@ -169,7 +178,7 @@ def run(args: argparse.Namespace, children: base.Children) -> dict[str, Any]:
     figures = micro()
     say(f"in process: gate choose+abandoned {figures['gated']:.2f} µs gated, {figures['ungated']:.2f} µs ungated")
     backend_port = start_backend(children)
-    license_port = start_license_server(children, args.seats)
+    license_port = start_license_server(children, args.seats, args.fake_license)
     broker = start_broker(children, backend_port, license_port, args)
     check_gate(broker.port)
     res: dict[str, Any] = {"micro": figures}
@@ -229,8 +238,10 @@ def table(res: dict[str, Any], args: argparse.Namespace) -> str:
         "One broker, one `[BALANCE_WEB_SERVICES]` unit (ACCESS_LOG = 0), `URIS = APP, OPEN`; the gated path takes "
         f"and gives back one TOTVS_I seat per request from the local pool (LOW_WATERMARK = {args.low}, "
         f"HIGH_WATERMARK = {args.high}); the ungated one still passes the gate's path match.",
-        f"License server: bench/fake_license_server.py (tests/license_fake.py, the server side of "
-        f"license/protocol.py), {args.seats} TOTVS_I seats, TTL 30 s; protheus-license was not on main.",
+        (f"License server: bench/fake_license_server.py (tests/license_fake.py, the server side of "
+         f"license/protocol.py), {args.seats} TOTVS_I seats, TTL 30 s." if args.fake_license else
+         f"License server: `twistd protheus-license` (journal in the temp directory), {args.seats} TOTVS_I "
+         "seats, LEASE_TTL 30 s, MAX_SEATS_PER_LEASE 100."),
         f"Backend: nginx {bench_http.NGINX_VERSION}, 612 B file; Python {platform.python_version()}, "
         f"Twisted {base.TWISTED_VERSION}.",
     ]
@@ -244,6 +255,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1, help="wrk -d of the warm-up run per path")
     parser.add_argument("--connections", type=int, default=16, help="wrk -c (keep-alive connections)")
     parser.add_argument("--seats", type=int, default=10000, help="TOTVS_I seats at the license server")
+    parser.add_argument("--fake-license", action="store_true",
+                        help="the stand-in license server (bench/fake_license_server.py), not protheus-license")
     parser.add_argument("--low", type=int, default=16, help="LOW_WATERMARK")
     parser.add_argument("--high", type=int, default=64, help="HIGH_WATERMARK")
     parser.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")

@@ -180,6 +180,14 @@ class LeaseTests(SynchronousTestCase):
         stats = rig.pool.stats()["TOTVS_I"]
         self.assertEqual((stats["in_use"], stats["free"]), (7, 8))
 
+    def test_fast_growth_takes_few_leases(self) -> None:
+        """400 requests at once: served with a handful of leases (a server caps leases per client)."""
+        rig = Rig(seats={"TOTVS_I": 1000})
+        waiting = [rig.pool.wait("TOTVS_I", 10.0, 1000) for _ in range(400)]
+        rig.flush()
+        self.assertEqual(len([d for d in waiting if d.called]), 400)
+        self.assertLessEqual(rig.pool.stats()["TOTVS_I"]["leases"], 4)
+
     def test_release_above_the_high_watermark(self) -> None:
         """After a burst the free seats above HIGH_WATERMARK are given back."""
         rig = Rig()

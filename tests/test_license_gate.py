@@ -299,6 +299,12 @@ class AppcodeTests(SynchronousTestCase):
         self.assertIn(b"x-totvs-appcode: APP7\r\n", rig.upstreams.made[0].transport.value())
         self.assertEqual((rig.in_use("APP7"), rig.in_use("TOTVS_I")), (1, 0))
 
+    def test_application_code_is_case_insensitive(self) -> None:
+        """app7 is the class APP7 (the license server upper-cases class names)."""
+        rig = Harness()
+        rig.get(b"/rest/x", host="10.1.2.3", headers=b"x-totvs-appcode: app7\r\n")
+        self.assertEqual(rig.in_use("APP7"), 1)
+
     def test_untrusted_header_stripped_and_totvs_i_used(self) -> None:
         """From anyone else the header is removed and the TOTVS I class is used."""
         rig = Harness()
@@ -325,11 +331,12 @@ class AppcodeTests(SynchronousTestCase):
     def test_malformed_application_code(self) -> None:
         """A code with characters no class has: 503 no license, nothing asked of the server."""
         rig = Harness()
+        leases = rig.rig.count("lease")
         _, transport = rig.get(b"/rest/x", host="127.0.0.1", headers=b"x-totvs-appcode: a b/c\r\n")
         status, _, body = answer_of(transport)
         self.assertEqual(status, 503)
-        self.assertTrue(body["error"].startswith("no license for application 'a b/c'"))
-        self.assertEqual(rig.rig.count("lease"), 1)
+        self.assertTrue(body["error"].startswith("no license for application 'A B/C'"))
+        self.assertEqual(rig.rig.count("lease"), leases)
 
     def test_ipv4_mapped_client_is_trusted(self) -> None:
         """::ffff:10.0.0.5 is 10.0.0.5."""

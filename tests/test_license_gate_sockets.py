@@ -14,6 +14,10 @@ from twisted.trial.unittest import TestCase
 from protheus_broker.config import parse_config
 from protheus_broker.http.settings import WEB_SERVICES_SECTION
 from protheus_broker.license.client import LicenseClient
+from protheus_broker.license.client_settings import LicenseClientConfig
+from protheus_broker.license.leases import LeaseTable
+from protheus_broker.license.server import LicenseFactory, LicenseServer
+from protheus_broker.license.settings import parse_license_config
 from protheus_broker.tap import UNIT_BUILDERS
 
 from .http_backend import Client, connect, header
@@ -173,3 +177,37 @@ class GateSocketTests(TestCase):
         self.assertIn(b'"license server unreachable"', answer["body"])
         free = await self.request(port, b"/other")
         self.assertEqual(free["status"], 200)
+
+
+class RealServerTests(TestCase):
+    """The broker's client against protheus-license's own server (in this process, over TCP)."""
+
+    @as_deferred
+    async def test_client_leases_renews_and_returns_with_the_real_server(self) -> None:
+        """Handshake, a block leased within MAX_SEATS_PER_LEASE, an app class, everything returned at stop."""
+        journal = self.mktemp()
+        config = parse_license_config(
+            "[LicenseServer]\nINTERFACE = 127.0.0.1\nPORT = 0\nSECRET = 0123456789abcdef0123\n"
+            f"JOURNAL = {journal}\nLEASE_TTL = 30\nMAX_SEATS_PER_LEASE = 5\n"
+            "[Licenses]\nTOTVS_I = 12\nAPP7 = 1\n")
+        table = LeaseTable(reactor, config.counts, config.limits)
+        server = LicenseServer(reactor, config, table)
+        port = reactor.listenTCP(0, LicenseFactory(server), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        client = LicenseClient(reactor, LicenseClientConfig(
+            server="127.0.0.1", port=port.getHost().port, secret=b"0123456789abcdef0123", client_name="broker-a",
+            low_watermark=2, high_watermark=8))
+        client.startService()
+        self.addCleanup(lambda: client.stopService() if client.running else None)
+        await wait_for(lambda: client.connected and client.pool.stats()["TOTVS_I"]["held"] == 8)
+        self.assertEqual(table.in_use("TOTVS_I"), 8)
+        self.assertEqual(sorted(lease.seats for lease in table.held_by("broker-a")), [3, 5])  # MAX_SEATS_PER_LEASE
+        seat = client.pool.wait("APP7", 5.0, 10)
+        self.assertLess(await seat, 5.0)
+        self.assertEqual(table.in_use("APP7"), 1)
+        refused = client.pool.wait("NOPE", 5.0, 10)
+        with self.assertRaises(Exception) as caught:
+            await refused
+        self.assertEqual(str(caught.exception), "no license for application NOPE")
+        await client.stopService()
+        self.assertEqual((table.in_use("TOTVS_I"), table.in_use("APP7")), (0, 0))  # confirmed before stopping

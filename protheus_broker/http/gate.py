@@ -165,7 +165,7 @@ class LicenseGate:
         license_class = DEFAULT_CLASS
         if appcode is not None:
             if self.trusted(request.client):
-                license_class = appcode.decode("latin-1").strip()
+                license_class = appcode.decode("latin-1").strip().upper()  # as the server names classes
             else:
                 strip = True
                 self.appcode_stripped += 1

@@ -34,6 +34,8 @@ log = Logger()
 HANDSHAKE_TIMEOUT = 10.0
 #: The same channel failure is logged again at most this often.
 REPEAT_LOG_INTERVAL = 60.0
+#: Seconds a stopping broker waits for the license server to confirm the leases it gives back.
+RELEASE_WAIT = 2.0
 #: Seconds a lease message may go unanswered; then the channel is taken for dead and reopened.
 CALL_TIMEOUT = 10.0
 
@@ -257,8 +259,11 @@ class LicenseClient(MultiService):
         if channel is not self.channel:
             return
         self.channel = None
-        log.warn("license: channel to {address} lost: {why}; serving from the leases held",
-                 address=self.address, why=why)
+        if self.pool.closed:
+            log.info("license: channel to {address} closed", address=self.address)
+        else:
+            log.warn("license: channel to {address} lost: {why}; serving from the leases held",
+                     address=self.address, why=why)
         self._become(False, f"channel lost: {why}")
         self.pool.link_down()
 
@@ -334,7 +339,14 @@ class LicenseClient(MultiService):
         super().startService()
 
     def stopService(self) -> Any:
-        """Give the leases back (the server need not wait for their TTL), then close."""
+        """Give the leases back (the server need not wait for their TTL or grace), wait for the
+        answers (at most RELEASE_WAIT seconds), then close."""
         self._end_first_window()
-        self.pool.release_all()
-        return super().stopService()
+        answers = self.pool.release_all()
+        if not answers:
+            return super().stopService()
+        released: defer.Deferred[Any] = defer.DeferredList(answers, consumeErrors=True)
+        released.addTimeout(RELEASE_WAIT, self.clock)
+        released.addErrback(lambda _: None)
+        released.addCallback(lambda _: super(LicenseClient, self).stopService())
+        return released

@@ -17,7 +17,7 @@ unreachable".
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -111,7 +111,7 @@ class SeatClass:
     """One license class: seats held (sum of its leases), in use, free = held - in_use."""
 
     __slots__ = ("name", "held", "in_use", "leases", "waiters", "asking", "next_ask_at", "unknown_until",
-                 "last_refusal", "retry_call", "trim_call", "seq", "granted", "waited", "timeouts")
+                 "last_refusal", "retry_call", "trim_call", "seq", "granted", "waited", "timeouts", "asking_call")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -120,6 +120,7 @@ class SeatClass:
         self.leases: dict[str, HeldLease] = {}
         self.waiters: OrderedDict[int, _Waiter] = OrderedDict()
         self.asking = False  # a Lease is in flight
+        self.asking_call: Deferred[Any] | None = None  # ... and its answer
         self.next_ask_at = 0.0  # after a refusal: no new Lease before
         self.unknown_until = 0.0  # the server has no such class: "no license" until then
         self.last_refusal = ""
@@ -154,7 +155,8 @@ class SeatPool:
         self.release_delay = release_delay
         self.unknown_ttl = unknown_ttl
         self.classes: dict[str, SeatClass] = {}
-        self.trace: Callable[..., None] | None = None  # FWFRAME_TRACELS: the client logs lease events
+        self.closed = False  # stopping: every lease goes back, none is taken
+        self._limit_logged = -60.0
 
     # --- the requests' side (the hot path) -------------------------------------------------
 
@@ -260,12 +262,13 @@ class SeatPool:
 
     # --- leasing ---------------------------------------------------------------------------
 
-    def _refill(self, seats: SeatClass) -> None:
-        """Ask for a block when below the low watermark or requests wait (one Lease in flight)."""
-        if seats.asking or not self.wire.connected:
+    def _refill(self, seats: SeatClass, top_up: bool = False) -> None:
+        """Ask for a block when below the low watermark or requests wait (one Lease in flight);
+        *top_up*: also when merely below the high one (after a grant smaller than asked)."""
+        if seats.asking or not self.wire.connected or self.closed:
             return
         free = seats.held - seats.in_use
-        if free >= self.low and not seats.waiters:
+        if free >= (self.high if top_up else self.low) and not seats.waiters:
             return
         now = self.clock.seconds()
         if seats.unknown_until > now:
@@ -274,9 +277,11 @@ class SeatPool:
             if seats.retry_call is None and seats.waiters:
                 seats.retry_call = self.clock.callLater(seats.next_ask_at - now, self._retry, seats)
             return
-        want = max(1, self.high - max(free, 0) + len(seats.waiters))
+        # at least back up to the high watermark; when growing fast, a quarter of what is in use
+        # more (few, large leases: a server caps the leases per client)
+        want = max(1, self.high - max(free, 0) + len(seats.waiters), seats.in_use // 4)
         seats.asking = True
-        asking = self.wire.lease(seats.name, want)
+        asking = seats.asking_call = self.wire.lease(seats.name, want)
         asking.addCallbacks(self._granted, self._refused, callbackArgs=(seats, want), errbackArgs=(seats,))
         asking.addErrback(lambda failure: log.failure("license: lease bookkeeping", failure))
 
@@ -284,21 +289,24 @@ class SeatPool:
         seats.retry_call = None
         self._refill(seats)
 
-    def _granted(self, answer: dict[str, Any], seats: SeatClass, asked: int) -> None:
+    def _granted(self, answer: dict[str, Any], seats: SeatClass, asked: int) -> "Deferred[Any] | None":
         seats.asking = False
+        seats.asking_call = None
         granted = int(answer["seats"])
-        if self.classes.get(seats.name) is not seats or granted < 1:  # forgotten meanwhile
+        if self.closed or self.classes.get(seats.name) is not seats or granted < 1:  # stopping, or forgotten
             if granted >= 1:
-                self._send_release(answer["lease_id"], granted)
-            return
+                return self._send_release(answer["lease_id"], granted)
+            return None
         seats.last_refusal = ""
         self._hold(seats, str(answer["lease_id"]), granted, float(answer["ttl"]))
-        if granted < asked:  # the server had no more: do not ask again at once
-            seats.next_ask_at = self.clock.seconds() + self.retry_delay
         self._serve(seats)
+        if granted < asked:  # a per-lease cap, or the last free seats (the next ask learns NoSeats)
+            self._refill(seats, top_up=True)
+        return None
 
     def _refused(self, failure: Failure, seats: SeatClass) -> None:
         seats.asking = False
+        seats.asking_call = None
         now = self.clock.seconds()
         if failure.check(UnknownClass):
             seats.unknown_until = now + self.unknown_ttl
@@ -309,6 +317,11 @@ class SeatPool:
             return
         if failure.check(NoSeats):
             seats.last_refusal = ALL_IN_USE
+            why = failure.getErrorMessage()
+            if "MAX_LEASES_PER_CLIENT" in why and now - self._limit_logged >= 60.0:
+                self._limit_logged = now
+                log.warn("license: the license server refuses more leases: {why}; raise its "
+                         "MAX_LEASES_PER_CLIENT or our HIGH_WATERMARK (bigger blocks)", why=why)
             seats.next_ask_at = now + self.retry_delay
             if seats.waiters and seats.retry_call is None:
                 seats.retry_call = self.clock.callLater(self.retry_delay, self._retry, seats)
@@ -400,11 +413,12 @@ class SeatPool:
                 del seats.leases[lease.lease_id]
             self._send_release(lease.lease_id, count)
 
-    def _send_release(self, lease_id: str, count: int) -> None:
+    def _send_release(self, lease_id: str, count: int) -> "Deferred[Any]":
         releasing = self.wire.release(lease_id, count)
         releasing.addErrback(lambda failure: log.info(
             "license: release of {count} seats of lease {lease_id} not confirmed: {why}",
             count=count, lease_id=lease_id, why=failure.getErrorMessage()))
+        return releasing
 
     def _forget_idle_class(self) -> bool:
         """Make room for a new class: forget one holding nothing and used by nobody."""
@@ -456,6 +470,7 @@ class SeatPool:
         fail their waiters with "license server unreachable"."""
         for seats in self.classes.values():
             seats.asking = False  # its answer will not come (AMP fails it)
+            seats.asking_call = None
             if seats.held <= 0 and seats.waiters:
                 self._fail_waiters(seats, NoSeat(UNREACHABLE))
 
@@ -470,18 +485,24 @@ class SeatPool:
                 self._drop(lease)
                 return
 
-    def release_all(self) -> None:
-        """Shutting down: give every lease back (requests still running finish on the AppServer)."""
+    def release_all(self) -> "list[Deferred[Any]]":
+        """Shutting down: give every lease back (requests still running finish on the AppServer);
+        the answers, to wait for (a lease still being asked for goes back when it comes)."""
+        self.closed = True
+        answers: list[Deferred[Any]] = []
         for seats in self.classes.values():
+            if seats.asking_call is not None:
+                answers.append(seats.asking_call)
             for lease in list(seats.leases.values()):
                 lease.stop()
                 if self.wire.connected:
-                    self._send_release(lease.lease_id, lease.seats)
+                    answers.append(self._send_release(lease.lease_id, lease.seats))
             seats.leases.clear()
             seats.held = 0
             _cancel(seats.retry_call)
             _cancel(seats.trim_call)
             seats.retry_call = seats.trim_call = None
+        return answers
 
     # --- reading ---------------------------------------------------------------------------
 
