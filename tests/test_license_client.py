@@ -158,7 +158,7 @@ class LeaseTests(SynchronousTestCase):
 
     def test_renewed_at_a_third_of_the_ttl(self) -> None:
         """A lease with a 30 s TTL is renewed every 10 s and never expires while connected."""
-        rig = Rig(ttl=30.0)
+        rig = Rig(ttl=30.0, idle_release=0.0)
         rig.advance(9.5)
         self.assertEqual(rig.count("renew"), 0)
         rig.advance(1.0)
@@ -202,6 +202,28 @@ class LeaseTests(SynchronousTestCase):
         self.assertEqual(rig.pool.stats()["TOTVS_I"]["held"], 8)
         self.assertEqual(rig.server.leased("TOTVS_I"), 8)
         self.assertGreater(rig.count("release"), 0)
+
+    def test_idle_class_gives_its_seats_back(self) -> None:
+        """A class unused for IDLE_RELEASE gives its free seats back; TOTVS_I keeps LOW_WATERMARK."""
+        rig = Rig(seats={"TOTVS_I": 100, "APP7": 10}, idle_release=60.0)
+        waiting = rig.pool.wait("APP7", 10.0, 10)
+        rig.flush()
+        self.successResultOf(waiting)
+        rig.pool.give_back("APP7")
+        rig.advance(29.0)
+        self.assertEqual((rig.server.leased("APP7"), rig.server.leased("TOTVS_I")), (8, 8))
+        rig.advance(31.0)  # idle through a whole sweep interval
+        self.assertEqual((rig.server.leased("APP7"), rig.server.leased("TOTVS_I")), (0, 2))
+        self.assertEqual(rig.pool.stats()["APP7"]["held"], 0)
+
+    def test_busy_class_keeps_its_seats(self) -> None:
+        """A class used between sweeps keeps its seats."""
+        rig = Rig(idle_release=60.0)
+        for _ in range(10):
+            rig.advance(10.0)
+            self.assertTrue(rig.pool.try_take("TOTVS_I"))
+            rig.pool.give_back("TOTVS_I")
+        self.assertEqual(rig.server.leased("TOTVS_I"), 8)
 
     def test_unreachable_serves_from_leases_then_refuses(self) -> None:
         """Cut off: seats held keep serving until their TTL; then 503 'license server unreachable'."""

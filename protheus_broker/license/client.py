@@ -177,7 +177,8 @@ class LicenseClient(MultiService):
         super().__init__()
         self.clock = reactor
         self.config = config
-        self.pool = SeatPool(reactor, self, config.low_watermark, config.high_watermark, config.max_classes)
+        self.pool = SeatPool(reactor, self, config.low_watermark, config.high_watermark, config.max_classes,
+                             idle_release=config.idle_release)
         self.channel: LicenseChannel | None = None
         self.connected = False
         #: True from start until the first channel is up or CONNECT_TIMEOUT has passed: requests
@@ -335,6 +336,7 @@ class LicenseClient(MultiService):
                  "per class)", name=self.config.client_name, address=self.address,
                  low=self.config.low_watermark, high=self.config.high_watermark)
         self.connecting = True
+        self.pool.start()
         self._first_window = self.clock.callLater(self.config.connect_timeout, self._first_window_over)
         super().startService()
 

@@ -30,6 +30,7 @@ class LicenseClientConfig:
     trace: bool = False  # FWFRAME_TRACELS: log every lease message
     connect_timeout: float = 5.0  # CONNECT_TIMEOUT
     max_classes: int = 256  # MAX_CLASSES: license classes (application codes) tracked at once
+    idle_release: float = 60.0  # IDLE_RELEASE: a class unused this long gives its free seats back (0: never)
 
 
 def _client_name(section: Section) -> str:
@@ -63,4 +64,5 @@ def read_license_client(section: Section) -> LicenseClientConfig:
         trace=section.boolean("FWFRAME_TRACELS", False),
         connect_timeout=section.number("CONNECT_TIMEOUT", 5.0, 0.1, 300.0),
         max_classes=section.integer("MAX_CLASSES", 256, 1, 100_000),
+        idle_release=section.number("IDLE_RELEASE", 60.0, 0.0, 86400.0),
     )

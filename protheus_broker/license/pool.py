@@ -111,7 +111,8 @@ class SeatClass:
     """One license class: seats held (sum of its leases), in use, free = held - in_use."""
 
     __slots__ = ("name", "held", "in_use", "leases", "waiters", "asking", "next_ask_at", "unknown_until",
-                 "last_refusal", "retry_call", "trim_call", "seq", "granted", "waited", "timeouts", "asking_call")
+                 "last_refusal", "retry_call", "trim_call", "seq", "granted", "waited", "timeouts", "asking_call",
+                 "swept_granted")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -130,6 +131,7 @@ class SeatClass:
         self.granted = 0  # seats taken by requests
         self.waited = 0  # of those, after waiting
         self.timeouts = 0
+        self.swept_granted = 0  # granted at the last idle sweep
 
     @property
     def free(self) -> int:
@@ -145,7 +147,8 @@ class SeatPool:
     """The seats of every class this broker uses, kept between the watermarks."""
 
     def __init__(self, clock: Any, wire: Any, low: int = 2, high: int = 16, max_classes: int = 256,
-                 retry_delay: float = 1.0, release_delay: float = 2.0, unknown_ttl: float = 30.0) -> None:
+                 retry_delay: float = 1.0, release_delay: float = 2.0, unknown_ttl: float = 30.0,
+                 idle_release: float = 60.0) -> None:
         self.clock = clock
         self.wire = wire
         self.low = low
@@ -154,6 +157,8 @@ class SeatPool:
         self.retry_delay = retry_delay
         self.release_delay = release_delay
         self.unknown_ttl = unknown_ttl
+        self.idle_release = idle_release  # a class unused this long gives its free seats back (0: never)
+        self._sweep_call: IDelayedCall | None = None
         self.classes: dict[str, SeatClass] = {}
         self.closed = False  # stopping: every lease goes back, none is taken
         self._limit_logged = -60.0
@@ -401,6 +406,10 @@ class SeatPool:
         surplus = seats.held - seats.in_use - self.high
         if surplus <= 0 or seats.waiters or not self.wire.connected:
             return
+        self._give_free_seats_back(seats, surplus)
+
+    def _give_free_seats_back(self, seats: SeatClass, surplus: int) -> None:
+        """Release *surplus* free seats of the class, smallest leases first (whole leases end)."""
         for lease in sorted(seats.leases.values(), key=lambda held: held.seats):
             if surplus <= 0:
                 break
@@ -431,6 +440,27 @@ class SeatPool:
                 return True
         return False
 
+    def _sweep(self) -> None:
+        """Every ``idle_release / 2`` seconds: a class no request took a seat of since the last
+        sweep gives its free seats back (TOTVS_I keeps the low watermark), so seats this broker
+        does not use go to other brokers (application licenses are often few)."""
+        self._sweep_call = self.clock.callLater(self.idle_release / 2, self._sweep)
+        for name, seats in self.classes.items():
+            idle = seats.granted == seats.swept_granted and not seats.in_use and not seats.waiters
+            seats.swept_granted = seats.granted
+            if not idle or not self.wire.connected or seats.asking:
+                continue
+            surplus = seats.held - (self.low if name == DEFAULT_CLASS else 0)
+            if surplus > 0:
+                log.info("license: {license_class} unused for {idle:g}s; giving {count} seats back",
+                         license_class=name, idle=self.idle_release / 2, count=surplus)
+                self._give_free_seats_back(seats, surplus)
+
+    def start(self) -> None:
+        """Begin the idle sweep (the client calls this once it runs)."""
+        if self.idle_release > 0 and self._sweep_call is None:
+            self._sweep_call = self.clock.callLater(self.idle_release / 2, self._sweep)
+
     # --- the channel's events --------------------------------------------------------------
 
     def adopt(self, leases: list[dict[str, Any]]) -> None:
@@ -456,11 +486,11 @@ class SeatPool:
             self._hold(known, lease_id, int(entry["seats"]), float(entry["ttl"]))
         if DEFAULT_CLASS not in self.classes and len(self.classes) < self.max_classes:
             self.classes[DEFAULT_CLASS] = SeatClass(DEFAULT_CLASS)  # warm: the class every REST call takes
-        for seats in list(self.classes.values()):
+        for name, seats in list(self.classes.items()):
             seats.next_ask_at = 0.0
             if seats.waiters:
                 self._serve(seats)
-            else:
+            elif name == DEFAULT_CLASS or seats.in_use:  # an idle application class waits for use
                 self._refill(seats)
             if seats.free > self.high and seats.trim_call is None:
                 seats.trim_call = self.clock.callLater(self.release_delay, self._trim, seats)
@@ -489,6 +519,8 @@ class SeatPool:
         """Shutting down: give every lease back (requests still running finish on the AppServer);
         the answers, to wait for (a lease still being asked for goes back when it comes)."""
         self.closed = True
+        _cancel(self._sweep_call)
+        self._sweep_call = None
         answers: list[Deferred[Any]] = []
         for seats in self.classes.values():
             if seats.asking_call is not None:
