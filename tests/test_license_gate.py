@@ -21,7 +21,7 @@ from protheus_broker.config import parse_config
 from protheus_broker.http.capacity import RequestSlots
 from protheus_broker.http.gate import LicenseGate, request_path, UriTable
 from protheus_broker.http.proxy import HttpProxy, HttpProxyFactory, ProxySettings
-from protheus_broker.http.settings import LicenseGateConfig, UriRule, read_trusted
+from protheus_broker.http.settings import LicenseGateConfig, UriRule
 from protheus_broker.http.unit import PoolDispatcher, SlotsDispatcher
 from protheus_broker.http.upstream import UpstreamPool, UpstreamProtocol
 from protheus_broker.ini import ConfigError

@@ -125,7 +125,9 @@ class LicenseGate:
         self._trust: dict[str, bool] = {}
         if self.table.gated:
             log.info("[{section}] license gate: a seat per request under {urls}; x-totvs-appcode honoured "
-                     "from {trusted}; wait up to {timeout:g}s behind {length} requests", section=self.name,
+                     "from {trusted}; wait up to {timeout:g}s behind {length} requests{missing}", section=self.name,
+                     missing="" if self.seats is not None else
+                     " (no [LICENSECLIENT]: they get 503 'license server not configured')",
                      urls=", ".join(rule.url for rule in config.uris if rule.stateless),
                      trusted=", ".join(str(net) for net in self.trusted_networks) or "nobody",
                      timeout=config.queue_timeout, length=config.queue_length, pool=self.name)
