@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from protheus_broker.deps.settings import DependencyConfig, read_dependencies
 from protheus_broker.desktop.settings import DESKTOP_SECTION, DesktopBalanceConfig, read_desktop
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, read_http, read_web_services
 from protheus_broker.ini import ConfigError, Section, read_file, read_ini
@@ -37,6 +38,10 @@ class BrokerConfig:
     warnings: tuple[str, ...] = field(default=(), compare=False)
     admin: AdminConfig | None = None  # [BROKER_ADMIN]: the broker screen; None when absent
     license_client: LicenseClientConfig | None = None  # [LICENSECLIENT]: the license server; None when absent
+    #: unit section -> the dependency sections its DEPENDS_ON names (units without: absent)
+    depends_on: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: each section some DEPENDS_ON names -> its SERVER/PORT and check keys
+    dependencies: Mapping[str, DependencyConfig] = field(default_factory=dict)
 
     def unit(self, section: str) -> Any:
         """The config of the unit of ``[section]``, or None when the file has no such section."""
@@ -71,7 +76,10 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
         warnings.append(f"{path}:{where.lines.get(('', first))}: {first}: outside any [SECTION]; ignored")
 
     sections = {name: Section(path, name, dict(raw[name]), where) for name in raw.sections}
-    known = set(UNIT_READERS) | {GENERAL_SECTION, ADMIN_SECTION, LICENSE_CLIENT_SECTION, *COMPANION_SECTIONS}
+    reserved = (GENERAL_SECTION, ADMIN_SECTION, *COMPANION_SECTIONS)
+    depends_on, dependencies = read_dependencies([sections[n] for n in sections if n in UNIT_READERS],
+                                                 sections, reserved)
+    known = set(UNIT_READERS) | set(reserved) | set(dependencies) | {LICENSE_CLIENT_SECTION}
     known |= _uri_sections(sections)
     for name in sections:
         if name in FUTURE_SECTIONS:
@@ -92,23 +100,25 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
     license_client = read_license_client(sections[LICENSE_CLIENT_SECTION]) \
         if LICENSE_CLIENT_SECTION in sections else None
     if license_client is None:
+        why = (f"its [{LICENSE_CLIENT_SECTION}] has no SECRET/SECRET_FILE (or SERVER = NOCONFIG)"
+               if LICENSE_CLIENT_SECTION in sections else f"the file has no [{LICENSE_CLIENT_SECTION}]")
         for name, unit in units.items():
             gate = getattr(unit, "license", None)
             if gate is not None and gate.stateless:
-                warnings.append(f"{path}:{where.sections[name]}: [{name}] has Stateless=1 URIs but the file has no "
-                                f"[{LICENSE_CLIENT_SECTION}]: their requests get 503 'license server not "
-                                f"configured'")
+                warnings.append(f"{path}:{where.sections[name]}: [{name}] has Stateless=1 URIs but {why}: "
+                                f"their requests get 503 'license server not configured'")
 
-    checked = [sections[name] for name in units] + [general_section]
+    checked = [sections[name] for name in units] + [general_section] + [sections[n] for n in dependencies]
     if admin is not None:
         checked.append(sections[ADMIN_SECTION])
-    if license_client is not None:
+    if LICENSE_CLIENT_SECTION in sections and LICENSE_CLIENT_SECTION not in dependencies:
         checked.append(sections[LICENSE_CLIENT_SECTION])
     for section in checked:
         for key in section.unknown_keys():
             warnings.append(f"{path}:{section.line(key)}: [{section.name}] {key}: unknown key; ignored")
     return BrokerConfig(path=path, general=general, units=tuple(units.items()),
-                        warnings=tuple(warnings), admin=admin, license_client=license_client)
+                        warnings=tuple(warnings), admin=admin, depends_on=depends_on, dependencies=dependencies,
+                        license_client=license_client)
 
 
 def _uri_sections(sections: Mapping[str, Section]) -> set[str]:

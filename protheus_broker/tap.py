@@ -11,6 +11,8 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
 from protheus_broker.config import BrokerConfig, DEFAULT_CONFIG_PATH, load_config
+from protheus_broker.deps.checker import DependencyRegistry
+from protheus_broker.deps.state import LICENSE_CLIENT, ChannelDependency
 from protheus_broker.desktop.settings import DESKTOP_SECTION
 from protheus_broker.desktop.unit import DesktopUnit
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION
@@ -102,10 +104,16 @@ class BrokerService(MultiService):
         self.config = config
         #: session ids, unique across the units (the screen closes a session by its id)
         self.session_ids = itertools.count(1)
+        #: the checks of the sections the units' DEPENDS_ON name, shared; started before the units
+        self.dependencies = DependencyRegistry(reactor)
+        self.dependencies.setServiceParent(self)
+        self.dependencies.configure(config.dependencies)
         #: the one license client ([LICENSECLIENT]), shared by the HTTP units' license gates
         self.licenses = LicenseClient(reactor, config.license_client) if config.license_client else None
         if self.licenses is not None:
-            self.licenses.setServiceParent(self)  # first: started before the units, stopped after
+            self.licenses.setServiceParent(self)  # before the units: started before them, stopped after
+            # DEPENDS_ON = LICENSECLIENT: the license channel's state, not a TCP check of SERVER:PORT
+            self.dependencies.provide(LICENSE_CLIENT, ChannelDependency(LICENSE_CLIENT, self.licenses))
         if units is None:  # tests may hand units built directly
             units = [UNIT_BUILDERS[section](reactor, unit_config, name=section, path=config.path,
                                             ids=self.session_ids,
@@ -114,11 +122,25 @@ class BrokerService(MultiService):
         self.units: list[Any] = list(units)
         for unit in self.units:
             unit.setServiceParent(self)
+        self._depend(config)
         if config.admin is not None:  # the broker screen ([BROKER_ADMIN])
             add_admin(self, reactor, config.admin)
         self.started_at = reactor.seconds()
         self._console: Any = None
         self._previous_sighup: Any = None
+
+    def _depend(self, config: BrokerConfig) -> None:
+        """Hand each unit the dependencies its DEPENDS_ON names (none: it depends on nothing)."""
+        for unit in self.units:
+            dependencies = getattr(unit, "dependencies", None)
+            if dependencies is not None:
+                dependencies.use(self.dependencies.resolve(config.depends_on.get(unit.name, ())))
+
+    def provide_dependency(self, name: str, dependency: Any) -> None:
+        """Section *name*'s state is *dependency* (an IDependency) from now on, not a TCP check:
+        the license client channel for LICENSECLIENT (deps.state.ChannelDependency)."""
+        self.dependencies.provide(name, dependency)
+        self._depend(self.config)
 
     def unit(self, name: str) -> Any:
         """The unit of section *name*, or None."""
@@ -205,6 +227,13 @@ class BrokerService(MultiService):
                 return False
         if self.config.license_client != new.license_client:
             log.warn("reload: [LICENSECLIENT] changed; restart to apply")
+        for unit in self.units:
+            old_names, names = self.config.depends_on.get(unit.name, ()), new.depends_on.get(unit.name, ())
+            if old_names != names:
+                log.info("reload: [{section}] DEPENDS_ON {names} (was {old})", section=unit.name,
+                         names=", ".join(names) or "nothing", old=", ".join(old_names) or "nothing")
+        self.dependencies.configure(new.dependencies)
+        self._depend(new)
         if _admin_shape(self.config) != _admin_shape(new):  # TOKEN_HASH, READ_ACCESS: live
             log.warn("reload: [BROKER_ADMIN] (the section, ENDPOINT, PORT_STATUS or HISTORY_*) "
                      "changed; restart to apply (TOKEN_HASH and READ_ACCESS apply now)")

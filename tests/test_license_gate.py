@@ -428,10 +428,23 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("not an IP address or network", str(caught.exception))
 
     def test_license_client_needs_a_secret(self) -> None:
-        """[LICENSECLIENT] without SECRET/SECRET_FILE: nobody leases without credentials."""
+        """[LICENSECLIENT] as an AppServer writes it (no SECRET): no license client; Stateless URIs are warned."""
+        config = parse_config(DESKTOP + WS + URI_SECTIONS + "[LicenseClient]\nServer = 127.0.0.1\nPort = 5555\n")
+        self.assertIsNone(config.license_client)
+        self.assertEqual(len(config.warnings), 1)
+        self.assertIn("its [LICENSECLIENT] has no SECRET/SECRET_FILE", config.warnings[0])
+        self.assertIsNone(BrokerService(MemoryReactorClock(), config).licenses)
+
+    def test_noconfig_server_means_no_client(self) -> None:
+        """SERVER = NOCONFIG (TOTVS: not used), even with a secret: no license client."""
+        config = parse_config(DESKTOP + f"[LICENSECLIENT]\nSERVER = NOCONFIG\nSECRET_FILE = {self.secret_file()}\n")
+        self.assertIsNone(config.license_client)
+
+    def test_license_client_keys_checked_without_secret(self) -> None:
+        """A bad key is an error even when no client is configured."""
         with self.assertRaises(ConfigError) as caught:
-            parse_config(DESKTOP + "[LICENSECLIENT]\nSERVER = 127.0.0.1\n")
-        self.assertIn("SECRET", str(caught.exception))
+            parse_config(DESKTOP + "[LICENSECLIENT]\nSERVER = 127.0.0.1\nLOW_WATERMARK = x\n")
+        self.assertIn("LOW_WATERMARK", str(caught.exception))
 
     def test_watermarks_checked(self) -> None:
         """HIGH_WATERMARK below LOW_WATERMARK: an error."""
@@ -458,7 +471,8 @@ class TapTests(SynchronousTestCase):
         self.assertIsNotNone(broker.licenses)
         self.assertIs(broker.unit("BALANCE_WEB_SERVICES").gate.seats, broker.licenses.pool)
         self.assertIs(broker.unit("BALANCE_HTTP").gate.seats, broker.licenses.pool)
-        self.assertIs(list(broker)[0], broker.licenses)  # started first, stopped last
+        children = list(broker)
+        self.assertLess(children.index(broker.licenses), min(children.index(unit) for unit in broker.units))
         screen = model.status(broker)
         self.assertEqual(screen["license_client"]["connected"], False)
         self.assertEqual(screen["license_client"]["server"], "127.0.0.1:5555")
@@ -488,6 +502,21 @@ class TapTests(SynchronousTestCase):
         self.assertFalse(unit.gate.table.stateless(b"/app/x"))
         self.assertTrue(unit.gate.table.stateless(b"/v1/x"))
         self.assertTrue(unit.gate.trusted("10.9.1.1"))
+
+
+    def test_depends_on_licenseclient_follows_the_license_channel(self) -> None:
+        """DEPENDS_ON = LICENSECLIENT with our client: the unit gates on the license channel, not a TCP check."""
+        path = self.mktemp()
+        with open(path, "wb") as handle:
+            handle.write(b"0123456789abcdef0123\n")
+        config = parse_config(DESKTOP + WS.replace("URIS = HTTPURI, APP", "URIS = HTTPURI, APP\nDEPENDS_ON = LICENSECLIENT")
+                              + URI_SECTIONS + f"[LICENSECLIENT]\nSERVER = 127.0.0.1\nPORT = 5555\nSECRET_FILE = {path}\n")
+        broker = BrokerService(MemoryReactorClock(), config)
+        dependency = broker.dependencies.get("LICENSECLIENT")
+        self.assertIs(dependency.channel, broker.licenses)
+        self.assertFalse(dependency.up)
+        broker.licenses._become(True, "connected to 127.0.0.1:5555")
+        self.assertTrue(dependency.up)
 
 
 class PathPropertyTests(SynchronousTestCase):
@@ -523,3 +552,4 @@ class PathPropertyTests(SynchronousTestCase):
         expected = (bool(stack) and stack[0] == "rest") or raw.startswith("/rest" if not plain else "/rest/") \
             or raw == "/rest"
         self.assertEqual(UriTable(gate_config()).stateless(target.encode()), expected, target)
+

@@ -14,6 +14,8 @@ from zope.interface import implementer
 from protheus_broker import __version__
 from protheus_broker.balancing.methods import SortMethod, make_balancer
 from protheus_broker.balancing.pool import ServerPool
+from protheus_broker.deps.gates import DependencyGate
+from protheus_broker.deps.state import UnitDependencies
 from protheus_broker.desktop.proxy import BrokerFactory
 from protheus_broker.desktop.settings import DESKTOP_SECTION, DesktopBalanceConfig
 from protheus_broker.desktop.tls import SessionTLS
@@ -75,6 +77,9 @@ class DesktopUnit(MultiService):
             stats=self.stats,
         )
         self.factory.ids = ids if ids is not None else count(1)  # one numbering per broker
+        #: DEPENDS_ON: the broker hands them over (tap.py); a new session asks them first
+        self.dependencies = UnitDependencies(name)
+        self.factory.gates.insert(0, DependencyGate(self.dependencies))
         self.factory.standby = resumable
         self.session_tls = SessionTLS(reactor, config.tls, self.factory)  # ConfigError: bad file
         self.endpoint = endpoint_string(config)

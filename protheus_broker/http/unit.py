@@ -16,6 +16,8 @@ from zope.interface import implementer
 
 from protheus_broker.balancing.methods import make_balancer
 from protheus_broker.balancing.pool import ServerPool, ServerState, UnknownServer
+from protheus_broker.deps.gates import DependencyDispatcher
+from protheus_broker.deps.state import UnitDependencies
 from protheus_broker.desktop.pending import PendingLimits
 from protheus_broker.desktop.tls import ReloadableServerContext, server_options
 from protheus_broker.http.affinity import AffinityCookies
@@ -206,7 +208,9 @@ class HttpUnit(MultiService):
         self.upstreams = UpstreamPool(reactor, connector or tcp_connector(reactor, config.connect_timeout),
                                       max_idle=config.upstream_max_idle,
                                       idle_timeout=config.upstream_idle_timeout, reuse=config.upstream_reuse)
-        self.factory = HttpProxyFactory(reactor, self.gate, self.upstreams, proxy_settings(config),
+        self.dependencies = UnitDependencies(name)  # DEPENDS_ON (tap.py): 503 while one is down
+        self.factory = HttpProxyFactory(reactor, DependencyDispatcher(self.gate, self.dependencies),
+                                        self.upstreams, proxy_settings(config),
                                         stats=self.stats, name=name,
                                         pending=PendingLimits(config.max_pending_per_address, config.max_pending))
         # TLS termination (SSL_CERTIFICATE/SSL_KEY or [SSLConfigure]); ConfigError: a bad file

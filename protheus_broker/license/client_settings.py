@@ -41,20 +41,24 @@ def _client_name(section: Section) -> str:
     return name
 
 
-def read_license_client(section: Section) -> LicenseClientConfig:
-    """The ``[LICENSECLIENT]`` section; a secret is required (nobody leases without credentials)."""
+def read_license_client(section: Section) -> LicenseClientConfig | None:
+    """The ``[LICENSECLIENT]`` section, or None when it configures no license client of ours: no
+    ``SECRET``/``SECRET_FILE`` (nobody leases without credentials; the section as an AppServer's
+    appserver.ini writes it, e.g. for ``DEPENDS_ON``) or ``SERVER = NOCONFIG`` (TOTVS: not used).
+    The keys are checked either way."""
     server = section.text("SERVER", "")
     if not server:
         raise section.error("SERVER", "is required: the license server's host name or address")
-    if not valid_host(server):
+    unused = server.upper() == "NOCONFIG"
+    if not unused and not valid_host(server):
         raise section.error("SERVER", f"{server!r} is not a host name or IP address")
     port_text = section.text("PORT", str(DEFAULT_LICENSE_PORT))
-    secret = read_secret(section, "", "to authenticate the license channel")
+    secret = read_secret(section, "", None)
     low = section.integer("LOW_WATERMARK", 2, 0, 100_000)
     high = section.integer("HIGH_WATERMARK", max(16, low), 1, 100_000)
     if high < low:
         raise section.error("HIGH_WATERMARK", f"{high} is below LOW_WATERMARK={low}")
-    return LicenseClientConfig(
+    config = LicenseClientConfig(
         server=server.strip("[]"),
         port=parse_port(section, "PORT", port_text),
         secret=secret,
@@ -66,3 +70,4 @@ def read_license_client(section: Section) -> LicenseClientConfig:
         max_classes=section.integer("MAX_CLASSES", 256, 1, 100_000),
         idle_release=section.number("IDLE_RELEASE", 60.0, 0.0, 86400.0),
     )
+    return None if unused or secret is None else config

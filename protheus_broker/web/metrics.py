@@ -8,7 +8,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from protheus_broker import __version__
-from protheus_broker.web.model import STATES, Broker, license_status, unit_counters, units_of
+from protheus_broker.web.model import STATES, Broker, license_status, unit_counters, unit_dependencies, units_of
 
 __all__ = ["BrokerCollector", "CONTENT_TYPE_LATEST", "render"]
 
@@ -116,6 +116,22 @@ class BrokerCollector:
                     cpu.add_metric(values, metrics.cpu_percent)
                     age.add_metric(values, max(0.0, now - metrics.taken_at))
         yield from (state, connections, total, failures, memory, users, threads, cpu, age)
+
+        labels = ["pool", "dependency", "address"]
+        up = GaugeMetricFamily(f"{_PREFIX}_dependency_up", "1 while the dependency (DEPENDS_ON) is up, "
+                               "0 while it is down or not checked yet: the unit takes no new session",
+                               labels=labels)
+        refused = CounterMetricFamily(f"{_PREFIX}_dependency_refusals", "New sessions or requests "
+                                      "refused because the dependency was down", labels=labels)
+        since = GaugeMetricFamily(f"{_PREFIX}_dependency_state_seconds", "Seconds since the "
+                                  "dependency last went up or down", labels=labels)
+        for unit in units:
+            for entry in unit_dependencies(unit, now):
+                values = [unit.name, entry["name"], entry["where"]]
+                up.add_metric(values, 1 if entry["state"] == "up" else 0)
+                refused.add_metric(values, entry["refused"])
+                since.add_metric(values, entry["for_seconds"])
+        yield from (up, refused, since)
 
 
 def _license_families(broker: Any, units: list[Any]) -> Iterator[Any]:

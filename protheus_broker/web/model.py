@@ -228,6 +228,25 @@ def servers(broker: Any) -> list[dict[str, Any]]:
     return result
 
 
+def unit_dependencies(unit: Any, now: float) -> list[dict[str, Any]]:
+    """The unit's DEPENDS_ON: each dependency's state (up, down, unchecked), since when, why, and
+    the sessions it refused."""
+    dependencies = getattr(unit, "dependencies", None)
+    return dependencies.snapshot(now) if dependencies is not None else []
+
+
+def dependencies(broker: Any) -> list[dict[str, Any]]:
+    """Every dependency some unit names, once, with the units (``pools``) that name it."""
+    now = broker.reactor.seconds()
+    found: dict[str, dict[str, Any]] = {}
+    for unit in units_of(broker):
+        for entry in unit_dependencies(unit, now):
+            shared = found.setdefault(entry["name"], {**entry, "refused": 0, "pools": []})
+            shared["refused"] += entry["refused"]
+            shared["pools"].append(unit.name)
+    return list(found.values())
+
+
 def pool_status(unit: Any, admin: Any, history: ConnectionHistory | None, now: float) -> dict[str, Any]:
     """One unit as the screen shows it."""
     config = unit.config
@@ -241,6 +260,7 @@ def pool_status(unit: Any, admin: Any, history: ConnectionHistory | None, now: f
         "max_sessions": config.max_sessions,
         "sessions": len(unit.factory.sessions),
         "servers": unit_servers(unit, now),
+        "dependencies": unit_dependencies(unit, now),
         "totals": unit_counters(unit),
         "license": unit.gate.status() if getattr(unit, "gate", None) is not None else None,
         "history": {
@@ -262,6 +282,7 @@ def status(broker: Broker, history: ConnectionHistory | None = None) -> dict[str
         "config_path": broker.config.path,
         "totals": counters(broker),
         "pools": [pool_status(unit, admin, history, now) for unit in units_of(broker)],
+        "dependencies": dependencies(broker),
         "license_client": license_status(broker),
         "admin": {
             "actions": bool(admin and admin.token_hash),

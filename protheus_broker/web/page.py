@@ -98,6 +98,7 @@ function serverCells(tr,sv){var m=sv.metrics,st=tr.querySelector(".state");tr.se
 function buildPools(s){var box=$("pools");box.textContent="";
  s.pools.forEach(function(pool,p){var sec=el("section",{"class":"pool","data-pool":p});
   sec.appendChild(el("h2",null,"Pool "+pool.name+" ("+pool.listen+")"));sec.appendChild(el("div",{"class":"sub pool-sub"}));
+  sec.appendChild(el("div",{"class":"sub pool-deps"}));
   var wrap=el("div",{"class":"scroll"}),tab=el("table",{id:"servers"}),hr=el("tr");
   ["Server","Address","State","Connections","Standby","Total","Failures","Memory","Users","Threads","CPU %","Age","Actions"]
    .forEach(function(h){hr.appendChild(el("th",null,h));});var th=el("thead");th.appendChild(hr);tab.appendChild(th);
@@ -124,8 +125,15 @@ function renderPools(s){var shape=JSON.stringify(s.pools.map(function(p){return 
   sec.querySelector(".pool-sub").textContent="SORT_METHOD "+pool.sort_method+(pool.sort_method!==pool.sort_method_configured?
    " (configured "+pool.sort_method_configured+")":"")+" · MONITORING_TYPE "+pool.monitoring_type+" · "+pool.sessions+
    " sessions"+(pool.max_sessions?" of "+pool.max_sessions:"");
+  renderDeps(sec.querySelector(".pool-deps"),pool.dependencies||[]);
   pool.servers.forEach(function(sv){serverCells(sec.querySelector('tr[data-server="'+CSS.escape(sv.id)+'"]'),sv);});
   renderChart(sec.querySelector("svg"),sec.querySelector(".legend"),pool);});}
+// DEPENDS_ON: each dependency's state; one that is down says since when and why (no new session meanwhile).
+function renderDeps(box,deps){box.textContent="";if(!deps.length){return;}box.appendChild(document.createTextNode("depends on "));
+ deps.forEach(function(d){var st=el("span",{"class":"state s-"+(d.state==="unchecked"?"suspended":d.state),"data-dependency":d.name,
+  "title":d.where+": "+d.reason},d.name+" "+d.state);box.appendChild(st);
+  if(d.state!=="up"){box.appendChild(document.createTextNode(" since "+new Date(d.since*1000).toLocaleTimeString()+" ("+d.reason+
+   (d.refused?", "+d.refused+" refused":"")+") "));}else{box.appendChild(document.createTextNode(" "));}});}
 function renderSessions(d){var tb=$("sessions-body"),old={},rows=[];
  Array.prototype.forEach.call(tb.children,function(tr){old[tr.getAttribute("data-session")]=tr;});
  d.sessions.forEach(function(x){var tr=old[String(x.id)];  // kept rows keep their Close button
