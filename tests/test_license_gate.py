@@ -30,6 +30,7 @@ from protheus_broker.web import metrics, model
 
 from .helpers import LogCatcher
 from .license_rig import Rig
+from .tls_fixtures import certs
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 REST = UriRule("APP", "/rest", True)
@@ -434,6 +435,15 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(len(config.warnings), 1)
         self.assertIn("its [LICENSECLIENT] has no SECRET/SECRET_FILE", config.warnings[0])
         self.assertIsNone(BrokerService(MemoryReactorClock(), config).licenses)
+
+    def test_mutual_tls_keys_configure_a_client(self) -> None:
+        """SSL_CERTIFICATE/SSL_KEY/SSL_CA and no secret: a client over mutual TLS."""
+        fixture = certs()
+        config = parse_config(DESKTOP + f"[LICENSECLIENT]\nSERVER = 127.0.0.1\nSSL_CERTIFICATE = {fixture.cert('client')}\n"
+                              f"SSL_KEY = {fixture.key('client')}\nSSL_CA = {fixture.ca_path}\n")
+        self.assertIsNotNone(config.license_client)
+        self.assertIsNone(config.license_client.secret)
+        self.assertEqual(config.license_client.tls.ca, fixture.ca_path)
 
     def test_noconfig_server_means_no_client(self) -> None:
         """SERVER = NOCONFIG (TOTVS: not used), even with a secret: no license client."""

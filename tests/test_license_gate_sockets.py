@@ -20,7 +20,11 @@ from protheus_broker.license.server import LicenseFactory, LicenseServer
 from protheus_broker.license.settings import parse_license_config
 from protheus_broker.tap import UNIT_BUILDERS
 
+from protheus_broker.tls.options import server_options
+from protheus_broker.tls.settings import TLSFiles
+
 from .http_backend import Client, connect, header
+from .tls_fixtures import certs
 from .license_fake import FakeLicenseFactory, FakeLicenseServer
 
 
@@ -211,3 +215,45 @@ class RealServerTests(TestCase):
         self.assertEqual(str(caught.exception), "no license for application NOPE")
         await client.stopService()
         self.assertEqual((table.in_use("TOTVS_I"), table.in_use("APP7")), (0, 0))  # confirmed before stopping
+
+    async def tls_server(self) -> tuple[LeaseTable, int]:
+        """protheus-license over mutual TLS only (no secret), certificates from the test CA."""
+        fixture = certs()
+        config = parse_license_config(
+            "[LicenseServer]\nINTERFACE = 127.0.0.1\nPORT = 0\n"
+            f"SSL_CERTIFICATE = {fixture.cert('appserver')}\nSSL_KEY = {fixture.key('appserver')}\n"
+            f"SSL_CA = {fixture.ca_path}\nJOURNAL = {self.mktemp()}\n[Licenses]\nTOTVS_I = 4\n")
+        assert config.tls is not None
+        table = LeaseTable(reactor, config.counts, config.limits)
+        port = reactor.listenSSL(0, LicenseFactory(LicenseServer(reactor, config, table)),  # type: ignore[attr-defined]
+                                 server_options(config.tls), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return table, port.getHost().port
+
+    def tls_client(self, port: int, name: str, ca: str | None = None) -> LicenseClient:
+        fixture = certs()
+        client = LicenseClient(reactor, LicenseClientConfig(
+            server="127.0.0.1", port=port, client_name="broker-tls", low_watermark=1, high_watermark=3,
+            tls=TLSFiles(certificate=fixture.cert(name), key=fixture.key(name), ca=ca or fixture.ca_path)))
+        client.startService()
+        self.addCleanup(lambda: client.stopService() if client.running else None)
+        return client
+
+    @as_deferred
+    async def test_mutual_tls_without_secret(self) -> None:
+        """SSL_CERTIFICATE/SSL_KEY/SSL_CA and no secret: the certificates authenticate both ends."""
+        table, port = await self.tls_server()
+        client = self.tls_client(port, "client")
+        await wait_for(lambda: client.connected and client.pool.stats()["TOTVS_I"]["held"] == 3)
+        self.assertEqual(table.in_use("TOTVS_I"), 3)
+        await client.stopService()
+        self.assertEqual(table.in_use("TOTVS_I"), 0)
+
+    @as_deferred
+    async def test_mutual_tls_foreign_certificate_refused(self) -> None:
+        """A client certificate from another CA gets no channel and no seat."""
+        table, port = await self.tls_server()
+        client = self.tls_client(port, "foreign")
+        await wait_for(lambda: "unknown ca" in client.reason)
+        self.assertFalse(client.connected)
+        self.assertEqual(table.in_use("TOTVS_I"), 0)

@@ -16,7 +16,8 @@ from typing import Any, Callable
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -27,6 +28,7 @@ from protheus_broker.license import protocol as lp
 from protheus_broker.license.pool import ILeaseWire, NotConnected, SeatPool
 from protheus_broker.license.client_settings import LicenseClientConfig
 from protheus_broker.monitoring.commands import QuietAMP
+from protheus_broker.tls.options import client_options
 
 log = Logger()
 
@@ -163,6 +165,29 @@ class _ChannelFactory(Factory):
         return LicenseChannel(self.client)
 
 
+@implementer(IStreamClientEndpoint)
+class LicenseEndpoint:
+    """``SERVER:PORT``, behind mutual TLS when SSL_* are set; built at each connect, so that a
+    certificate file that went bad is one failed attempt with its reason, not a traceback."""
+
+    def __init__(self, client: "LicenseClient") -> None:
+        self.client = client
+
+    def connect(self, factory: IProtocolFactory) -> Any:
+        config = self.client.config
+        endpoint: Any = HostnameEndpoint(self.client.clock, config.server, config.port, timeout=config.connect_timeout)
+        if config.tls is not None:
+            try:
+                endpoint = wrapClientTLS(client_options(config.tls, config.server), endpoint)
+            except Exception as exc:
+                self.client.handshake_failed(f"cannot use SSL_CERTIFICATE/SSL_KEY/SSL_CA: {exc}")
+                return defer.fail(exc)
+        return endpoint.connect(factory)
+
+    def __repr__(self) -> str:  # (ClientService's "Scheduling retry N to connect ..." line)
+        return f"license server {self.client.address}"
+
+
 def _handshake_done(channel: Any) -> defer.Deferred[None]:
     ready: defer.Deferred[None] = channel.ready
     return ready
@@ -194,7 +219,7 @@ class LicenseClient(MultiService):
         self._last_logged_at = -REPEAT_LOG_INTERVAL
         self._repeats = 0
         if endpoint is None:
-            endpoint = HostnameEndpoint(reactor, config.server, config.port, timeout=config.connect_timeout)
+            endpoint = LicenseEndpoint(self)
         backoff = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=10.0, factor=1.5)
         self.service = ClientService(endpoint, _ChannelFactory(self),
                                      retryPolicy=lambda attempt: backoff(attempt + self.failed_handshakes),
@@ -332,8 +357,10 @@ class LicenseClient(MultiService):
     # --- service ---------------------------------------------------------------------------
 
     def startService(self) -> None:
-        log.info("license: client {name} connecting to {address} (seats kept between {low} and {high} "
-                 "per class)", name=self.config.client_name, address=self.address,
+        log.info("license: client {name} connecting to {address} ({auth}; seats kept between {low} and "
+                 "{high} per class)", name=self.config.client_name, address=self.address,
+                 auth=("mutual TLS" + (" + shared secret" if self.config.secret else "")) if self.config.tls
+                 else "shared secret",
                  low=self.config.low_watermark, high=self.config.high_watermark)
         self.connecting = True
         self.pool.start()

@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass, field
 
 from protheus_broker.ini import Section, parse_port, read_secret, valid_host
+from protheus_broker.tls.settings import TLSFiles, tls_files
 
 LICENSE_CLIENT_SECTION = "LICENSECLIENT"
 DEFAULT_LICENSE_PORT = 5555
@@ -31,6 +32,7 @@ class LicenseClientConfig:
     connect_timeout: float = 5.0  # CONNECT_TIMEOUT
     max_classes: int = 256  # MAX_CLASSES: license classes (application codes) tracked at once
     idle_release: float = 60.0  # IDLE_RELEASE: a class unused this long gives its free seats back (0: never)
+    tls: TLSFiles | None = None  # SSL_CERTIFICATE/SSL_KEY/SSL_CA: mutual TLS to the license server
 
 
 def _client_name(section: Section) -> str:
@@ -43,9 +45,9 @@ def _client_name(section: Section) -> str:
 
 def read_license_client(section: Section) -> LicenseClientConfig | None:
     """The ``[LICENSECLIENT]`` section, or None when it configures no license client of ours: no
-    ``SECRET``/``SECRET_FILE`` (nobody leases without credentials; the section as an AppServer's
-    appserver.ini writes it, e.g. for ``DEPENDS_ON``) or ``SERVER = NOCONFIG`` (TOTVS: not used).
-    The keys are checked either way."""
+    credentials (``SECRET``/``SECRET_FILE``, or ``SSL_CERTIFICATE``/``SSL_KEY``/``SSL_CA`` for
+    mutual TLS; the section as an AppServer's appserver.ini writes it, e.g. for ``DEPENDS_ON``)
+    or ``SERVER = NOCONFIG`` (TOTVS: not used).  The keys are checked either way."""
     server = section.text("SERVER", "")
     if not server:
         raise section.error("SERVER", "is required: the license server's host name or address")
@@ -54,6 +56,7 @@ def read_license_client(section: Section) -> LicenseClientConfig | None:
         raise section.error("SERVER", f"{server!r} is not a host name or IP address")
     port_text = section.text("PORT", str(DEFAULT_LICENSE_PORT))
     secret = read_secret(section, "", None)
+    tls = tls_files(section, "", None)
     low = section.integer("LOW_WATERMARK", 2, 0, 100_000)
     high = section.integer("HIGH_WATERMARK", max(16, low), 1, 100_000)
     if high < low:
@@ -69,5 +72,6 @@ def read_license_client(section: Section) -> LicenseClientConfig | None:
         connect_timeout=section.number("CONNECT_TIMEOUT", 5.0, 0.1, 300.0),
         max_classes=section.integer("MAX_CLASSES", 256, 1, 100_000),
         idle_release=section.number("IDLE_RELEASE", 60.0, 0.0, 86400.0),
+        tls=tls,
     )
-    return None if unused or secret is None else config
+    return None if unused or (secret is None and tls is None) else config
