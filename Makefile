@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-floor lint bench bench-http bench-license bench-monitor bench-tls bench-resume certs deb venv clean
+.PHONY: run test test-floor lint bench bench-http bench-license bench-monitor bench-tls bench-resume bench-nodes certs deb venv clean
 
 # The project itself goes into the venv too, so `.venv/bin/twistd -n protheus-broker` and
 # `.venv/bin/protheus-broker-ctl` work as the README shows: an editable install (the console
@@ -44,6 +44,9 @@ bench-license: venv  ## the license gate: requests/s and p50/p99 through a web-s
 
 bench-monitor: venv  ## broker CPU for 1,000 monitored servers at 1 report/s (plain and TLS)
 	$(PY) bench/monitor_bench.py && $(PY) bench/monitor_bench.py --tls
+
+bench-nodes: venv  ## managed nodes: spawn-to-ready time, sessions/s through Unix-socket vs TCP nodes
+	$(PY) bench/bench_nodes.py
 
 bench-resume: venv  ## resumable sessions: resume latency, RSS per standby session, connector throughput
 	$(PY) bench/bench_resume.py

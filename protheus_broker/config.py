@@ -81,6 +81,7 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
                                                  sections, reserved)
     known = set(UNIT_READERS) | set(reserved) | set(dependencies) | {LICENSE_CLIENT_SECTION}
     known |= _uri_sections(sections)
+    known |= {str(s.values["NODES"]).strip() for s in sections.values() if s.values.get("NODES")}  # nodes
     for name in sections:
         if name in FUTURE_SECTIONS:
             warnings.append(f"{path}:{where.sections[name]}: [{name}] is not supported yet; ignored")

@@ -57,6 +57,7 @@ class Backend:
         "server_id", "host", "port", "index", "state", "active", "total", "connect_failures",
         "metrics", "leaving", "reason", "placed_since_report", "suspect_until", "monitor_status",
         "admin_hold", "probation", "probes", "source", "addresses", "resolved_at", "resolving",
+        "unix",
     )
 
     def __init__(self, server: RemoteServer, index: int, source: str = CONFIG) -> None:
@@ -64,6 +65,7 @@ class Backend:
         self.server_id = server.server_id
         self.host = server.host
         self.port = server.port
+        self.unix = server.unix  # a Unix socket path instead of host and port (managed nodes)
         self.index = index
         self.state = ServerState.UP
         self.active = 0  # sessions through the broker, counted from the moment it is chosen
@@ -84,7 +86,7 @@ class Backend:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"unix:{self.unix}" if self.unix else f"{self.host}:{self.port}"
 
     @property
     def available(self) -> bool:
@@ -221,7 +223,7 @@ class ServerPool:
             self._resolve(backend)
 
     def _resolve(self, backend: Backend) -> None:
-        if self.resolver is None or backend.resolving or is_ip_literal(backend.host):
+        if self.resolver is None or backend.resolving or backend.unix or is_ip_literal(backend.host):
             return
         backend.resolving = True
         try:
@@ -498,7 +500,7 @@ class ServerPool:
             if backend.source != source:
                 continue
             new = wanted.get(backend.server_id)
-            if new is not None and (new.host, new.port) == (backend.host, backend.port):
+            if new is not None and (new.host, new.port, new.unix) == (backend.host, backend.port, backend.unix):
                 result.kept.append(backend.server_id)
                 if backend.leaving:  # back in the config before it finished draining
                     backend.leaving = False

@@ -526,7 +526,7 @@ class Session(ClientFactory):
                      "last resort ({reason})", session_id=self.session_id,
                      server_id=backend.server_id, address=backend.address, reason=backend.reason)
         resolver = getattr(self.broker.reactor, "nameResolver", None)
-        if is_ip_literal(backend.host) or resolver is None:
+        if backend.unix or is_ip_literal(backend.host) or resolver is None:
             self._connect(backend, backend.host)
             return
         known_now = self.broker.pool.addresses_for(backend)  # resolved by the pool at load
@@ -584,13 +584,17 @@ class Session(ClientFactory):
         self.address = address
         upstream_tls = self.broker.upstream_tls  # SSL_ENCRYPT_UPSTREAM (session_tls.UpstreamTLS)
         factory = self if upstream_tls is None else upstream_tls.wrap(self, backend)
+        if backend.unix:  # a managed node on a Unix socket
+            self.connector = self.broker.reactor.connectUNIX(
+                backend.unix, factory, timeout=self.broker.connect_timeout)
+            return
         self.connector = self.broker.reactor.connectTCP(
             address, backend.port, factory, timeout=self.broker.connect_timeout
         )
 
     def _where(self, backend: Backend) -> str:
         address = self.address
-        if address is None or address == backend.host:
+        if address is None or address == backend.host or backend.unix:
             return backend.address
         return f"{backend.address} ({address})"
 

@@ -9,6 +9,8 @@ from typing import Mapping
 from protheus_broker.balancing.methods import SortMethod
 from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.ini import ConfigError, Section, host_and_port, parse_port
+from protheus_broker.nodes.manager import NodePolicy
+from protheus_broker.nodes.settings import read_nodes
 from protheus_broker.monitoring.settings import (AGENT_KEY_RE, MonitoringConfig, MonitoringType, read_monitoring,
                                                  read_monitoring_type)
 from protheus_broker.resume.settings import ResumeConfig, read_resume
@@ -40,6 +42,7 @@ class DesktopBalanceConfig:
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     tls: SessionTLSConfig = field(default_factory=SessionTLSConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)  # resumable sessions (connector)
+    nodes: NodePolicy | None = None  # managed AppServer nodes (NODE_COMMAND or NODES = <section>)
 
     @property
     def effective_sort_method(self) -> SortMethod:
@@ -93,10 +96,12 @@ def read_desktop(section: Section, sections: Mapping[str, Section],
             raise section.error(key, "server id must be letters and digits after REMOTE_SERVER_")
         elif key.startswith("AGENT_SERVER") and not AGENT_KEY_RE.match(key):
             raise section.error(key, "server id must be letters and digits after AGENT_SERVER_")
-    if not servers:
+    nodes = read_nodes(section, sections, section.name, warnings)
+    if not servers and nodes is None:
         raise ConfigError(
             section.path,
-            "no REMOTE_SERVER_<id> = host port lines: the broker has no AppServer to send users to",
+            "no REMOTE_SERVER_<id> = host port lines (nor NODE_COMMAND): the broker has no AppServer "
+            "to send users to",
             line=section.where.sections.get(section.name),
             key=f"[{section.name}]",
         )
@@ -123,13 +128,15 @@ def read_desktop(section: Section, sections: Mapping[str, Section],
         first_response_timeout=section.number("FIRST_RESPONSE_TIMEOUT", 5.0, 0.0, 300.0),
         max_pending_per_address=section.integer("MAX_PENDING_PER_ADDRESS", 128, 0, 1_000_000),
         max_pending=section.integer("MAX_PENDING", 1024, 0, 1_000_000),
-        wait_for_server=section.number("WAIT_FOR_SERVER", 0.0, 0.0, 3600.0),
+        # With managed nodes a login may arrive while none is ready yet (start, a crash): wait.
+        wait_for_server=section.number("WAIT_FOR_SERVER", 0.0 if nodes is None else 10.0, 0.0, 3600.0),
         metrics_max_age=section.number("METRICS_MAX_AGE", 3.0, 0.1, 3600.0),
         service_name=section.text("SERVICE_NAME", "protheus-broker"),
         service_display_name=section.text("SERVICE_DISPLAY_NAME", "protheus-broker"),
         monitoring=read_monitoring(section, monitoring_type, servers),
         resume=read_resume(section),
         tls=session_tls_config(section, sections.get(SSL_SECTION), warnings),
+        nodes=nodes,
     )
     if config.sort_method != config.effective_sort_method:
         warnings.append(

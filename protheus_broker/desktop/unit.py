@@ -3,6 +3,8 @@ pool, monitor, resumable sessions and counters, and what of a reload applies liv
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from itertools import count
 from typing import Any
 
@@ -21,6 +23,8 @@ from protheus_broker.desktop.settings import DESKTOP_SECTION, DesktopBalanceConf
 from protheus_broker.desktop.tls import SessionTLS
 from protheus_broker.ini import ConfigError
 from protheus_broker.monitoring.monitor import make_monitor
+from protheus_broker.nodes.manager import NodeManager
+from protheus_broker.nodes.spawner import NodeService, ProcessSpawner
 from protheus_broker.resume.broker import ResumableSessions
 from protheus_broker.stats import ISessionStats, SessionStats
 from protheus_broker.units import IBalanceUnit, listen_or_exit, stop_unit
@@ -63,6 +67,11 @@ class DesktopUnit(MultiService):
                                     connect_timeout=config.connect_timeout)
         if self.monitor is not None:
             self.monitor.setServiceParent(self)
+        self.nodes: NodeManager | None = None
+        if config.nodes is not None:  # managed AppServer nodes join the pool as source "nodes"
+            self.nodes = NodeManager(reactor, self.pool, ProcessSpawner(reactor, config.nodes, name),
+                                     config.nodes, random.Random(), name)
+            NodeService(self.nodes).setServiceParent(self)
         resumable = (ResumableSessions(reactor, config.resume, stats=self.stats)
                      if config.resume.enabled else None)
         self.factory = BrokerFactory(
@@ -118,6 +127,24 @@ class DesktopUnit(MultiService):
         port, self.port = self.port, None
         return stop_unit(super().stopService, port)
 
+    def _reload_nodes(self, old: DesktopBalanceConfig, new: DesktopBalanceConfig) -> None:
+        """Sizes, polls and recycle limits apply live; the command, transport, ports, socket
+        directory and persistence need a restart."""
+        if old.nodes == new.nodes:
+            return
+        if self.nodes is None or new.nodes is None:
+            log.warn("reload: node management turned on or off; restart to apply", pool=self.name)
+            return
+        fixed = ("command", "transport", "base_port", "socket_dir", "persistent", "application", "lock_dir")
+        if any(getattr(old.nodes, k) != getattr(new.nodes, k) for k in fixed):
+            log.warn("reload: NODE_COMMAND, TRANSPORT, BASE_PORT, SOCKET_DIR or PERSISTENT changed; "
+                     "restart to apply", pool=self.name)
+            new_policy = replace(new.nodes, **{k: getattr(old.nodes, k) for k in fixed})
+        else:
+            new_policy = new.nodes
+        self.nodes.policy = new_policy
+        self.nodes.reconcile()
+
     def reload(self, config: DesktopBalanceConfig) -> bool:
         """Apply a reloaded section without dropping any session.  False (nothing applied) when a
         certificate or key file is bad."""
@@ -150,6 +177,7 @@ class DesktopUnit(MultiService):
         factory.sort_method = desktop.effective_sort_method.value
         if factory.standby is not None:  # new links and drops use the new STANDBY_TIME etc.
             factory.standby.config = desktop.resume
+        self._reload_nodes(old, desktop)
         if desktop.resume.enabled != old.resume.enabled:
             log.warn("reload: RESUME_ENABLE changed; restart to apply")
         self.config = desktop

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.address import UNIXAddress
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -17,10 +18,11 @@ log = Logger()
 
 
 class Options(usage.Options):
-    synopsis = "[--port ENDPOINT] [--name NAME] [--http]"
+    synopsis = "[--port ENDPOINT | --unix PATH] [--name NAME] [--http]"
     longdesc = "A stand-in TOTVS AppServer for demos and tests: greets with its name, then echoes."
     optParameters = [
         ["port", "p", "tcp:5000:interface=127.0.0.1", "Listening endpoint (tcp:0 picks a port)."],
+        ["unix", None, None, "Listen on this Unix socket path instead of --port."],
         ["name", "n", "sim", "Name sent in the greeting line."],
         ["ballast-mb", None, 0, "Hold this many MiB of memory (to make servers differ).", int],
         ["tls-cert", None, None, "Serve TLS with this PEM certificate (an AppServer with SSL)."],
@@ -51,13 +53,17 @@ class SimService(Service):
     def _listening(self, port: Any) -> None:
         self.port = port
         host = port.getHost()
+        if isinstance(host, UNIXAddress):
+            log.info("protheus-appserver-sim {name} listening on unix:{path}", name=self.name,
+                     path=host.name.decode() if isinstance(host.name, bytes) else host.name)
+            return
         log.info("protheus-appserver-sim {name} listening on {host}:{port}",
                  name=self.name, host=host.host, port=host.port)
 
     def _failed(self, failure: Any) -> None:
         log.error("protheus-appserver-sim {name}: cannot listen on {endpoint}: {error}",
                   name=self.name, endpoint=self.endpoint, error=failure.getErrorMessage())
-        self.reactor.stop()
+        self.reactor.callWhenRunning(self.reactor.stop)  # not yet running: stop() would be lost
 
     def stopService(self) -> Any:
         super().stopService()
@@ -66,6 +72,9 @@ class SimService(Service):
 
 def makeService(options: Options) -> SimService:
     from twisted.internet import reactor
+
+    if options["unix"]:
+        options["port"] = f"unix:{quoteStringArgument(options['unix'])}"
 
     factory: Any
     if options["http"]:

@@ -433,6 +433,15 @@ class AdminResource(_Router):
             pool = _str_arg(request, "pool")
             return self.act(method, request,
                             lambda who: model.server_action(self.broker, server_id, action, who, pool))
+        if rest == ["nodes", "scale"]:
+            pool = _str_arg(request, "pool")
+            return self.act(method, request, lambda who: model.scale_nodes(
+                self.broker, _int_arg(request, "min", -1), who, pool))
+        if len(rest) == 3 and rest[0] == "nodes" and rest[2] in model.NODE_ACTIONS:
+            node_id, action = rest[1], rest[2]
+            pool = _str_arg(request, "pool")
+            return self.act(method, request,
+                            lambda who: model.node_action(self.broker, node_id, action, who, pool))
         if len(rest) == 3 and rest[0] == "sessions" and rest[2] == "close":
             text = rest[1]
             if not text.isdigit():

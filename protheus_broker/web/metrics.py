@@ -8,11 +8,15 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from protheus_broker import __version__
+from protheus_broker.nodes.manager import NodeState
 from protheus_broker.web.model import STATES, Broker, license_status, unit_counters, unit_dependencies, units_of
 
 __all__ = ["BrokerCollector", "CONTENT_TYPE_LATEST", "render"]
 
 _PREFIX = "protheus_broker"
+
+#: The managed node states (nodes/manager.py).
+NODE_STATES = tuple(state.value for state in NodeState)
 
 
 #: The per-unit counters and their help, labelled ``pool`` (the unit's section).
@@ -132,6 +136,30 @@ class BrokerCollector:
                 refused.add_metric(values, entry["refused"])
                 since.add_metric(values, entry["for_seconds"])
         yield from (up, refused, since)
+        yield from self._nodes(units)
+
+    def _nodes(self, units: list[Any]) -> Iterator[Any]:
+        """Managed nodes: one state gauge per node and state, sessions, memory, crash streak."""
+        labels = ["pool", "node", "persistent"]
+        state = GaugeMetricFamily(f"{_PREFIX}_node_state", "1 for the managed node's current state",
+                                  labels=labels + ["state"])
+        sessions = GaugeMetricFamily(f"{_PREFIX}_node_sessions", "Sessions on this node now", labels=labels)
+        memory = GaugeMetricFamily(f"{_PREFIX}_node_memory_bytes", "Resident memory of the node's processes",
+                                   labels=labels)
+        streak = GaugeMetricFamily(f"{_PREFIX}_node_crash_streak", "Node failures in a row", labels=["pool"])
+        for unit in units:
+            manager = getattr(unit, "nodes", None)
+            if manager is None:
+                continue
+            streak.add_metric([unit.name], manager.crash_streak)
+            for row in manager.snapshot():
+                values = [unit.name, str(row["id"]), "1" if row["persistent"] else "0"]
+                for name in NODE_STATES:
+                    state.add_metric(values + [name], 1 if row["state"] == name else 0)
+                sessions.add_metric(values, row["sessions"])
+                if row["memory_bytes"] is not None:
+                    memory.add_metric(values, row["memory_bytes"])
+        yield from (state, sessions, memory, streak)
 
 
 def _license_families(broker: Any, units: list[Any]) -> Iterator[Any]:

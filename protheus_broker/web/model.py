@@ -217,6 +217,17 @@ def unit_servers(unit: Any, now: float) -> list[dict[str, Any]]:
     return result
 
 
+def unit_nodes(unit: Any) -> dict[str, Any] | None:
+    """The unit's managed nodes (None if it has no node manager)."""
+    manager = getattr(unit, "nodes", None)
+    if manager is None:
+        return None
+    policy = manager.policy
+    return {"min_nodes": policy.min_nodes, "max_nodes": policy.max_nodes,
+            "transport": policy.transport.value, "crash_streak": manager.crash_streak,
+            "persistent_refused": manager.persistent_refused, "nodes": manager.snapshot()}
+
+
 def servers(broker: Any) -> list[dict[str, Any]]:
     """Every unit's servers; each names its ``pool`` (the unit's section)."""
     now = broker.reactor.seconds()
@@ -260,6 +271,7 @@ def pool_status(unit: Any, admin: Any, history: ConnectionHistory | None, now: f
         "max_sessions": config.max_sessions,
         "sessions": len(unit.factory.sessions),
         "servers": unit_servers(unit, now),
+        "nodes": unit_nodes(unit),
         "dependencies": unit_dependencies(unit, now),
         "totals": unit_counters(unit),
         "license": unit.gate.status() if getattr(unit, "gate", None) is not None else None,
@@ -382,6 +394,56 @@ def server_action(broker: Broker, server_id: str, action: str, who: str,
              pool=unit.name)
     return {"ok": True, "action": action, "pool": unit.name,
             "server": backend.snapshot(broker.reactor.seconds())}
+
+
+NODE_ACTIONS = ("recycle", "discard")
+
+
+def _node_unit(broker: Broker, pool: str | None) -> Any:
+    """The unit with managed nodes: the one of section *pool*, or the only one there is."""
+    units = [unit for unit in units_of(broker) if getattr(unit, "nodes", None) is not None]
+    if pool is not None:
+        units = [unit for unit in units if unit.name == pool]
+    if not units:
+        where = f"pool {pool!r}" if pool is not None else "any pool"
+        raise ActionError(404, f"no managed nodes in {where}")
+    if len(units) > 1:
+        raise ActionError(409, "several pools have managed nodes: name one with ?pool=<section>")
+    return units[0]
+
+
+def node_action(broker: Broker, node_id: str, action: str, who: str,
+                pool: str | None = None) -> dict[str, Any]:
+    """recycle (a replacement first when needed, then discarded) or discard (no new sessions;
+    stopped when its last session ends) a managed node."""
+    if action not in NODE_ACTIONS:
+        raise ActionError(404, f"unknown node action {action!r} (recycle, discard)")
+    if not node_id.isdigit():
+        raise ActionError(400, f"node id must be a whole number, got {node_id!r}")
+    unit = _node_unit(broker, pool)
+    manager = unit.nodes
+    number = int(node_id)
+    node = manager.nodes.get(number)
+    if node is None:
+        raise ActionError(404, f"no node {number} in pool {unit.name}")
+    why = f"{action} by admin ({who})"
+    done = manager.recycle(number, why) if action == "recycle" else manager.discard(number, why)
+    if not done:
+        raise ActionError(409, f"node {number} is {node.state.value}: cannot {action} it")
+    log.info("admin {who}: {action} node {node_id}", who=who, action=action, node_id=number, pool=unit.name)
+    return {"ok": True, "action": action, "pool": unit.name, "nodes": manager.snapshot()}
+
+
+def scale_nodes(broker: Broker, min_nodes: int, who: str, pool: str | None = None) -> dict[str, Any]:
+    """Set the pool's MIN_NODES for this run (0..MAX_NODES): nodes start or idle ones go."""
+    unit = _node_unit(broker, pool)
+    manager = unit.nodes
+    if not 0 <= min_nodes <= manager.policy.max_nodes:
+        raise ActionError(400, f"min must be 0 to MAX_NODES={manager.policy.max_nodes}, got {min_nodes}")
+    manager.scale(min_nodes)
+    log.info("admin {who}: scale nodes to {min_nodes}", who=who, min_nodes=min_nodes, pool=unit.name)
+    return {"ok": True, "action": "scale", "pool": unit.name, "min_nodes": min_nodes,
+            "nodes": manager.snapshot()}
 
 
 def close_session(broker: Broker, session_id: int, who: str) -> dict[str, Any]:

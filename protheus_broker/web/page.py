@@ -113,6 +113,7 @@ function buildPools(s){var box=$("pools");box.textContent="";
      (pool.section?"?pool="+encodeURIComponent(pool.section):""),x[1]+" "+sv.id);});
     a.appendChild(b);});tr.appendChild(a);tb.appendChild(tr);});
   tab.appendChild(tb);wrap.appendChild(tab);sec.appendChild(wrap);
+  if(pool.nodes){sec.appendChild(el("div",{"class":"nodes"}));}
   sec.appendChild(el("div",{"class":"sub"},"Connections per server"));
   var svg=document.createElementNS("http://www.w3.org/2000/svg","svg");svg.setAttribute("id","chart");sec.appendChild(svg);
   sec.appendChild(el("div",{"class":"legend"}));box.appendChild(sec);});}
@@ -127,7 +128,37 @@ function renderPools(s){var shape=JSON.stringify(s.pools.map(function(p){return 
    " sessions"+(pool.max_sessions?" of "+pool.max_sessions:"");
   renderDeps(sec.querySelector(".pool-deps"),pool.dependencies||[]);
   pool.servers.forEach(function(sv){serverCells(sec.querySelector('tr[data-server="'+CSS.escape(sv.id)+'"]'),sv);});
+  if(pool.nodes){renderNodes(sec.querySelector(".nodes"),pool);}
   renderChart(sec.querySelector("svg"),sec.querySelector(".legend"),pool);});}
+// Managed nodes: rebuilt only when a node comes, goes or changes state; persistent ones in bold.
+function renderNodes(box,pool){var n=pool.nodes,q=pool.section?"?pool="+encodeURIComponent(pool.section):"";
+ var shape=JSON.stringify(n.nodes.map(function(x){return [x.id,x.state];}));
+ if(box.getAttribute("data-shape")!==shape){box.setAttribute("data-shape",shape);box.textContent="";
+  var head=el("div",{"class":"sub"},"Nodes ("+n.transport+", "+n.min_nodes+".."+n.max_nodes+")"+
+   (n.crash_streak>1?" · crash loop: "+n.crash_streak+" failures in a row":"")+
+   (n.persistent_refused?" · no persistent node: "+n.persistent_refused:""));
+  var sc=el("button",{"data-action":"scale"},"Scale");sc.addEventListener("click",function(){
+   var v=window.prompt("MIN_NODES (0.."+n.max_nodes+")",String(n.min_nodes));if(v!==null){
+    act("/api/v1/nodes/scale?min="+encodeURIComponent(v)+(q?"&"+q.slice(1):""),"Scale nodes");}});
+  head.appendChild(sc);box.appendChild(head);
+  var tab=el("table",{"class":"nodes"}),hr=el("tr");
+  ["Node","PID","Endpoint","State","Sessions","Total","Age","Memory","Actions"].forEach(function(h){
+   hr.appendChild(el("th",null,h));});tab.appendChild(hr);
+  n.nodes.forEach(function(x){var tr=el("tr",{"data-node":x.id,"title":x.reason||""});
+   var id=el("td",null,String(x.id));if(x.persistent){id.style.fontWeight="bold";}tr.appendChild(id);
+   tr.appendChild(el("td",null,String(x.pid||"–")));tr.appendChild(el("td",null,x.endpoint));
+   var st=el("td");st.appendChild(el("span",{"class":"state s-"+({active:"up",suspended:"suspended",
+    discarded:"draining",purged:"down",starting:"suspended"})[x.state]},x.state));tr.appendChild(st);
+   ["sessions","total","age","memory"].forEach(function(c){tr.appendChild(el("td",{"class":"n "+c}));});
+   var a=el("td");[["recycle","Recycle",""],["discard","Discard","danger"]].forEach(function(y){
+    var b=el("button",{"data-action":y[0],"data-node":x.id,"class":y[2]},y[1]);
+    b.addEventListener("click",function(){act("/api/v1/nodes/"+x.id+"/"+y[0]+q,y[1]+" node "+x.id);});
+    a.appendChild(b);});tr.appendChild(a);tab.appendChild(tr);});
+  box.appendChild(tab);}
+ n.nodes.forEach(function(x){var tr=box.querySelector('tr[data-node="'+x.id+'"]');if(!tr){return;}
+  tr.querySelector(".sessions").textContent=String(x.sessions);tr.querySelector(".total").textContent=String(x.total_sessions);
+  tr.querySelector(".age").textContent=x.age_seconds===null?"–":dur(x.age_seconds);
+  tr.querySelector(".memory").textContent=x.memory_bytes===null?"–":bytes(x.memory_bytes);});}
 // DEPENDS_ON: each dependency's state; one that is down says since when and why (no new session meanwhile).
 function renderDeps(box,deps){box.textContent="";if(!deps.length){return;}box.appendChild(document.createTextNode("depends on "));
  deps.forEach(function(d){var st=el("span",{"class":"state s-"+(d.state==="unchecked"?"suspended":d.state),"data-dependency":d.name,
