@@ -22,6 +22,7 @@ from protheus_broker.desktop.pending import PendingLimits
 from protheus_broker.desktop.tls import ReloadableServerContext, server_options
 from protheus_broker.http.affinity import AffinityCookies
 from protheus_broker.http.health import HttpProbeMonitor, make_http_monitor
+from protheus_broker.http.gate import LicenseGate
 from protheus_broker.http.capacity import QueueFull, QueueTimeout, RequestSlots
 from protheus_broker.http.proxy import Choice, Headers, HttpProxyFactory, IDispatcher, NoBackend, ProxySettings, RequestInfo
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, HttpBalanceConfig, WebServicesConfig
@@ -184,7 +185,8 @@ class HttpUnit(MultiService):
     """Browser requests spread over the section's REMOTE_SERVER_xx, kept on one by a cookie."""
 
     def __init__(self, reactor: Any, config: HttpBalanceConfig, name: str = HTTP_SECTION,
-                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None) -> None:
+                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None,
+                 licenses: Any = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.name = name
@@ -200,12 +202,17 @@ class HttpUnit(MultiService):
         self.affinity = AffinityCookies(max_age=config.affinity_timeout,
                                         secure=config.secure_cookie or config.tls.terminate)
         self.dispatcher = self.make_dispatcher(config)
+        # the license gate (URIS, Stateless=1) around the balancing; *licenses*: the LicenseClient
+        self.licenses = licenses
+        self.gate = LicenseGate(reactor, self.dispatcher, licenses.pool if licenses is not None else None,
+                                config.license, name)
         self.upstreams = UpstreamPool(reactor, connector or tcp_connector(reactor, config.connect_timeout),
                                       max_idle=config.upstream_max_idle,
                                       idle_timeout=config.upstream_idle_timeout, reuse=config.upstream_reuse)
         self.dependencies = UnitDependencies(name)  # DEPENDS_ON (tap.py): 503 while one is down
-        #: scale to zero: a scaler's ScaleToZero set as ``wake.controller`` holds requests while it wakes
-        self.wake = WakeDispatcher(self.dispatcher)
+        #: scale to zero: a scaler's ScaleToZero set as ``wake.controller`` holds requests while it
+        #: wakes (before the license gate: a held request takes no seat)
+        self.wake = WakeDispatcher(self.gate, pool=self.pool)
         self.factory = HttpProxyFactory(reactor, DependencyDispatcher(self.wake, self.dependencies),
                                         self.upstreams, proxy_settings(config),
                                         stats=self.stats, name=name,
@@ -285,6 +292,7 @@ class HttpUnit(MultiService):
         self.affinity.max_age = config.affinity_timeout
         self.affinity.secure = config.secure_cookie or self.tls_context is not None
         self.dispatcher.forward_cookie = config.affinity_forward_cookie
+        self.gate.configure(config.license)
         self.config = config
         self.reloaded(config)
         log.info("reloaded [{section}]: added {added}, removed {removed}, kept {kept}", section=self.name,
@@ -304,9 +312,10 @@ class WebServicesUnit(HttpUnit):
     dispatcher: SlotsDispatcher
 
     def __init__(self, reactor: Any, config: WebServicesConfig, name: str = WEB_SERVICES_SECTION,
-                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None) -> None:
+                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None,
+                 licenses: Any = None) -> None:
         self.slots = RequestSlots(reactor, queue_length=config.queue_length, queue_timeout=config.queue_timeout)
-        super().__init__(reactor, config, name=name, path=path, ids=ids, connector=connector)
+        super().__init__(reactor, config, name=name, path=path, ids=ids, connector=connector, licenses=licenses)
         self.pool.subscribe(lambda event: self.slots.poke())
         self.reloaded(config)
 

@@ -57,9 +57,10 @@ class WakeDispatcher:
     pass-through), :meth:`choose` holds a request while a member wakes, or fails with
     :class:`NoBackend` (503, Retry-After, the reason); everything else goes straight inside."""
 
-    def __init__(self, inner: Any, controller: ScaleToZero | None = None) -> None:
+    def __init__(self, inner: Any, controller: ScaleToZero | None = None, pool: Any = None) -> None:
         self.inner = inner
         self.controller = controller
+        self.pool = pool if pool is not None else getattr(inner, "pool", None)  # a member up: no hold
 
     @property
     def strip_request_headers(self) -> frozenset[bytes]:
@@ -67,7 +68,7 @@ class WakeDispatcher:
 
     def choose(self, request: RequestInfo) -> Deferred[Choice]:
         controller = self.controller
-        pool = getattr(self.inner, "pool", None)
+        pool = self.pool
         if controller is None or not controller.must_hold() or (pool is not None and pool.can_take_session()):
             return self.inner.choose(request)  # type: ignore[no-any-return]
         held = controller.hold(request.client)

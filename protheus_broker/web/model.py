@@ -160,7 +160,27 @@ def _http_counters(unit: Any, recorded: dict[str, int]) -> dict[str, int]:
         "queued": int(queue.get("queued", 0)),
         "queue_full": int(queue.get("queue_full", 0)),
         "queue_timeouts": int(queue.get("queue_timeouts", 0)),
+        **_license_counters(unit),
     }
+
+
+def _license_counters(unit: Any) -> dict[str, int]:
+    """The license gate's figures (zero for a unit without one): requests waiting for a seat now,
+    seated, and 503s for lack of a license."""
+    gate = getattr(unit, "gate", None)
+    if gate is None:
+        return {"license_waiting": 0, "license_seated": 0, "license_refused": 0}
+    return {"license_waiting": gate.waiting, "license_seated": gate.seated,
+            "license_refused": sum(gate.refused.values())}
+
+
+def license_status(broker: Any) -> dict[str, Any] | None:
+    """The license client ([LICENSECLIENT]): connected, since, why, seats per class; None without one."""
+    client = getattr(broker, "licenses", None)
+    if client is None:
+        return None
+    status: dict[str, Any] = client.status()
+    return status
 
 
 def counters(broker: Any) -> dict[str, int]:
@@ -264,6 +284,7 @@ def pool_status(unit: Any, admin: Any, history: ConnectionHistory | None, now: f
         "scale_to_zero": unit_scale_to_zero(unit),
         "dependencies": unit_dependencies(unit, now),
         "totals": unit_counters(unit),
+        "license": unit.gate.status() if getattr(unit, "gate", None) is not None else None,
         "history": {
             "interval_seconds": admin.history_interval if admin else None,
             "samples": history.as_list(unit.name) if history is not None else [],
@@ -284,6 +305,7 @@ def status(broker: Broker, history: ConnectionHistory | None = None) -> dict[str
         "totals": counters(broker),
         "pools": [pool_status(unit, admin, history, now) for unit in units_of(broker)],
         "dependencies": dependencies(broker),
+        "license_client": license_status(broker),
         "admin": {
             "actions": bool(admin and admin.token_hash),
             "read_access": admin.read_access.value if admin else None,
