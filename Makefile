@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-floor lint bench bench-http bench-license bench-monitor bench-tls bench-resume bench-nodes certs deb venv clean
+.PHONY: run test test-floor lint bench bench-http bench-license bench-monitor bench-tls bench-resume bench-nodes bench-wake certs deb venv clean
 
 # The project itself goes into the venv too, so `.venv/bin/twistd -n protheus-broker` and
 # `.venv/bin/protheus-broker-ctl` work as the README shows: an editable install (the console
@@ -47,6 +47,9 @@ bench-monitor: venv  ## broker CPU for 1,000 monitored servers at 1 report/s (pl
 
 bench-nodes: venv  ## managed nodes: spawn-to-ready time, sessions/s through Unix-socket vs TCP nodes
 	$(PY) bench/bench_nodes.py
+
+bench-wake: venv  ## scale to zero: a cold login's first byte vs the node's spawn-to-ready, warm logins, a held burst
+	$(PY) bench/bench_wake.py
 
 bench-resume: venv  ## resumable sessions: resume latency, RSS per standby session, connector throughput
 	$(PY) bench/bench_resume.py
