@@ -63,7 +63,8 @@ async def until(predicate: Callable[[], Awaitable[bool]], seconds: float, what: 
 
 class Load:
     """*workers* clients, each sending GET *path* again as soon as its answer is in (a pause of
-    50 ms after a refusal); answers are counted per phase: status, and the 503's reason."""
+    50 ms after a refusal); answers are counted by the phase their request was sent in: status,
+    and the refusal's reason."""
 
     def __init__(self, port: int, workers: int, path: str = "/rest/x") -> None:
         self.url = f"http://127.0.0.1:{port}{path}".encode()
@@ -89,8 +90,8 @@ class Load:
         await defer.DeferredList(self._loops)
         await self.pool.closeCachedConnections()
 
-    def count(self, outcome: str) -> None:
-        self.counts.setdefault(self.phase, Counter())[outcome] += 1
+    def count(self, phase: str, outcome: str) -> None:
+        self.counts.setdefault(phase, Counter())[outcome] += 1
 
     def total(self, phase: str, outcome: str) -> int:
         return self.counts.get(phase, Counter())[outcome]
@@ -102,11 +103,11 @@ class Load:
                 response = await self.agent.request(b"GET", self.url).addTimeout(30, reactor)
                 body = await readBody(response)
             except Exception as exc:
-                self.count(f"error {type(exc).__name__}")
+                self.count(phase, f"error {type(exc).__name__}")
                 await sleep(0.05)
                 continue
             if response.code == 200:
-                self.count("200")
+                self.count(phase, "200")
                 self.last_ok = time.monotonic()
                 continue
             reason = "?"
@@ -114,7 +115,7 @@ class Load:
                 reason = str(json.loads(body).get("error", "?"))
             except ValueError:
                 pass
-            self.count(f"{response.code}")
+            self.count(phase, f"{response.code}")
             self.reasons[f"{response.code} {reason.split(' (')[0]}"] += 1
             if response.code == 503:
                 self.first_refused.setdefault(phase, time.monotonic())
@@ -292,7 +293,7 @@ class LicenseEndToEndTests(ProcessTestCase):
         return defer.ensureDeferred(self._server_killed())
 
     async def _server_killed(self) -> None:
-        seats, ttl, workers = 6, 6.0, 40
+        seats, ttl, workers = 6, 12.0, 40
         license_port = free_port()
         license_path = self.license_ini(license_port, seats, ttl, 5.0)
         server, status_port = await self.license_server(license_path)
@@ -347,6 +348,8 @@ class LicenseEndToEndTests(ProcessTestCase):
             await load.stop()
             await watcher
         figures = await self.status(status_port)
+        if os.environ.get("LICE2E_DEBUG"):
+            print("\n".join(line for line in broker.text().splitlines() if "license" in line))
         self.assertLessEqual(backend.most, seats, load.table())
         self.assertEqual(backend.in_flight, 0)
         self.assertLessEqual(most_at_server, seats)
@@ -373,13 +376,18 @@ class LicenseEndToEndTests(ProcessTestCase):
         """A relay between broker and license server cuts the link and refuses new connections:
         requests are served from the leases, then 503 "license server unreachable" once they expire;
         the relay heals: served again.  Never more than N at the AppServer."""
-        return defer.ensureDeferred(self._partition())
+        return defer.ensureDeferred(self._partition(silent=False))
 
-    async def _partition(self) -> None:
+    def test_silent_partition_served_from_leases_then_503_then_healed(self) -> defer.Deferred[None]:
+        """The same with a black hole (nothing moves, nobody is told): served from the leases, then
+        503 "license server unreachable", served again after healing."""
+        return defer.ensureDeferred(self._partition(silent=True))
+
+    async def _partition(self, silent: bool) -> None:
         seats, ttl, workers = 4, 6.0, 12
         license_port = free_port()
         _, status_port = await self.license_server(self.license_ini(license_port, seats, ttl, 30.0))
-        relay = FaultProxy(reactor, license_port, [], random.Random(1), silent_ratio=0.0,
+        relay = FaultProxy(reactor, license_port, [], random.Random(1), silent_ratio=1.0 if silent else 0.0,
                            downtime=lambda rng: 3600.0)
         listening = reactor.listenTCP(0, relay, interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(listening.stopListening)
@@ -392,7 +400,7 @@ class LicenseEndToEndTests(ProcessTestCase):
         try:
             await until(lambda: defer.succeed(load.total("before", "200") >= 100), 30, "200 answers")
             load.phase = "partitioned"
-            relay.cut_all()  # connections reset, new ones refused
+            relay.cut_all()  # connections reset (or black holes), new ones refused
             cut = time.monotonic()
             await until(lambda: defer.succeed(load.reasons[f"503 {UNREACHABLE}"] >= 10), ttl + 15,
                         "503 unreachable")
@@ -405,13 +413,15 @@ class LicenseEndToEndTests(ProcessTestCase):
             resumed = time.monotonic() - healed
         finally:
             await load.stop()
+        if os.environ.get("LICE2E_DEBUG"):
+            print("\n".join(line for line in broker.text().splitlines() if "license" in line))
         self.assertLessEqual(backend.most, seats, load.table())
         self.assertGreater(load.total("partitioned", "200"), 0)
         self.assertEqual({reason for reason in load.reasons if reason.startswith("503")},
                          {f"503 {UNREACHABLE}"}, load.reasons)
         self.assertIn("serving from the leases held", broker.text())
         self.assertGreater(relay.refused, 0)
-        print(f"\npartition: N = {seats} seats, {workers} clients, LEASE_TTL = {ttl:g}: served from leases "
+        print(f"\n{'silent ' if silent else ''}partition: N = {seats} seats, {workers} clients, LEASE_TTL = {ttl:g}: served from leases "
               f"{from_leases:.2f}s after the cut, then 503 '{UNREACHABLE}' ({relay.refused} reconnects "
               f"refused by the relay); healed: serving again after {resumed:.2f}s; at most {backend.most} "
               f"in flight at the AppServer.\n  answers: {load.table()}")

@@ -77,6 +77,10 @@ class ILeaseWire(Interface):
     def release(lease_id: str, seats: int) -> "Deferred[dict[str, Any]]":
         """Give *seats* of the lease back: ``seats`` left."""
 
+    def unresponsive(why: str) -> None:
+        """A lease expired unrenewed while the channel looked up (a black hole: no answer and no
+        close): take the channel for dead now (``connected`` false at once) and open a new one."""
+
 
 class HeldLease:
     """One lease the broker holds, with its renewal and local expiry timers."""
@@ -384,6 +388,8 @@ class SeatPool:
         lease.expire_call = None
         log.warn("license: lease {lease_id} ({license_class}, {seats} seats) expired unrenewed",
                  lease_id=lease.lease_id, license_class=lease.license_class, seats=lease.seats)
+        if self.wire.connected:  # renewed from a third of its TTL on, never answered: the channel is dead
+            self.wire.unresponsive(f"lease {lease.lease_id} expired unrenewed")
         self._drop(lease)
 
     def _drop(self, lease: HeldLease) -> None:
