@@ -47,6 +47,11 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def listen(factory: Any) -> Any:
+    """*factory* on 127.0.0.1, port 0; the listening port."""
+    return reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+
+
 async def sleep(seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
 
@@ -179,7 +184,7 @@ class LicenseEndToEndTests(ProcessTestCase):
     def backend(self) -> tuple[SlowBackendFactory, int]:
         """An AppServer in this process answering each request 20 ms later, counting those in flight."""
         factory = SlowBackendFactory()
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        port = listen(factory)
         self.addCleanup(port.stopListening)
         return factory, port.getHost().port
 
@@ -265,7 +270,7 @@ class LicenseEndToEndTests(ProcessTestCase):
         _, status_port = await self.license_server(self.license_ini(license_port, seats, ttl, grace))
         relay = FaultProxy(reactor, license_port, [], random.Random(1), silent_ratio=1.0,
                            downtime=lambda rng: 3600.0)
-        listening = reactor.listenTCP(0, relay, interface="127.0.0.1")  # type: ignore[attr-defined]
+        listening = listen(relay)
         self.addCleanup(listening.stopListening)
         _, backend_port = self.backend()
         broker, _, _ = await self.broker(self.broker_ini(listening.getHost().port, backend_port, high=5))
@@ -389,7 +394,7 @@ class LicenseEndToEndTests(ProcessTestCase):
         _, status_port = await self.license_server(self.license_ini(license_port, seats, ttl, 30.0))
         relay = FaultProxy(reactor, license_port, [], random.Random(1), silent_ratio=1.0 if silent else 0.0,
                            downtime=lambda rng: 3600.0)
-        listening = reactor.listenTCP(0, relay, interface="127.0.0.1")  # type: ignore[attr-defined]
+        listening = listen(relay)
         self.addCleanup(listening.stopListening)
         backend, backend_port = self.backend()
         broker, web_port, _ = await self.broker(self.broker_ini(listening.getHost().port, backend_port,
