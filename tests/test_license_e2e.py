@@ -424,11 +424,15 @@ class LicenseEndToEndTests(ProcessTestCase):
         self.assertGreater(load.total("partitioned", "200"), 0)
         self.assertEqual({reason for reason in load.reasons if reason.startswith("503")},
                          {f"503 {UNREACHABLE}"}, load.reasons)
+        self.assertFalse([outcome for counts in load.counts.values() for outcome in counts
+                          if outcome.startswith("error")], load.table())
         self.assertIn("serving from the leases held", broker.text())
+        if silent:  # no close to notice: the lease that expired unrenewed tells
+            self.assertIn("lost: no answer from the license server (lease ", broker.text())
         self.assertGreater(relay.refused, 0)
-        print(f"\n{'silent ' if silent else ''}partition: N = {seats} seats, {workers} clients, LEASE_TTL = {ttl:g}: served from leases "
-              f"{from_leases:.2f}s after the cut, then 503 '{UNREACHABLE}' ({relay.refused} reconnects "
-              f"refused by the relay); healed: serving again after {resumed:.2f}s; at most {backend.most} "
+        print(f"\n{'silent ' if silent else ''}partition: N = {seats} seats, {workers} clients, LEASE_TTL = "
+              f"{ttl:g}: served from leases {from_leases:.2f}s after the cut, then 503 '{UNREACHABLE}' "
+              f"({relay.refused} reconnects refused by the relay); healed: serving again after {resumed:.2f}s; at most {backend.most} "
               f"in flight at the AppServer.\n  answers: {load.table()}")
 
     # --- 4. DEPENDS_ON = LICENSECLIENT on the desktop unit ----------------------------------------
