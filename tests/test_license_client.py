@@ -260,6 +260,18 @@ class LeaseTests(SynchronousTestCase):
         self.assertTrue(rig.client.connected)
         self.assertTrue(rig.pool.try_take("TOTVS_I"))
 
+    def test_lease_in_flight_when_the_channel_drops_is_not_a_warning(self) -> None:
+        """A Lease unanswered when the channel is lost fails with the loss (logged once, as the
+        channel's): no second warning line for the lease."""
+        catcher = LogCatcher(self)
+        rig = Rig()
+        for _ in range(7):
+            self.assertTrue(rig.pool.try_take("TOTVS_I"))  # below LOW_WATERMARK: a Lease is sent
+        self.assertTrue(rig.pool.classes["TOTVS_I"].asking)
+        rig.endpoint.cut()
+        self.assertFalse(rig.client.connected)
+        self.assertEqual([t for t in catcher.texts() if "lease of TOTVS_I failed" in t], [])
+
     def test_waiters_of_a_lost_class_get_unreachable(self) -> None:
         """Waiting when the last lease expires with no channel: 503 at once, unreachable."""
         rig = Rig(ttl=30.0)

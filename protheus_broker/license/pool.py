@@ -20,6 +20,7 @@ from collections import OrderedDict
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -337,7 +338,7 @@ class SeatPool:
             return
         # the channel went down (its loss is handled by link_down) or a bad answer: ask again later
         seats.next_ask_at = now + self.retry_delay
-        if not failure.check(NotConnected):
+        if not failure.check(NotConnected, ConnectionClosed):  # (a lost channel is logged as such)
             log.warn("license: lease of {license_class} failed: {why}", license_class=seats.name,
                      why=failure.getErrorMessage())
 
