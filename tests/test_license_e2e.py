@@ -487,5 +487,5 @@ class LicenseEndToEndTests(ProcessTestCase):
         again = await login(b"after")
         self.assertIn(b"PROTHEUS-SIM a", again.data, broker.text())
         print(f"\nDEPENDS_ON = LICENSECLIENT: license server kill -9 seen down after {seen_down:.2f}s; a new "
-              f"desktop login closed, logged as: {line[line.find("session "):]}\n  license server restarted: up again "
+              f"desktop login closed, logged as: {line[line.find('session '):]}\n  license server restarted: up again "
               f"after {seen_up:.2f}s; a new login passes")
