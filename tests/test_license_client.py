@@ -241,6 +241,37 @@ class LeaseTests(SynchronousTestCase):
         self.assertEqual(error.kind, UNREACHABLE)
         self.assertEqual(error.reason, "license server unreachable")
 
+    def test_black_hole_is_unreachable_when_a_lease_expires_unrenewed(self) -> None:
+        """A silent partition (no answer, no close): when a lease expires unrenewed the channel is
+        taken for dead at once, so requests get 'license server unreachable' (not 'all licenses in
+        use' until CALL_TIMEOUT); after healing the client reconnects."""
+        rig = Rig(ttl=6.0)
+        pumps, rig.endpoint.pumps = rig.endpoint.pumps, []  # bytes sent are never delivered
+        rig.endpoint.refuse = True
+        rig.advance(5.0)  # renewal sent at 2 s, unanswered; the lease ends here at 5.4 s
+        self.assertTrue(rig.client.connected)
+        rig.advance(0.5)
+        self.assertFalse(rig.client.connected)
+        self.assertIn("expired unrenewed", rig.client.reason)
+        error = error_of(self, rig.pool.wait("TOTVS_I", 5.0, 10))
+        self.assertEqual(error.kind, UNREACHABLE)
+        rig.endpoint.pumps, rig.endpoint.refuse = pumps, False
+        rig.advance(2.0)
+        self.assertTrue(rig.client.connected)
+        self.assertTrue(rig.pool.try_take("TOTVS_I"))
+
+    def test_lease_in_flight_when_the_channel_drops_is_not_a_warning(self) -> None:
+        """A Lease unanswered when the channel is lost fails with the loss (logged once, as the
+        channel's): no second warning line for the lease."""
+        catcher = LogCatcher(self)
+        rig = Rig()
+        for _ in range(7):
+            self.assertTrue(rig.pool.try_take("TOTVS_I"))  # below LOW_WATERMARK: a Lease is sent
+        self.assertTrue(rig.pool.classes["TOTVS_I"].asking)
+        rig.endpoint.cut()
+        self.assertFalse(rig.client.connected)
+        self.assertEqual([t for t in catcher.texts() if "lease of TOTVS_I failed" in t], [])
+
     def test_waiters_of_a_lost_class_get_unreachable(self) -> None:
         """Waiting when the last lease expires with no channel: 503 at once, unreachable."""
         rig = Rig(ttl=30.0)

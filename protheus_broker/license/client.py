@@ -345,6 +345,17 @@ class LicenseClient(MultiService):
             return Failure(NotConnected(f"{name} unanswered for {timeout:g}s"))
         return result
 
+    def unresponsive(self, why: str) -> None:
+        """The pool saw a lease expire unrenewed on a channel that looked up (a black hole: no
+        answer, no close): the channel is dead now, not at CALL_TIMEOUT (requests get "license
+        server unreachable", not "all licenses in use"); ClientService opens a new one."""
+        channel = self.channel
+        if channel is None:
+            return
+        self.channel_lost(channel, f"no answer from the license server ({why})")
+        if channel.transport is not None:
+            channel.transport.abortConnection()
+
     def lease(self, license_class: str, seats: int) -> defer.Deferred[dict[str, Any]]:
         return self._call(lp.Lease, license_class=license_class, seats=seats)
 

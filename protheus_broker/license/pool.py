@@ -20,6 +20,7 @@ from collections import OrderedDict
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -76,6 +77,10 @@ class ILeaseWire(Interface):
 
     def release(lease_id: str, seats: int) -> "Deferred[dict[str, Any]]":
         """Give *seats* of the lease back: ``seats`` left."""
+
+    def unresponsive(why: str) -> None:
+        """A lease expired unrenewed while the channel looked up (a black hole: no answer and no
+        close): take the channel for dead now (``connected`` false at once) and open a new one."""
 
 
 class HeldLease:
@@ -333,7 +338,7 @@ class SeatPool:
             return
         # the channel went down (its loss is handled by link_down) or a bad answer: ask again later
         seats.next_ask_at = now + self.retry_delay
-        if not failure.check(NotConnected):
+        if not failure.check(NotConnected, ConnectionClosed):  # (a lost channel is logged as such)
             log.warn("license: lease of {license_class} failed: {why}", license_class=seats.name,
                      why=failure.getErrorMessage())
 
@@ -384,6 +389,8 @@ class SeatPool:
         lease.expire_call = None
         log.warn("license: lease {lease_id} ({license_class}, {seats} seats) expired unrenewed",
                  lease_id=lease.lease_id, license_class=lease.license_class, seats=lease.seats)
+        if self.wire.connected:  # renewed from a third of its TTL on, never answered: the channel is dead
+            self.wire.unresponsive(f"lease {lease.lease_id} expired unrenewed")
         self._drop(lease)
 
     def _drop(self, lease: HeldLease) -> None:
