@@ -24,7 +24,8 @@ from protheus_broker.desktop.tls import SessionTLS
 from protheus_broker.ini import ConfigError
 from protheus_broker.monitoring.monitor import make_monitor
 from protheus_broker.nodes.manager import NodeManager
-from protheus_broker.nodes.spawner import NodeService, ProcessSpawner
+from protheus_broker.nodes.remote import make_spawner
+from protheus_broker.nodes.spawner import NodeService
 from protheus_broker.resume.broker import ResumableSessions
 from protheus_broker.stats import ISessionStats, SessionStats
 from protheus_broker.units import IBalanceUnit, listen_or_exit, stop_unit
@@ -69,9 +70,11 @@ class DesktopUnit(MultiService):
             self.monitor.setServiceParent(self)
         self.nodes: NodeManager | None = None
         if config.nodes is not None:  # managed AppServer nodes join the pool as source "nodes"
-            self.nodes = NodeManager(reactor, self.pool, ProcessSpawner(reactor, config.nodes, name),
-                                     config.nodes, random.Random(), name)
+            spawner, farm = make_spawner(reactor, config.nodes, name)  # FARM_HOSTS: nodes on agents too
+            self.nodes = NodeManager(reactor, self.pool, spawner, config.nodes, random.Random(), name)
             NodeService(self.nodes).setServiceParent(self)
+            if farm is not None:
+                farm.setServiceParent(self)  # (after NodeService: stops first, farm nodes are left running)
         resumable = (ResumableSessions(reactor, config.resume, stats=self.stats)
                      if config.resume.enabled else None)
         self.factory = BrokerFactory(
