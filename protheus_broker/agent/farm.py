@@ -203,8 +203,8 @@ class Farm:
             node.process.kill()
         elif node.state != "stopping":
             node.state = "stopping"
-            node.process.terminate()
             node.timers.append(self.clock.callLater(self.config.stop_grace, node.process.kill))
+            node.process.terminate()  # (its end cancels the kill)
         return True
 
     def probe(self, broker: str, node_id: int) -> Deferred[tuple[bool, int]]:
