@@ -17,6 +17,7 @@ from protheus_broker.agent.farm import Farm, INodeLauncher
 from protheus_broker.agent.settings import AgentConfig, FarmConfig, parse_agent_config
 from protheus_broker.balancing.methods import SortMethod, make_balancer
 from protheus_broker.balancing.pool import ServerPool
+from protheus_broker.config import parse_config
 from protheus_broker.ini import ConfigError
 from protheus_broker.monitoring import commands as cmd
 from protheus_broker.nodes.manager import FarmSettings, NodeManager, NodePolicy
@@ -336,3 +337,30 @@ class FarmConfigTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             parse_agent_config("[AGENT]\nSECRET=0123456789abcdef\n[NODES]\nCOMMAND_X=/opt/appsrv {socket}\n")
         self.assertIn("COMMAND_X", str(caught.exception))
+
+
+HEAD = "[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 7890\nSORT_METHOD = CONNECTION\n"
+
+
+class BrokerFarmKeysTests(SynchronousTestCase):
+    def test_farm_hosts_alone_manage_nodes(self) -> None:
+        """FARM_HOSTS with its secret turns nodes on without NODE_COMMAND; defaults apply."""
+        config = parse_config(HEAD + "FARM_HOSTS = 127.0.0.2:7077, [::1]:7078\nFARM_SECRET = 0123456789abcdef\n")
+        nodes = config.desktop.nodes
+        assert nodes is not None and nodes.farm is not None
+        self.assertEqual(nodes.farm.hosts, (("127.0.0.2", 7077), ("::1", 7078)))
+        self.assertEqual((nodes.farm.template, nodes.farm.local, nodes.farm.wait), ("APPSERVER", False, 5.0))
+        self.assertTrue(nodes.farm.broker_id.endswith("/BALANCE_SMART_CLIENT_DESKTOP"))
+
+    def test_farm_mistakes_are_one_line(self) -> None:
+        """A host without a port, no secret, or UNIX transport with a farm: one line naming the key."""
+        cases = {
+            "FARM_HOSTS = 127.0.0.2\nFARM_SECRET = 0123456789abcdef\n": "FARM_HOSTS",
+            "FARM_HOSTS = 127.0.0.2:7077\n": "FARM_SECRET",
+            "FARM_HOSTS = 127.0.0.2:7077\nFARM_SECRET = 0123456789abcdef\nTRANSPORT = UNIX\n": "TRANSPORT=TCP",
+            "FARM_HOSTS = 127.0.0.2:7077\nFARM_SECRET = 0123456789abcdef\nLOCAL_NODES = 1\n": "NODE_COMMAND",
+        }
+        for text, message in cases.items():
+            with self.assertRaises(ConfigError, msg=text) as caught:
+                parse_config(HEAD + text)
+            self.assertIn(message, str(caught.exception), text)

@@ -161,7 +161,7 @@ def parse_agent_config(text: str, path: str = "<agent config>") -> AgentConfig:
             warnings.append(f"{path}:{where.sections[name]}: unknown section [{name}]; ignored")
     farm = read_farm(sections[NODES_SECTION]) if NODES_SECTION in sections else None
     if not watched and farm is None:
-        raise ConfigError(path, "no [APPSERVER_<name>] or [NODES] section: the agent has nothing to do")
+        raise ConfigError(path, "no [APPSERVER_<name>] section and no [NODES]: the agent has nothing to do")
     ports: dict[int, str] = {}
     for server in watched:
         if server.port in ports:
