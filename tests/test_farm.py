@@ -364,3 +364,17 @@ class BrokerFarmKeysTests(SynchronousTestCase):
             with self.assertRaises(ConfigError, msg=text) as caught:
                 parse_config(HEAD + text)
             self.assertIn(message, str(caught.exception), text)
+
+
+class HttpNodeKeysTests(SynchronousTestCase):
+    def test_http_units_take_node_keys(self) -> None:
+        """[BALANCE_HTTP] and [BALANCE_WEB_SERVICES] manage nodes without REMOTE_SERVER lines."""
+        config = parse_config(HEAD + "REMOTE_SERVER_01 = 127.0.0.1 5001\n"
+                              "[BALANCE_HTTP]\nLOCAL_SERVER_PORT = 8080\nNODE_COMMAND = sim --http --unix {socket}\n"
+                              "TRANSPORT = UNIX\nSOCKET_DIR = /tmp/x\n"
+                              "[BALANCE_WEB_SERVICES]\nLOCAL_SERVER_PORT = 8081\nNODES = WS_NODES\n"
+                              "[WS_NODES]\nNODE_COMMAND = sim --http --port tcp:{port}\nBASE_PORT = 23000\n")
+        http, ws = config.unit("BALANCE_HTTP"), config.unit("BALANCE_WEB_SERVICES")
+        assert http is not None and ws is not None and http.nodes is not None and ws.nodes is not None
+        self.assertEqual((http.servers, http.nodes.socket_dir), ((), "/tmp/x"))
+        self.assertEqual((ws.servers, ws.nodes.base_port), ((), 23000))

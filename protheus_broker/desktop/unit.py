@@ -138,7 +138,7 @@ class DesktopUnit(MultiService):
         if self.nodes is None or new.nodes is None:
             log.warn("reload: node management turned on or off; restart to apply", pool=self.name)
             return
-        fixed = ("command", "transport", "base_port", "socket_dir", "persistent", "application", "lock_dir")
+        fixed = ("command", "transport", "base_port", "socket_dir", "persistent", "application", "lock_dir", "farm")
         if any(getattr(old.nodes, k) != getattr(new.nodes, k) for k in fixed):
             log.warn("reload: NODE_COMMAND, TRANSPORT, BASE_PORT, SOCKET_DIR or PERSISTENT changed; "
                      "restart to apply", pool=self.name)
