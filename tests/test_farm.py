@@ -322,6 +322,49 @@ class PersistentTests(FarmHarness):
         self.assertEqual(launcher.launched[0].signals, ["TERM"])
 
 
+class PersistentClaimTests(SynchronousTestCase):
+    """The agent's persistent hold, on the Farm logic alone."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.launcher = FakeLauncher()
+        self.farm = Farm(self.clock, farm_config(persistent_grace=30.0), self.launcher)
+        self.links = {"b1": _Link(), "b2": _Link()}
+        for broker, link in self.links.items():
+            self.farm.attach(broker, link)
+
+    def test_a_crashed_persistent_node_stays_its_brokers(self) -> None:
+        """While its broker is linked, a crashed persistent node is still its broker's to restart."""
+        self.farm.start("b1", 1, "APPSERVER", True, "ERP")
+        self.launcher.launched[0].exit("killed by signal 9")
+        with self.assertRaises(cmd.NodeRefused) as caught:
+            self.farm.start("b2", 1, "APPSERVER", True, "ERP")
+        self.assertIn("held by broker b1 (its node restarting, its link is up)", str(caught.exception))
+        self.farm.start("b1", 1, "APPSERVER", True, "ERP")
+        self.assertEqual(self.links["b1"].events, [(1, "ready", ""), (1, "ended", "killed by signal 9"), (1, "ready", "")])
+
+    def test_stopping_it_by_order_gives_the_hold_up(self) -> None:
+        """A broker that stops its own persistent node releases the application once it has ended."""
+        self.farm.start("b1", 1, "APPSERVER", True, "ERP")
+        self.farm.stop("b1", 1)
+        node = self.farm.start("b2", 1, "APPSERVER", True, "ERP")
+        self.assertEqual((node.broker, self.farm.claims), ("b2", {"ERP": "b2"}))
+
+    def test_application_names_are_checked(self) -> None:
+        """An application name the agent would put on a command line is letters, digits, _ . - only."""
+        with self.assertRaises(cmd.NodeRefused):
+            self.farm.start("b1", 1, "APPSERVER", True, "ERP; rm -rf /")
+        self.assertEqual(self.launcher.launched, [])
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.events: list[tuple[int, str, str]] = []
+
+    def event(self, node_id: int, state: str, detail: str) -> None:
+        self.events.append((node_id, state, detail))
+
+
 class FarmConfigTests(SynchronousTestCase):
     def test_agent_nodes_section(self) -> None:
         """[NODES] gives templates by name and limits; an agent may have no AppServer to watch."""

@@ -65,6 +65,7 @@ class FarmNode:
     process: Any = None
     state: str = "starting"  # starting, ready, stopping, ended
     detail: str = ""
+    release: bool = False  # its broker stopped it: the persistent hold goes with it
     timers: list[Any] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
@@ -85,6 +86,9 @@ class Farm:
         self.lost_at: dict[str, float] = {}  # broker -> when its link went
         self._timers: dict[str, list[Any]] = {}
         self.ended: dict[str, list[FarmNode]] = {}  # ended while their broker was away
+        #: application -> the broker holding its persistent node: while its link lives (a crashed
+        #: persistent node is its to restart), and PERSISTENT_GRACE after; or until it stops it
+        self.claims: dict[str, str] = {}
 
     # --- brokers ----------------------------------------------------------------------------
 
@@ -113,12 +117,16 @@ class Farm:
         log.info("farm: broker {broker} link lost; its {count} nodes keep running", broker=broker,
                  count=len(mine))
         timers = self._timers.setdefault(broker, [])
-        if any(n.persistent for n in mine):
+        if broker in self.claims.values():
             timers.append(self.clock.callLater(self.config.persistent_grace, self._grace_over, broker))
         if self.config.orphan_timeout:
             timers.append(self.clock.callLater(self.config.orphan_timeout, self._orphaned, broker))
 
     def _grace_over(self, broker: str) -> None:
+        for application in [a for a, b in self.claims.items() if b == broker]:
+            log.info("farm: broker {broker} no longer holds the persistent node of {application}",
+                     broker=broker, application=application)
+            del self.claims[application]
         for node in list(self.nodes.values()):
             if node.broker == broker and node.persistent:
                 self.stop(broker, node.node_id, reason=f"its broker {broker} has been away over "
@@ -134,16 +142,16 @@ class Farm:
 
     def persistent_holder(self, broker: str, application: str) -> str | None:
         """Why *broker* may not run *application*'s persistent node here (None: it may)."""
-        for node in self.nodes.values():
-            if node.persistent and node.application == application and node.broker != broker:
-                if node.broker in self.links:
-                    return (f"the persistent node of {application} is held by broker {node.broker} "
-                            f"(node {node.node_id} on port {node.port}, its link is up)")
-                away = self.clock.seconds() - self.lost_at.get(node.broker, self.clock.seconds())
-                return (f"the persistent node of {application} is held by broker {node.broker} "
-                        f"(node {node.node_id}, its link lost {away:.0f}s ago; released after "
-                        f"PERSISTENT_GRACE={self.config.persistent_grace:g}s)")
-        return None
+        holder = self.claims.get(application)
+        if holder is None or holder == broker:
+            return None
+        running = [n for n in self.nodes.values() if n.persistent and n.application == application]
+        node = f"node {running[0].node_id} on port {running[0].port}" if running else "its node restarting"
+        if holder in self.links:
+            return f"the persistent node of {application} is held by broker {holder} ({node}, its link is up)"
+        away = self.clock.seconds() - self.lost_at.get(holder, self.clock.seconds())
+        return (f"the persistent node of {application} is held by broker {holder} ({node}, its link lost "
+                f"{away:.0f}s ago; released after PERSISTENT_GRACE={self.config.persistent_grace:g}s)")
 
     def start(self, broker: str, node_id: int, template: str, persistent: bool,
               application: str) -> FarmNode:
@@ -184,6 +192,8 @@ class Farm:
         except OSError as e:
             raise NodeRefused(f"cannot run COMMAND_{template.upper()}: {e}") from None
         self.nodes[(broker, node_id)] = node
+        if persistent:
+            self.claims[application] = broker
         log.info("farm: broker {broker} node {node_id}{persistent}: pid {pid} on {host}:{port}: {command}",
                  broker=broker, node_id=node_id, persistent=" (persistent)" if persistent else "",
                  pid=node.process.pid, host=config.host, port=port, command=" ".join(argv))
@@ -192,10 +202,13 @@ class Farm:
         return node
 
     def stop(self, broker: str, node_id: int, kill: bool = False, reason: str = "") -> bool:
-        """Ask a node to stop (killed after STOP_GRACE); False if there is no such node."""
+        """Ask a node to stop (killed after STOP_GRACE); False if there is no such node.  A
+        broker that stops its persistent node itself gives up its hold once the node has ended."""
         node = self.nodes.get((broker, node_id))
         if node is None:
             return False
+        if node.persistent and not reason:
+            node.release = True
         log.info("farm: stopping broker {broker} node {node_id} (pid {pid}): {why}", broker=broker,
                  node_id=node_id, pid=node.process.pid, why=reason or ("killed by its broker" if kill
                                                                        else "asked by its broker"))
@@ -245,6 +258,8 @@ class Farm:
         del self.nodes[(node.broker, node.node_id)]
         self._cancel(node)
         node.state, node.detail = "ended", why
+        if node.release and self.claims.get(node.application) == node.broker:
+            del self.claims[node.application]
         log.info("farm: broker {broker} node {node_id} ended: {why}", broker=node.broker,
                  node_id=node.node_id, why=why)
         if node.broker in self.links:

@@ -364,6 +364,9 @@ class FarmSpawner:
             self.settle("every farm host attached")
 
     def _stop_unadopted(self, host: FarmHost) -> None:
+        if not self.settled:  # the manager has not asked for its nodes yet
+            self.reactor.callLater(self.farm.wait, self._stop_unadopted, host)
+            return
         for node_id in list(host.orphans):
             del host.orphans[node_id]
             self._stop_orphan(host, node_id, "the broker no longer wants it (not adopted)")
