@@ -3,6 +3,7 @@ launcher on the agent's side, a real NodeManager and ServerPool on the broker's,
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import count
 from typing import Any, Callable
 
@@ -208,6 +209,21 @@ class StartStopTests(FarmHarness):
         self.turn(0.5)
         self.assertEqual((len(launcher2.launched), len(launcher3.launched)), (1, 1))
         self.assertEqual([h for _, h, _ in broker.members()], ["127.0.0.2", "127.0.0.3"])
+
+    def test_wrong_secret_starts_nothing(self) -> None:
+        """A broker with another FARM_SECRET fails the handshake; the agent runs nothing for it."""
+        agent, launcher = self.agent()
+        broker = Broker(self.clock, "b1", min_nodes=1)
+        broker.spawner.farm = replace(broker.spawner.farm, secret=b"another-secret-0123456789")
+        broker.manager.start()
+        self.connect(agent, broker)
+        self.turn(1.0)
+        broker.spawner.settle("FARM_WAIT passed")  # (FarmService's timer)
+        self.turn(0.5)
+        self.assertEqual(launcher.launched, [])
+        texts = "\n".join(self.logs.texts())
+        self.assertIn("farm channel failed: the agent's proof is wrong (a different FARM_SECRET", texts)
+        self.assertIn("node 1 failed: process ended unexpectedly (no farm host linked)", texts)
 
     def test_orders_before_attach_are_refused(self) -> None:
         """A StartNode on a channel that has not authenticated and attached is refused and closed."""

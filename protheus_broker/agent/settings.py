@@ -92,7 +92,7 @@ def read_farm(section: Section) -> FarmConfig:
     if not templates:
         raise ConfigError(section.path, "[NODES] has no COMMAND_<name>: the commands brokers may run here",
                           key="[NODES]")
-    max_nodes = section.integer("MAX_NODES", 8, 1, 1000)
+    max_nodes = section.integer("MAX_NODES", 8, 1, 500)  # (its node list fits one AMP box)
     base_text = section.raw("BASE_PORT")
     base_port = parse_port(section, "BASE_PORT", base_text) if base_text else 21000
     if base_port + max_nodes > 65535:
