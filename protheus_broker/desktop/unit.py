@@ -27,6 +27,9 @@ from protheus_broker.nodes.manager import NodeManager
 from protheus_broker.nodes.remote import make_spawner
 from protheus_broker.nodes.spawner import NodeService
 from protheus_broker.resume.broker import ResumableSessions
+from protheus_broker.scaling.controller import ScaleToZero
+from protheus_broker.scaling.gates import ScaleToZeroService, WakeGate
+from protheus_broker.scaling.local import LocalScaler
 from protheus_broker.stats import ISessionStats, SessionStats
 from protheus_broker.units import IBalanceUnit, listen_or_exit, stop_unit
 
@@ -93,9 +96,24 @@ class DesktopUnit(MultiService):
         self.dependencies = UnitDependencies(name)
         self.factory.gates.insert(0, DependencyGate(self.dependencies))
         self.factory.standby = resumable
+        #: SCALE_TO_ZERO=1: the nodes sleep after ZERO_IDLE_TIME without a session; a login wakes them
+        self.scale_to_zero: ScaleToZero | None = None
+        if self.nodes is not None and config.scale_to_zero.enabled:
+            controller = ScaleToZero(reactor, LocalScaler(self.nodes), config.scale_to_zero,
+                                     self._open_sessions, name=name)
+            self.scale_to_zero = controller
+            self.factory.gates.insert(self.factory.gates.index(self.factory.server_gate),
+                                      WakeGate(controller, self.pool))
+            ScaleToZeroService(controller).setServiceParent(self)  # after the nodes' service
         self.session_tls = SessionTLS(reactor, config.tls, self.factory)  # ConfigError: bad file
         self.endpoint = endpoint_string(config)
         self.port: Any = None
+
+    def _open_sessions(self) -> int:
+        """Sessions open (scale to zero's activity): SmartClient sessions not held by the wake,
+        or sessions the pool counts on its members (resume standby included)."""
+        held = len(self.scale_to_zero.held) if self.scale_to_zero is not None else 0
+        return max(len(self.factory.sessions) - held, sum(b.active for b in self.pool))
 
     def privilegedStartService(self) -> None:
         """Listen (ports below 1024 need the privilege); a port that is taken stops the daemon
@@ -133,7 +151,9 @@ class DesktopUnit(MultiService):
     def _reload_nodes(self, old: DesktopBalanceConfig, new: DesktopBalanceConfig) -> None:
         """Sizes, polls and recycle limits apply live; the command, transport, ports, socket
         directory and persistence need a restart."""
-        if old.nodes == new.nodes:
+        if old.scale_to_zero.enabled != new.scale_to_zero.enabled:
+            log.warn("reload: SCALE_TO_ZERO changed; restart to apply", pool=self.name)
+        if old.nodes == new.nodes and old.scale_to_zero == new.scale_to_zero:
             return
         if self.nodes is None or new.nodes is None:
             log.warn("reload: node management turned on or off; restart to apply", pool=self.name)
@@ -145,6 +165,10 @@ class DesktopUnit(MultiService):
             new_policy = replace(new.nodes, **{k: getattr(old.nodes, k) for k in fixed})
         else:
             new_policy = new.nodes
+        if self.scale_to_zero is not None:  # the controller owns MIN_NODES while it runs
+            new_policy = replace(new_policy, min_nodes=self.nodes.policy.min_nodes)
+            if new.scale_to_zero.enabled:
+                self.scale_to_zero.policy = new.scale_to_zero  # ZERO_IDLE_TIME, WAKE_TIMEOUT, MAX_HELD
         self.nodes.policy = new_policy
         self.nodes.reconcile()
 

@@ -3,9 +3,10 @@ MONITORING_TYPE as in the desktop section)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 from protheus_broker.balancing.methods import SortMethod
 from protheus_broker.balancing.servers import RemoteServer
@@ -21,6 +22,33 @@ HTTP_SECTION = "BALANCE_HTTP"
 WEB_SERVICES_SECTION = "BALANCE_WEB_SERVICES"
 
 _SERVER_KEY_RE = re.compile(r"^REMOTE_SERVER_([A-Z0-9]+)$")
+
+
+@dataclass(frozen=True)
+class UriRule:
+    """One URI section as the AppServer's config writes it: ``URL=/rest`` and ``Stateless=1``
+    (a request under that path takes a license seat while it runs)."""
+
+    section: str
+    url: str
+    stateless: bool
+
+
+@dataclass(frozen=True)
+class LicenseGateConfig:
+    """The license gate of an HTTP unit: ``URIS`` (the URI sections), ``TRUSTED_API_MANAGERS``,
+    the wait for a seat and ``FWFRAME_TIMELS``."""
+
+    uris: tuple[UriRule, ...] = ()
+    trusted_api_managers: tuple[Any, ...] = ()  # ip_network objects
+    queue_length: int = 1000  # LICENSE_QUEUE_LENGTH: requests that may wait for a seat per class
+    queue_timeout: float = 10.0  # LICENSE_QUEUE_TIMEOUT: a request waits this long for a seat, then 503
+    time_log: bool = False  # FWFRAME_TIMELS: log the time each request waited for its seat
+
+    @property
+    def stateless(self) -> bool:
+        """True when some URI takes license seats."""
+        return any(rule.stateless for rule in self.uris)
 
 
 @dataclass(frozen=True)
@@ -55,6 +83,7 @@ class HttpBalanceConfig:
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     tls: SessionTLSConfig = field(default_factory=SessionTLSConfig)  # SSL_CERTIFICATE/SSL_KEY: terminate TLS
     nodes: NodePolicy | None = None  # managed AppServer nodes (NODE_COMMAND, FARM_HOSTS or NODES = <section>)
+    license: LicenseGateConfig = field(default_factory=LicenseGateConfig)  # URIS, TRUSTED_API_MANAGERS, ...
 
     @property
     def effective_sort_method(self) -> SortMethod:
@@ -141,6 +170,51 @@ def read_health_path(section: Section, monitoring_type: MonitoringType, warnings
     return path
 
 
+def read_uri_rules(section: Section, sections: Mapping[str, Section]) -> tuple[UriRule, ...]:
+    """``URIS = HTTPURI, APP``: each named section's ``URL`` (a path prefix) and ``Stateless``
+    (0 or 1).  The sections' other keys (PrepareIn, Instances, CORSEnable...) are the AppServer's."""
+    text = section.text("URIS", "")
+    rules: list[UriRule] = []
+    for name in [part.strip().upper() for part in re.split(r"[,;\s]+", text) if part.strip()]:
+        uri = sections.get(name)
+        if uri is None:
+            raise section.error("URIS", f"names [{name}], which the file does not have")
+        if any(rule.section == name for rule in rules):
+            raise section.error("URIS", f"names [{name}] twice")
+        url = uri.text("URL", "")
+        if not url.startswith("/") or not all(33 <= ord(c) < 127 for c in url):
+            raise uri.error("URL", f"{url!r} is not a path (it starts with / and has no spaces or "
+                            f"non-ASCII characters)" if url else "is required: the URI's path prefix")
+        stateless = uri.integer("STATELESS", 0, 0, 1) == 1
+        rules.append(UriRule(section=name, url=url, stateless=stateless))
+    return tuple(rules)
+
+
+def read_trusted(section: Section) -> tuple[Any, ...]:
+    """``TRUSTED_API_MANAGERS = 10.0.0.0/8, 127.0.0.1``: addresses or networks whose
+    ``x-totvs-appcode`` header is honoured."""
+    text = section.text("TRUSTED_API_MANAGERS", "")
+    networks: list[Any] = []
+    for part in [p for p in re.split(r"[,;\s]+", text) if p]:
+        try:
+            networks.append(ipaddress.ip_network(part.strip("[]"), strict=False))
+        except ValueError:
+            raise section.error("TRUSTED_API_MANAGERS", f"{part!r} is not an IP address or network "
+                                f"(e.g. 10.0.0.0/8, 192.0.2.7)") from None
+    return tuple(networks)
+
+
+def read_license_gate(section: Section, sections: Mapping[str, Section]) -> LicenseGateConfig:
+    """The unit's license gate keys."""
+    return LicenseGateConfig(
+        uris=read_uri_rules(section, sections),
+        trusted_api_managers=read_trusted(section),
+        queue_length=section.integer("LICENSE_QUEUE_LENGTH", 1000, 0, 1_000_000),
+        queue_timeout=section.number("LICENSE_QUEUE_TIMEOUT", 10.0, 0.0, 3600.0),
+        time_log=section.boolean("FWFRAME_TIMELS", False),
+    )
+
+
 def _read_unit(section: Section, sections: Mapping[str, Section], warnings: list[str],
                kind: type[HttpBalanceConfig], servers: list[RemoteServer], extra: dict[str, object]) -> HttpBalanceConfig:
     """The keys both HTTP units share (TLS termination with the desktop section's SSL_* keys and
@@ -180,6 +254,7 @@ def _read_unit(section: Section, sections: Mapping[str, Section], warnings: list
         upstream_idle_timeout=section.number("UPSTREAM_IDLE_TIMEOUT", 30.0, 0.0, 86400.0),
         monitoring=read_monitoring(section, monitoring_type, servers),
         tls=tls,
+        license=read_license_gate(section, sections),
         **extra,  # type: ignore[arg-type]
     )
     if config.sort_method != config.effective_sort_method:

@@ -24,6 +24,7 @@ from protheus_broker.desktop.pending import PendingLimits
 from protheus_broker.desktop.tls import ReloadableServerContext, server_options
 from protheus_broker.http.affinity import AffinityCookies
 from protheus_broker.http.health import HttpProbeMonitor, make_http_monitor
+from protheus_broker.http.gate import LicenseGate
 from protheus_broker.http.capacity import QueueFull, QueueTimeout, RequestSlots
 from protheus_broker.http.proxy import Choice, Headers, HttpProxyFactory, IDispatcher, NoBackend, ProxySettings, RequestInfo
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, HttpBalanceConfig, WebServicesConfig
@@ -32,6 +33,7 @@ from protheus_broker.nodes.manager import NodeManager
 from protheus_broker.nodes.remote import make_spawner
 from protheus_broker.nodes.spawner import NodeService
 from protheus_broker.ini import ConfigError
+from protheus_broker.scaling.gates import WakeDispatcher
 from protheus_broker.stats import ISessionStats, SessionStats
 from protheus_broker.units import IBalanceUnit, listen_or_exit, stop_unit
 
@@ -205,7 +207,8 @@ class HttpUnit(MultiService):
     """Browser requests spread over the section's REMOTE_SERVER_xx, kept on one by a cookie."""
 
     def __init__(self, reactor: Any, config: HttpBalanceConfig, name: str = HTTP_SECTION,
-                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None) -> None:
+                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None,
+                 licenses: Any = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.name = name
@@ -228,12 +231,19 @@ class HttpUnit(MultiService):
             NodeService(self.nodes).setServiceParent(self)
             if farm is not None:
                 farm.setServiceParent(self)  # (after NodeService: stops first, farm nodes are left running)
+        # the license gate (URIS, Stateless=1) around the balancing; *licenses*: the LicenseClient
+        self.licenses = licenses
+        self.gate = LicenseGate(reactor, self.dispatcher, licenses.pool if licenses is not None else None,
+                                config.license, name)
         connector = connector or node_connector(reactor, self.pool, config.connect_timeout)
         self.upstreams = UpstreamPool(reactor, connector,
                                       max_idle=config.upstream_max_idle,
                                       idle_timeout=config.upstream_idle_timeout, reuse=config.upstream_reuse)
         self.dependencies = UnitDependencies(name)  # DEPENDS_ON (tap.py): 503 while one is down
-        self.factory = HttpProxyFactory(reactor, DependencyDispatcher(self.dispatcher, self.dependencies),
+        #: scale to zero: a scaler's ScaleToZero set as ``wake.controller`` holds requests while it
+        #: wakes (before the license gate: a held request takes no seat)
+        self.wake = WakeDispatcher(self.gate, pool=self.pool)
+        self.factory = HttpProxyFactory(reactor, DependencyDispatcher(self.wake, self.dependencies),
                                         self.upstreams, proxy_settings(config),
                                         stats=self.stats, name=name,
                                         pending=PendingLimits(config.max_pending_per_address, config.max_pending))
@@ -331,6 +341,7 @@ class HttpUnit(MultiService):
         self.affinity.max_age = config.affinity_timeout
         self.affinity.secure = config.secure_cookie or self.tls_context is not None
         self.dispatcher.forward_cookie = config.affinity_forward_cookie
+        self.gate.configure(config.license)
         self.config = config
         self.reloaded(config)
         log.info("reloaded [{section}]: added {added}, removed {removed}, kept {kept}", section=self.name,
@@ -350,9 +361,10 @@ class WebServicesUnit(HttpUnit):
     dispatcher: SlotsDispatcher
 
     def __init__(self, reactor: Any, config: WebServicesConfig, name: str = WEB_SERVICES_SECTION,
-                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None) -> None:
+                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None,
+                 licenses: Any = None) -> None:
         self.slots = RequestSlots(reactor, queue_length=config.queue_length, queue_timeout=config.queue_timeout)
-        super().__init__(reactor, config, name=name, path=path, ids=ids, connector=connector)
+        super().__init__(reactor, config, name=name, path=path, ids=ids, connector=connector, licenses=licenses)
         self.pool.subscribe(lambda event: self.slots.poke())
         self.reloaded(config)
 

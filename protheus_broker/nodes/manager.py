@@ -217,6 +217,9 @@ class NodeManager:
         #: broker holds it); the unit sets a lock's ``acquire`` here.
         self.claim_persistent: Callable[[], str | None] = lambda: None
         self.persistent_refused: str | None = None
+        #: Set by the local scaler (SCALE_TO_ZERO=1): with MIN_NODES=0 and no session the need
+        #: is 0 nodes, not the one node of headroom.
+        self.scale_to_zero = False
 
     # --- life ---------------------------------------------------------------------------
 
@@ -283,6 +286,8 @@ class NodeManager:
         policy = self.policy
         load = sum(self.sessions(n) for n in self.nodes.values()
                    if n.state in (NodeState.ACTIVE, NodeState.SUSPENDED))
+        if load == 0 and policy.min_nodes == 0 and self.scale_to_zero:
+            return 0
         need = math.ceil((load + 1) / max(1, policy.sessions_per_node))
         return max(policy.min_nodes, min(policy.max_nodes, need))
 
@@ -417,11 +422,12 @@ class NodeManager:
             if now - node.idle_since >= self.policy.idle_time and not self.sessions(node):
                 self.discard(node.node_id, f"idle {now - node.idle_since:.0f}s above the need of {desired}")
 
-    def scale(self, min_nodes: int) -> None:
-        """An admin sets the minimum (within 0..MAX_NODES) for this run."""
+    def scale(self, min_nodes: int, why: str = "admin") -> None:
+        """An admin (or the scale-to-zero controller) sets the minimum (within 0..MAX_NODES)
+        for this run."""
         min_nodes = max(0, min(self.policy.max_nodes, min_nodes))
-        log.info("{unit}: MIN_NODES {old} -> {new} (admin)", unit=self.name, old=self.policy.min_nodes,
-                 new=min_nodes)
+        log.info("{unit}: MIN_NODES {old} -> {new} ({why})", unit=self.name, old=self.policy.min_nodes,
+                 new=min_nodes, why=why)
         self.policy = replace(self.policy, min_nodes=min_nodes)
         for node in self.serving():  # scaling down by hand need not wait for IDLE_TIME
             node.idle_since = self.clock.seconds() - self.policy.idle_time if node.idle_since is not None else None
