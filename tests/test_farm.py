@@ -105,6 +105,7 @@ class Broker:
         self.pool = ServerPool((), make_balancer(SortMethod.CONNECTION, 3.0, {}), clock=clock)
         self.spawner = FarmSpawner(clock, self.policy, "desktop")
         self.manager = NodeManager(clock, self.pool, self.spawner, self.policy, _Zero(), name="desktop")
+        self.manager.claim_persistent = self.spawner.claim(self.manager.claim_persistent)  # (FarmService.watch)
 
     def members(self) -> list[tuple[str, str, int]]:
         return sorted((b.server_id, b.host, b.port) for b in self.pool)
@@ -313,10 +314,16 @@ class PersistentTests(FarmHarness):
         second.manager.start()
         self.connect(agent, second)
         self.turn(0.5)
+        self.turn(30.0, step=0.5)
         persistent = [p for p in launcher.alive() if p.env["PROTHEUS_NODE_PERSISTENT"] == "1"]
         self.assertEqual([p.env["PROTHEUS_BROKER"] for p in persistent], ["b1"])
-        self.assertIn("the persistent node of ERP is held by broker b1 (node 1 on port 21001, its link is up)",
-                      "\n".join(self.logs.texts()))
+        self.assertEqual(second.manager.persistent_refused,
+                         "the first farm host 127.0.0.2:7077: the persistent node of ERP is held by broker b1 "
+                         "(node 1 on port 21001, its link is up)")
+        self.assertEqual(second.manager.crash_streak, 0)  # one refusal, then it waits: no crash loop
+        self.assertEqual(second.states(), {1: "active"})  # its other nodes run (id 1 reused)
+        self.assertFalse(second.manager.nodes[1].persistent)
+        self.assertEqual(len([e for e in self.logs.texts() if "ended: farm host 127.0.0.2:7077 refused it" in e]), 1)
 
     def test_hold_lapses_after_the_grace_and_the_next_broker_gets_it(self) -> None:
         """A holder away past PERSISTENT_GRACE loses its persistent node; the other broker then runs one."""

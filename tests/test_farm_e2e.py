@@ -55,13 +55,13 @@ class FarmE2ETests(ProcessTestCase):
             except OSError:
                 pass
 
-    def broker(self, hosts: str) -> TwistdChild:
+    def broker(self, hosts: str, extra: str = "", broker_id: str = "e2e-broker") -> TwistdChild:
         path = self.write_ini(
             "[GENERAL]\nConsoleLog=1\n[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\n"
             "LOCAL_SERVER_INTERFACE = 127.0.0.1\nSORT_METHOD = CONNECTION\nMONITORING_TYPE = DISABLED\n"
             "CONNECT_TIMEOUT = 2\nWAIT_FOR_SERVER = 10\nNODES = NODES_DESKTOP\n[NODES_DESKTOP]\n"
-            f"FARM_HOSTS = {hosts}\nFARM_SECRET = {SECRET}\nFARM_BROKER_ID = e2e-broker\nFARM_WAIT = 3\n"
-            "MIN_NODES = 2\nMAX_NODES = 4\nSESSIONS_PER_NODE = 100\nPOLL_INTERVAL = 0.5\nSTART_TIMEOUT = 20\n")
+            f"FARM_HOSTS = {hosts}\nFARM_SECRET = {SECRET}\nFARM_BROKER_ID = {broker_id}\nFARM_WAIT = 3\n"
+            "MIN_NODES = 2\nMAX_NODES = 4\nSESSIONS_PER_NODE = 100\nPOLL_INTERVAL = 0.5\nSTART_TIMEOUT = 20\n" + extra)
         return self.start("broker", twistd_argv("protheus-broker", "--config", path))
 
     async def wait_for(self, child: TwistdChild, pattern: str, count: int, patience: float = 30.0) -> None:
@@ -129,3 +129,31 @@ class FarmE2ETests(ProcessTestCase):
         for child in [broker, second, *agents]:
             self.assertNotIn("Traceback", child.text())
             self.assertNotIn("Unhandled", child.text())
+
+    @defer.inlineCallbacks
+    def test_second_broker_is_refused_the_farms_persistent_node(self) -> Any:
+        """Two brokers (their own lock dirs), one application: the first farm host runs one persistent node."""
+        yield defer.ensureDeferred(self._persistent())
+
+    async def _persistent(self) -> None:
+        script = self.script()
+        base = random.randrange(20000, 32000, 10)
+        agent = self.agent("127.0.0.2", base, script)
+        hosts = f"127.0.0.2:{await agent.listening()}"
+        extra = "PERSISTENT = 1\nAPPLICATION = ERP\nLOCK_DIR = {}\n"
+        first = self.broker(hosts, extra.format(self.mktemp_dir()), "broker-a")
+        await first.listening()
+        await self.wait_for(first, r"node 1 starting -> active", 1)
+        second = self.broker(hosts, extra.format(self.mktemp_dir()), "broker-b")
+        await second.listening()
+        await self.wait_for(second, r"no persistent node here: the first farm host", 1)
+        await self.wait_for(second, r"-> active", 2)  # its ordinary nodes run
+        await sleep(6.0)  # a PERSISTENT_RETRY round (5 s): asked again, still refused, no crash loop
+        text = second.text()
+        reason = re.search(r"no persistent node here: (.*)", text)
+        assert reason is not None, text[-3000:]
+        print(f"\nsecond broker: no persistent node here: {reason.group(1)}")
+        persistent = re.findall(r"farm: broker (\S+) node \d+ \(persistent\): pid", agent.text())
+        self.assertEqual(persistent, ["broker-a"])
+        self.assertEqual(len(re.findall(r"node 1 ended: farm host \S+ refused it: the persistent node of ERP", text)), 1)
+        self.assertNotIn("crash loop", text)

@@ -360,6 +360,10 @@ class AgentProtocol(cmd.QuietAMP):
         d = self._farm().probe(self.broker_id, node_id)
         return d.addCallback(lambda r: {"accepting": r[0], "memory_bytes": r[1]})
 
+    @cmd.PersistentHolder.responder
+    def persistent_holder(self, application: str) -> dict[str, Any]:
+        return {"refusal": self._farm().persistent_holder(self.broker_id, application) or ""}
+
     @cmd.NodeEvent.responder
     def node_event(self, node_id: int, state: str, detail: str) -> dict[str, Any]:
         self._refuse("sent a NodeEvent to the agent")

@@ -77,6 +77,7 @@ class DesktopUnit(MultiService):
             self.nodes = NodeManager(reactor, self.pool, spawner, config.nodes, random.Random(), name)
             NodeService(self.nodes).setServiceParent(self)
             if farm is not None:
+                farm.watch(self.nodes)  # the farm's persistent hold, after this host's lock
                 farm.setServiceParent(self)  # (after NodeService: stops first, farm nodes are left running)
         resumable = (ResumableSessions(reactor, config.resume, stats=self.stats)
                      if config.resume.enabled else None)

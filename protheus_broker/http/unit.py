@@ -230,6 +230,7 @@ class HttpUnit(MultiService):
             self.nodes = NodeManager(reactor, self.pool, spawner, config.nodes, random.Random(), name)
             NodeService(self.nodes).setServiceParent(self)
             if farm is not None:
+                farm.watch(self.nodes)  # the farm's persistent hold, after this host's lock
                 farm.setServiceParent(self)  # (after NodeService: stops first, farm nodes are left running)
         # the license gate (URIS, Stateless=1) around the balancing; *licenses*: the LicenseClient
         self.licenses = licenses

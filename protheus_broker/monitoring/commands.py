@@ -423,3 +423,12 @@ class NodeEvent(amp.Command):
 
     arguments = [(b"node_id", amp.Integer()), (b"state", amp.Unicode()), (b"detail", amp.Unicode())]
     requiresAnswer = False
+
+
+class PersistentHolder(amp.Command):
+    """Broker -> agent: who holds *application*'s persistent node here ('' if nobody else: this
+    broker may start it).  A refused broker asks again now and then, without starting anything."""
+
+    arguments = [(b"application", amp.Unicode())]
+    response = [(b"refusal", amp.Unicode())]
+    errors = _FARM_ERRORS

@@ -38,6 +38,8 @@ log = Logger()
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds a direct poll connect may take (while a node's channel is down).
 PROBE_TIMEOUT = 2.0
+#: Seconds between asking the first farm host whether a refused persistent node is free now.
+PERSISTENT_RETRY = 5.0
 
 
 class _Quiet(Factory):
@@ -218,6 +220,10 @@ class FarmSpawner:
         self.pending: list[RemoteNode] = []
         self.settled = False  # every host attached once, or FARM_WAIT passed
         self.leaving = False  # the broker stops: farm nodes are left running
+        #: why the first farm host refused our persistent node (another broker holds it), until
+        #: it says the application is free again (asked every PERSISTENT_RETRY seconds)
+        self.persistent_refused: str | None = None
+        self._retry: Any = None
 
     # --- placing --------------------------------------------------------------------------
 
@@ -297,8 +303,38 @@ class FarmSpawner:
                 self._send_stop(node, node.stop_wanted)
 
         def refused(failure: Failure) -> None:
+            if spec.persistent and failure.check(cmd.NodeRefused) and "persistent node" in _why(failure):
+                self._persistent_refused(_why(failure))
             node.end(f"farm host {host.name} refused it: {_why(failure)}")
         d.addCallbacks(started, refused)
+
+    def _persistent_refused(self, why: str) -> None:
+        """Another broker holds the persistent node: the manager is told (claim_persistent) and
+        does not try again until the first farm host says the application is free."""
+        self.persistent_refused = why
+        if self._retry is None or not self._retry.active():
+            self._retry = self.reactor.callLater(PERSISTENT_RETRY, self._ask_persistent)
+
+    def _ask_persistent(self) -> None:
+        channel = self.hosts[0].channel
+        if channel is None:
+            self._retry = self.reactor.callLater(PERSISTENT_RETRY, self._ask_persistent)
+            return
+
+        def answered(answer: dict[str, Any]) -> None:
+            if answer["refusal"]:
+                self._persistent_refused(answer["refusal"])
+            else:
+                self.persistent_refused = None
+        channel.callRemote(cmd.PersistentHolder, application=self.policy.application).addCallbacks(
+            answered, lambda _: self._persistent_refused(self.persistent_refused or "no answer"))
+
+    def claim(self, local: Callable[[], str | None]) -> Callable[[], str | None]:
+        """The manager's ``claim_persistent``: this host's lock (*local*), then the farm's."""
+        def claim_persistent() -> str | None:
+            return local() or (f"the first farm host {self.hosts[0].name}: {self.persistent_refused}"
+                               if self.persistent_refused else None)
+        return claim_persistent
 
     # --- orders and events ----------------------------------------------------------------
 
@@ -435,8 +471,15 @@ class FarmService(MultiService):
         self._settle_timer = self.reactor.callLater(
             self.spawner.farm.wait, self.spawner.settle, f"FARM_WAIT={self.spawner.farm.wait:g}s passed")
 
+    def watch(self, manager: Any) -> None:
+        """A persistent node another broker holds on the farm waits like a locked local one
+        (the manager's ``claim_persistent``), instead of failing again and again."""
+        manager.claim_persistent = self.spawner.claim(manager.claim_persistent)
+
     def stopService(self) -> Any:
         self.spawner.leaving = True
+        if self.spawner._retry is not None and self.spawner._retry.active():
+            self.spawner._retry.cancel()
         if self._settle_timer is not None and self._settle_timer.active():
             self._settle_timer.cancel()
         return super().stopService()
