@@ -373,10 +373,12 @@ class PersistentClaimTests(SynchronousTestCase):
         node = self.farm.start("b2", 1, "APPSERVER", True, "ERP")
         self.assertEqual((node.broker, self.farm.claims), ("b2", {"ERP": "b2"}))
 
-    def test_application_names_are_checked(self) -> None:
-        """An application name the agent would put on a command line is letters, digits, _ . - only."""
+    def test_application_names_and_ids_are_checked(self) -> None:
+        """An application name the agent would put on a command line is letters, digits, _ . - only; ids 1..10**6."""
         with self.assertRaises(cmd.NodeRefused):
             self.farm.start("b1", 1, "APPSERVER", True, "ERP; rm -rf /")
+        with self.assertRaises(cmd.NodeRefused):
+            self.farm.start("b1", -1, "APPSERVER", False, "ERP")
         self.assertEqual(self.launcher.launched, [])
 
 

@@ -161,6 +161,8 @@ class Farm:
         if argv_template is None:
             raise UnknownTemplate(f"no COMMAND_{template} in this agent's [NODES] "
                                   f"(it has {', '.join(sorted(config.templates))})")
+        if not 1 <= node_id <= 1_000_000:
+            raise NodeRefused(f"node id {node_id} out of range (1..1000000)")
         if not _APPLICATION_RE.match(application):
             raise NodeRefused(f"application name {application[:40]!r}: letters, digits, _ . - only (64 at most)")
         if (broker, node_id) in self.nodes:
