@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-floor lint bench bench-http bench-license bench-monitor bench-tls bench-resume bench-nodes bench-wake certs deb venv clean
+.PHONY: run run-nodes test test-floor lint bench bench-http bench-license bench-monitor bench-tls bench-resume bench-nodes bench-wake certs deb venv clean
 
 # The project itself goes into the venv too, so `.venv/bin/twistd -n protheus-broker` and
 # `.venv/bin/protheus-broker-ctl` work as the README shows: an editable install (the console
@@ -22,6 +22,9 @@ venv: $(VENV)/.done
 
 run: venv  ## the demo: broker on etc/demo.ini plus three sample AppServers (Ctrl-C stops all)
 	$(PY) -m protheus_broker.demo
+
+run-nodes: venv  ## the demo with managed nodes: etc/demo-nodes.ini, the broker starts and recycles its sample AppServers
+	$(PY) -m protheus_broker.demo --nodes
 
 test: venv  ## all tests, newest Twisted from PyPI
 	$(PY) -m twisted.trial --temp-directory=/tmp/_trial_temp_protheus tests

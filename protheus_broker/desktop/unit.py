@@ -24,7 +24,8 @@ from protheus_broker.desktop.tls import SessionTLS
 from protheus_broker.ini import ConfigError
 from protheus_broker.monitoring.monitor import make_monitor
 from protheus_broker.nodes.manager import NodeManager
-from protheus_broker.nodes.spawner import NodeService, ProcessSpawner
+from protheus_broker.nodes.remote import make_spawner
+from protheus_broker.nodes.spawner import NodeService
 from protheus_broker.resume.broker import ResumableSessions
 from protheus_broker.scaling.controller import ScaleToZero
 from protheus_broker.scaling.gates import ScaleToZeroService, WakeGate
@@ -72,9 +73,12 @@ class DesktopUnit(MultiService):
             self.monitor.setServiceParent(self)
         self.nodes: NodeManager | None = None
         if config.nodes is not None:  # managed AppServer nodes join the pool as source "nodes"
-            self.nodes = NodeManager(reactor, self.pool, ProcessSpawner(reactor, config.nodes, name),
-                                     config.nodes, random.Random(), name)
+            spawner, farm = make_spawner(reactor, config.nodes, name)  # FARM_HOSTS: nodes on agents too
+            self.nodes = NodeManager(reactor, self.pool, spawner, config.nodes, random.Random(), name)
             NodeService(self.nodes).setServiceParent(self)
+            if farm is not None:
+                farm.watch(self.nodes)  # the farm's persistent hold, after this host's lock
+                farm.setServiceParent(self)  # (after NodeService: stops first, farm nodes are left running)
         resumable = (ResumableSessions(reactor, config.resume, stats=self.stats)
                      if config.resume.enabled else None)
         self.factory = BrokerFactory(
@@ -155,7 +159,7 @@ class DesktopUnit(MultiService):
         if self.nodes is None or new.nodes is None:
             log.warn("reload: node management turned on or off; restart to apply", pool=self.name)
             return
-        fixed = ("command", "transport", "base_port", "socket_dir", "persistent", "application", "lock_dir")
+        fixed = ("command", "transport", "base_port", "socket_dir", "persistent", "application", "lock_dir", "farm")
         if any(getattr(old.nodes, k) != getattr(new.nodes, k) for k in fixed):
             log.warn("reload: NODE_COMMAND, TRANSPORT, BASE_PORT, SOCKET_DIR or PERSISTENT changed; "
                      "restart to apply", pool=self.name)

@@ -10,6 +10,8 @@ from typing import Any, Mapping
 
 from protheus_broker.balancing.methods import SortMethod
 from protheus_broker.balancing.servers import RemoteServer
+from protheus_broker.nodes.manager import NodePolicy
+from protheus_broker.nodes.settings import read_nodes
 from protheus_broker.desktop.settings import read_sort_method
 from protheus_broker.http.capacity_settings import parse_capped_server
 from protheus_broker.ini import ConfigError, Section, host_and_port, parse_port
@@ -80,6 +82,7 @@ class HttpBalanceConfig:
     service_name: str = "protheus-broker-http"
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     tls: SessionTLSConfig = field(default_factory=SessionTLSConfig)  # SSL_CERTIFICATE/SSL_KEY: terminate TLS
+    nodes: NodePolicy | None = None  # managed AppServer nodes (NODE_COMMAND, FARM_HOSTS or NODES = <section>)
     license: LicenseGateConfig = field(default_factory=LicenseGateConfig)  # URIS, TRUSTED_API_MANAGERS, ...
 
     @property
@@ -101,7 +104,8 @@ class WebServicesConfig(HttpBalanceConfig):
     service_name: str = "protheus-broker-web-services"
 
 
-def read_servers(section: Section, warnings: list[str], caps: dict[str, int] | None = None) -> list[RemoteServer]:
+def read_servers(section: Section, warnings: list[str], caps: dict[str, int] | None = None,
+                 required: bool = True) -> list[RemoteServer]:
     """The REMOTE_SERVER_<id> = host port lines, in file order (with *caps*: ``host port [max]``,
     the third field stored in *caps*)."""
     servers: list[RemoteServer] = []
@@ -116,15 +120,19 @@ def read_servers(section: Section, warnings: list[str], caps: dict[str, int] | N
             servers.append(RemoteServer(server_id=match.group(1), host=host, port=port))
         elif key.startswith("REMOTE_SERVER"):
             raise section.error(key, "server id must be letters and digits after REMOTE_SERVER_")
-    if not servers:
-        raise ConfigError(section.path, "no REMOTE_SERVER_<id> = host port lines: nothing to send requests to",
+    if not servers and required:
+        raise ConfigError(section.path, "no REMOTE_SERVER_<id> = host port lines (nor managed nodes): nothing "
+                          "to send requests to",
                           line=section.where.sections.get(section.name), key=f"[{section.name}]")
     return servers
 
 
 def read_http(section: Section, sections: Mapping[str, Section], warnings: list[str]) -> HttpBalanceConfig:
     """The ``[BALANCE_HTTP]`` unit's config."""
-    return _read_unit(section, sections, warnings, HttpBalanceConfig, read_servers(section, warnings), {
+    nodes = read_nodes(section, sections, section.name, warnings)
+    return _read_unit(section, sections, warnings, HttpBalanceConfig,
+                      read_servers(section, warnings, required=nodes is None), {
+        "nodes": nodes,
         "affinity_timeout": section.integer("AFFINITY_TIMEOUT", 0, 0, 10 * 365 * 86400),
         "affinity_forward_cookie": section.integer("AFFINITY_FORWARD_COOKIE", 0, 0, 1) == 1,
         "secure_cookie": section.integer("SECURE_COOKIE", 0, 0, 1) == 1,
@@ -135,8 +143,10 @@ def read_http(section: Section, sections: Mapping[str, Section], warnings: list[
 def read_web_services(section: Section, sections: Mapping[str, Section], warnings: list[str]) -> WebServicesConfig:
     """The ``[BALANCE_WEB_SERVICES]`` unit's config (no affinity cookie: stateless)."""
     caps: dict[str, int] = {}
-    servers = read_servers(section, warnings, caps)
+    nodes = read_nodes(section, sections, section.name, warnings)
+    servers = read_servers(section, warnings, caps, required=nodes is None)
     config = _read_unit(section, sections, warnings, WebServicesConfig, servers, {
+        "nodes": nodes,
         "caps": caps,
         "queue_length": section.integer("QUEUE_LENGTH", 1000, 0, 1_000_000),
         "queue_timeout": section.number("QUEUE_TIMEOUT", 15.0, 0.0, 3600.0),
