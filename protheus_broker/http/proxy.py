@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from protheus_broker.desktop.pending import PendingLimits, PendingToken, client_host
-from protheus_broker.http.upstream import Outbox, UpstreamPool, UpstreamProtocol, Valve
+from protheus_broker.http.upstream import Outbox, UpstreamPool, UpstreamProtocol, Valve, body_left, take_body
 from protheus_broker.stats import ISessionStats, SessionStats
 
 log = Logger()
@@ -35,6 +35,27 @@ Headers = list[tuple[bytes, bytes]]
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                         b"proxy-connection", b"te", b"trailer", b"upgrade"})
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", "content-length", "transfer-encoding"})
+
+_H11Headers: Any
+_h11_normalize: Any
+try:  # h11's header list and its normalizer (the same in h11 0.14 and 0.16): heads built from
+    # already-parsed headers skip the per-header regexes; without them every head is validated
+    from h11._headers import Headers as _Headers, normalize_and_validate as _normalize
+    _H11Headers, _h11_normalize = _Headers, _normalize
+except ImportError:  # pragma: no cover
+    _H11Headers = _h11_normalize = None
+
+
+def _valid_pairs(pairs: Iterable[tuple[bytes, bytes]]) -> bool:
+    """h11 would send these header pairs as they are."""
+    if _h11_normalize is None:
+        return False
+    try:
+        _h11_normalize(list(pairs))
+    except h11.LocalProtocolError:
+        return False
+    return True
 
 
 class NoBackend(Exception):
@@ -121,18 +142,46 @@ def filter_headers(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool,
                    strip: Iterable[bytes] = ()) -> Headers:
     """*headers* without the hop-by-hop ones (and those named in Connection); with
     *keep_upgrade* the Upgrade header and ``Connection: Upgrade`` stay (WebSocket)."""
-    named = set(HOP_BY_HOP) | set(strip)
-    for name, value in headers:
-        if name == b"connection":
+    headers = headers if isinstance(headers, list) else list(headers)
+    named: frozenset[bytes] | set[bytes] = HOP_BY_HOP
+    extra = [value for name, value in headers if name == b"connection"]
+    if extra or strip or keep_upgrade:
+        named = set(HOP_BY_HOP) | set(strip)
+        for value in extra:
             named.update(token.strip().lower() for token in value.split(b",") if token.strip())
-    named.discard(b"transfer-encoding")
-    named.discard(b"content-length")
-    if keep_upgrade:
-        named.discard(b"upgrade")
-    out = [(name, value) for name, value in headers if name not in named]
+        named.discard(b"transfer-encoding")
+        named.discard(b"content-length")
+        if keep_upgrade:
+            named.discard(b"upgrade")
+    out = [pair for pair in headers if pair[0] not in named]
     if keep_upgrade:
         out.append((b"connection", b"Upgrade"))
     return out
+
+
+def h11_headers(pairs: Headers, known: set[tuple[bytes, bytes]] | frozenset[tuple[bytes, bytes]]) -> Any:
+    """What ``h11.Request(headers=pairs)`` (or Response) would hold, without validating again
+    the pairs in *known*: those h11's parser produced (lower-case names, normalized framing) or
+    that were validated before.  Any other pair is validated by h11 as usual (a bad one raises
+    ``h11.LocalProtocolError``); a new framing header makes h11 normalize the whole list.  The
+    bytes h11 then writes are the same either way (tests/test_http_fastpath.py)."""
+    if _H11Headers is None:
+        return pairs
+    items: list[tuple[bytes, bytes, bytes]] = []
+    framing = False
+    for pair in pairs:
+        name = pair[0]
+        if type(pair) is tuple and pair in known:
+            if name in _FRAMING:
+                if framing:
+                    return pairs  # two framing headers: h11 checks them against each other
+                framing = True
+            items.append((name, name, pair[1]))
+            continue
+        if isinstance(name, (bytes, str)) and name.lower() in _FRAMING:  # type: ignore[operator]
+            return pairs
+        items.extend(_h11_normalize([pair])._full_items)
+    return _H11Headers(items)
 
 
 def forwarded_for(client: str) -> str:
@@ -170,6 +219,9 @@ class HttpProxy(Protocol):
         self.closing = False  # our close has begun: nothing more is read
         self.relay: Any = None  # the upstream transport once switched (WebSocket)
         self.write_closed = False
+        self.forwarded_cache: tuple[tuple[bytes, bytes], ...] | None = None
+        self.forwarded_valid = False
+        self.pumping = False  # in _pump's loop
         self._reset()
 
     def _reset(self) -> None:
@@ -249,8 +301,16 @@ class HttpProxy(Protocol):
             self._arm(self.factory.settings.header_timeout)
         self.cycle_bytes += len(data)
         self.last_activity = self.factory.clock.seconds() if self.stall_timer is not None else 0.0
-        self.conn.receive_data(data)
-        self._pump()
+        if self.flowing and not self.closed and len(data) <= body_left(self.conn):
+            # all of it is request body h11 expects (Content-Length): straight on, past h11's
+            # receive buffer; once the count is reached h11 says EndOfMessage (see body_left)
+            event, _ = take_body(self.conn, data, len(data))
+            self._request_body(event.data)
+            if not body_left(self.conn):
+                self._pump()
+        else:
+            self.conn.receive_data(data)
+            self._pump()
         if self.upstream is not None:
             self.upstream.flush()
 
@@ -296,6 +356,15 @@ class HttpProxy(Protocol):
     # --- the client's events -----------------------------------------------------------------
 
     def _pump(self) -> None:
+        if self.pumping:
+            return  # called back from within the loop below, which goes on
+        self.pumping = True
+        try:
+            self._pump_events()
+        finally:
+            self.pumping = False
+
+    def _pump_events(self) -> None:
         while not self.closed and not self.closing and self.relay is None:
             if self.request is not None and not self.flowing:
                 return  # waiting for a server: h11 keeps the bytes, the transport is paused
@@ -356,11 +425,13 @@ class HttpProxy(Protocol):
         self.websocket = is_websocket(headers)
         factory.stats.record("http_requests")
         factory.stats.record("http_in_flight")
-        assert self.valve is not None
-        self.valve.hold("dispatch")
-        dispatching = self.dispatching = factory.dispatcher.choose(self.request)
+        request = self.request
+        dispatching = self.dispatching = factory.dispatcher.choose(request)
         dispatching.addCallbacks(self._chosen, self._not_chosen)
         dispatching.addErrback(self._bug)
+        if self.request is request and not self.flowing and not self.closing and not self.closed:
+            assert self.valve is not None  # not sent on at once: h11 keeps the bytes, reading pauses
+            self.valve.hold("dispatch")
 
     def _refuse(self, status: int, why: str) -> None:
         """A request refused before it goes anywhere: one log line, the status, close."""
@@ -443,20 +514,25 @@ class HttpProxy(Protocol):
         upstream.transport.registerProducer(self.valve, True)
         self.transport.registerProducer(upstream.valve, True)
         request = self.request
+        known = set(request.headers)
         headers = filter_headers(request.headers, self.websocket, self.factory.dispatcher.strip_request_headers)
         headers = self.factory.dispatcher.request_headers(self.choice, headers)
         if not any(n == b"host" for n, _ in headers):
             headers.append((b"host", f"{self.backend.host}:{self.backend.port}".encode()))
         if self.factory.settings.forwarded_headers:
             proto = b"https" if request.tls else b"http"
-            headers = [(n, v) for n, v in headers if n != b"x-forwarded-proto"]
             prior = [v for n, v in headers if n == b"x-forwarded-for"]
-            headers = [(n, v) for n, v in headers if n != b"x-forwarded-for"]
-            xff = b", ".join(prior + [self.client.encode()])
-            headers += [(b"x-forwarded-for", xff), (b"x-forwarded-proto", proto),
-                        (b"forwarded", f"for={forwarded_for(self.client)};proto={proto.decode()}".encode())]
+            headers = [pair for pair in headers if pair[0] != b"x-forwarded-proto" and pair[0] != b"x-forwarded-for"]
+            xff = b", ".join(prior + [self.client.encode()]) if prior else self.client.encode()
+            forwarded = self._forwarded_pairs(proto)
+            headers += [(b"x-forwarded-for", xff), forwarded[0], forwarded[1]]
+            if self.forwarded_valid:  # else h11 refuses them as it always did
+                known.update(forwarded[:2])
+                if not prior:
+                    known.add(forwarded[2])
         try:
-            upstream.send(h11.Request(method=request.method, target=request.target, headers=headers))
+            upstream.send(h11.Request(method=request.method, target=request.target,
+                                      headers=h11_headers(headers, known)))
             if self.request_done:  # a retry: the request (without a body) was read whole already
                 upstream.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
@@ -469,6 +545,19 @@ class HttpProxy(Protocol):
         self._watch()
         self._pump()
         upstream.flush()
+
+    def _forwarded_pairs(self, proto: bytes) -> tuple[tuple[bytes, bytes], ...]:
+        """X-Forwarded-Proto, Forwarded and a lone X-Forwarded-For for this client, made and
+        validated once per connection: :func:`h11_headers` takes them as known when valid."""
+        cached = self.forwarded_cache
+        if cached is None or cached[0][1] != proto:
+            client = self.client.encode()
+            cached = ((b"x-forwarded-proto", proto),
+                      (b"forwarded", f"for={forwarded_for(self.client)};proto={proto.decode()}".encode()),
+                      (b"x-forwarded-for", client))
+            self.forwarded_cache = cached
+            self.forwarded_valid = _valid_pairs(cached)
+        return cached
 
     def _request_body(self, data: bytes) -> None:
         if self.upstream is None or self.response_done:
@@ -542,11 +631,13 @@ class HttpProxy(Protocol):
         if isinstance(event, h11.Response):
             dispatcher.answered(self.choice, self.backend)
             self.status = event.status_code
-            headers = filter_headers(event.headers, False) + dispatcher.response_headers(self.choice, self.backend)
+            parsed = list(event.headers)
+            headers = filter_headers(parsed, False) + dispatcher.response_headers(self.choice, self.backend)
             if any(n == b"transfer-encoding" for n, _ in headers):  # chunked wins; never both downstream
                 headers = [(n, v) for n, v in headers if n != b"content-length"]
             self.response_started = True
-            self.conn_send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
+            self.conn_send(h11.Response(status_code=event.status_code, reason=event.reason,
+                                        headers=h11_headers(headers, set(parsed))))
         elif isinstance(event, h11.Data):
             self.bytes_out += len(event.data)
             self.conn_send(h11.Data(data=event.data))
@@ -674,10 +765,12 @@ class HttpProxy(Protocol):
         self.valve.release("h11")
         self.valve.release("dispatch")
         self._arm(self.factory.settings.keepalive_timeout)
-        if self.conn.trailing_data[0]:  # a pipelined request is already here
-            self.cycle_bytes = len(self.conn.trailing_data[0])
+        trailing, closed = self.conn.trailing_data
+        if trailing:  # a pipelined request is already here
+            self.cycle_bytes = len(trailing)
             self._arm(self.factory.settings.header_timeout)
-        self._pump()
+        if trailing or closed:  # else h11 has nothing to say until bytes come
+            self._pump()
 
     # --- answers of our own ------------------------------------------------------------------
 
@@ -726,13 +819,20 @@ class HttpProxy(Protocol):
         if not factory.settings.access_log:
             return
         now = factory.clock.seconds()
-        log.info("http: {client} {method} {path} -> {server} {status} in={bytes_in} out={bytes_out} "
-                 "{duration:.3f}s (queued {queue_wait:.3f}s)", client=self.client,
-                 method=request.method.decode("latin-1"), path=request.target.decode("latin-1"),
-                 server=self.backend.server_id if self.backend is not None else "-",
-                 status=self.status or "-", bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-                 duration=now - self.started, queue_wait=self.queue_wait, pool=factory.name,
-                 access=True, outcome=outcome or "answered")
+        method = request.method.decode("latin-1")
+        path = request.target.decode("latin-1")
+        server = self.backend.server_id if self.backend is not None else "-"
+        status = self.status or "-"
+        duration = now - self.started
+        # the text is made here, once, and the event carries it as its format's one field: an
+        # observer formatting every field of a dozen-field format was the costliest part of a
+        # request; the fields are all still in the event for structured observers
+        line = (f"http: {self.client} {method} {path} -> {server} {status} in={self.bytes_in} "
+                f"out={self.bytes_out} {duration:.3f}s (queued {self.queue_wait:.3f}s)")
+        log.info("{access_line}", access_line=line, client=self.client, method=method, path=path,
+                 server=server, status=status, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                 duration=duration, queue_wait=self.queue_wait, pool=factory.name, access=True,
+                 outcome=outcome or "answered")
         self.started = -1.0  # logged once
 
 
