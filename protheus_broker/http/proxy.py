@@ -214,6 +214,8 @@ class HttpProxy(Protocol):
         self.pending: PendingToken | None = None
         self.timer: Any = None
         self.stall_timer: Any = None  # SERVER_TIMEOUT while a request is at a server
+        self.watching = False  # a request is at a server (SERVER_TIMEOUT applies)
+        self.deadline: float | None = None  # HEADER_TIMEOUT or KEEPALIVE_TIMEOUT, for self.timer
         self.counted = False  # in factory.connections
         self.closed = False
         self.closing = False  # our close has begun: nothing more is read
@@ -275,17 +277,36 @@ class HttpProxy(Protocol):
         self._arm(factory.settings.keepalive_timeout)
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        if seconds > 0:
-            self.timer = self.factory.clock.callLater(seconds, self._timed_out)
+        """HEADER_TIMEOUT or KEEPALIVE_TIMEOUT from now.  One timer serves both, by deadline: a
+        timer due before the new deadline is kept (it re-arms for the rest when it fires), so a
+        busy keep-alive connection makes no timer calls per request."""
+        if seconds <= 0:
+            self.deadline = None
+            return
+        clock = self.factory.clock
+        self.deadline = clock.seconds() + seconds
+        timer = self.timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= self.deadline:
+                return
+            timer.cancel()
+        self.timer = clock.callLater(seconds, self._timed_out)
 
-    def _disarm(self) -> None:
-        if self.timer is not None and self.timer.active():
+    def _disarm(self, cancel: bool = False) -> None:
+        self.deadline = None
+        if cancel and self.timer is not None and self.timer.active():
             self.timer.cancel()
-        self.timer = None
+            self.timer = None
 
     def _timed_out(self) -> None:
         self.timer = None
+        if self.deadline is None:
+            return  # disarmed meanwhile
+        left = self.deadline - self.factory.clock.seconds()
+        if left > 0:  # armed again later meanwhile
+            self.timer = self.factory.clock.callLater(left, self._timed_out)
+            return
+        self.deadline = None
         if self.cycle_bytes:
             self._error(408, "the request head did not arrive in time")
         else:
@@ -297,10 +318,10 @@ class HttpProxy(Protocol):
             return
         if self.closing:
             return  # answered and closing: the rest is not read
-        if self.request is None and not self.cycle_bytes and data:
-            self._arm(self.factory.settings.header_timeout)
+        starting = self.request is None and not self.cycle_bytes  # a request head begins
         self.cycle_bytes += len(data)
-        self.last_activity = self.factory.clock.seconds() if self.stall_timer is not None else 0.0
+        if self.watching:
+            self.last_activity = self.factory.clock.seconds()
         if self.flowing and not self.closed and len(data) <= body_left(self.conn):
             # all of it is request body h11 expects (Content-Length): straight on, past h11's
             # receive buffer; once the count is reached h11 says EndOfMessage (see body_left)
@@ -311,6 +332,8 @@ class HttpProxy(Protocol):
         else:
             self.conn.receive_data(data)
             self._pump()
+        if starting and self.request is None and self.cycle_bytes and not self.closing and not self.closed:
+            self._arm(self.factory.settings.header_timeout)  # begun, not whole: HEADER_TIMEOUT
         if self.upstream is not None:
             self.upstream.flush()
 
@@ -334,8 +357,8 @@ class HttpProxy(Protocol):
         if self.counted:
             self.counted = False
             self.factory.connections -= 1
-        self._disarm()
-        self._unwatch()
+        self._disarm(cancel=True)
+        self._unwatch(cancel=True)
         self._release_pending()
         if self.dispatching is not None:
             self.dispatching.cancel()
@@ -427,11 +450,23 @@ class HttpProxy(Protocol):
         factory.stats.record("http_in_flight")
         request = self.request
         dispatching = self.dispatching = factory.dispatcher.choose(request)
-        dispatching.addCallbacks(self._chosen, self._not_chosen)
-        dispatching.addErrback(self._bug)
+        self._then(dispatching, self._chosen, self._not_chosen)
         if self.request is request and not self.flowing and not self.closing and not self.closed:
             assert self.valve is not None  # not sent on at once: h11 keeps the bytes, reading pauses
             self.valve.hold("dispatch")
+
+    def _then(self, d: "Deferred[Any]", callback: Any, errback: Any, *errback_args: Any) -> None:
+        """``d.addCallbacks(callback, errback)`` then ``addErrback(self._bug)``; a Deferred that
+        already has a plain result (``succeed``: a dispatcher's answer, an idle connection) is
+        handled at once without the callback chain's cost, with the same outcome."""
+        if d.called and not d.paused and not isinstance(d.result, (Failure, Deferred)):
+            try:
+                callback(d.result)
+            except BaseException:
+                self._bug(Failure())
+            return
+        d.addCallbacks(callback, errback, errbackArgs=errback_args)
+        d.addErrback(self._bug)
 
     def _refuse(self, status: int, why: str) -> None:
         """A request refused before it goes anywhere: one log line, the status, close."""
@@ -474,15 +509,13 @@ class HttpProxy(Protocol):
                 self._end(None)
                 return
             self.dispatching = more
-            more.addCallbacks(self._more, self._not_chosen)
-            more.addErrback(self._bug)
+            self._then(more, self._more, self._not_chosen)
             return
         backend = self.backend = self.choice.candidates.pop(0)
         self.factory.dispatcher.opening(self.choice, backend)
         self.opened = backend
         d = self.factory.upstreams.get(backend.server_id, backend.host, backend.port, fresh=fresh)
-        d.addCallbacks(self._attached, self._connect_failed, errbackArgs=(backend,))
-        d.addErrback(self._bug)
+        self._then(d, self._attached, self._connect_failed, backend)
 
     def _more(self, choice: Choice) -> None:
         self.dispatching = None
@@ -577,19 +610,25 @@ class HttpProxy(Protocol):
     # --- the AppServer's events --------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Arm SERVER_TIMEOUT for the request now at a server (bytes either way push it back)."""
+        """Arm SERVER_TIMEOUT for the request now at a server (bytes either way push it back).
+        The timer outlives the request (unwatching only stops the watch): when it fires it
+        re-arms from the last activity, so a busy connection makes no timer calls per request."""
         timeout = self.factory.settings.server_timeout
         self.last_activity = self.factory.clock.seconds()
-        if timeout > 0 and self.stall_timer is None:
+        self.watching = timeout > 0
+        if self.watching and self.stall_timer is None:
             self.stall_timer = self.factory.clock.callLater(timeout, self._stalled)
 
-    def _unwatch(self) -> None:
-        if self.stall_timer is not None and self.stall_timer.active():
+    def _unwatch(self, cancel: bool = False) -> None:
+        self.watching = False
+        if cancel and self.stall_timer is not None and self.stall_timer.active():
             self.stall_timer.cancel()
-        self.stall_timer = None
+            self.stall_timer = None
 
     def _stalled(self) -> None:
         self.stall_timer = None
+        if not self.watching:
+            return
         timeout = self.factory.settings.server_timeout
         left = self.last_activity + timeout - self.factory.clock.seconds()
         if left > 0:
@@ -609,7 +648,7 @@ class HttpProxy(Protocol):
 
     def upstream_event(self, upstream: UpstreamProtocol, event: Any) -> None:
         """One event of the AppServer's response, relayed to the client."""
-        if self.stall_timer is not None:
+        if self.watching:
             self.last_activity = self.factory.clock.seconds()
         try:
             self._relay_event(upstream, event)

@@ -165,6 +165,7 @@ class UpstreamProtocol(Protocol):
         self.out: Outbox | None = None
         self.on_lost: Callable[["UpstreamProtocol"], None] | None = None  # the pool forgets it
         self.idle_timer: Any = None
+        self.idle_until: float | None = None  # idle in the pool until then (UpstreamPool)
         self.write_closed = False
 
     def connectionMade(self) -> None:
@@ -297,8 +298,7 @@ class UpstreamPool:
         idle = self.idle.get(server_id, [])
         while idle and not fresh:
             upstream = idle.pop()
-            if upstream.idle_timer is not None and upstream.idle_timer.active():
-                upstream.idle_timer.cancel()
+            upstream.idle_until = None  # its timer, if any, lapses (or serves its next idle spell)
             if not upstream.closed:
                 upstream.reused = True
                 upstream.on_lost = None
@@ -316,7 +316,26 @@ class UpstreamPool:
         idle.append(upstream)
         upstream.on_lost = self._forget
         if self.idle_timeout > 0:
-            upstream.idle_timer = self.clock.callLater(self.idle_timeout, upstream.transport.loseConnection)
+            # one timer per connection, by deadline: one still due before this one is kept (it
+            # re-arms for the rest), so a busy connection makes no timer calls per exchange
+            upstream.idle_until = self.clock.seconds() + self.idle_timeout
+            timer = upstream.idle_timer
+            if timer is None or not timer.active() or timer.getTime() > upstream.idle_until:
+                if timer is not None and timer.active():
+                    timer.cancel()
+                upstream.idle_timer = self.clock.callLater(self.idle_timeout, self._idle_due, upstream)
+
+    def _idle_due(self, upstream: UpstreamProtocol) -> None:
+        """*upstream*'s idle timer: closes it if it has been idle IDLE_TIMEOUT, else re-arms."""
+        upstream.idle_timer = None
+        until = upstream.idle_until
+        if until is None:
+            return  # in use (taken from the pool since)
+        left = until - self.clock.seconds()
+        if left > 0:
+            upstream.idle_timer = self.clock.callLater(left, self._idle_due, upstream)
+            return
+        upstream.transport.loseConnection()
 
     def _forget(self, upstream: UpstreamProtocol) -> None:
         idle = self.idle.get(upstream.server_id, [])
