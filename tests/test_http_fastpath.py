@@ -283,3 +283,88 @@ class PauseTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "producing")
         self.assertTrue(upstream.transport.value().startswith(b"GET / HTTP/1.1\r\n"))
 
+
+
+class TimerTests(SynchronousTestCase):
+    """One timer per deadline kind, kept across requests: the timeouts still count from the
+    right moment."""
+
+    OK0 = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+
+    def _exchange(self, rig: Harness, proxy: Any) -> None:
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        proxy.upstream.dataReceived(self.OK0)
+
+    def test_busy_connection_makes_no_timer_calls_per_request(self) -> None:
+        """A hundred keep-alive requests on one connection: no new timers after the first."""
+        rig = Harness(affinity=False)
+        proxy, transport = rig.connect()
+        self._exchange(rig, proxy)
+        calls: list[float] = []
+        call_later = rig.clock.callLater
+        rig.clock.callLater = lambda delay, *a, **kw: (calls.append(delay), call_later(delay, *a, **kw))[1]  # type: ignore[method-assign]
+        for _ in range(100):
+            self._exchange(rig, proxy)
+        self.assertEqual(calls, [])
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 "), 101)
+        self.assertLessEqual(len(rig.clock.getDelayedCalls()), 3)
+
+    def test_keepalive_counts_from_the_last_answer(self) -> None:
+        """KEEPALIVE_TIMEOUT 5: answered at 3 s, the connection is open at 7.9 s, closed at 8 s."""
+        rig = Harness(ProxySettings(keepalive_timeout=5.0, header_timeout=1.0), affinity=False)
+        proxy, transport = rig.connect()
+        rig.clock.advance(1.0)
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        rig.clock.advance(2.0)
+        proxy.upstream.dataReceived(self.OK0)
+        rig.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        rig.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)  # closed quietly
+
+    def test_header_timeout_after_a_keepalive_cycle(self) -> None:
+        """A partial head after a finished request: 408 HEADER_TIMEOUT after its first byte."""
+        rig = Harness(ProxySettings(keepalive_timeout=60.0, header_timeout=2.0), affinity=False)
+        proxy, transport = rig.connect()
+        self._exchange(rig, proxy)
+        rig.clock.advance(10.0)
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHo")
+        rig.clock.advance(1.9)
+        self.assertFalse(transport.disconnecting)
+        rig.clock.advance(0.1)
+        self.assertIn(b"HTTP/1.1 408 ", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_server_timeout_counts_from_the_last_byte(self) -> None:
+        """SERVER_TIMEOUT 300: a second request sent at 200 s is not cut at 300 s (the first
+        request's timer), but at 500 s with a 504."""
+        rig = Harness(ProxySettings(server_timeout=300.0, keepalive_timeout=0), affinity=False)
+        LogCatcher(self)
+        proxy, transport = rig.connect()
+        self._exchange(rig, proxy)
+        rig.clock.advance(200.0)
+        proxy.dataReceived(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        rig.clock.advance(100.0)
+        self.assertNotIn(b"504", transport.value())
+        rig.clock.advance(199.0)
+        self.assertNotIn(b"504", transport.value())
+        rig.clock.advance(1.0)
+        self.assertIn(b"HTTP/1.1 504 ", transport.value())
+
+    def test_pooled_connection_idle_counts_from_its_return(self) -> None:
+        """UPSTREAM_IDLE_TIMEOUT 30: an upstream connection reused at 20 s and back in the pool
+        at 21 s closes at 51 s, not at 30 s."""
+        rig = Harness(affinity=False)
+        proxy, _ = rig.connect()
+        self._exchange(rig, proxy)
+        upstream = rig.upstream()
+        rig.clock.advance(20.0)
+        proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertIs(proxy.upstream, upstream)
+        rig.clock.advance(1.0)
+        upstream.dataReceived(self.OK0)
+        rig.clock.advance(29.9)
+        self.assertFalse(upstream.transport.disconnecting)
+        rig.clock.advance(0.1)
+        self.assertTrue(upstream.transport.disconnecting)
