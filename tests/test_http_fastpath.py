@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from protheus_broker.http import proxy as proxy_module
 from protheus_broker.http import upstream as upstream_module
-from protheus_broker.http.proxy import ProxySettings, filter_headers, h11_headers
+from protheus_broker.http.proxy import ProxySettings, filter_headers, h11_headers, pairs_of
 from protheus_broker.http.upstream import body_left, take_body
 
 from .helpers import LogCatcher
@@ -98,6 +98,7 @@ class HeadTests(SynchronousTestCase):
         event = server.next_event()
         assert isinstance(event, h11.Request)
         parsed = list(event.headers)
+        self.assertEqual(pairs_of(event.headers), parsed)
         pairs = filter_headers(parsed, False) + added
         self.assertEqual(self._sent(h11_headers(pairs, set(parsed))), self._sent(pairs))
 

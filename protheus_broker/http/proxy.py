@@ -47,6 +47,15 @@ except ImportError:  # pragma: no cover
     _H11Headers = _h11_normalize = None
 
 
+def pairs_of(headers: Any) -> Headers:
+    """``list(headers)`` of an h11 header list: its (lower-case name, value) pairs (read off its
+    items at once: the generic sequence iteration costs a call per header)."""
+    items = getattr(headers, "_full_items", None)
+    if type(items) is list:
+        return [(name, value) for _, name, value in items]
+    return list(headers)
+
+
 def _valid_pairs(pairs: Iterable[tuple[bytes, bytes]]) -> bool:
     """h11 would send these header pairs as they are."""
     if _h11_normalize is None:
@@ -433,16 +442,21 @@ class HttpProxy(Protocol):
         self._disarm()
         self._release_pending()
         self.started = factory.clock.seconds()
-        headers = list(event.headers)
+        headers = pairs_of(event.headers)
         self.request = RequestInfo(event.method, event.target, headers, self.client, factory.settings.tls)
         if len(headers) > factory.settings.max_headers:
             self._refuse(431, f"more than {factory.settings.max_headers} header lines")
             return
-        if sum(len(n) + len(v) + 4 for n, v in headers) + len(event.target) > factory.settings.max_header_bytes:
+        size = len(event.target) + 4 * len(headers)
+        framing = 0
+        for name, value in headers:
+            size += len(name) + len(value)
+            if name == b"transfer-encoding" or name == b"content-length":
+                framing |= 1 if name == b"content-length" else 2
+        if size > factory.settings.max_header_bytes:
             self._refuse(431, f"request head above {factory.settings.max_header_bytes} bytes")
             return
-        names = {n for n, _ in headers}
-        if b"transfer-encoding" in names and b"content-length" in names:
+        if framing == 3:
             self._refuse(400, "both Content-Length and Transfer-Encoding")  # a smuggling shape (RFC 9112 6.3)
             return
         self.websocket = is_websocket(headers)
@@ -670,7 +684,7 @@ class HttpProxy(Protocol):
         if isinstance(event, h11.Response):
             dispatcher.answered(self.choice, self.backend)
             self.status = event.status_code
-            parsed = list(event.headers)
+            parsed = pairs_of(event.headers)
             headers = filter_headers(parsed, False) + dispatcher.response_headers(self.choice, self.backend)
             if any(n == b"transfer-encoding" for n, _ in headers):  # chunked wins; never both downstream
                 headers = [(n, v) for n, v in headers if n != b"content-length"]
