@@ -341,7 +341,11 @@ class TimerTests(SynchronousTestCase):
         self._exchange(rig, proxy)
         calls: list[float] = []
         call_later = rig.clock.callLater
-        rig.clock.callLater = lambda delay, *a, **kw: (calls.append(delay), call_later(delay, *a, **kw))[1]  # type: ignore[method-assign]
+
+        def counted(delay: float, *args: Any, **kwargs: Any) -> Any:
+            calls.append(delay)
+            return call_later(delay, *args, **kwargs)
+        rig.clock.callLater = counted  # type: ignore[method-assign]
         for _ in range(100):
             self._exchange(rig, proxy)
         self.assertEqual(calls, [])
