@@ -303,7 +303,11 @@ class PauseTests(SynchronousTestCase):
         proxy, transport = rig.connect()
         states: list[str] = []
         pause = transport.pauseProducing
-        transport.pauseProducing = lambda: (states.append("paused"), pause())[1]  # type: ignore[method-assign]
+
+        def counted() -> None:
+            states.append("paused")
+            pause()
+        transport.pauseProducing = counted  # type: ignore[method-assign]
         proxy.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         rig.upstream().dataReceived(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
         self.assertEqual(states, [])
