@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-floor lint bench bench-http bench-monitor bench-tls bench-resume bench-nodes certs deb venv clean
+.PHONY: run run-nodes test test-floor lint bench bench-http bench-license bench-monitor bench-tls bench-resume bench-nodes bench-wake certs deb venv clean
 
 # The project itself goes into the venv too, so `.venv/bin/twistd -n protheus-broker` and
 # `.venv/bin/protheus-broker-ctl` work as the README shows: an editable install (the console
@@ -23,6 +23,9 @@ venv: $(VENV)/.done
 run: venv  ## the demo: broker on etc/demo.ini plus three sample AppServers (Ctrl-C stops all)
 	$(PY) -m protheus_broker.demo
 
+run-nodes: venv  ## the demo with managed nodes: etc/demo-nodes.ini, the broker starts and recycles its sample AppServers
+	$(PY) -m protheus_broker.demo --nodes
+
 test: venv  ## all tests, newest Twisted from PyPI
 	$(PY) -m twisted.trial --temp-directory=/tmp/_trial_temp_protheus tests
 
@@ -39,11 +42,17 @@ bench: venv  ## broker vs direct vs HAProxy on 127.0.0.1 (needs haproxy)
 bench-http: venv  ## HTTP keep-alive: broker [BALANCE_HTTP] vs HAProxy mode http vs direct, against nginx (needs wrk, nginx, haproxy)
 	$(PY) bench/bench_http.py
 
+bench-license: venv  ## the license gate: requests/s and p50/p99 through a web-services unit, Stateless=1 path vs Stateless=0, against nginx (needs wrk, nginx)
+	$(PY) bench/bench_license.py
+
 bench-monitor: venv  ## broker CPU for 1,000 monitored servers at 1 report/s (plain and TLS)
 	$(PY) bench/monitor_bench.py && $(PY) bench/monitor_bench.py --tls
 
 bench-nodes: venv  ## managed nodes: spawn-to-ready time, sessions/s through Unix-socket vs TCP nodes
 	$(PY) bench/bench_nodes.py
+
+bench-wake: venv  ## scale to zero: a cold login's first byte vs the node's spawn-to-ready, warm logins, a held burst
+	$(PY) bench/bench_wake.py
 
 bench-resume: venv  ## resumable sessions: resume latency, RSS per standby session, connector throughput
 	$(PY) bench/bench_resume.py

@@ -14,6 +14,10 @@ inserted by the proxy (HAProxy: ``cookie TOTVS_BROKER_SH_001 insert``, ``server 
 maxconn N``), and by default wrk sends back the cookie the proxy set (a browser session's steady
 state; ``--no-cookie`` measures first requests, each balanced and answered with Set-Cookie).
 
+The broker runs twice: with ACCESS_LOG = 1 (its default: one access-log line per request, written
+to its log file) and with ACCESS_LOG = 0 (HAProxy, configured as here, logs nothing); both get a
+broker/HAProxy ratio.  ``--no-nolog`` leaves the second one out.
+
 If the broker does not serve ``[BALANCE_HTTP]`` yet, its leg is skipped with one line.  Every child
 (nginx, HAProxy, the broker) is stopped by pid, also on Ctrl-C.  The table goes to stdout and to
 bench/results/http-latest.md.
@@ -41,7 +45,9 @@ sys.path.insert(0, str(HERE.parent))
 import bench as base  # noqa: E402  (bench/bench.py: child processes, meters, helpers)
 
 HOST = base.HOST
-TARGETS = ("direct", "broker", "haproxy")
+TARGETS = ("direct", "broker", "broker-nolog", "haproxy")
+BROKERS = ("broker", "broker-nolog")  # ACCESS_LOG = 1 (the default) and ACCESS_LOG = 0
+HEADINGS = {"direct": "direct", "broker": "broker", "broker-nolog": "broker, ACCESS_LOG=0", "haproxy": "HAProxy"}
 COOKIE = "TOTVS_BROKER_SH_001"
 FILES = {"small": ("small.html", 612), "1MB": ("1mb.bin", 1024 * 1024)}
 GOALS = {  # figure -> (comparison, bound) on broker / HAProxy, from the issue
@@ -116,10 +122,12 @@ def start_haproxy(children: base.Children, backend_port: int, maxconn: int) -> b
     return base.Target("haproxy", port, proc)
 
 
-def start_broker(children: base.Children, backend_port: int) -> base.Target | str:
-    """The broker with a ``[BALANCE_HTTP]`` section over nginx; a reason text if it does not serve it."""
+def start_broker(children: base.Children, backend_port: int, name: str = "broker",
+                 access_log: bool = True) -> base.Target | str:
+    """The broker with a ``[BALANCE_HTTP]`` section over nginx; a reason text if it does not serve it.
+    *access_log* False sets ACCESS_LOG = 0 (HAProxy, as configured here, logs nothing either)."""
     port = base.free_port()
-    ini = children.workdir / "broker-http.ini"
+    ini = children.workdir / f"{name}-http.ini"
     ini.write_text(
         "[BALANCE_SMART_CLIENT_DESKTOP]\n"
         "LOCAL_SERVER_PORT = 0\n"
@@ -133,8 +141,9 @@ def start_broker(children: base.Children, backend_port: int) -> base.Target | st
         f"REMOTE_SERVER_01 = {HOST} {backend_port}\n"
         "SORT_METHOD = ROUND_ROBIN\n"
         "MONITORING_TYPE = DISABLED\n"
+        f"ACCESS_LOG = {1 if access_log else 0}\n"
     )
-    proc, log_path = children.start("broker-http", base.twistd("protheus-broker", "--config", str(ini)))
+    proc, log_path = children.start(f"{name}-http", base.twistd("protheus-broker", "--config", str(ini)))
     base.wait_logged_port(proc, log_path)  # the desktop port: the broker is up
     if NOT_SUPPORTED.search(log_path.read_bytes()):
         children.stop(proc)
@@ -144,7 +153,7 @@ def start_broker(children: base.Children, backend_port: int) -> base.Target | st
     except RuntimeError:
         children.stop(proc)
         return f"this broker does not listen on its [BALANCE_HTTP] port:\n{base._tail(log_path)}"
-    return base.Target("broker", port, proc)
+    return base.Target(name, port, proc)
 
 
 # --- measurement --------------------------------------------------------------------------------
@@ -226,12 +235,17 @@ def run(args: argparse.Namespace, children: base.Children) -> dict[str, Any]:
     targets: dict[str, base.Target] = {"direct": base.Target("direct", nginx_port, None)}
     res: dict[str, Any] = {"skipped": {}}
     targets["haproxy"] = start_haproxy(children, nginx_port, args.maxconn)
-    broker = start_broker(children, nginx_port) if not args.no_broker else "--no-broker given"
-    if isinstance(broker, str):
-        res["skipped"]["broker"] = broker
-        say(f"broker leg skipped: {broker}")
-    else:
-        targets["broker"] = broker
+    for name in BROKERS:
+        if name == "broker-nolog" and args.no_nolog:
+            broker: base.Target | str = "--no-nolog given"
+        else:
+            broker = (start_broker(children, nginx_port, name, access_log=name == "broker")
+                      if not args.no_broker else "--no-broker given")
+        if isinstance(broker, str):
+            res["skipped"][name] = broker
+            say(f"{name} leg skipped: {broker}")
+        else:
+            targets[name] = broker
     cookies: dict[tuple[str, str], str | None] = {}
     for name, target in targets.items():
         for label, (file_name, _) in FILES.items():
@@ -241,13 +255,14 @@ def run(args: argparse.Namespace, children: base.Children) -> dict[str, Any]:
             cookies[(name, label)] = cookie
             run_wrk(target, "/" + file_name, args, args.warmup, cookie)  # warm-up, not counted
     for round_no in range(args.rounds):
-        order = [t for t in base.rotated(round_no) if t in targets]
+        k = round_no % len(TARGETS)
+        order = [t for t in TARGETS[k:] + TARGETS[:k] if t in targets]
         for label, (file_name, _) in FILES.items():
             for name in order:
                 result = run_wrk(targets[name], "/" + file_name, args, args.seconds, cookies[(name, label)])
                 for key, value in result.items():
                     res.setdefault(label, {}).setdefault(key, {}).setdefault(name, []).append(value)
-                say(f"round {round_no + 1}/{args.rounds} {label:>5} {name:>7}: {result['rps']:9.0f} req/s  "
+                say(f"round {round_no + 1}/{args.rounds} {label:>5} {name:>12}: {result['rps']:9.0f} req/s  "
                     f"p50 {result.get('p50', 0):8.0f} µs  p99 {result.get('p99', 0):8.0f} µs"
                     + (f"  cpu {result['cpu_us']:6.1f} µs/req" if "cpu_us" in result else "")
                     + (f"  ERRORS {result['errors']:.0f}" if result["errors"] else ""))
@@ -267,7 +282,7 @@ def table(res: dict[str, Any], args: argparse.Namespace) -> str:
         figures = res.get(label, {})
         for q in ("p50", "p99"):  # added latency: the proxy's minus the direct one of the same round
             direct = figures.get(q, {}).get("direct", [])
-            for t in ("broker", "haproxy"):
+            for t in BROKERS + ("haproxy",):
                 values = figures.get(q, {}).get(t, [])
                 figures.setdefault(f"added_{q}", {})[t] = [x - d for x, d in zip(values, direct)]
         figures["mbps"] = {t: [b / 1e6 for b in v] for t, v in figures.get("bps", {}).items()}
@@ -276,15 +291,22 @@ def table(res: dict[str, Any], args: argparse.Namespace) -> str:
             values = figures.get(figure, {})
             cells = [fmt(med(values.get(t, [])), spec) if t not in res["skipped"] else "skipped"
                      for t in TARGETS]
-            pairs = [b / h for b, h in zip(values.get("broker", []), values.get("haproxy", [])) if h]
-            value = med(pairs) if ratio else None
-            target_text = verdict = ""
+            ratios: list[float | None] = []
+            for broker in BROKERS:
+                pairs = [b / h for b, h in zip(values.get(broker, []), values.get("haproxy", [])) if h]
+                ratios.append(med(pairs) if ratio else None)
+            target_text = ""
+            verdicts = []
             if goal:
                 op, bound = GOALS[goal]
                 target_text = f"{'≥' if op == '>=' else '≤'} {bound:g}×"
-                if value is not None:
-                    verdict = "met" if (value >= bound if op == ">=" else value <= bound) else "**missed**"
-            rows.append(f"| {text} | {' | '.join(cells)} | {fmt(value, '.2f')} | {target_text} | {verdict} |")
+                for value in ratios:
+                    if value is not None:
+                        verdicts.append("met" if (value >= bound if op == ">=" else value <= bound) else "**missed**")
+                    else:
+                        verdicts.append("–")
+            rows.append(f"| {text} | {' | '.join(cells)} | {' | '.join(fmt(r, '.2f') for r in ratios)} | "
+                        f"{target_text} | {' / '.join(verdicts)} |")
 
         row(f"{label}: keep-alive requests/s", "rps", ".0f", goal="rps" if label == "small" else None)
         row(f"{label}: latency p50, µs", "p50", ".0f")
@@ -297,9 +319,10 @@ def table(res: dict[str, Any], args: argparse.Namespace) -> str:
         errors = {t: sum(v) for t, v in figures.get("errors", {}).items() if sum(v)}
         if errors:
             rows.append(f"| {label}: **errors** (non-2xx, socket) | "
-                        + " | ".join(f"{errors.get(t, 0):.0f}" for t in TARGETS) + " | | | |")
-    head = ("| figure | direct | broker | HAProxy | broker / HAProxy | target | |\n"
-            "|---|---:|---:|---:|---:|---|---|")
+                        + " | ".join(f"{errors.get(t, 0):.0f}" for t in TARGETS) + " | | | | |")
+    head = ("| figure | " + " | ".join(HEADINGS[t] for t in TARGETS) + " | broker / HAProxy | "
+            "broker ACCESS_LOG=0 / HAProxy | target | verdict (ACCESS_LOG=1 / =0) |\n"
+            "|---|" + "---:|" * len(TARGETS) + "---:|---:|---|---|")
     notes = [
         f"Medians of {args.rounds} interleaved rounds of `wrk -t1 -c{args.connections} -d{args.seconds:g}s` "
         f"per file and target, on 127.0.0.1; {os.cpu_count()} CPUs shared by wrk, proxy and nginx. "
@@ -308,8 +331,10 @@ def table(res: dict[str, Any], args: argparse.Namespace) -> str:
         f"{FILES['small'][1]} B and 1 MiB.",
         f"HAProxy {HAPROXY_VERSION}: `mode http`, `nbthread 1`, `cookie {COOKIE} insert`, "
         f"`server … cookie s1 maxconn {args.maxconn}`, no logging; broker: `[BALANCE_HTTP]`, "
-        f"SORT_METHOD = ROUND_ROBIN, MONITORING_TYPE = DISABLED, Python {platform.python_version()}, "
-        f"Twisted {TWISTED_VERSION}.",
+        f"SORT_METHOD = ROUND_ROBIN, MONITORING_TYPE = DISABLED, one process (HAProxy: one thread), "
+        f"Python {platform.python_version()}, Twisted {TWISTED_VERSION}.",
+        "broker: ACCESS_LOG = 1, the default (one access-log line per request written to its log file); "
+        "broker, ACCESS_LOG=0: no access log, as HAProxy here (it logs nothing without a `log` line).",
         ("wrk sends no cookie: every request is a first one (balanced, Set-Cookie)." if args.no_cookie
          else f"wrk sends back the {COOKIE} cookie each proxy set on a first request (affinity path)."),
         "Added latency = p50 (p99) minus the direct p50 (p99) of the same round. Proxy CPU = user + "
@@ -330,6 +355,7 @@ def main() -> int:
     parser.add_argument("--maxconn", type=int, default=1000, help="HAProxy per-server maxconn")
     parser.add_argument("--no-cookie", action="store_true", help="wrk sends no affinity cookie")
     parser.add_argument("--no-broker", action="store_true", help="direct and HAProxy only")
+    parser.add_argument("--no-nolog", action="store_true", help="no second broker with ACCESS_LOG = 0")
     parser.add_argument("--haproxy", default=shutil.which("haproxy") or "/usr/sbin/haproxy")
     parser.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
     parser.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")

@@ -14,6 +14,7 @@ from protheus_broker.deps.settings import DependencyConfig, read_dependencies
 from protheus_broker.desktop.settings import DESKTOP_SECTION, DesktopBalanceConfig, read_desktop
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, read_http, read_web_services
 from protheus_broker.ini import ConfigError, Section, read_file, read_ini
+from protheus_broker.license.client_settings import LICENSE_CLIENT_SECTION, LicenseClientConfig, read_license_client
 from protheus_broker.logs import GENERAL_SECTION, GeneralConfig, read_general
 from protheus_broker.tls.settings import SSL_SECTION
 from protheus_broker.web.settings import ADMIN_SECTION, AdminConfig, read_admin
@@ -36,6 +37,7 @@ class BrokerConfig:
     units: tuple[tuple[str, Any], ...]
     warnings: tuple[str, ...] = field(default=(), compare=False)
     admin: AdminConfig | None = None  # [BROKER_ADMIN]: the broker screen; None when absent
+    license_client: LicenseClientConfig | None = None  # [LICENSECLIENT]: the license server; None when absent
     #: unit section -> the dependency sections its DEPENDS_ON names (units without: absent)
     depends_on: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     #: each section some DEPENDS_ON names -> its SERVER/PORT and check keys
@@ -77,7 +79,8 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
     reserved = (GENERAL_SECTION, ADMIN_SECTION, *COMPANION_SECTIONS)
     depends_on, dependencies = read_dependencies([sections[n] for n in sections if n in UNIT_READERS],
                                                  sections, reserved)
-    known = set(UNIT_READERS) | set(reserved) | set(dependencies)
+    known = set(UNIT_READERS) | set(reserved) | set(dependencies) | {LICENSE_CLIENT_SECTION}
+    known |= _uri_sections(sections)
     known |= {str(s.values["NODES"]).strip() for s in sections.values() if s.values.get("NODES")}  # nodes
     known |= {str(s.values["KUBERNETES"]).strip() for s in sections.values() if s.values.get("KUBERNETES")}
     for name in sections:
@@ -96,15 +99,40 @@ def parse_config(text: str, path: str = "<config>") -> BrokerConfig:
     general_section = sections.get(GENERAL_SECTION, Section(path, GENERAL_SECTION, {}, where))
     general = read_general(general_section)
     admin = read_admin(sections[ADMIN_SECTION], warnings) if ADMIN_SECTION in sections else None
+    license_client = read_license_client(sections[LICENSE_CLIENT_SECTION]) \
+        if LICENSE_CLIENT_SECTION in sections else None
+    if license_client is None:
+        why = (f"its [{LICENSE_CLIENT_SECTION}] has no SECRET/SECRET_FILE (or SERVER = NOCONFIG)"
+               if LICENSE_CLIENT_SECTION in sections else f"the file has no [{LICENSE_CLIENT_SECTION}]")
+        for name, unit in units.items():
+            gate = getattr(unit, "license", None)
+            if gate is not None and gate.stateless:
+                warnings.append(f"{path}:{where.sections[name]}: [{name}] has Stateless=1 URIs but {why}: "
+                                f"their requests get 503 'license server not configured'")
 
     checked = [sections[name] for name in units] + [general_section] + [sections[n] for n in dependencies]
     if admin is not None:
         checked.append(sections[ADMIN_SECTION])
+    if LICENSE_CLIENT_SECTION in sections and LICENSE_CLIENT_SECTION not in dependencies:
+        checked.append(sections[LICENSE_CLIENT_SECTION])
     for section in checked:
         for key in section.unknown_keys():
             warnings.append(f"{path}:{section.line(key)}: [{section.name}] {key}: unknown key; ignored")
     return BrokerConfig(path=path, general=general, units=tuple(units.items()),
-                        warnings=tuple(warnings), admin=admin, depends_on=depends_on, dependencies=dependencies)
+                        warnings=tuple(warnings), admin=admin, depends_on=depends_on, dependencies=dependencies,
+                        license_client=license_client)
+
+
+def _uri_sections(sections: Mapping[str, Section]) -> set[str]:
+    """The URI sections the HTTP units name in ``URIS`` (read by the units' readers)."""
+    names: set[str] = set()
+    for unit in (HTTP_SECTION, WEB_SERVICES_SECTION):
+        section = sections.get(unit)
+        if section is not None:
+            text = section.values.get("URIS", "")
+            names.update(part.strip().upper() for part in text.replace(";", ",").replace(" ", ",").split(",")
+                         if part.strip())
+    return names
 
 
 def load_config(path: str) -> BrokerConfig:

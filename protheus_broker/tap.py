@@ -12,11 +12,13 @@ from twisted.python import usage
 
 from protheus_broker.config import BrokerConfig, DEFAULT_CONFIG_PATH, load_config
 from protheus_broker.deps.checker import DependencyRegistry
+from protheus_broker.deps.state import LICENSE_CLIENT, ChannelDependency
 from protheus_broker.desktop.settings import DESKTOP_SECTION
 from protheus_broker.desktop.unit import DesktopUnit
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION
 from protheus_broker.http.unit import HttpUnit, WebServicesUnit
 from protheus_broker.ini import ConfigError
+from protheus_broker.license.client import LicenseClient
 from protheus_broker.logs import console_file_observer
 from protheus_broker.web.service import add_admin
 
@@ -88,6 +90,10 @@ UNIT_BUILDERS: dict[str, Callable[..., Any]] = {DESKTOP_SECTION: DesktopUnit, HT
                                                 WEB_SERVICES_SECTION: WebServicesUnit}
 
 
+#: The units that take a license client (their Stateless=1 URIs take seats).
+HTTP_UNITS = (HTTP_SECTION, WEB_SERVICES_SECTION)
+
+
 class BrokerService(MultiService):
     """The broker: one balance unit per ``[BALANCE_*]`` section (listener, factory, pool,
     monitor, counters), the broker screen and the console log; reloadable on SIGHUP."""
@@ -102,9 +108,16 @@ class BrokerService(MultiService):
         self.dependencies = DependencyRegistry(reactor)
         self.dependencies.setServiceParent(self)
         self.dependencies.configure(config.dependencies)
+        #: the one license client ([LICENSECLIENT]), shared by the HTTP units' license gates
+        self.licenses = LicenseClient(reactor, config.license_client) if config.license_client else None
+        if self.licenses is not None:
+            self.licenses.setServiceParent(self)  # before the units: started before them, stopped after
+            # DEPENDS_ON = LICENSECLIENT: the license channel's state, not a TCP check of SERVER:PORT
+            self.dependencies.provide(LICENSE_CLIENT, ChannelDependency(LICENSE_CLIENT, self.licenses))
         if units is None:  # tests may hand units built directly
             units = [UNIT_BUILDERS[section](reactor, unit_config, name=section, path=config.path,
-                                            ids=self.session_ids)
+                                            ids=self.session_ids,
+                                            **({"licenses": self.licenses} if section in HTTP_UNITS else {}))
                      for section, unit_config in config.units]
         self.units: list[Any] = list(units)
         for unit in self.units:
@@ -212,6 +225,8 @@ class BrokerService(MultiService):
                 continue
             if not unit.reload(unit_config):
                 return False
+        if self.config.license_client != new.license_client:
+            log.warn("reload: [LICENSECLIENT] changed; restart to apply")
         for unit in self.units:
             old_names, names = self.config.depends_on.get(unit.name, ()), new.depends_on.get(unit.name, ())
             if old_names != names:

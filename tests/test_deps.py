@@ -27,6 +27,7 @@ from protheus_broker.deps.state import (ChannelDependency, DependencyDown, Depen
 from protheus_broker.desktop.lifecycle import GateRefused, IGate
 from protheus_broker.http.proxy import IDispatcher, NoBackend, RequestInfo
 from protheus_broker.ini import ConfigError
+from protheus_broker.license.client_settings import DEFAULT_LICENSE_PORT
 from protheus_broker.tap import BrokerService
 from protheus_broker.web import metrics, model, page
 
@@ -505,6 +506,16 @@ class ConfigTests(SynchronousTestCase):
                 expected.append(upper)
         self.assertEqual(config.depends_on["BALANCE_SMART_CLIENT_DESKTOP"], tuple(expected))
         self.assertEqual(sorted(config.dependencies), sorted(expected))
+
+    def test_license_client_port_defaults_to_5555(self) -> None:
+        """DEPENDS_ON = LICENSECLIENT with a [LICENSECLIENT] without PORT: 5555, as the license
+        client's own default; other sections still need PORT."""
+        config = parse_config(ini("LICENSECLIENT", extra="[LICENSECLIENT]\nSERVER = 10.0.0.7\n"))
+        self.assertEqual(config.dependencies["LICENSECLIENT"].port, DEFAULT_LICENSE_PORT)
+        self.assertEqual(config.dependencies["LICENSECLIENT"].where, "10.0.0.7:5555")
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(ini("DBACCESS").replace("Port = 7890\n", ""), "a.ini")
+        self.assertIn("PORT is missing", str(caught.exception))
 
     def test_ipv6_server(self) -> None:
         """SERVER may be an IPv6 address, with or without brackets; messages bracket it."""

@@ -25,6 +25,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from protheus_broker.monitoring import commands as cmd
+from protheus_broker.agent.farm import Farm
 from protheus_broker.agent.settings import AgentConfig, WatchedAppServer
 from protheus_broker.agent.probe import (
     AcceptQueue,
@@ -163,8 +164,10 @@ class Agent:
 
     def __init__(self, reactor: Any, config: AgentConfig,
                  watches: dict[int, AppServerWatch] | None = None,
-                 host: tuple[int, int] | None = None) -> None:
+                 host: tuple[int, int] | None = None, farm: Farm | None = None) -> None:
         self.reactor = reactor
+        #: [NODES]: brokers may start nodes here (the tap gives it its process launcher)
+        self.farm = farm
         self.config = config
         self.secret = config.secret
         self.watches = watches if watches is not None else {
@@ -212,6 +215,8 @@ class AgentProtocol(cmd.QuietAMP):
         self.peer = "?"
         self.peer_host = "?"
         self.timeout: Any = None
+        self.farm_channel = False  # Hello named FARM_PORT: node orders, no reports
+        self.broker_id = ""  # set by Attach on the farm channel
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -243,6 +248,16 @@ class AgentProtocol(cmd.QuietAMP):
             self._refuse(f"protocol version {version} (this agent speaks {cmd.PROTOCOL_VERSION})")
             raise cmd.UnsupportedVersion(f"agent speaks version {cmd.PROTOCOL_VERSION}")
         watch = self.agent.watches.get(appserver_port)
+        if appserver_port == cmd.FARM_PORT and self.agent.farm is not None:
+            if len(broker_nonce) != cmd.NONCE_BYTES:
+                self._refuse("malformed challenge")
+                raise cmd.AuthenticationFailed("malformed challenge")
+            self.farm_channel = True
+            self.broker_nonce = broker_nonce
+            self.agent_nonce = os.urandom(cmd.NONCE_BYTES)
+            return {"agent_nonce": self.agent_nonce, "appserver": "farm",
+                    "agent_proof": cmd.proof(self.agent.secret, b"agent", broker_nonce, self.agent_nonce,
+                                             cmd.FARM_PORT)}
         if watch is None:
             watched = sorted(self.agent.watches)
             ports = ", ".join(str(p) for p in watched[:10]) + (", ..." if len(watched) > 10 else "")
@@ -264,6 +279,8 @@ class AgentProtocol(cmd.QuietAMP):
 
     @cmd.Authenticate.responder
     def authenticate(self, broker_proof: bytes, interval: float) -> dict[str, Any]:
+        if self.farm_channel:
+            return self._authenticate_farm(broker_proof)
         watch = self.watch
         if watch is None:
             self._refuse("Authenticate before Hello")
@@ -290,6 +307,73 @@ class AgentProtocol(cmd.QuietAMP):
             self.agent.reactor.callLater(0, self.push)  # the first report right after the answer
         return {}
 
+    def _authenticate_farm(self, broker_proof: bytes) -> dict[str, Any]:
+        if self.authenticated:
+            self._refuse("Authenticate twice")
+            raise cmd.AuthenticationFailed("already authenticated")
+        expected = cmd.proof(self.agent.secret, b"broker", self.agent_nonce, self.broker_nonce, cmd.FARM_PORT)
+        if not cmd.proof_matches(expected, broker_proof):
+            self._refuse("wrong proof on the farm channel (a different secret, or not our broker)")
+            raise cmd.AuthenticationFailed("wrong proof")
+        self.authenticated = True
+        if self.timeout is not None and self.timeout.active():
+            self.timeout.cancel()
+        log.info("broker {peer} authenticated on the farm channel", peer=self.peer)
+        return {}
+
+    def _farm(self) -> Farm:
+        """The farm, for an authenticated and attached farm channel (else NotAuthenticated)."""
+        if not (self.farm_channel and self.authenticated and self.broker_id) or self.agent.farm is None:
+            self._refuse("a node order before authenticating and attaching on the farm channel")
+            raise cmd.NotAuthenticated("authenticate on the farm channel and Attach first")
+        return self.agent.farm
+
+    @cmd.Attach.responder
+    def attach(self, broker: str) -> dict[str, Any]:
+        if not (self.farm_channel and self.authenticated) or self.agent.farm is None:
+            self._refuse("Attach before authenticating on the farm channel")
+            raise cmd.NotAuthenticated("authenticate on the farm channel first")
+        if self.broker_id or not broker or len(broker) > 200 or any(c.isspace() for c in broker):
+            self._refuse(f"bad Attach ({broker[:40]!r})")
+            raise cmd.NodeRefused("one Attach per channel, a broker id of 1..200 characters, no spaces")
+        self.broker_id = broker
+        nodes = self.agent.farm.attach(broker, self)
+        return {"nodes": nodes, "host": self.agent.farm.config.host}
+
+    @cmd.StartNode.responder
+    def start_node(self, node_id: int, template: str, persistent: bool, application: str) -> dict[str, Any]:
+        farm = self._farm()
+        try:
+            node = farm.start(self.broker_id, node_id, template, persistent, application)
+        except (cmd.UnknownTemplate, cmd.NodeRefused) as e:
+            log.warn("farm: broker {broker} node {node_id} refused: {why}", broker=self.broker_id,
+                     node_id=node_id, why=str(e))
+            raise
+        return {"host": farm.config.host, "port": node.port, "pid": node.process.pid}
+
+    @cmd.StopNode.responder
+    def stop_node(self, node_id: int, kill: bool) -> dict[str, Any]:
+        return {"known": self._farm().stop(self.broker_id, node_id, kill)}
+
+    @cmd.ProbeNode.responder
+    def probe_node(self, node_id: int) -> Any:
+        d = self._farm().probe(self.broker_id, node_id)
+        return d.addCallback(lambda r: {"accepting": r[0], "memory_bytes": r[1]})
+
+    @cmd.PersistentHolder.responder
+    def persistent_holder(self, application: str) -> dict[str, Any]:
+        return {"refusal": self._farm().persistent_holder(self.broker_id, application) or ""}
+
+    @cmd.NodeEvent.responder
+    def node_event(self, node_id: int, state: str, detail: str) -> dict[str, Any]:
+        self._refuse("sent a NodeEvent to the agent")
+        return {}
+
+    def event(self, node_id: int, state: str, detail: str) -> None:
+        """Tell the broker about one of its nodes (farm channel)."""
+        if self.transport is not None:
+            self.callRemote(cmd.NodeEvent, node_id=node_id, state=state, detail=detail[:MAX_PROBLEM])
+
     def push(self) -> None:
         """Send the latest sample (also the heartbeat)."""
         if self.watch is not None and self.authenticated and self.transport is not None:
@@ -315,6 +399,8 @@ class AgentProtocol(cmd.QuietAMP):
             self.pusher.stop()
         if self.watch is not None:
             self.watch.links.discard(self)
+        if self.broker_id and self.agent.farm is not None:
+            self.agent.farm.detach(self.broker_id, self)
 
 
 class AgentFactory(Factory):

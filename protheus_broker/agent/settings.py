@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from dataclasses import dataclass, field, replace
 
 from protheus_broker.ini import ConfigError, Section, parse_port, read_file, read_ini, read_secret
@@ -16,6 +17,7 @@ DEFAULT_AGENT_CONFIG_PATH = "/etc/protheus-broker/agent.ini"
 
 
 AGENT_SECTION = "AGENT"
+NODES_SECTION = "NODES"
 
 
 _APPSERVER_SECTION_RE = re.compile(r"^APPSERVER_([A-Z0-9_\-]+)$")
@@ -45,6 +47,65 @@ class WatchedAppServer:
         return f"the process listening on port {self.port}"
 
 
+#: Placeholders a [NODES] COMMAND_<name> may use (filled in by the agent, never by the broker).
+FARM_PLACEHOLDERS = {"id": "1", "port": "21001", "persistent": "0", "application": "app"}
+_TEMPLATE_KEY_RE = re.compile(r"^COMMAND_([A-Z0-9_\-]+)$")
+
+
+@dataclass(frozen=True)
+class FarmConfig:
+    """``[NODES]``: this agent is a farm host; brokers may start nodes here, each with one of
+    these command templates (by name), on ports BASE_PORT+1..BASE_PORT+MAX_NODES of HOST."""
+
+    templates: dict[str, tuple[str, ...]]
+    host: str = "127.0.0.1"
+    base_port: int = 21000
+    max_nodes: int = 8
+    stop_grace: float = 10.0
+    persistent_grace: float = 60.0
+    orphan_timeout: float = 3600.0
+    start_timeout: float = 60.0
+
+
+def read_farm(section: Section) -> FarmConfig:
+    """The [NODES] section: COMMAND_<name> templates and the limits."""
+    templates: dict[str, tuple[str, ...]] = {}
+    for key in section.values:
+        match = _TEMPLATE_KEY_RE.match(key)
+        if not match:
+            continue
+        try:
+            words = tuple(shlex.split(section.text(key, "")))
+        except ValueError as e:
+            raise section.error(key, f"cannot split it into words: {e}") from None
+        if not words:
+            raise section.error(key, "empty command")
+        for word in words:
+            try:
+                word.format(**FARM_PLACEHOLDERS)
+            except (KeyError, IndexError, ValueError) as e:
+                raise section.error(key, f"bad placeholder in {word!r} ({e!s}): use {{id}}, {{port}}, "
+                                         "{persistent} or {application}") from None
+        if not any("{port}" in word for word in words):
+            raise section.error(key, "the command needs {port} (where the node listens)")
+        templates[match.group(1)] = words
+    if not templates:
+        raise ConfigError(section.path, "[NODES] has no COMMAND_<name>: the commands brokers may run here",
+                          key="[NODES]")
+    max_nodes = section.integer("MAX_NODES", 8, 1, 500)  # (its node list fits one AMP box)
+    base_text = section.raw("BASE_PORT")
+    base_port = parse_port(section, "BASE_PORT", base_text) if base_text else 21000
+    if base_port + max_nodes > 65535:
+        raise section.error("BASE_PORT", f"{base_port} leaves no room for {max_nodes} nodes below 65536")
+    return FarmConfig(
+        templates=templates, host=section.text("HOST", "127.0.0.1"), base_port=base_port,
+        max_nodes=max_nodes, stop_grace=section.number("STOP_GRACE", 10.0, 0.0, 3600.0),
+        persistent_grace=section.number("PERSISTENT_GRACE", 60.0, 0.0, 86400.0),
+        orphan_timeout=section.number("ORPHAN_TIMEOUT", 3600.0, 0.0, 30 * 86400.0),
+        start_timeout=section.number("START_TIMEOUT", 60.0, 0.1, 3600.0),
+    )
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """``protheus-agent``'s ini: where it listens, how brokers authenticate, what it watches."""
@@ -59,6 +120,7 @@ class AgentConfig:
     #: A connection left this long in an AppServer's accept queue means it does not accept
     #: (hung or stopped); 0 turns the check off.
     accept_timeout: float = 3.0
+    farm: FarmConfig | None = None  # [NODES]: a farm host
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -95,10 +157,11 @@ def parse_agent_config(text: str, path: str = "<agent config>") -> AgentConfig:
         match = _APPSERVER_SECTION_RE.match(name)
         if match:
             watched.append(read_watched(section, match.group(1)))
-        elif name != AGENT_SECTION:
+        elif name not in (AGENT_SECTION, NODES_SECTION):
             warnings.append(f"{path}:{where.sections[name]}: unknown section [{name}]; ignored")
-    if not watched:
-        raise ConfigError(path, "no [APPSERVER_<name>] section: the agent has nothing to watch")
+    farm = read_farm(sections[NODES_SECTION]) if NODES_SECTION in sections else None
+    if not watched and farm is None:
+        raise ConfigError(path, "no [APPSERVER_<name>] section and no [NODES]: the agent has nothing to do")
     ports: dict[int, str] = {}
     for server in watched:
         if server.port in ports:
@@ -108,10 +171,10 @@ def parse_agent_config(text: str, path: str = "<agent config>") -> AgentConfig:
     config = AgentConfig(
         path=path, port=port, appservers=tuple(watched), interface=agent.text("INTERFACE", ""),
         secret=secret, tls=tls, sample_interval=agent.number("SAMPLE_INTERVAL", 1.0, 0.05, 3600.0),
-        accept_timeout=agent.number("ACCEPT_TIMEOUT", 3.0, 0.0, 3600.0),
+        accept_timeout=agent.number("ACCEPT_TIMEOUT", 3.0, 0.0, 3600.0), farm=farm,
     )
     for section in sections.values():
-        if section.name == AGENT_SECTION or _APPSERVER_SECTION_RE.match(section.name):
+        if section.name in (AGENT_SECTION, NODES_SECTION) or _APPSERVER_SECTION_RE.match(section.name):
             for key in section.unknown_keys():
                 warnings.append(f"{path}:{section.line(key)}: [{section.name}] {key}: unknown key; ignored")
     return replace(config, warnings=tuple(warnings))

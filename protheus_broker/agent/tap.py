@@ -12,6 +12,8 @@ from twisted.python import usage
 
 from protheus_broker import __version__
 from protheus_broker.agent.agent import Agent, AgentFactory
+from protheus_broker.agent.farm import Farm
+from protheus_broker.agent.launcher import ProcessLauncher
 from protheus_broker.agent.settings import AgentConfig, DEFAULT_AGENT_CONFIG_PATH, load_agent_config
 from protheus_broker.ini import ConfigError
 from protheus_broker.tls.options import server_options
@@ -39,6 +41,8 @@ class AgentService(MultiService):
         self.reactor = reactor
         self.config = config
         self.agent = agent or Agent(reactor, config)
+        if self.agent.farm is None and config.farm is not None:
+            self.agent.farm = Farm(reactor, config.farm, ProcessLauncher(reactor))
         self.factory = AgentFactory(self.agent)
         self.port: Any = None
         sampler = TimerService(config.sample_interval, self.agent.sample_all)
@@ -67,11 +71,19 @@ class AgentService(MultiService):
                  version=__version__, host=host.host, port=host.port,
                  auth="mutual TLS" + (" + shared secret" if self.config.secret else "")
                  if self.config.tls else "shared secret",
-                 watched="; ".join(f"{w.name} port {w.port} ({w.found_by})" for w in self.config.appservers))
+                 watched="; ".join(f"{w.name} port {w.port} ({w.found_by})" for w in self.config.appservers)
+                 or "no AppServer")
+        farm = self.config.farm
+        if farm is not None:
+            log.info("farm host: up to {max} nodes on {host}:{first}..{last}, templates {templates}",
+                     max=farm.max_nodes, host=farm.host, first=farm.base_port + 1,
+                     last=farm.base_port + farm.max_nodes, templates=", ".join(sorted(farm.templates)))
         super().startService()
 
     def stopService(self) -> Any:
         super().stopService()
+        if self.agent.farm is not None:
+            self.agent.farm.stop_all()
         if self.port is not None:
             return self.port.stopListening()
         return None

@@ -8,7 +8,10 @@ Everything it starts is stopped, by pid, on Ctrl-C (or if any of them exits).
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from twisted.internet import defer, task
@@ -20,6 +23,32 @@ from protheus_broker.ini import Section, host_and_port, read_file, read_ini
 HTTP_SECTION = "BALANCE_HTTP"
 
 DEMO_INI = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "etc", "demo.ini")
+NODES_INI = os.path.join(os.path.dirname(DEMO_INI), "demo-nodes.ini")
+
+
+def prepare_ini(ini: str, run_dir: str) -> str:
+    """The demo's placeholders, filled in: ``{python}`` (this Python, so NODE_COMMAND works from a
+    clone) and ``{rundir}`` (*run_dir*, for sockets and locks).  Without them, *ini* itself;
+    else a copy in *run_dir*.  Other braces ({id}, {port}...) are the broker's."""
+    text = read_file(ini)
+    if "{python}" not in text and "{rundir}" not in text:
+        return ini
+    text = text.replace("{python}", shlex.quote(sys.executable)).replace("{rundir}", run_dir)
+    path = os.path.join(run_dir, os.path.basename(ini))
+    with open(path, "w") as handle:
+        handle.write(text)
+    return path
+
+
+def managed_nodes(config: Any) -> list[str]:
+    """'[SECTION] MIN..MAX nodes over TRANSPORT' for each unit with managed nodes."""
+    lines = []
+    for name, unit in config.units:
+        nodes = getattr(unit, "nodes", None)
+        if nodes is not None:
+            lines.append(f"[{name}] {nodes.min_nodes}..{nodes.max_nodes} nodes over {nodes.transport.value}"
+                         + (", one persistent" if nodes.persistent else ""))
+    return lines
 
 
 def _print(name: str, line: bytes) -> None:
@@ -63,7 +92,11 @@ def http_servers(ini: str) -> tuple[str | None, list[tuple[str, str, int]]]:
 
 
 async def run_demo(reactor: Any, ini: str = DEMO_INI) -> int:
+    run_dir = tempfile.mkdtemp(prefix="protheus-demo-")  # short: Unix socket paths are <= 107 bytes
+    reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, run_dir, True)
+    ini = prepare_ini(ini, run_dir)
     config = load_config(ini)
+    nodes = managed_nodes(config)
     children: list[TwistdChild] = []
     reactor.addSystemEventTrigger("before", "shutdown", stop_all, reactor, children)
     try:
@@ -84,10 +117,14 @@ async def run_demo(reactor: Any, ini: str = DEMO_INI) -> int:
         port = await defer.gatherResults([c.listening() for c in children], consumeErrors=True)
         host = config.desktop.local_interface or "127.0.0.1"
         sys.stdout.write(
-            f"\nDemo running: broker on {host}:{port[-1]} -> {len(config.desktop.servers)} sample AppServers.\n"
+            f"\nDemo running: broker on {host}:{port[-1]} -> "
+            + (f"{len(config.desktop.servers)} sample AppServers" if config.desktop.servers else "")
+            + (f"{'; ' if config.desktop.servers else ''}managed nodes (the broker starts, polls and recycles "
+               f"them): {'; '.join(nodes)}" if nodes else "") + ".\n"
             f"Try:  nc {host} {port[-1]}     (the first line names the AppServer you landed on;\n"
             f"      type a line and it echoes; open several to watch the balancing)\n"
-            + (f"Web:  http://{web_address}/   ([BALANCE_HTTP] over {len(web_servers)} sample HTTP AppServers:\n"
+            + (f"Web:  http://{web_address}/   ([BALANCE_HTTP] over "
+               f"{f'{len(web_servers)} sample HTTP AppServers' if web_servers else 'its nodes'}:\n"
                f"      reload and the session counter grows on the same server; the page holds a WebSocket)\n"
                if web_address else "")
             + (f"Broker screen: {screen_url(config.admin.endpoint)}\n" if config.admin else "")
@@ -104,7 +141,8 @@ async def run_demo(reactor: Any, ini: str = DEMO_INI) -> int:
 
 
 def main() -> None:
-    ini = sys.argv[1] if len(sys.argv) > 1 else DEMO_INI
+    args = sys.argv[1:]
+    ini = NODES_INI if args == ["--nodes"] else args[0] if args else DEMO_INI
     task.react(lambda reactor: defer.ensureDeferred(run_demo(reactor, ini)).addCallback(
         lambda code: sys.exit(code) if code else None))
 

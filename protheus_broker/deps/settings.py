@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from protheus_broker.deps.state import LICENSE_CLIENT
 from protheus_broker.ini import ConfigError, Section, parse_port, valid_host
 
 DEPENDS_ON_KEY = "DEPENDS_ON"
@@ -23,6 +24,10 @@ TOTVS_KEYS = ("DATABASE", "ALIAS", "PROTHEUSONLY", "ENABLE", "MESSAGELOG")
 
 #: TOTVS's value of SERVER for "no server configured" (``[LockServer] Server=NOCONFIG``).
 NO_SERVER = "NOCONFIG"
+
+#: PORT of a section that may leave it out: [LICENSECLIENT] (TOTVS's License Server listens on 5555,
+#: the default of license.client_settings.DEFAULT_LICENSE_PORT too).
+DEFAULT_PORTS = {LICENSE_CLIENT: 5555}
 
 _SPLIT_RE = re.compile(r"[\s,]+")  # (a ";" starts a comment in TOTVS ini files)
 
@@ -72,7 +77,8 @@ def read_depends_on(section: Section, sections: Mapping[str, Section], reserved:
 
 
 def read_dependency(section: Section) -> DependencyConfig:
-    """A dependency section's SERVER and PORT (both required) and our check keys."""
+    """A dependency section's SERVER and PORT (both required, but [LICENSECLIENT]'s PORT
+    defaults to 5555 as the license client's does) and our check keys."""
     for key in TOTVS_KEYS:
         section.raw(key)
     server = section.text("SERVER", "")
@@ -85,7 +91,8 @@ def read_dependency(section: Section) -> DependencyConfig:
                                       f"{section.name} from DEPENDS_ON")
     if not valid_host(server):
         raise section.error("SERVER", f"{server!r} is not a host name or IP address")
-    port_text = section.text("PORT", "")
+    default_port = DEFAULT_PORTS.get(section.name)
+    port_text = section.text("PORT", "" if default_port is None else str(default_port))
     if not port_text:
         raise ConfigError(section.path, "PORT is missing: the port of the service a unit DEPENDS_ON",
                           line=where, key=f"[{section.name}]")

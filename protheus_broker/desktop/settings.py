@@ -11,7 +11,9 @@ from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.ini import ConfigError, Section, host_and_port, parse_port
 from protheus_broker.kube.settings import KubeSettings, read_kubernetes
 from protheus_broker.nodes.manager import NodePolicy
-from protheus_broker.nodes.settings import read_nodes
+from protheus_broker.nodes.settings import nodes_section, read_nodes
+from protheus_broker.scaling.controller import ScaleToZeroPolicy
+from protheus_broker.scaling.settings import check_scale_to_zero, read_scale_to_zero
 from protheus_broker.monitoring.settings import (AGENT_KEY_RE, MonitoringConfig, MonitoringType, read_monitoring,
                                                  read_monitoring_type)
 from protheus_broker.resume.settings import ResumeConfig, read_resume
@@ -44,6 +46,7 @@ class DesktopBalanceConfig:
     tls: SessionTLSConfig = field(default_factory=SessionTLSConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)  # resumable sessions (connector)
     nodes: NodePolicy | None = None  # managed AppServer nodes (NODE_COMMAND or NODES = <section>)
+    scale_to_zero: ScaleToZeroPolicy = field(default_factory=ScaleToZeroPolicy)  # SCALE_TO_ZERO etc.
     kubernetes: KubeSettings | None = None  # KUBERNETES = <section>: a Kubernetes scaler
 
     @property
@@ -98,8 +101,11 @@ def read_desktop(section: Section, sections: Mapping[str, Section],
             raise section.error(key, "server id must be letters and digits after REMOTE_SERVER_")
         elif key.startswith("AGENT_SERVER") and not AGENT_KEY_RE.match(key):
             raise section.error(key, "server id must be letters and digits after AGENT_SERVER_")
+    zero_section = nodes_section(section, sections) or section  # (read before NODES' unknown keys)
+    scale_to_zero = read_scale_to_zero(zero_section)
     nodes = read_nodes(section, sections, section.name, warnings)
     kubernetes = read_kubernetes(section, sections, warnings)
+    scale_to_zero = check_scale_to_zero(scale_to_zero, zero_section, nodes, warnings)
     if not servers and nodes is None and kubernetes is None:
         raise ConfigError(
             section.path,
@@ -140,6 +146,7 @@ def read_desktop(section: Section, sections: Mapping[str, Section],
         resume=read_resume(section),
         tls=session_tls_config(section, sections.get(SSL_SECTION), warnings),
         nodes=nodes,
+        scale_to_zero=scale_to_zero,
         kubernetes=kubernetes,
     )
     if config.sort_method != config.effective_sort_method:

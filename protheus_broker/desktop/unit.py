@@ -25,8 +25,12 @@ from protheus_broker.ini import ConfigError
 from protheus_broker.kube.scaler import make_scaler
 from protheus_broker.monitoring.monitor import make_monitor
 from protheus_broker.nodes.manager import NodeManager
-from protheus_broker.nodes.spawner import NodeService, ProcessSpawner
+from protheus_broker.nodes.remote import make_spawner
+from protheus_broker.nodes.spawner import NodeService
 from protheus_broker.resume.broker import ResumableSessions
+from protheus_broker.scaling.controller import ScaleToZero
+from protheus_broker.scaling.gates import ScaleToZeroService, WakeGate
+from protheus_broker.scaling.local import LocalScaler
 from protheus_broker.stats import ISessionStats, SessionStats
 from protheus_broker.units import IBalanceUnit, listen_or_exit, stop_unit
 
@@ -70,9 +74,12 @@ class DesktopUnit(MultiService):
             self.monitor.setServiceParent(self)
         self.nodes: NodeManager | None = None
         if config.nodes is not None:  # managed AppServer nodes join the pool as source "nodes"
-            self.nodes = NodeManager(reactor, self.pool, ProcessSpawner(reactor, config.nodes, name),
-                                     config.nodes, random.Random(), name)
+            spawner, farm = make_spawner(reactor, config.nodes, name)  # FARM_HOSTS: nodes on agents too
+            self.nodes = NodeManager(reactor, self.pool, spawner, config.nodes, random.Random(), name)
             NodeService(self.nodes).setServiceParent(self)
+            if farm is not None:
+                farm.watch(self.nodes)  # the farm's persistent hold, after this host's lock
+                farm.setServiceParent(self)  # (after NodeService: stops first, farm nodes are left running)
         self.scaler: Any = None  # an IScaler: KUBERNETES = <section> (pods join the pool as "kubernetes")
         if config.kubernetes is not None:
             self.scaler = make_scaler(reactor, self.pool, config.kubernetes, name, path)
@@ -95,9 +102,24 @@ class DesktopUnit(MultiService):
         self.dependencies = UnitDependencies(name)
         self.factory.gates.insert(0, DependencyGate(self.dependencies))
         self.factory.standby = resumable
+        #: SCALE_TO_ZERO=1: the nodes sleep after ZERO_IDLE_TIME without a session; a login wakes them
+        self.scale_to_zero: ScaleToZero | None = None
+        if self.nodes is not None and config.scale_to_zero.enabled:
+            controller = ScaleToZero(reactor, LocalScaler(self.nodes), config.scale_to_zero,
+                                     self._open_sessions, name=name)
+            self.scale_to_zero = controller
+            self.factory.gates.insert(self.factory.gates.index(self.factory.server_gate),
+                                      WakeGate(controller, self.pool))
+            ScaleToZeroService(controller).setServiceParent(self)  # after the nodes' service
         self.session_tls = SessionTLS(reactor, config.tls, self.factory)  # ConfigError: bad file
         self.endpoint = endpoint_string(config)
         self.port: Any = None
+
+    def _open_sessions(self) -> int:
+        """Sessions open (scale to zero's activity): SmartClient sessions not held by the wake,
+        or sessions the pool counts on its members (resume standby included)."""
+        held = len(self.scale_to_zero.held) if self.scale_to_zero is not None else 0
+        return max(len(self.factory.sessions) - held, sum(b.active for b in self.pool))
 
     def privilegedStartService(self) -> None:
         """Listen (ports below 1024 need the privilege); a port that is taken stops the daemon
@@ -135,18 +157,24 @@ class DesktopUnit(MultiService):
     def _reload_nodes(self, old: DesktopBalanceConfig, new: DesktopBalanceConfig) -> None:
         """Sizes, polls and recycle limits apply live; the command, transport, ports, socket
         directory and persistence need a restart."""
-        if old.nodes == new.nodes:
+        if old.scale_to_zero.enabled != new.scale_to_zero.enabled:
+            log.warn("reload: SCALE_TO_ZERO changed; restart to apply", pool=self.name)
+        if old.nodes == new.nodes and old.scale_to_zero == new.scale_to_zero:
             return
         if self.nodes is None or new.nodes is None:
             log.warn("reload: node management turned on or off; restart to apply", pool=self.name)
             return
-        fixed = ("command", "transport", "base_port", "socket_dir", "persistent", "application", "lock_dir")
+        fixed = ("command", "transport", "base_port", "socket_dir", "persistent", "application", "lock_dir", "farm")
         if any(getattr(old.nodes, k) != getattr(new.nodes, k) for k in fixed):
             log.warn("reload: NODE_COMMAND, TRANSPORT, BASE_PORT, SOCKET_DIR or PERSISTENT changed; "
                      "restart to apply", pool=self.name)
             new_policy = replace(new.nodes, **{k: getattr(old.nodes, k) for k in fixed})
         else:
             new_policy = new.nodes
+        if self.scale_to_zero is not None:  # the controller owns MIN_NODES while it runs
+            new_policy = replace(new_policy, min_nodes=self.nodes.policy.min_nodes)
+            if new.scale_to_zero.enabled:
+                self.scale_to_zero.policy = new.scale_to_zero  # ZERO_IDLE_TIME, WAKE_TIMEOUT, MAX_HELD
         self.nodes.policy = new_policy
         self.nodes.reconcile()
 

@@ -29,11 +29,16 @@ class AffinityCookies:
         self.secure = secure
         self.name = name
         self._name = name.encode()
+        self._tags: dict[str, str] = {}  # server id -> tag (the key never changes)
 
     def tag(self, server_id: str) -> str:
-        """The cookie value naming *server_id*."""
-        digest = hmac.new(self.key, server_id.encode(), hashlib.sha256).digest()[:16]
-        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        """The cookie value naming *server_id* (made once per server: an HMAC per request and
+        server was a visible part of a proxied request's CPU)."""
+        tag = self._tags.get(server_id)
+        if tag is None:
+            digest = hmac.new(self.key, server_id.encode(), hashlib.sha256).digest()[:16]
+            tag = self._tags[server_id] = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        return tag
 
     def server_of(self, value: str, server_ids: Iterable[str]) -> str | None:
         """The server among *server_ids* that *value* names, or None (forged, stale, unknown)."""

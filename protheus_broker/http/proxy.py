@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from protheus_broker.desktop.pending import PendingLimits, PendingToken, client_host
-from protheus_broker.http.upstream import Outbox, UpstreamPool, UpstreamProtocol, Valve
+from protheus_broker.http.upstream import Outbox, UpstreamPool, UpstreamProtocol, Valve, body_left, take_body
 from protheus_broker.stats import ISessionStats, SessionStats
 
 log = Logger()
@@ -35,6 +35,36 @@ Headers = list[tuple[bytes, bytes]]
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                         b"proxy-connection", b"te", b"trailer", b"upgrade"})
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", "content-length", "transfer-encoding"})
+
+_H11Headers: Any
+_h11_normalize: Any
+try:  # h11's header list and its normalizer (the same in h11 0.14 and 0.16): heads built from
+    # already-parsed headers skip the per-header regexes; without them every head is validated
+    from h11._headers import Headers as _Headers, normalize_and_validate as _normalize
+    _H11Headers, _h11_normalize = _Headers, _normalize
+except ImportError:  # pragma: no cover
+    _H11Headers = _h11_normalize = None
+
+
+def pairs_of(headers: Any) -> Headers:
+    """``list(headers)`` of an h11 header list: its (lower-case name, value) pairs (read off its
+    items at once: the generic sequence iteration costs a call per header)."""
+    items = getattr(headers, "_full_items", None)
+    if type(items) is list:
+        return [(name, value) for _, name, value in items]
+    return list(headers)
+
+
+def _valid_pairs(pairs: Iterable[tuple[bytes, bytes]]) -> bool:
+    """h11 would send these header pairs as they are."""
+    if _h11_normalize is None:
+        return False
+    try:
+        _h11_normalize(list(pairs))
+    except h11.LocalProtocolError:
+        return False
+    return True
 
 
 class NoBackend(Exception):
@@ -121,18 +151,46 @@ def filter_headers(headers: Iterable[tuple[bytes, bytes]], keep_upgrade: bool,
                    strip: Iterable[bytes] = ()) -> Headers:
     """*headers* without the hop-by-hop ones (and those named in Connection); with
     *keep_upgrade* the Upgrade header and ``Connection: Upgrade`` stay (WebSocket)."""
-    named = set(HOP_BY_HOP) | set(strip)
-    for name, value in headers:
-        if name == b"connection":
+    headers = headers if isinstance(headers, list) else list(headers)
+    named: frozenset[bytes] | set[bytes] = HOP_BY_HOP
+    extra = [value for name, value in headers if name == b"connection"]
+    if extra or strip or keep_upgrade:
+        named = set(HOP_BY_HOP) | set(strip)
+        for value in extra:
             named.update(token.strip().lower() for token in value.split(b",") if token.strip())
-    named.discard(b"transfer-encoding")
-    named.discard(b"content-length")
-    if keep_upgrade:
-        named.discard(b"upgrade")
-    out = [(name, value) for name, value in headers if name not in named]
+        named.discard(b"transfer-encoding")
+        named.discard(b"content-length")
+        if keep_upgrade:
+            named.discard(b"upgrade")
+    out = [pair for pair in headers if pair[0] not in named]
     if keep_upgrade:
         out.append((b"connection", b"Upgrade"))
     return out
+
+
+def h11_headers(pairs: Headers, known: set[tuple[bytes, bytes]] | frozenset[tuple[bytes, bytes]]) -> Any:
+    """What ``h11.Request(headers=pairs)`` (or Response) would hold, without validating again
+    the pairs in *known*: those h11's parser produced (lower-case names, normalized framing) or
+    that were validated before.  Any other pair is validated by h11 as usual (a bad one raises
+    ``h11.LocalProtocolError``); a new framing header makes h11 normalize the whole list.  The
+    bytes h11 then writes are the same either way (tests/test_http_fastpath.py)."""
+    if _H11Headers is None:
+        return pairs
+    items: list[tuple[bytes, bytes, bytes]] = []
+    framing = False
+    for pair in pairs:
+        name = pair[0]
+        if type(pair) is tuple and pair in known:
+            if name in _FRAMING:
+                if framing:
+                    return pairs  # two framing headers: h11 checks them against each other
+                framing = True
+            items.append((name, name, pair[1]))
+            continue
+        if isinstance(name, (bytes, str)) and name.lower() in _FRAMING:  # type: ignore[operator]
+            return pairs
+        items.extend(_h11_normalize([pair])._full_items)
+    return _H11Headers(items)
 
 
 def forwarded_for(client: str) -> str:
@@ -165,11 +223,16 @@ class HttpProxy(Protocol):
         self.pending: PendingToken | None = None
         self.timer: Any = None
         self.stall_timer: Any = None  # SERVER_TIMEOUT while a request is at a server
+        self.watching = False  # a request is at a server (SERVER_TIMEOUT applies)
+        self.deadline: float | None = None  # HEADER_TIMEOUT or KEEPALIVE_TIMEOUT, for self.timer
         self.counted = False  # in factory.connections
         self.closed = False
         self.closing = False  # our close has begun: nothing more is read
         self.relay: Any = None  # the upstream transport once switched (WebSocket)
         self.write_closed = False
+        self.forwarded_cache: tuple[tuple[bytes, bytes], ...] | None = None
+        self.forwarded_valid = False
+        self.pumping = False  # in _pump's loop
         self._reset()
 
     def _reset(self) -> None:
@@ -223,17 +286,36 @@ class HttpProxy(Protocol):
         self._arm(factory.settings.keepalive_timeout)
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        if seconds > 0:
-            self.timer = self.factory.clock.callLater(seconds, self._timed_out)
+        """HEADER_TIMEOUT or KEEPALIVE_TIMEOUT from now.  One timer serves both, by deadline: a
+        timer due before the new deadline is kept (it re-arms for the rest when it fires), so a
+        busy keep-alive connection makes no timer calls per request."""
+        if seconds <= 0:
+            self.deadline = None
+            return
+        clock = self.factory.clock
+        self.deadline = clock.seconds() + seconds
+        timer = self.timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= self.deadline:
+                return
+            timer.cancel()
+        self.timer = clock.callLater(seconds, self._timed_out)
 
-    def _disarm(self) -> None:
-        if self.timer is not None and self.timer.active():
+    def _disarm(self, cancel: bool = False) -> None:
+        self.deadline = None
+        if cancel and self.timer is not None and self.timer.active():
             self.timer.cancel()
-        self.timer = None
+            self.timer = None
 
     def _timed_out(self) -> None:
         self.timer = None
+        if self.deadline is None:
+            return  # disarmed meanwhile
+        left = self.deadline - self.factory.clock.seconds()
+        if left > 0:  # armed again later meanwhile
+            self.timer = self.factory.clock.callLater(left, self._timed_out)
+            return
+        self.deadline = None
         if self.cycle_bytes:
             self._error(408, "the request head did not arrive in time")
         else:
@@ -245,12 +327,22 @@ class HttpProxy(Protocol):
             return
         if self.closing:
             return  # answered and closing: the rest is not read
-        if self.request is None and not self.cycle_bytes and data:
-            self._arm(self.factory.settings.header_timeout)
+        starting = self.request is None and not self.cycle_bytes  # a request head begins
         self.cycle_bytes += len(data)
-        self.last_activity = self.factory.clock.seconds() if self.stall_timer is not None else 0.0
-        self.conn.receive_data(data)
-        self._pump()
+        if self.watching:
+            self.last_activity = self.factory.clock.seconds()
+        if self.flowing and not self.closed and len(data) <= body_left(self.conn):
+            # all of it is request body h11 expects (Content-Length): straight on, past h11's
+            # receive buffer; once the count is reached h11 says EndOfMessage (see body_left)
+            event, _ = take_body(self.conn, data, len(data))
+            self._request_body(event.data)
+            if not body_left(self.conn):
+                self._pump()
+        else:
+            self.conn.receive_data(data)
+            self._pump()
+        if starting and self.request is None and self.cycle_bytes and not self.closing and not self.closed:
+            self._arm(self.factory.settings.header_timeout)  # begun, not whole: HEADER_TIMEOUT
         if self.upstream is not None:
             self.upstream.flush()
 
@@ -274,8 +366,8 @@ class HttpProxy(Protocol):
         if self.counted:
             self.counted = False
             self.factory.connections -= 1
-        self._disarm()
-        self._unwatch()
+        self._disarm(cancel=True)
+        self._unwatch(cancel=True)
         self._release_pending()
         if self.dispatching is not None:
             self.dispatching.cancel()
@@ -296,6 +388,15 @@ class HttpProxy(Protocol):
     # --- the client's events -----------------------------------------------------------------
 
     def _pump(self) -> None:
+        if self.pumping:
+            return  # called back from within the loop below, which goes on
+        self.pumping = True
+        try:
+            self._pump_events()
+        finally:
+            self.pumping = False
+
+    def _pump_events(self) -> None:
         while not self.closed and not self.closing and self.relay is None:
             if self.request is not None and not self.flowing:
                 return  # waiting for a server: h11 keeps the bytes, the transport is paused
@@ -341,26 +442,45 @@ class HttpProxy(Protocol):
         self._disarm()
         self._release_pending()
         self.started = factory.clock.seconds()
-        headers = list(event.headers)
+        headers = pairs_of(event.headers)
         self.request = RequestInfo(event.method, event.target, headers, self.client, factory.settings.tls)
         if len(headers) > factory.settings.max_headers:
             self._refuse(431, f"more than {factory.settings.max_headers} header lines")
             return
-        if sum(len(n) + len(v) + 4 for n, v in headers) + len(event.target) > factory.settings.max_header_bytes:
+        size = len(event.target) + 4 * len(headers)
+        framing = 0
+        for name, value in headers:
+            size += len(name) + len(value)
+            if name == b"transfer-encoding" or name == b"content-length":
+                framing |= 1 if name == b"content-length" else 2
+        if size > factory.settings.max_header_bytes:
             self._refuse(431, f"request head above {factory.settings.max_header_bytes} bytes")
             return
-        names = {n for n, _ in headers}
-        if b"transfer-encoding" in names and b"content-length" in names:
+        if framing == 3:
             self._refuse(400, "both Content-Length and Transfer-Encoding")  # a smuggling shape (RFC 9112 6.3)
             return
         self.websocket = is_websocket(headers)
         factory.stats.record("http_requests")
         factory.stats.record("http_in_flight")
-        assert self.valve is not None
-        self.valve.hold("dispatch")
-        dispatching = self.dispatching = factory.dispatcher.choose(self.request)
-        dispatching.addCallbacks(self._chosen, self._not_chosen)
-        dispatching.addErrback(self._bug)
+        request = self.request
+        dispatching = self.dispatching = factory.dispatcher.choose(request)
+        self._then(dispatching, self._chosen, self._not_chosen)
+        if self.request is request and not self.flowing and not self.closing and not self.closed:
+            assert self.valve is not None  # not sent on at once: h11 keeps the bytes, reading pauses
+            self.valve.hold("dispatch")
+
+    def _then(self, d: "Deferred[Any]", callback: Any, errback: Any, *errback_args: Any) -> None:
+        """``d.addCallbacks(callback, errback)`` then ``addErrback(self._bug)``; a Deferred that
+        already has a plain result (``succeed``: a dispatcher's answer, an idle connection) is
+        handled at once without the callback chain's cost, with the same outcome."""
+        if d.called and not d.paused and not isinstance(d.result, (Failure, Deferred)):
+            try:
+                callback(d.result)
+            except BaseException:
+                self._bug(Failure())
+            return
+        d.addCallbacks(callback, errback, errbackArgs=errback_args)
+        d.addErrback(self._bug)
 
     def _refuse(self, status: int, why: str) -> None:
         """A request refused before it goes anywhere: one log line, the status, close."""
@@ -403,15 +523,13 @@ class HttpProxy(Protocol):
                 self._end(None)
                 return
             self.dispatching = more
-            more.addCallbacks(self._more, self._not_chosen)
-            more.addErrback(self._bug)
+            self._then(more, self._more, self._not_chosen)
             return
         backend = self.backend = self.choice.candidates.pop(0)
         self.factory.dispatcher.opening(self.choice, backend)
         self.opened = backend
         d = self.factory.upstreams.get(backend.server_id, backend.host, backend.port, fresh=fresh)
-        d.addCallbacks(self._attached, self._connect_failed, errbackArgs=(backend,))
-        d.addErrback(self._bug)
+        self._then(d, self._attached, self._connect_failed, backend)
 
     def _more(self, choice: Choice) -> None:
         self.dispatching = None
@@ -443,20 +561,25 @@ class HttpProxy(Protocol):
         upstream.transport.registerProducer(self.valve, True)
         self.transport.registerProducer(upstream.valve, True)
         request = self.request
+        known = set(request.headers)
         headers = filter_headers(request.headers, self.websocket, self.factory.dispatcher.strip_request_headers)
         headers = self.factory.dispatcher.request_headers(self.choice, headers)
         if not any(n == b"host" for n, _ in headers):
             headers.append((b"host", f"{self.backend.host}:{self.backend.port}".encode()))
         if self.factory.settings.forwarded_headers:
             proto = b"https" if request.tls else b"http"
-            headers = [(n, v) for n, v in headers if n != b"x-forwarded-proto"]
             prior = [v for n, v in headers if n == b"x-forwarded-for"]
-            headers = [(n, v) for n, v in headers if n != b"x-forwarded-for"]
-            xff = b", ".join(prior + [self.client.encode()])
-            headers += [(b"x-forwarded-for", xff), (b"x-forwarded-proto", proto),
-                        (b"forwarded", f"for={forwarded_for(self.client)};proto={proto.decode()}".encode())]
+            headers = [pair for pair in headers if pair[0] != b"x-forwarded-proto" and pair[0] != b"x-forwarded-for"]
+            xff = b", ".join(prior + [self.client.encode()]) if prior else self.client.encode()
+            forwarded = self._forwarded_pairs(proto)
+            headers += [(b"x-forwarded-for", xff), forwarded[0], forwarded[1]]
+            if self.forwarded_valid:  # else h11 refuses them as it always did
+                known.update(forwarded[:2])
+                if not prior:
+                    known.add(forwarded[2])
         try:
-            upstream.send(h11.Request(method=request.method, target=request.target, headers=headers))
+            upstream.send(h11.Request(method=request.method, target=request.target,
+                                      headers=h11_headers(headers, known)))
             if self.request_done:  # a retry: the request (without a body) was read whole already
                 upstream.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
@@ -469,6 +592,19 @@ class HttpProxy(Protocol):
         self._watch()
         self._pump()
         upstream.flush()
+
+    def _forwarded_pairs(self, proto: bytes) -> tuple[tuple[bytes, bytes], ...]:
+        """X-Forwarded-Proto, Forwarded and a lone X-Forwarded-For for this client, made and
+        validated once per connection: :func:`h11_headers` takes them as known when valid."""
+        cached = self.forwarded_cache
+        if cached is None or cached[0][1] != proto:
+            client = self.client.encode()
+            cached = ((b"x-forwarded-proto", proto),
+                      (b"forwarded", f"for={forwarded_for(self.client)};proto={proto.decode()}".encode()),
+                      (b"x-forwarded-for", client))
+            self.forwarded_cache = cached
+            self.forwarded_valid = _valid_pairs(cached)
+        return cached
 
     def _request_body(self, data: bytes) -> None:
         if self.upstream is None or self.response_done:
@@ -488,19 +624,25 @@ class HttpProxy(Protocol):
     # --- the AppServer's events --------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Arm SERVER_TIMEOUT for the request now at a server (bytes either way push it back)."""
+        """Arm SERVER_TIMEOUT for the request now at a server (bytes either way push it back).
+        The timer outlives the request (unwatching only stops the watch): when it fires it
+        re-arms from the last activity, so a busy connection makes no timer calls per request."""
         timeout = self.factory.settings.server_timeout
         self.last_activity = self.factory.clock.seconds()
-        if timeout > 0 and self.stall_timer is None:
+        self.watching = timeout > 0
+        if self.watching and self.stall_timer is None:
             self.stall_timer = self.factory.clock.callLater(timeout, self._stalled)
 
-    def _unwatch(self) -> None:
-        if self.stall_timer is not None and self.stall_timer.active():
+    def _unwatch(self, cancel: bool = False) -> None:
+        self.watching = False
+        if cancel and self.stall_timer is not None and self.stall_timer.active():
             self.stall_timer.cancel()
-        self.stall_timer = None
+            self.stall_timer = None
 
     def _stalled(self) -> None:
         self.stall_timer = None
+        if not self.watching:
+            return
         timeout = self.factory.settings.server_timeout
         left = self.last_activity + timeout - self.factory.clock.seconds()
         if left > 0:
@@ -520,7 +662,7 @@ class HttpProxy(Protocol):
 
     def upstream_event(self, upstream: UpstreamProtocol, event: Any) -> None:
         """One event of the AppServer's response, relayed to the client."""
-        if self.stall_timer is not None:
+        if self.watching:
             self.last_activity = self.factory.clock.seconds()
         try:
             self._relay_event(upstream, event)
@@ -542,11 +684,13 @@ class HttpProxy(Protocol):
         if isinstance(event, h11.Response):
             dispatcher.answered(self.choice, self.backend)
             self.status = event.status_code
-            headers = filter_headers(event.headers, False) + dispatcher.response_headers(self.choice, self.backend)
+            parsed = pairs_of(event.headers)
+            headers = filter_headers(parsed, False) + dispatcher.response_headers(self.choice, self.backend)
             if any(n == b"transfer-encoding" for n, _ in headers):  # chunked wins; never both downstream
                 headers = [(n, v) for n, v in headers if n != b"content-length"]
             self.response_started = True
-            self.conn_send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
+            self.conn_send(h11.Response(status_code=event.status_code, reason=event.reason,
+                                        headers=h11_headers(headers, set(parsed))))
         elif isinstance(event, h11.Data):
             self.bytes_out += len(event.data)
             self.conn_send(h11.Data(data=event.data))
@@ -674,10 +818,12 @@ class HttpProxy(Protocol):
         self.valve.release("h11")
         self.valve.release("dispatch")
         self._arm(self.factory.settings.keepalive_timeout)
-        if self.conn.trailing_data[0]:  # a pipelined request is already here
-            self.cycle_bytes = len(self.conn.trailing_data[0])
+        trailing, closed = self.conn.trailing_data
+        if trailing:  # a pipelined request is already here
+            self.cycle_bytes = len(trailing)
             self._arm(self.factory.settings.header_timeout)
-        self._pump()
+        if trailing or closed:  # else h11 has nothing to say until bytes come
+            self._pump()
 
     # --- answers of our own ------------------------------------------------------------------
 
@@ -726,13 +872,20 @@ class HttpProxy(Protocol):
         if not factory.settings.access_log:
             return
         now = factory.clock.seconds()
-        log.info("http: {client} {method} {path} -> {server} {status} in={bytes_in} out={bytes_out} "
-                 "{duration:.3f}s (queued {queue_wait:.3f}s)", client=self.client,
-                 method=request.method.decode("latin-1"), path=request.target.decode("latin-1"),
-                 server=self.backend.server_id if self.backend is not None else "-",
-                 status=self.status or "-", bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-                 duration=now - self.started, queue_wait=self.queue_wait, pool=factory.name,
-                 access=True, outcome=outcome or "answered")
+        method = request.method.decode("latin-1")
+        path = request.target.decode("latin-1")
+        server = self.backend.server_id if self.backend is not None else "-"
+        status = self.status or "-"
+        duration = now - self.started
+        # the text is made here, once, and the event carries it as its format's one field: an
+        # observer formatting every field of a dozen-field format was the costliest part of a
+        # request; the fields are all still in the event for structured observers
+        line = (f"http: {self.client} {method} {path} -> {server} {status} in={self.bytes_in} "
+                f"out={self.bytes_out} {duration:.3f}s (queued {self.queue_wait:.3f}s)")
+        log.info("{access_line}", access_line=line, client=self.client, method=method, path=path,
+                 server=server, status=status, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                 duration=duration, queue_wait=self.queue_wait, pool=factory.name, access=True,
+                 outcome=outcome or "answered")
         self.started = -1.0  # logged once
 
 

@@ -3,12 +3,15 @@ MONITORING_TYPE as in the desktop section)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 from protheus_broker.balancing.methods import SortMethod
 from protheus_broker.balancing.servers import RemoteServer
+from protheus_broker.nodes.manager import NodePolicy
+from protheus_broker.nodes.settings import read_nodes
 from protheus_broker.desktop.settings import read_sort_method
 from protheus_broker.http.capacity_settings import parse_capped_server
 from protheus_broker.ini import ConfigError, Section, host_and_port, parse_port
@@ -20,6 +23,33 @@ HTTP_SECTION = "BALANCE_HTTP"
 WEB_SERVICES_SECTION = "BALANCE_WEB_SERVICES"
 
 _SERVER_KEY_RE = re.compile(r"^REMOTE_SERVER_([A-Z0-9]+)$")
+
+
+@dataclass(frozen=True)
+class UriRule:
+    """One URI section as the AppServer's config writes it: ``URL=/rest`` and ``Stateless=1``
+    (a request under that path takes a license seat while it runs)."""
+
+    section: str
+    url: str
+    stateless: bool
+
+
+@dataclass(frozen=True)
+class LicenseGateConfig:
+    """The license gate of an HTTP unit: ``URIS`` (the URI sections), ``TRUSTED_API_MANAGERS``,
+    the wait for a seat and ``FWFRAME_TIMELS``."""
+
+    uris: tuple[UriRule, ...] = ()
+    trusted_api_managers: tuple[Any, ...] = ()  # ip_network objects
+    queue_length: int = 1000  # LICENSE_QUEUE_LENGTH: requests that may wait for a seat per class
+    queue_timeout: float = 10.0  # LICENSE_QUEUE_TIMEOUT: a request waits this long for a seat, then 503
+    time_log: bool = False  # FWFRAME_TIMELS: log the time each request waited for its seat
+
+    @property
+    def stateless(self) -> bool:
+        """True when some URI takes license seats."""
+        return any(rule.stateless for rule in self.uris)
 
 
 @dataclass(frozen=True)
@@ -53,6 +83,8 @@ class HttpBalanceConfig:
     service_name: str = "protheus-broker-http"
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     tls: SessionTLSConfig = field(default_factory=SessionTLSConfig)  # SSL_CERTIFICATE/SSL_KEY: terminate TLS
+    nodes: NodePolicy | None = None  # managed AppServer nodes (NODE_COMMAND, FARM_HOSTS or NODES = <section>)
+    license: LicenseGateConfig = field(default_factory=LicenseGateConfig)  # URIS, TRUSTED_API_MANAGERS, ...
     kubernetes: KubeSettings | None = None  # KUBERNETES = <section>: a Kubernetes scaler
 
     @property
@@ -74,9 +106,11 @@ class WebServicesConfig(HttpBalanceConfig):
     service_name: str = "protheus-broker-web-services"
 
 
-def read_servers(section: Section, warnings: list[str], caps: dict[str, int] | None = None) -> list[RemoteServer]:
+def read_servers(section: Section, warnings: list[str], caps: dict[str, int] | None = None,
+                 required: bool = True) -> list[RemoteServer]:
     """The REMOTE_SERVER_<id> = host port lines, in file order (with *caps*: ``host port [max]``,
-    the third field stored in *caps*); none is fine when ``KUBERNETES`` brings the servers."""
+    the third field stored in *caps*); none is fine when not *required* (managed nodes or
+    ``KUBERNETES`` bring the servers)."""
     servers: list[RemoteServer] = []
     for key in section.values:
         match = _SERVER_KEY_RE.match(key)
@@ -89,15 +123,19 @@ def read_servers(section: Section, warnings: list[str], caps: dict[str, int] | N
             servers.append(RemoteServer(server_id=match.group(1), host=host, port=port))
         elif key.startswith("REMOTE_SERVER"):
             raise section.error(key, "server id must be letters and digits after REMOTE_SERVER_")
-    if not servers and not section.raw("KUBERNETES"):
-        raise ConfigError(section.path, "no REMOTE_SERVER_<id> = host port lines (nor KUBERNETES): nothing to send requests to",
+    if not servers and required:
+        raise ConfigError(section.path, "no REMOTE_SERVER_<id> = host port lines (nor managed nodes, nor "
+                          "KUBERNETES): nothing to send requests to",
                           line=section.where.sections.get(section.name), key=f"[{section.name}]")
     return servers
 
 
 def read_http(section: Section, sections: Mapping[str, Section], warnings: list[str]) -> HttpBalanceConfig:
     """The ``[BALANCE_HTTP]`` unit's config."""
-    return _read_unit(section, sections, warnings, HttpBalanceConfig, read_servers(section, warnings), {
+    nodes = read_nodes(section, sections, section.name, warnings)
+    return _read_unit(section, sections, warnings, HttpBalanceConfig,
+                      read_servers(section, warnings, required=nodes is None and not section.raw("KUBERNETES")), {
+        "nodes": nodes,
         "affinity_timeout": section.integer("AFFINITY_TIMEOUT", 0, 0, 10 * 365 * 86400),
         "affinity_forward_cookie": section.integer("AFFINITY_FORWARD_COOKIE", 0, 0, 1) == 1,
         "secure_cookie": section.integer("SECURE_COOKIE", 0, 0, 1) == 1,
@@ -108,8 +146,10 @@ def read_http(section: Section, sections: Mapping[str, Section], warnings: list[
 def read_web_services(section: Section, sections: Mapping[str, Section], warnings: list[str]) -> WebServicesConfig:
     """The ``[BALANCE_WEB_SERVICES]`` unit's config (no affinity cookie: stateless)."""
     caps: dict[str, int] = {}
-    servers = read_servers(section, warnings, caps)
+    nodes = read_nodes(section, sections, section.name, warnings)
+    servers = read_servers(section, warnings, caps, required=nodes is None and not section.raw("KUBERNETES"))
     config = _read_unit(section, sections, warnings, WebServicesConfig, servers, {
+        "nodes": nodes,
         "caps": caps,
         "queue_length": section.integer("QUEUE_LENGTH", 1000, 0, 1_000_000),
         "queue_timeout": section.number("QUEUE_TIMEOUT", 15.0, 0.0, 3600.0),
@@ -131,6 +171,51 @@ def read_health_path(section: Section, monitoring_type: MonitoringType, warnings
         warnings.append(f"{section.path}: [{section.name}] HEALTH_PATH is used by MONITORING_TYPE=CONNECTION "
                         f"only; ignored with {monitoring_type.value}")
     return path
+
+
+def read_uri_rules(section: Section, sections: Mapping[str, Section]) -> tuple[UriRule, ...]:
+    """``URIS = HTTPURI, APP``: each named section's ``URL`` (a path prefix) and ``Stateless``
+    (0 or 1).  The sections' other keys (PrepareIn, Instances, CORSEnable...) are the AppServer's."""
+    text = section.text("URIS", "")
+    rules: list[UriRule] = []
+    for name in [part.strip().upper() for part in re.split(r"[,;\s]+", text) if part.strip()]:
+        uri = sections.get(name)
+        if uri is None:
+            raise section.error("URIS", f"names [{name}], which the file does not have")
+        if any(rule.section == name for rule in rules):
+            raise section.error("URIS", f"names [{name}] twice")
+        url = uri.text("URL", "")
+        if not url.startswith("/") or not all(33 <= ord(c) < 127 for c in url):
+            raise uri.error("URL", f"{url!r} is not a path (it starts with / and has no spaces or "
+                            f"non-ASCII characters)" if url else "is required: the URI's path prefix")
+        stateless = uri.integer("STATELESS", 0, 0, 1) == 1
+        rules.append(UriRule(section=name, url=url, stateless=stateless))
+    return tuple(rules)
+
+
+def read_trusted(section: Section) -> tuple[Any, ...]:
+    """``TRUSTED_API_MANAGERS = 10.0.0.0/8, 127.0.0.1``: addresses or networks whose
+    ``x-totvs-appcode`` header is honoured."""
+    text = section.text("TRUSTED_API_MANAGERS", "")
+    networks: list[Any] = []
+    for part in [p for p in re.split(r"[,;\s]+", text) if p]:
+        try:
+            networks.append(ipaddress.ip_network(part.strip("[]"), strict=False))
+        except ValueError:
+            raise section.error("TRUSTED_API_MANAGERS", f"{part!r} is not an IP address or network "
+                                f"(e.g. 10.0.0.0/8, 192.0.2.7)") from None
+    return tuple(networks)
+
+
+def read_license_gate(section: Section, sections: Mapping[str, Section]) -> LicenseGateConfig:
+    """The unit's license gate keys."""
+    return LicenseGateConfig(
+        uris=read_uri_rules(section, sections),
+        trusted_api_managers=read_trusted(section),
+        queue_length=section.integer("LICENSE_QUEUE_LENGTH", 1000, 0, 1_000_000),
+        queue_timeout=section.number("LICENSE_QUEUE_TIMEOUT", 10.0, 0.0, 3600.0),
+        time_log=section.boolean("FWFRAME_TIMELS", False),
+    )
 
 
 def _read_unit(section: Section, sections: Mapping[str, Section], warnings: list[str],
@@ -172,6 +257,7 @@ def _read_unit(section: Section, sections: Mapping[str, Section], warnings: list
         upstream_idle_timeout=section.number("UPSTREAM_IDLE_TIMEOUT", 30.0, 0.0, 86400.0),
         monitoring=read_monitoring(section, monitoring_type, servers),
         tls=tls,
+        license=read_license_gate(section, sections),
         kubernetes=read_kubernetes(section, sections, warnings),
         **extra,  # type: ignore[arg-type]
     )

@@ -3,12 +3,14 @@ and counters."""
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from itertools import count
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import quoteStringArgument
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol, quoteStringArgument
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,12 +24,17 @@ from protheus_broker.desktop.pending import PendingLimits
 from protheus_broker.desktop.tls import ReloadableServerContext, server_options
 from protheus_broker.http.affinity import AffinityCookies
 from protheus_broker.http.health import HttpProbeMonitor, make_http_monitor
+from protheus_broker.http.gate import LicenseGate
 from protheus_broker.http.capacity import QueueFull, QueueTimeout, RequestSlots
 from protheus_broker.http.proxy import Choice, Headers, HttpProxyFactory, IDispatcher, NoBackend, ProxySettings, RequestInfo
 from protheus_broker.http.settings import HTTP_SECTION, WEB_SERVICES_SECTION, HttpBalanceConfig, WebServicesConfig
-from protheus_broker.http.upstream import UpstreamPool, tcp_connector
+from protheus_broker.http.upstream import UpstreamPool, UpstreamProtocol, tcp_connector
+from protheus_broker.nodes.manager import NodeManager
+from protheus_broker.nodes.remote import make_spawner
+from protheus_broker.nodes.spawner import NodeService
 from protheus_broker.ini import ConfigError
 from protheus_broker.kube.scaler import make_scaler
+from protheus_broker.scaling.gates import WakeDispatcher
 from protheus_broker.stats import ISessionStats, SessionStats
 from protheus_broker.units import IBalanceUnit, listen_or_exit, stop_unit
 
@@ -165,6 +172,23 @@ class SlotsDispatcher(PoolDispatcher):
             self.slots.release(slot)
 
 
+def node_connector(reactor: Any, pool: ServerPool, timeout: float) -> Any:
+    """The TCP connector, except for members on a Unix socket (managed nodes with
+    TRANSPORT=UNIX): those are reached at their socket path."""
+    tcp = tcp_connector(reactor, timeout)
+
+    def connect(server_id: str, host: str, port: int) -> "Deferred[UpstreamProtocol]":
+        try:
+            path = pool.get(server_id).unix
+        except UnknownServer:
+            path = ""
+        if not path:
+            return tcp(server_id, host, port)  # type: ignore[no-any-return]
+        endpoint = UNIXClientEndpoint(reactor, path, timeout=timeout)
+        return connectProtocol(endpoint, UpstreamProtocol(server_id))  # type: ignore[no-any-return]
+    return connect
+
+
 def endpoint_string(config: HttpBalanceConfig, backlog: int = 1024) -> str:
     text = f"tcp:{config.local_port}:backlog={backlog}"
     if config.local_interface:
@@ -184,7 +208,8 @@ class HttpUnit(MultiService):
     """Browser requests spread over the section's REMOTE_SERVER_xx, kept on one by a cookie."""
 
     def __init__(self, reactor: Any, config: HttpBalanceConfig, name: str = HTTP_SECTION,
-                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None) -> None:
+                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None,
+                 licenses: Any = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.name = name
@@ -204,11 +229,27 @@ class HttpUnit(MultiService):
         self.affinity = AffinityCookies(max_age=config.affinity_timeout,
                                         secure=config.secure_cookie or config.tls.terminate)
         self.dispatcher = self.make_dispatcher(config)
-        self.upstreams = UpstreamPool(reactor, connector or tcp_connector(reactor, config.connect_timeout),
+        self.nodes: NodeManager | None = None
+        if config.nodes is not None:  # managed AppServer nodes join the pool as source "nodes"
+            spawner, farm = make_spawner(reactor, config.nodes, name)  # FARM_HOSTS: nodes on agents too
+            self.nodes = NodeManager(reactor, self.pool, spawner, config.nodes, random.Random(), name)
+            NodeService(self.nodes).setServiceParent(self)
+            if farm is not None:
+                farm.watch(self.nodes)  # the farm's persistent hold, after this host's lock
+                farm.setServiceParent(self)  # (after NodeService: stops first, farm nodes are left running)
+        # the license gate (URIS, Stateless=1) around the balancing; *licenses*: the LicenseClient
+        self.licenses = licenses
+        self.gate = LicenseGate(reactor, self.dispatcher, licenses.pool if licenses is not None else None,
+                                config.license, name)
+        connector = connector or node_connector(reactor, self.pool, config.connect_timeout)
+        self.upstreams = UpstreamPool(reactor, connector,
                                       max_idle=config.upstream_max_idle,
                                       idle_timeout=config.upstream_idle_timeout, reuse=config.upstream_reuse)
         self.dependencies = UnitDependencies(name)  # DEPENDS_ON (tap.py): 503 while one is down
-        self.factory = HttpProxyFactory(reactor, DependencyDispatcher(self.dispatcher, self.dependencies),
+        #: scale to zero: a scaler's ScaleToZero set as ``wake.controller`` holds requests while it
+        #: wakes (before the license gate: a held request takes no seat)
+        self.wake = WakeDispatcher(self.gate, pool=self.pool)
+        self.factory = HttpProxyFactory(reactor, DependencyDispatcher(self.wake, self.dependencies),
                                         self.upstreams, proxy_settings(config),
                                         stats=self.stats, name=name,
                                         pending=PendingLimits(config.max_pending_per_address, config.max_pending))
@@ -252,6 +293,24 @@ class HttpUnit(MultiService):
         self.upstreams.close_all()
         return stop_unit(super().stopService, port)
 
+    def _reload_nodes(self, old: HttpBalanceConfig, new: HttpBalanceConfig) -> None:
+        """As the desktop unit: sizes, polls and recycle limits apply live; the command,
+        transport, ports, sockets, persistence and farm need a restart."""
+        if old.nodes == new.nodes:
+            return
+        if self.nodes is None or new.nodes is None or old.nodes is None:
+            log.warn("reload: [{section}] node management turned on or off; restart to apply", section=self.name)
+            return
+        fixed = ("command", "transport", "base_port", "socket_dir", "persistent", "application", "lock_dir", "farm")
+        if any(getattr(old.nodes, k) != getattr(new.nodes, k) for k in fixed):
+            log.warn("reload: [{section}] NODE_COMMAND, TRANSPORT, BASE_PORT, SOCKET_DIR, PERSISTENT or FARM_* "
+                     "changed; restart to apply", section=self.name)
+            new_policy = replace(new.nodes, **{k: getattr(old.nodes, k) for k in fixed})
+        else:
+            new_policy = new.nodes
+        self.nodes.policy = new_policy
+        self.nodes.reconcile()
+
     def reload(self, config: HttpBalanceConfig) -> bool:
         """Apply a reloaded section; open connections carry on.  False (nothing applied) when a
         certificate or key file is bad."""
@@ -275,6 +334,7 @@ class HttpUnit(MultiService):
             self.monitor.health_path = config.health_path
             self.monitor.connect_timeout = config.connect_timeout
         result = self.pool.reconfigure(config.servers)
+        self._reload_nodes(old, config)
         if self.monitor is not None and config.monitoring_type == old.monitoring_type:
             self.monitor.reconfigure(config.monitoring)  # type: ignore[attr-defined]  # watch added servers
         self.pool.balancer = make_balancer(config.effective_sort_method, config.metrics_max_age)
@@ -289,6 +349,7 @@ class HttpUnit(MultiService):
         self.affinity.max_age = config.affinity_timeout
         self.affinity.secure = config.secure_cookie or self.tls_context is not None
         self.dispatcher.forward_cookie = config.affinity_forward_cookie
+        self.gate.configure(config.license)
         self.config = config
         self.reloaded(config)
         log.info("reloaded [{section}]: added {added}, removed {removed}, kept {kept}", section=self.name,
@@ -308,9 +369,10 @@ class WebServicesUnit(HttpUnit):
     dispatcher: SlotsDispatcher
 
     def __init__(self, reactor: Any, config: WebServicesConfig, name: str = WEB_SERVICES_SECTION,
-                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None) -> None:
+                 path: str = "<config>", ids: "count[int] | None" = None, connector: Any = None,
+                 licenses: Any = None) -> None:
         self.slots = RequestSlots(reactor, queue_length=config.queue_length, queue_timeout=config.queue_timeout)
-        super().__init__(reactor, config, name=name, path=path, ids=ids, connector=connector)
+        super().__init__(reactor, config, name=name, path=path, ids=ids, connector=connector, licenses=licenses)
         self.pool.subscribe(lambda event: self.slots.poke())
         self.reloaded(config)
 

@@ -21,6 +21,56 @@ log = Logger()
 #: h11's limit on a response head from an AppServer (bytes)
 MAX_RESPONSE_HEAD = 64 * 1024
 
+#: A read larger than this that starts with a response head is split after the head (see
+#: UpstreamProtocol.feed); smaller ones go to h11 whole
+HEAD_APART_ABOVE = 16 * 1024
+
+_ContentLengthReader: Any
+try:  # h11's reader of a Content-Length body (the same in h11 0.14 and 0.16)
+    from h11._readers import ContentLengthReader
+    _ContentLengthReader = ContentLengthReader
+except ImportError:  # pragma: no cover - an h11 without it: every body byte goes through h11
+    _ContentLengthReader = None
+
+
+def body_left(conn: h11.Connection) -> int:
+    """How many bytes of a Content-Length body *conn* still expects from its peer, when it holds
+    none of them in its receive buffer; else 0.
+
+    Such bytes may skip h11's receive buffer (which copies each byte in and out again: most of
+    the CPU of a large download): :func:`take_body` hands them on as ``h11.Data`` and counts
+    them off h11's reader, so h11 still frames the message (its ``EndOfMessage`` comes from
+    :meth:`h11.Connection.next_event` once the count is reached, a short body is still an error
+    at EOF).  Chunked and close-delimited bodies always go through h11."""
+    if conn.their_state is not h11.SEND_BODY or _ContentLengthReader is None:
+        return 0
+    reader = getattr(conn, "_reader", None)
+    if type(reader) is not _ContentLengthReader:
+        return 0
+    if _buffered(conn):
+        return 0
+    remaining = getattr(reader, "_remaining", 0)
+    return remaining if type(remaining) is int and remaining > 0 else 0
+
+
+def take_body(conn: h11.Connection, data: bytes, left: int) -> tuple[h11.Data, bytes]:
+    """Split *data* (``left`` = :func:`body_left`, > 0) into the body bytes as an ``h11.Data``,
+    counted off h11's reader, and what follows them (fed to h11 by the caller)."""
+    if len(data) > left:
+        body, rest = data[:left], data[left:]
+    else:
+        body, rest = data, b""
+    conn._reader._remaining -= len(body)  # type: ignore[union-attr]
+    if conn.their_role is h11.CLIENT:  # what h11 does on a client's Data: it sends, so waits no more
+        conn.client_is_waiting_for_100_continue = False
+    return h11.Data(data=body), rest
+
+
+def _buffered(conn: h11.Connection) -> int:
+    """Bytes h11 holds unparsed (-1 if this h11 does not say)."""
+    buffered = getattr(conn, "_receive_buffer", None)
+    return len(buffered) if buffered is not None else -1
+
 
 class Outbox:
     """Bytes for one transport, gathered while a batch of events is handled and sent in one go:
@@ -115,6 +165,7 @@ class UpstreamProtocol(Protocol):
         self.out: Outbox | None = None
         self.on_lost: Callable[["UpstreamProtocol"], None] | None = None  # the pool forgets it
         self.idle_timer: Any = None
+        self.idle_until: float | None = None  # idle in the pool until then (UpstreamPool)
         self.write_closed = False
 
     def connectionMade(self) -> None:
@@ -139,9 +190,39 @@ class UpstreamProtocol(Protocol):
         if listener is None:  # idle: an AppServer talking out of turn is not reusable
             self.transport.loseConnection()
             return
-        self.conn.receive_data(data)
-        self.pump()
+        self.feed(data, listener)
         listener.flush()
+
+    def feed(self, data: bytes, listener: UpstreamListener) -> None:
+        """Hand *data* to h11 and its events to the listener.  Body bytes of a Content-Length
+        response skip h11's receive buffer (:func:`body_left`); for that, a large read that
+        starts with a response head gives h11 the head alone first (up to its blank line: h11
+        finds the head's end there or before), then the body bytes after it go straight on."""
+        conn = self.conn
+        while data:
+            if self.relay_to is not None:  # switched (101): the rest is the relay's
+                self.relay_to.write(data)
+                return
+            if self.listener is not listener or self.closed:  # the exchange is over: h11 keeps
+                conn.receive_data(data)  # what came after it, as it always did
+                return
+            left = body_left(conn)
+            if left:
+                event, data = take_body(conn, data, left)
+                listener.upstream_event(self, event)
+                if len(event.data) == left:
+                    self.pump()  # the body is whole: h11's EndOfMessage
+                continue
+            if len(data) > HEAD_APART_ABOVE and conn.their_state is h11.SEND_RESPONSE and not _buffered(conn):
+                end = data.find(b"\r\n\r\n", 0, MAX_RESPONSE_HEAD)
+                if end >= 0:
+                    conn.receive_data(data[:end + 4])
+                    data = data[end + 4:]
+                    self.pump()
+                    continue
+            conn.receive_data(data)
+            self.pump()
+            return
 
     def pump(self) -> None:
         """Hand the parsed response events to the listener."""
@@ -217,8 +298,7 @@ class UpstreamPool:
         idle = self.idle.get(server_id, [])
         while idle and not fresh:
             upstream = idle.pop()
-            if upstream.idle_timer is not None and upstream.idle_timer.active():
-                upstream.idle_timer.cancel()
+            upstream.idle_until = None  # its timer, if any, lapses (or serves its next idle spell)
             if not upstream.closed:
                 upstream.reused = True
                 upstream.on_lost = None
@@ -236,7 +316,26 @@ class UpstreamPool:
         idle.append(upstream)
         upstream.on_lost = self._forget
         if self.idle_timeout > 0:
-            upstream.idle_timer = self.clock.callLater(self.idle_timeout, upstream.transport.loseConnection)
+            # one timer per connection, by deadline: one still due before this one is kept (it
+            # re-arms for the rest), so a busy connection makes no timer calls per exchange
+            upstream.idle_until = self.clock.seconds() + self.idle_timeout
+            timer = upstream.idle_timer
+            if timer is None or not timer.active() or timer.getTime() > upstream.idle_until:
+                if timer is not None and timer.active():
+                    timer.cancel()
+                upstream.idle_timer = self.clock.callLater(self.idle_timeout, self._idle_due, upstream)
+
+    def _idle_due(self, upstream: UpstreamProtocol) -> None:
+        """*upstream*'s idle timer: closes it if it has been idle IDLE_TIMEOUT, else re-arms."""
+        upstream.idle_timer = None
+        until = upstream.idle_until
+        if until is None:
+            return  # in use (taken from the pool since)
+        left = until - self.clock.seconds()
+        if left > 0:
+            upstream.idle_timer = self.clock.callLater(left, self._idle_due, upstream)
+            return
+        upstream.transport.loseConnection()
 
     def _forget(self, upstream: UpstreamProtocol) -> None:
         idle = self.idle.get(upstream.server_id, [])

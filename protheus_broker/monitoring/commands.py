@@ -328,3 +328,107 @@ class Sample(amp.Command):
     arguments = []  # type: ignore[var-annotated]
     response = REPORT_ARGUMENTS
     errors = {NotAuthenticated: b"NOT_AUTHENTICATED"}
+
+
+# --- the server farm: a broker orders an agent's nodes (nodes/remote.py, agent/farm.py) ----------
+#
+# The farm channel is the same authenticated channel: ``Hello`` names AppServer port
+# :data:`FARM_PORT` (0) and the proofs cover that port; the agent answers only when its ini has a
+# [NODES] section.  Then the broker attaches under its id and gives orders by node id and the
+# *name* of a template of the agent's ini: the agent's config owns every command line.
+
+#: The ``appserver_port`` a broker names in ``Hello`` for the farm channel.
+FARM_PORT = 0
+
+
+class UnknownTemplate(Exception):
+    """The agent's [NODES] has no command template of that name."""
+
+
+class NodeRefused(Exception):
+    """The agent will not start that node (why in the text): a persistent node another broker
+    holds, MAX_NODES reached, no free port, the command cannot run."""
+
+
+class NodeList(amp.Argument):
+    """An agent's nodes of one broker in one value: one line per node,
+    ``id port pid persistent state template application detail`` (spaces only in the detail)."""
+
+    def toString(self, inObject: list[dict[str, Any]]) -> bytes:
+        lines = []
+        for node in inObject:
+            lines.append(" ".join([str(int(node["node_id"])), str(int(node["port"])), str(int(node["pid"])),
+                                   "1" if node["persistent"] else "0", node["state"] or "-",
+                                   node["template"] or "-", node["application"] or "-",
+                                   (node.get("detail") or "").replace("\n", " ")]))
+        return "\n".join(lines).encode("utf-8")
+
+    def fromString(self, inString: bytes) -> list[dict[str, Any]]:
+        nodes = []
+        for line in inString.decode("utf-8").split("\n") if inString else []:
+            parts = line.split(" ", 7)
+            if len(parts) != 8 or parts[3] not in ("0", "1"):
+                raise ValueError(f"malformed node line: {line[:100]!r}")
+            nodes.append({"node_id": int(parts[0]), "port": int(parts[1]), "pid": int(parts[2]),
+                          "persistent": parts[3] == "1", "state": parts[4], "template": parts[5],
+                          "application": "" if parts[6] == "-" else parts[6], "detail": parts[7]})
+        return nodes
+
+
+_FARM_ERRORS: dict[type[Exception], bytes] = {
+    NotAuthenticated: b"NOT_AUTHENTICATED",
+    UnknownTemplate: b"UNKNOWN_TEMPLATE",
+    NodeRefused: b"NODE_REFUSED",
+}
+
+
+class Attach(amp.Command):
+    """Broker -> agent (farm channel): who the broker is; the answer lists the nodes the agent
+    runs for it (kept running while it was away: the broker adopts them or stops them)."""
+
+    arguments = [(b"broker", amp.Unicode())]
+    response = [(b"nodes", NodeList()), (b"host", amp.Unicode())]
+    errors = _FARM_ERRORS
+
+
+class StartNode(amp.Command):
+    """Broker -> agent: start node *node_id* with the agent's template *template*; the answer
+    says where it listens (it is not ready yet: ``NodeEvent`` says when)."""
+
+    arguments = [(b"node_id", amp.Integer()), (b"template", amp.Unicode()),
+                 (b"persistent", amp.Boolean()), (b"application", amp.Unicode())]
+    response = [(b"host", amp.Unicode()), (b"port", amp.Integer()), (b"pid", amp.Integer())]
+    errors = _FARM_ERRORS
+
+
+class StopNode(amp.Command):
+    """Broker -> agent: ask node *node_id* to stop (SIGTERM; SIGKILL with *kill* or after the
+    agent's STOP_GRACE).  ``NodeEvent`` 'ended' follows."""
+
+    arguments = [(b"node_id", amp.Integer()), (b"kill", amp.Boolean())]
+    response = [(b"known", amp.Boolean())]
+    errors = _FARM_ERRORS
+
+
+class ProbeNode(amp.Command):
+    """Broker -> agent: does node *node_id* accept a connection on the agent's host now?"""
+
+    arguments = [(b"node_id", amp.Integer())]
+    response = [(b"accepting", amp.Boolean()), (b"memory_bytes", amp.Integer())]
+    errors = _FARM_ERRORS
+
+
+class NodeEvent(amp.Command):
+    """Agent -> broker: a node became ready, or ended (``detail``: its exit status)."""
+
+    arguments = [(b"node_id", amp.Integer()), (b"state", amp.Unicode()), (b"detail", amp.Unicode())]
+    requiresAnswer = False
+
+
+class PersistentHolder(amp.Command):
+    """Broker -> agent: who holds *application*'s persistent node here ('' if nobody else: this
+    broker may start it).  A refused broker asks again now and then, without starting anything."""
+
+    arguments = [(b"application", amp.Unicode())]
+    response = [(b"refusal", amp.Unicode())]
+    errors = _FARM_ERRORS

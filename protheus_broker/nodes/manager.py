@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -69,6 +69,19 @@ class Transport(enum.Enum):
 
 
 @dataclass(frozen=True)
+class FarmSettings:
+    """FARM_HOSTS and the keys with them: nodes on other hosts, started by their protheus-agent
+    (nodes/remote.py)."""
+
+    hosts: tuple[tuple[str, int], ...]
+    template: str = "APPSERVER"
+    local: bool = False  # nodes on this host too (NODE_COMMAND)
+    secret: bytes | None = field(default=None, repr=False)
+    broker_id: str = ""
+    wait: float = 5.0  # seconds to wait at start for the agents' node lists (adoption)
+
+
+@dataclass(frozen=True)
 class NodePolicy:
     """What a unit's node manager is told by its config (see nodes/settings.py for the keys)."""
 
@@ -93,6 +106,7 @@ class NodePolicy:
     persistent: bool = False
     application: str = ""  # the name the persistent lock is taken under
     lock_dir: str = "/run/protheus-broker"  # where that lock file lives
+    farm: FarmSettings | None = None  # FARM_HOSTS: nodes on farm hosts too
 
 
 @dataclass(frozen=True)
@@ -203,6 +217,9 @@ class NodeManager:
         #: broker holds it); the unit sets a lock's ``acquire`` here.
         self.claim_persistent: Callable[[], str | None] = lambda: None
         self.persistent_refused: str | None = None
+        #: Set by the local scaler (SCALE_TO_ZERO=1): with MIN_NODES=0 and no session the need
+        #: is 0 nodes, not the one node of headroom.
+        self.scale_to_zero = False
 
     # --- life ---------------------------------------------------------------------------
 
@@ -269,6 +286,8 @@ class NodeManager:
         policy = self.policy
         load = sum(self.sessions(n) for n in self.nodes.values()
                    if n.state in (NodeState.ACTIVE, NodeState.SUSPENDED))
+        if load == 0 and policy.min_nodes == 0 and self.scale_to_zero:
+            return 0
         need = math.ceil((load + 1) / max(1, policy.sessions_per_node))
         return max(policy.min_nodes, min(policy.max_nodes, need))
 
@@ -403,11 +422,12 @@ class NodeManager:
             if now - node.idle_since >= self.policy.idle_time and not self.sessions(node):
                 self.discard(node.node_id, f"idle {now - node.idle_since:.0f}s above the need of {desired}")
 
-    def scale(self, min_nodes: int) -> None:
-        """An admin sets the minimum (within 0..MAX_NODES) for this run."""
+    def scale(self, min_nodes: int, why: str = "admin") -> None:
+        """An admin (or the scale-to-zero controller) sets the minimum (within 0..MAX_NODES)
+        for this run."""
         min_nodes = max(0, min(self.policy.max_nodes, min_nodes))
-        log.info("{unit}: MIN_NODES {old} -> {new} (admin)", unit=self.name, old=self.policy.min_nodes,
-                 new=min_nodes)
+        log.info("{unit}: MIN_NODES {old} -> {new} ({why})", unit=self.name, old=self.policy.min_nodes,
+                 new=min_nodes, why=why)
         self.policy = replace(self.policy, min_nodes=min_nodes)
         for node in self.serving():  # scaling down by hand need not wait for IDLE_TIME
             node.idle_since = self.clock.seconds() - self.policy.idle_time if node.idle_since is not None else None
@@ -464,7 +484,8 @@ class NodeManager:
         node.memory = node.process.memory_bytes() if node.process is not None else None
         self._set(node, NodeState.ACTIVE, f"ready in {now - node.started_at:.3f}s")
         policy = self.policy
-        server = RemoteServer(node.member_id, policy.host, node.spec.port, unix=node.spec.socket)
+        host, port = getattr(node.process, "address", None) or (policy.host, node.spec.port)  # farm nodes
+        server = RemoteServer(node.member_id, host, port, unix=node.spec.socket)
         try:
             self.pool.add(server, source=NODES)
         except ValueError as e:
@@ -612,7 +633,8 @@ class NodeManager:
                 "id": node.node_id, "member": node.member_id, "state": node.state.value,
                 "reason": node.reason, "persistent": node.persistent,
                 "pid": getattr(node.process, "pid", None),
-                "endpoint": node.spec.socket or f"{self.policy.host}:{node.spec.port}",
+                "endpoint": node.spec.socket or "{}:{}".format(
+                    *(getattr(node.process, "address", None) or (self.policy.host, node.spec.port))),
                 "sessions": self.sessions(node), "total_sessions": self.total_sessions(node),
                 "age_seconds": None if node.ready_at is None else round(now - node.ready_at, 3),
                 "memory_bytes": node.memory, "recycling": node.recycling,

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import socket
 from typing import Mapping
 
-from protheus_broker.ini import ConfigError, Section, parse_port
-from protheus_broker.nodes.manager import NodePolicy, Transport
+from protheus_broker.ini import ConfigError, Section, parse_port, read_secret, valid_host
+from protheus_broker.nodes.manager import FarmSettings, NodePolicy, Transport
 
 #: Where Unix sockets and the persistent-node locks go when systemd names no directory.
 RUN_DIR = "/run/protheus-broker"
@@ -35,7 +37,39 @@ def nodes_section(section: Section, sections: Mapping[str, Section]) -> Section 
         if target is None:
             raise section.error("NODES", f"no [{named}] section in the file")
         return target
-    return section if section.raw("NODE_COMMAND") else None
+    return section if section.raw("NODE_COMMAND") or section.raw("FARM_HOSTS") else None
+
+
+def read_farm_hosts(section: Section) -> tuple[tuple[str, int], ...]:
+    """FARM_HOSTS: agents as host:port (``[v6]:port``), separated by commas or spaces."""
+    hosts: list[tuple[str, int]] = []
+    for word in section.text("FARM_HOSTS", "").replace(",", " ").split():
+        host, sep, port_text = word.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not valid_host(host):
+            raise section.error("FARM_HOSTS", f"expected host:port (the agent's), got {word!r}")
+        address = (host, parse_port(section, "FARM_HOSTS", port_text))
+        if address in hosts:
+            raise section.error("FARM_HOSTS", f"{word} is listed twice")
+        hosts.append(address)
+    return tuple(hosts)
+
+
+def read_farm(section: Section, unit: str) -> FarmSettings | None:
+    """FARM_HOSTS and its keys (None without FARM_HOSTS)."""
+    hosts = read_farm_hosts(section)
+    if not hosts:
+        return None
+    template = section.text("FARM_TEMPLATE", "APPSERVER").upper()
+    if not re.match(r"^[A-Z0-9_\-]+$", template):
+        raise section.error("FARM_TEMPLATE", f"{template!r}: the name of a COMMAND_<name> of the agents' [NODES]")
+    broker_id = section.text("FARM_BROKER_ID", f"{socket.gethostname()}/{unit}")
+    if not broker_id or len(broker_id) > 200 or any(c.isspace() for c in broker_id):
+        raise section.error("FARM_BROKER_ID", "1..200 characters, no spaces")
+    return FarmSettings(
+        hosts=hosts, template=template, local=section.boolean("LOCAL_NODES", False),
+        secret=read_secret(section, "FARM_", "with FARM_HOSTS (the agents' [AGENT] SECRET)"),
+        broker_id=broker_id, wait=section.number("FARM_WAIT", 5.0, 0.0, 600.0))
 
 
 def read_command(section: Section) -> tuple[str, ...]:
@@ -64,13 +98,19 @@ def read_nodes(unit: Section, sections: Mapping[str, Section], application: str,
     section = nodes_section(unit, sections)
     if section is None:
         return None
-    command = read_command(section)
+    farm = read_farm(section, unit.name)
+    if farm is not None and not farm.local and not section.raw("NODE_COMMAND"):
+        command: tuple[str, ...] = ("{port}",)  # (no local nodes: the agents own the commands)
+    else:
+        command = read_command(section)
     run_dir = default_run_dir(os.environ if environ is None else environ)
     transport_text = section.text("TRANSPORT", "TCP").upper()
     try:
         transport = Transport(transport_text)
     except ValueError:
         raise section.error("TRANSPORT", f"expected TCP or UNIX, got {transport_text!r}") from None
+    if farm is not None and transport is not Transport.TCP:
+        raise section.error("TRANSPORT", "FARM_HOSTS needs TRANSPORT=TCP (nodes on other hosts are reached over TCP)")
     placeholder = "{socket}" if transport is Transport.UNIX else "{port}"
     if not any(placeholder in word for word in command):
         raise section.error("NODE_COMMAND", f"TRANSPORT={transport.value} needs {placeholder} in the command")
@@ -103,6 +143,7 @@ def read_nodes(unit: Section, sections: Mapping[str, Section], application: str,
         persistent=section.boolean("PERSISTENT", False),
         application=section.text("APPLICATION", application),
         lock_dir=section.text("LOCK_DIR", run_dir),
+        farm=farm,
     )
     if policy.persistent and policy.max_nodes < 1:
         raise ConfigError(section.path, "PERSISTENT=1 needs MAX_NODES of 1 or more", key="PERSISTENT")

@@ -185,7 +185,9 @@ class ProcessSpawner:
             endpoint: Any = UNIXClientEndpoint(self.reactor, spec.socket, timeout=PROBE_TIMEOUT)
         else:
             endpoint = TCP4ClientEndpoint(self.reactor, self.policy.host, spec.port, timeout=PROBE_TIMEOUT)
-        d: Deferred[Any] = endpoint.connect(Factory.forProtocol(Protocol))
+        factory = Factory.forProtocol(Protocol)
+        factory.noisy = False  # no "Starting factory" line per poll
+        d: Deferred[Any] = endpoint.connect(factory)
 
         def connected(protocol: Protocol) -> bool:
             protocol.transport.loseConnection()  # type: ignore[union-attr]

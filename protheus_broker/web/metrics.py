@@ -9,7 +9,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from protheus_broker import __version__
 from protheus_broker.nodes.manager import NodeState
-from protheus_broker.web.model import STATES, Broker, unit_counters, unit_dependencies, units_of
+from protheus_broker.web.model import (STATES, Broker, license_status, unit_counters, unit_dependencies,
+                                         unit_scale_to_zero, units_of)
 
 __all__ = ["BrokerCollector", "CONTENT_TYPE_LATEST", "render"]
 
@@ -41,6 +42,7 @@ COUNTER_HELP = (
     ("http_bad_requests", "HTTP requests refused as malformed (400, 408, 431)"),
     ("queue_full", "Web-services requests refused at once: the queue was full"),
     ("queue_timeouts", "Web-services requests that waited QUEUE_TIMEOUT and got 503"),
+    ("license_seated", "Requests under a Stateless=1 URI that got a license seat"),
 )
 
 #: Per-unit gauges: (key of unit_counters, metric name, help).
@@ -48,6 +50,7 @@ GAUGE_HELP = (
     ("standby", "standby_sessions", "Sessions held in standby now"),
     ("http_in_flight", "http_in_flight_requests", "HTTP requests being answered now"),
     ("queued", "queued_requests", "Web-services requests waiting in the queue now"),
+    ("license_waiting", "license_waiting_requests", "Requests waiting for a license seat now"),
 )
 
 
@@ -84,6 +87,8 @@ class BrokerCollector:
             for pool, totals in per_unit:
                 gauge.add_metric([pool], totals[key])
             yield gauge
+
+        yield from _license_families(broker, units)
 
         labels = ["pool", "server", "address"]
         state = GaugeMetricFamily(f"{_PREFIX}_server_state", "1 for the server's current state",
@@ -156,6 +161,57 @@ class BrokerCollector:
                 if row["memory_bytes"] is not None:
                     memory.add_metric(values, row["memory_bytes"])
         yield from (state, sessions, memory, streak)
+        yield from self._scale_to_zero(units)
+
+    def _scale_to_zero(self, units: list[Any]) -> Iterator[Any]:
+        """Scale to zero: waking, held sessions, target, wakes and refusals per pool."""
+        waking = GaugeMetricFamily(f"{_PREFIX}_wake_waking", "1 while a wake waits for a ready AppServer",
+                                   labels=["pool"])
+        held = GaugeMetricFamily(f"{_PREFIX}_wake_held_sessions", "Sessions held while a node wakes",
+                                 labels=["pool"])
+        target = GaugeMetricFamily(f"{_PREFIX}_wake_target", "AppServers scale to zero asks for", labels=["pool"])
+        wakes = CounterMetricFamily(f"{_PREFIX}_wakes", "Wakes from zero", labels=["pool"])
+        refused = CounterMetricFamily(f"{_PREFIX}_wake_refused", "Sessions refused while waking",
+                                      labels=["pool", "why"])
+        for unit in units:
+            snap = unit_scale_to_zero(unit)
+            if snap is None:
+                continue
+            waking.add_metric([unit.name], 1 if snap["waking"] else 0)
+            held.add_metric([unit.name], snap["held"])
+            target.add_metric([unit.name], snap["target"] or 0)
+            wakes.add_metric([unit.name], snap["wakes"])
+            refused.add_metric([unit.name, "max_held"], snap["refused_full"])
+            refused.add_metric([unit.name, "wake_timeout"], snap["refused_timeout"])
+        yield from (waking, held, target, wakes, refused)
+
+
+def _license_families(broker: Any, units: list[Any]) -> Iterator[Any]:
+    """503s for lack of a license by unit and reason; with a license client, its channel and
+    the seats per class (held, in use, free) and the requests waiting per class."""
+    refused = CounterMetricFamily(f"{_PREFIX}_license_refused", "Requests answered 503 for lack of a license seat",
+                                  labels=["pool", "reason"])
+    for unit in units:
+        gate = getattr(unit, "gate", None)
+        if gate is not None:
+            for reason, count in sorted(gate.refused.items()):
+                refused.add_metric([unit.name, reason], count)
+    yield refused
+    client = license_status(broker)
+    if client is None:
+        return
+    yield GaugeMetricFamily(f"{_PREFIX}_license_connected", "1 while the license channel is up",
+                            value=1 if client["connected"] else 0)
+    seats = GaugeMetricFamily(f"{_PREFIX}_license_seats", "License seats held by this broker, by class and state",
+                              labels=["license_class", "state"])
+    waiting = GaugeMetricFamily(f"{_PREFIX}_license_class_waiting", "Requests waiting for a seat, by class",
+                                labels=["license_class"])
+    for name, figures in client["classes"].items():
+        for state in ("held", "in_use", "free"):
+            seats.add_metric([name, state], figures[state])
+        waiting.add_metric([name], figures["waiting"])
+    yield seats
+    yield waiting
 
 
 def render(broker: Broker) -> bytes:

@@ -160,7 +160,27 @@ def _http_counters(unit: Any, recorded: dict[str, int]) -> dict[str, int]:
         "queued": int(queue.get("queued", 0)),
         "queue_full": int(queue.get("queue_full", 0)),
         "queue_timeouts": int(queue.get("queue_timeouts", 0)),
+        **_license_counters(unit),
     }
+
+
+def _license_counters(unit: Any) -> dict[str, int]:
+    """The license gate's figures (zero for a unit without one): requests waiting for a seat now,
+    seated, and 503s for lack of a license."""
+    gate = getattr(unit, "gate", None)
+    if gate is None:
+        return {"license_waiting": 0, "license_seated": 0, "license_refused": 0}
+    return {"license_waiting": gate.waiting, "license_seated": gate.seated,
+            "license_refused": sum(gate.refused.values())}
+
+
+def license_status(broker: Any) -> dict[str, Any] | None:
+    """The license client ([LICENSECLIENT]): connected, since, why, seats per class; None without one."""
+    client = getattr(broker, "licenses", None)
+    if client is None:
+        return None
+    status: dict[str, Any] = client.status()
+    return status
 
 
 def counters(broker: Any) -> dict[str, int]:
@@ -208,6 +228,15 @@ def unit_nodes(unit: Any) -> dict[str, Any] | None:
             "persistent_refused": manager.persistent_refused, "nodes": manager.snapshot()}
 
 
+def unit_scale_to_zero(unit: Any) -> dict[str, Any] | None:
+    """The unit's scale to zero (None when off): waking or not, held sessions, target, countdown."""
+    controller = getattr(unit, "scale_to_zero", None)
+    if controller is None:
+        wake = getattr(unit, "wake", None)  # an HTTP unit's wake dispatcher, once given a controller
+        controller = getattr(wake, "controller", None)
+    return controller.snapshot() if controller is not None else None  # type: ignore[no-any-return]
+
+
 def servers(broker: Any) -> list[dict[str, Any]]:
     """Every unit's servers; each names its ``pool`` (the unit's section)."""
     now = broker.reactor.seconds()
@@ -252,8 +281,10 @@ def pool_status(unit: Any, admin: Any, history: ConnectionHistory | None, now: f
         "sessions": len(unit.factory.sessions),
         "servers": unit_servers(unit, now),
         "nodes": unit_nodes(unit),
+        "scale_to_zero": unit_scale_to_zero(unit),
         "dependencies": unit_dependencies(unit, now),
         "totals": unit_counters(unit),
+        "license": unit.gate.status() if getattr(unit, "gate", None) is not None else None,
         "history": {
             "interval_seconds": admin.history_interval if admin else None,
             "samples": history.as_list(unit.name) if history is not None else [],
@@ -274,6 +305,7 @@ def status(broker: Broker, history: ConnectionHistory | None = None) -> dict[str
         "totals": counters(broker),
         "pools": [pool_status(unit, admin, history, now) for unit in units_of(broker)],
         "dependencies": dependencies(broker),
+        "license_client": license_status(broker),
         "admin": {
             "actions": bool(admin and admin.token_hash),
             "read_access": admin.read_access.value if admin else None,

@@ -98,7 +98,7 @@ function serverCells(tr,sv){var m=sv.metrics,st=tr.querySelector(".state");tr.se
 function buildPools(s){var box=$("pools");box.textContent="";
  s.pools.forEach(function(pool,p){var sec=el("section",{"class":"pool","data-pool":p});
   sec.appendChild(el("h2",null,"Pool "+pool.name+" ("+pool.listen+")"));sec.appendChild(el("div",{"class":"sub pool-sub"}));
-  sec.appendChild(el("div",{"class":"sub pool-deps"}));
+  sec.appendChild(el("div",{"class":"sub pool-deps"}));sec.appendChild(el("div",{"class":"sub pool-wake"}));
   var wrap=el("div",{"class":"scroll"}),tab=el("table",{id:"servers"}),hr=el("tr");
   ["Server","Address","State","Connections","Standby","Total","Failures","Memory","Users","Threads","CPU %","Age","Actions"]
    .forEach(function(h){hr.appendChild(el("th",null,h));});var th=el("thead");th.appendChild(hr);tab.appendChild(th);
@@ -126,7 +126,7 @@ function renderPools(s){var shape=JSON.stringify(s.pools.map(function(p){return 
   sec.querySelector(".pool-sub").textContent="SORT_METHOD "+pool.sort_method+(pool.sort_method!==pool.sort_method_configured?
    " (configured "+pool.sort_method_configured+")":"")+" · MONITORING_TYPE "+pool.monitoring_type+" · "+pool.sessions+
    " sessions"+(pool.max_sessions?" of "+pool.max_sessions:"");
-  renderDeps(sec.querySelector(".pool-deps"),pool.dependencies||[]);
+  renderDeps(sec.querySelector(".pool-deps"),pool.dependencies||[]);renderWake(sec.querySelector(".pool-wake"),pool.scale_to_zero);
   pool.servers.forEach(function(sv){serverCells(sec.querySelector('tr[data-server="'+CSS.escape(sv.id)+'"]'),sv);});
   if(pool.nodes){renderNodes(sec.querySelector(".nodes"),pool);}
   renderChart(sec.querySelector("svg"),sec.querySelector(".legend"),pool);});}
@@ -159,6 +159,16 @@ function renderNodes(box,pool){var n=pool.nodes,q=pool.section?"?pool="+encodeUR
   tr.querySelector(".sessions").textContent=String(x.sessions);tr.querySelector(".total").textContent=String(x.total_sessions);
   tr.querySelector(".age").textContent=x.age_seconds===null?"–":dur(x.age_seconds);
   tr.querySelector(".memory").textContent=x.memory_bytes===null?"–":bytes(x.memory_bytes);});}
+// SCALE_TO_ZERO: "waking" with the held sessions, asleep, or the countdown to sleep.
+function renderWake(box,z){box.textContent="";if(!z){return;}
+ var st=z.waking?"waking":(z.ready>0?"awake":"asleep");
+ box.appendChild(document.createTextNode("scale to zero: "));
+ box.appendChild(el("span",{"class":"state s-"+({waking:"suspended",awake:"up",asleep:"draining"})[st],"data-wake":st},st));
+ box.appendChild(document.createTextNode(" · "+z.held+" held (max "+z.max_held+") · "+z.ready+" ready of "+
+  (z.target===null?"?":z.target)+(z.waking?" · waking for "+dur(z.waking_for):"")+
+  (z.sleeps_in!==null&&!z.waking&&z.held===0&&z.ready>0?" · sleeps in "+dur(z.sleeps_in):"")+
+  " · "+z.wakes+" wakes"+(z.last_wake_seconds!==null?" (last "+z.last_wake_seconds.toFixed(2)+" s)":"")+
+  (z.refused_full+z.refused_timeout?" · refused "+z.refused_full+" over MAX_HELD, "+z.refused_timeout+" past WAKE_TIMEOUT":"")));}
 // DEPENDS_ON: each dependency's state; one that is down says since when and why (no new session meanwhile).
 function renderDeps(box,deps){box.textContent="";if(!deps.length){return;}box.appendChild(document.createTextNode("depends on "));
  deps.forEach(function(d){var st=el("span",{"class":"state s-"+(d.state==="unchecked"?"suspended":d.state),"data-dependency":d.name,
