@@ -19,6 +19,7 @@ from protheus_broker.kube.endpoints import EndpointTable, slice_endpoints
 from protheus_broker.kube.kubeconfig import KubeConnection
 from protheus_broker.kube.scaler import SOURCE, KubernetesScaler
 from protheus_broker.kube.settings import KubeSettings
+from protheus_broker.scaling.controller import ScaleToZero, ScaleToZeroPolicy
 from protheus_broker.scaling.interfaces import IScaler
 
 from .helpers import LogCatcher
@@ -538,3 +539,34 @@ class LineStreamTests(SynchronousTestCase):
         for _ in range(11):
             stream.dataReceived(b"y" * 10)
         self.failureResultOf(stream.done, ResponseTooLarge)
+
+
+class ScaleToZeroKubeTests(SynchronousTestCase):
+    """The scale-to-zero controller around the Kubernetes scaler."""
+
+    def test_sleep_and_wake(self) -> None:
+        """Pods running at start sleep after ZERO_IDLE_TIME (the controller learns the Deployment's
+        replicas from the scaler); a held login wakes one pod and is released when it is Ready."""
+        api = FakeApi()
+        api.replicas = 2
+        h = Harness(self, api)
+        sessions = [0]
+        policy = ScaleToZeroPolicy(enabled=True, idle_time=30.0, wake_timeout=60.0, max_held=10)
+        controller = ScaleToZero(h.clock, h.scaler, policy, lambda: sessions[0], name="BALANCE_TEST")
+        controller.start()  # before the scaler has read the Deployment (in a unit its GET is in flight)
+        self.addCleanup(controller.stop)
+        self.assertEqual((h.scaler.desired(), controller.target), (0, 0))
+        h.start()
+        self.assertEqual((h.scaler.desired(), controller.target), (2, 2))
+        h.advance(29.0)
+        self.assertEqual(api.replicas, 2)
+        h.advance(1.0)
+        self.assertEqual(api.replicas, 0)  # asleep: no session for ZERO_IDLE_TIME
+        held = controller.hold("login-1")
+        h.flush()
+        self.assertNoResult(held)
+        self.assertEqual(api.replicas, 1)  # woken
+        h.api.put_slice(endpoint_slice("erp-a", [("10.0.0.1", True, "erp-1")], "0"), "ADDED")
+        h.flush()
+        self.successResultOf(held)
+        self.assertEqual(h.members(), {"erp-1": "10.0.0.1:1234 up"})

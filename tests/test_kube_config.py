@@ -298,3 +298,27 @@ class TlsPolicyTests(SynchronousTestCase):
         self.assertIsNotNone(policy.trust)
         creator = policy.creatorForNetloc(b"127.0.0.1", 6443)
         self.assertEqual(creator._hostnameASCII, "127.0.0.1")
+
+
+class ScaleToZeroSettingsTests(SynchronousTestCase):
+    """SCALE_TO_ZERO with a Kubernetes scaler."""
+
+    def test_scale_to_zero_with_kubernetes(self) -> None:
+        """SCALE_TO_ZERO=1 is accepted with KUBERNETES (WAKE_TIMEOUT 60 s by default) and the
+        desktop unit's controller drives the Kubernetes scaler."""
+        path = write(self, TESTENV_KUBECONFIG)
+        config = parse_config(unit_ini(f"KUBECONFIG = {path}\nDEPLOYMENT = a\n",
+                                       servers="SCALE_TO_ZERO = 1\nZERO_IDLE_TIME = 120\n"))
+        policy = config.desktop.scale_to_zero
+        self.assertEqual((policy.enabled, policy.idle_time, policy.wake_timeout, policy.min_awake),
+                         (True, 120.0, 60.0, 1))
+        unit = DesktopUnit(MemoryReactorClock(), config.desktop)
+        assert unit.scale_to_zero is not None
+        self.assertIs(unit.scale_to_zero.scaler, unit.scaler)
+
+    def test_scale_to_zero_needs_a_scaler(self) -> None:
+        """SCALE_TO_ZERO=1 without nodes or KUBERNETES names both in its error."""
+        text = ("[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\nREMOTE_SERVER_01 = 127.0.0.1 1\n"
+                "SCALE_TO_ZERO = 1\n")
+        with self.assertRaisesRegex(ConfigError, "NODES = <section>\\) or KUBERNETES"):
+            parse_config(text)

@@ -105,7 +105,7 @@ def read_desktop(section: Section, sections: Mapping[str, Section],
     scale_to_zero = read_scale_to_zero(zero_section)
     nodes = read_nodes(section, sections, section.name, warnings)
     kubernetes = read_kubernetes(section, sections, warnings)
-    scale_to_zero = check_scale_to_zero(scale_to_zero, zero_section, nodes, warnings)
+    scale_to_zero = check_scale_to_zero(scale_to_zero, zero_section, nodes, warnings, kubernetes is not None)
     if not servers and nodes is None and kubernetes is None:
         raise ConfigError(
             section.path,

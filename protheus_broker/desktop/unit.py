@@ -104,8 +104,9 @@ class DesktopUnit(MultiService):
         self.factory.standby = resumable
         #: SCALE_TO_ZERO=1: the nodes sleep after ZERO_IDLE_TIME without a session; a login wakes them
         self.scale_to_zero: ScaleToZero | None = None
-        if self.nodes is not None and config.scale_to_zero.enabled:
-            controller = ScaleToZero(reactor, LocalScaler(self.nodes), config.scale_to_zero,
+        scaler = LocalScaler(self.nodes) if self.nodes is not None else self.scaler  # nodes, else Kubernetes
+        if scaler is not None and config.scale_to_zero.enabled:
+            controller = ScaleToZero(reactor, scaler, config.scale_to_zero,
                                      self._open_sessions, name=name)
             self.scale_to_zero = controller
             self.factory.gates.insert(self.factory.gates.index(self.factory.server_gate),
@@ -160,6 +161,10 @@ class DesktopUnit(MultiService):
         if old.scale_to_zero.enabled != new.scale_to_zero.enabled:
             log.warn("reload: SCALE_TO_ZERO changed; restart to apply", pool=self.name)
         if old.nodes == new.nodes and old.scale_to_zero == new.scale_to_zero:
+            return
+        if self.nodes is None and new.nodes is None:  # scale to zero around the Kubernetes scaler
+            if self.scale_to_zero is not None and new.scale_to_zero.enabled:
+                self.scale_to_zero.policy = new.scale_to_zero
             return
         if self.nodes is None or new.nodes is None:
             log.warn("reload: node management turned on or off; restart to apply", pool=self.name)

@@ -89,6 +89,7 @@ class ScaleToZero:
         self.waking_since: float | None = None  # a wake asked for, no member ready yet
         self.idle_since: float | None = None  # when the last session ended (None: a session is open)
         self.target: int | None = None  # what this controller last asked the scaler for
+        self._asked = False  # target came from the scaler (desired()), not from asking it
         self.running = False
         self.wakes = 0
         self.wake_latencies: list[float] = []  # seconds from the wake request to a ready member
@@ -198,6 +199,8 @@ class ScaleToZero:
         return max(1, min(60, math.ceil(self.policy.wake_timeout / 4)))
 
     def _scaler_changed(self) -> None:
+        if not self._asked:  # a scaler may learn what runs after start (Kubernetes reads the Deployment)
+            self.target = self.scaler.desired()
         if self.scaler.ready() > 0:
             now = self.clock.seconds()
             if self.waking_since is not None:
@@ -287,6 +290,7 @@ class ScaleToZero:
         if replicas == self.target:
             return
         old, self.target = self.target, replicas
+        self._asked = True
         log.info("{unit}: {scaler} scale {old} -> {new}: {why}", unit=self.name, scaler=self.scaler.name,
                  old="?" if old is None else old, new=replicas, why=why)
         self.scaler.scale(replicas, why)

@@ -36,15 +36,18 @@ def read_scale_to_zero(section: Section) -> ScaleToZeroPolicy:
 
 
 def check_scale_to_zero(policy: ScaleToZeroPolicy, section: Section, nodes: NodePolicy | None,
-                        warnings: list[str]) -> ScaleToZeroPolicy:
+                        warnings: list[str], kubernetes: bool = False) -> ScaleToZeroPolicy:
     """*policy* checked against the unit's nodes: WAKE_TIMEOUT's default from START_TIMEOUT, a
     warning when it is not longer than START_TIMEOUT, MIN_NODES as the awake minimum; an error
     when it asks for scale to zero without managed nodes or with a persistent node."""
     if not policy.enabled:
         return policy
+    if nodes is None and kubernetes:  # a Kubernetes scaler: pods start in their own time (WAKE_TIMEOUT)
+        return replace(policy, wake_timeout=policy.wake_timeout or WAKE_TIMEOUT_MIN_DEFAULT, min_awake=1)
     if nodes is None:
         raise ConfigError(section.path, "SCALE_TO_ZERO=1 needs managed nodes (NODE_COMMAND or NODES = "
-                          "<section>)", line=section.line("SCALE_TO_ZERO"), key="SCALE_TO_ZERO")
+                          "<section>) or KUBERNETES = <section>", line=section.line("SCALE_TO_ZERO"),
+                          key="SCALE_TO_ZERO")
     if nodes.persistent:
         raise ConfigError(section.path, "SCALE_TO_ZERO=1 cannot stop a PERSISTENT=1 node: turn one off",
                           line=section.line("SCALE_TO_ZERO"), key="SCALE_TO_ZERO")
