@@ -220,7 +220,8 @@ class KubeApiServerTests(ProcessTestCase):
     def test_scaler_against_real_api_server(self) -> defer.Deferred[None]:
         """Against kube-apiserver 1.20 with the least-privilege Role: replicas 0 -> 1 -> 0 through
         /scale, readiness through the EndpointSlice watch (v1beta1), watches that end and a 410
-        survived, and a held login through the broker reaches the Pod's AppServer."""
+        survived, a held login through the broker reaches the Pod's AppServer; the daemon with
+        SCALE_TO_ZERO=1 wakes the Deployment for a login and puts it back to sleep."""
         return defer.ensureDeferred(self.scenario())
 
     async def scenario(self) -> None:
@@ -330,22 +331,37 @@ class KubeApiServerTests(ProcessTestCase):
         self.figures.update({f"scaler {k}": v for k, v in scaler.counts.items()})
         await unit.stopService()
 
-        # the daemon itself: twistd protheus-broker with the same file; someone scales the
-        # Deployment (as kubectl or an HPA would), the daemon's watch sees the pod Ready, and a
-        # login held at its empty pool reaches the pod
+        # the daemon itself with SCALE_TO_ZERO=1 (twistd protheus-broker: config -> unit ->
+        # scaler -> pool): a login held at the sleeping pool wakes the Deployment, reaches the pod
+        # once it is Ready, and ZERO_IDLE_TIME after it ends the Deployment is back at zero
+        with open(ini) as handle:
+            text = handle.read()
+        with open(ini, "w") as handle:
+            handle.write(text.replace("KUBERNETES = KUBE_APPSERVER\n", "KUBERNETES = KUBE_APPSERVER\n"
+                                      "SCALE_TO_ZERO = 1\nZERO_IDLE_TIME = 3\nWAKE_TIMEOUT = 60\n"))
         broker = self.start("broker", twistd_argv("protheus-broker", "--config", ini))
         broker_port = await broker.listening()
         await self.until("the daemon's first list", lambda: "discovery.k8s.io/v1beta1" in broker.text(), seconds=30)
         held = defer.ensureDeferred(login(broker_port, 4, patience=60.0))
         woke = time.monotonic()
-        await self.api("PATCH", f"/apis/apps/v1/namespaces/{NS}/deployments/{DEPLOYMENT}/scale",
-                       {"spec": {"replicas": 1}}, content_type="application/merge-patch+json")
-        pod = (await self.until("the new pod", lambda: defer.ensureDeferred(self.pods()), seconds=60))[0]
+        pod = (await self.until("the woken pod", lambda: defer.ensureDeferred(self.pods()), seconds=60))[0]
+        self.figures["daemon: login to pod created (s)"] = round(time.monotonic() - woke, 3)
         await self.play_kubelet(pod["metadata"]["name"])
         answered, took = await held
         self.assertTrue(answered, f"the daemon's held login did not reach the pod:\n{broker.text()}")
-        self.figures["daemon: held login, scale to answer (s)"] = round(time.monotonic() - woke, 3)
+        self.figures["daemon: held login, arrival to answer (s)"] = round(time.monotonic() - woke, 3)
         self.assertIn("1 ready endpoints of Service protheus-appserver", broker.text())
+        ended = time.monotonic()
+
+        async def asleep() -> bool:
+            deployment = await self.api("GET", f"/apis/apps/v1/namespaces/{NS}/deployments/{DEPLOYMENT}")
+            return deployment["spec"].get("replicas", 0) == 0
+        await self.until("the Deployment back at zero", lambda: defer.ensureDeferred(asleep()), seconds=30,
+                         every=0.1)
+        self.figures["daemon: last session end to replicas 0 (s, ZERO_IDLE_TIME=3)"] = round(
+            time.monotonic() - ended, 3)
+        self.assertRegex(broker.text(), r"scale 1 -> 0: no session for \d+s")
+
         warnings = self.scaler_warnings(logs)
         self.figures["scaler warnings (all during the restart)"] = len(warnings)
         print("\nKubernetes e2e figures (kube-apiserver 1.20.2):")
