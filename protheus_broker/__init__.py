@@ -1,3 +1,3 @@
 """protheus-broker: a load-balancing broker for TOTVS Protheus application servers."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
