@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run run-nodes test test-floor lint bench bench-http bench-license bench-monitor bench-tls bench-resume bench-nodes bench-wake certs deb venv clean
+.PHONY: run run-nodes test test-floor lint bench bench-http bench-license bench-monitor bench-tls bench-resume bench-nodes bench-wake certs deb venv sim-warmup clean
 
 # The project itself goes into the venv too, so `.venv/bin/twistd -n protheus-broker` and
 # `.venv/bin/protheus-broker-ctl` work as the README shows: an editable install (the console
@@ -59,6 +59,9 @@ bench-resume: venv  ## resumable sessions: resume latency, RSS per standby sessi
 
 bench-tls: venv  ## TLS termination: broker vs HAProxy (bind ssl crt), throughput and handshakes/s
 	$(PY) bench/bench_tls.py
+
+sim-warmup: venv  ## warm-up from usage history: 4 synthetic weeks of office-hour logins on an accelerated clock (no network)
+	$(PY) bench/sim_warmup.py
 
 certs: venv  ## demo/test certificates (agent channel, SmartClient TLS) in etc/tls (not for git)
 	$(PY) -m protheus_broker.tls.certs etc/tls --agent local=127.0.0.1,localhost \

@@ -294,7 +294,7 @@ class WarmupKeysTests(SynchronousTestCase):
         assert policy is not None
         self.assertEqual(policy.history_file, os.path.join(folder, "usage-balance_smart_client_desktop.json"))
         self.assertEqual((policy.headroom_ratio, policy.headroom_nodes, policy.weeks, policy.percentile),
-                         (0.2, 0, 4, 90.0))
+                         (0.0, 0, 4, 90.0))
 
     def test_bad_values_one_line_each(self) -> None:
         """Each bad value is one ConfigError naming file, line and key."""

@@ -39,7 +39,7 @@ class WarmupPolicy:
     history_weeks: int = 8
     weeks: int = 4  # same weekdays the forecast looks at
     percentile: float = 90.0
-    headroom_ratio: float = 0.2  # sessions * (1 + ratio) ...
+    headroom_ratio: float = 0.0  # sessions * (1 + ratio) ... (p90 is headroom enough: bench/sim_warmup.py)
     headroom_nodes: int = 0  # ... or + nodes (used when not 0)
     holidays: frozenset[date] = field(default_factory=frozenset)
     annual_holidays: frozenset[tuple[int, int]] = field(default_factory=frozenset)  # (month, day) every year
