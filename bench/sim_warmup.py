@@ -66,7 +66,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet.task import Clock  # noqa: E402
 
+from zope.interface import implementer  # noqa: E402
+
+from protheus_broker.scaling.controller import ScaleToZero, ScaleToZeroPolicy  # noqa: E402
 from protheus_broker.scaling.forecast import UsageForecast, WarmupPolicy  # noqa: E402
+from protheus_broker.scaling.interfaces import IScaler  # noqa: E402
 
 UTC = timezone.utc
 HOUR = 3600.0
@@ -86,7 +90,10 @@ class Params:
     users: int = 400
     sessions_per_node: int = 50
     cold_start: tuple[float, float] = (50.0, 70.0)
-    idle_time: float = 300.0
+    controller: str = "real"  # "real": scaling/controller.py's ScaleToZero over a node-manager model; "naive"
+    idle_time: float = 300.0  # the naive controller's idle time
+    zero_idle_time: float = 900.0  # the real controller's ZERO_IDLE_TIME (its default)
+    node_idle_time: float = 60.0  # the node manager's IDLE_TIME (its default)
     tick: float = 15.0
     margin: float = 120.0
     percentile: float = 90.0
@@ -187,6 +194,34 @@ class Figures:
         return self.node_seconds / HOUR
 
 
+@implementer(IScaler)
+class SimScaler:
+    """The fake scaler the real controller drives: the local scaler over a node manager, modelled
+    (``scale(n)`` sets MIN_NODES; the manager adds nodes by load and lets idle ones go)."""
+
+    name = "sim-nodes"
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+
+    def desired(self) -> int:
+        return self.sim.min_nodes
+
+    def ready(self) -> int:
+        return sum(1 for node in self.sim.nodes if node.ready)
+
+    def scale(self, replicas: int, reason: str) -> None:
+        changed = replicas != self.sim.min_nodes
+        self.sim.min_nodes = replicas
+        self.sim.reconcile()
+        if changed:
+            self.sim.notify()
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        self.sim.callbacks.append(callback)
+        return lambda: self.sim.callbacks.remove(callback)
+
+
 class Simulation:
     """One policy replayed on a task.Clock: the generator's logins, the controller model, the fake scaler."""
 
@@ -207,6 +242,20 @@ class Simulation:
         self.measure_from = epoch(params.start) + (params.weeks - params.measure_weeks) * WEEK
         self.end = epoch(params.start) + params.weeks * WEEK
         self.figures = Figures(policy)
+        self.min_nodes = 0  # what the real controller asked the scaler (the node manager's MIN_NODES)
+        self.callbacks: list[Callable[[], None]] = []
+        self.controller: ScaleToZero | None = None
+        if params.controller == "real" and policy != "oracle":
+            self.controller = ScaleToZero(
+                self.clock, SimScaler(self),
+                ScaleToZeroPolicy(enabled=True, idle_time=params.zero_idle_time, sessions_per_member=0,
+                                  min_awake=1, tick=params.tick),
+                activity=lambda: self.open_sessions() + len(self.held),
+                forecast=self.forecast if policy == "warm-up" else None, name=policy)
+
+    def notify(self) -> None:
+        for callback in list(self.callbacks):
+            callback()
 
     # -- the fake scaler ---------------------------------------------------------------------------
 
@@ -234,6 +283,7 @@ class Simulation:
         while self.held and node.sessions < self.params.sessions_per_node:
             since, login = self.held.pop(0)
             self.serve(node, login, warm=False, waited=self.clock.seconds() - since)
+        self.notify()
 
     # -- the controller model --------------------------------------------------------------------
 
@@ -242,6 +292,10 @@ class Simulation:
 
     def target(self) -> int:
         load = self.open_sessions() + len(self.held)
+        if self.controller is not None:  # the node manager: MIN_NODES from the controller, more by load
+            if self.min_nodes == 0 and load == 0:
+                return 0
+            return max(self.min_nodes, math.ceil((load + 1) / self.params.sessions_per_node))
         if self.policy == "oracle":
             return math.ceil(load / self.params.sessions_per_node)
         need = math.ceil((load + 1) / self.params.sessions_per_node)
@@ -253,6 +307,8 @@ class Simulation:
         now = self.clock.seconds()
         target = self.target()
         idle_time = 0.0 if self.policy == "oracle" else self.params.idle_time
+        if self.controller is not None:
+            idle_time = self.params.node_idle_time
         while len(self.nodes) < target:
             self.start_node()
         if len(self.nodes) > target:
@@ -262,10 +318,12 @@ class Simulation:
                 if node.ready and node.sessions == 0 and node.idle_since is not None \
                         and now - node.idle_since >= idle_time:
                     self.nodes.remove(node)
+                    self.notify()
 
     def tick(self) -> None:
         now = self.clock.seconds()
-        self.forecast.record(now, self.open_sessions() + len(self.held), nodes=len(self.nodes))
+        if self.controller is None:  # the real controller records (open + held) once a tick itself
+            self.forecast.record(now, self.open_sessions() + len(self.held), nodes=len(self.nodes))
         self.reconcile()
         if self.measure_from <= now < self.end:
             self.figures.node_seconds += len(self.nodes) * self.params.tick
@@ -288,6 +346,8 @@ class Simulation:
         else:
             self.held.append((now, login))
         self.reconcile()
+        if self.controller is not None:
+            self.controller.evaluate()  # activity changed (the unit's gate does this on a session)
 
     def serve(self, node: Node, login: Login, warm: bool, waited: float) -> None:
         node.sessions += 1
@@ -335,8 +395,12 @@ class Simulation:
 
         next_login()
         clock.callLater(0, tick)
+        if self.controller is not None:
+            self.controller.start()
         while clock.calls and clock.calls[0].getTime() < self.end:
             clock.advance(clock.calls[0].getTime() - clock.seconds())
+        if self.controller is not None:
+            self.controller.stop()
         for call in clock.getDelayedCalls():
             call.cancel()
         return self.figures
@@ -396,7 +460,9 @@ def table(report: Report) -> str:
         f"warm-up simulation: seed {p.seed}, {p.weeks} weeks from {p.start} ({report.logins} logins, "
         f"{p.users} users), measured on the last {p.measure_weeks} week(s)",
         f"SESSIONS_PER_NODE={p.sessions_per_node}, cold start U({p.cold_start[0]:g},{p.cold_start[1]:g}) s, "
-        f"idle time {p.idle_time:g} s, forecast p{p.percentile:g} of 4 weeks + "
+        + (f"controller scaling/controller.py (ZERO_IDLE_TIME={p.zero_idle_time:g} s) over a node-manager model "
+           f"(IDLE_TIME={p.node_idle_time:g} s)" if p.controller == "real" else f"naive controller (idle {p.idle_time:g} s)")
+        + f", placement {p.placement},\nforecast p{p.percentile:g} of 4 weeks + "
         + (f"{p.headroom_nodes} node(s)" if p.headroom_nodes else f"{p.headroom_ratio:.0%}")
         + f", margin {p.margin:g} s, holidays {', '.join(str(d) for d in p.holidays)}",
         "",
@@ -432,12 +498,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-time", type=float, default=Params.idle_time)
     parser.add_argument("--margin", type=float, default=Params.margin)
     parser.add_argument("--cold-start", type=float, default=60.0, help="mean spawn-to-ready seconds (U(mean-10 s, mean+10 s), at least 1 s)")
+    parser.add_argument("--controller", choices=("real", "naive"), default=Params.controller)
     parser.add_argument("--placement", choices=("least", "pack"), default=Params.placement)
     parser.add_argument("--headroom", default="0%", help="20%% (sessions) or 1 (nodes)")
     args = parser.parse_args(argv)
     ratio, nodes = (float(args.headroom[:-1]) / 100, 0) if args.headroom.endswith("%") else (0.0, int(args.headroom))
     params = Params(cold_start=(max(1.0, args.cold_start - 10), args.cold_start + 10), seed=args.seed, weeks=args.weeks, users=args.users, idle_time=args.idle_time,
-                    margin=args.margin, placement=args.placement, headroom_ratio=ratio, headroom_nodes=nodes)
+                    margin=args.margin, placement=args.placement, controller=args.controller, headroom_ratio=ratio, headroom_nodes=nodes)
     report = simulate(params, progress=lambda text: print(text, file=sys.stderr))
     print(table(report))
     warm = report.figures["warm-up"]

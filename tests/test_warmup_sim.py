@@ -50,7 +50,7 @@ class GeneratorTests(SynchronousTestCase):
 
 class SimulationTests(SynchronousTestCase):
     def test_small_run_meets_targets(self) -> None:
-        """A 4-week run (120 users, 15 sessions per node): the warm-up beats reactive scaling on
+        """A 4-week run through the real controller (120 users, 15 sessions per node): the warm-up beats reactive scaling on
         warm peak logins, reaches >= 90 % of them, and uses <= 1.3x the oracle's node-hours."""
         params = sim.Params(seed=11, users=120, sessions_per_node=15)
         report = sim.simulate(params)
