@@ -275,7 +275,8 @@ class WarmupKeysTests(SynchronousTestCase):
         unit, sections = self.unit(
             "NODES = POOL\n[POOL]\nWARMUP = 1\nHISTORY_FILE = " + os.path.join(folder, "u.json") + "\n"
             "HISTORY_WEEKS = 6\nFORECAST_WEEKS = 3\nFORECAST_PERCENTILE = 80\nFORECAST_HEADROOM = 1\n"
-            "HOLIDAYS = 2026-12-25, 01-01 2027-02-16\nWARMUP_MARGIN = 30\nFORECAST_ONLY = 1\nSESSIONS_PER_NODE = 20\n")
+            "HOLIDAYS = 2026-12-25, 01-01 2027-02-16\nWARMUP_MARGIN = 30\nFORECAST_ONLY = 1\nSESSIONS_PER_NODE = 20\n"
+            "WARMUP_COLD_START = 240\n")
         policy = read_warmup(unit, sections)
         assert policy is not None
         self.assertEqual((policy.history_weeks, policy.weeks, policy.percentile, policy.headroom_nodes,
@@ -283,6 +284,7 @@ class WarmupKeysTests(SynchronousTestCase):
                          (6, 3, 80.0, 1, 0.0, 30.0, True, 20))
         self.assertEqual(policy.holidays, frozenset({date(2026, 12, 25), date(2027, 2, 16)}))
         self.assertEqual(policy.annual_holidays, frozenset({(1, 1)}))
+        self.assertEqual(policy.cold_start, 240.0)
         self.assertEqual(sections["POOL"].unknown_keys(), [])
 
     def test_default_history_file_in_state_directory(self) -> None:
@@ -310,6 +312,7 @@ class WarmupKeysTests(SynchronousTestCase):
             "HISTORY_WEEKS = 0\n": "HISTORY_WEEKS",
             "HISTORY_WEEKS = 2\nFORECAST_WEEKS = 4\n": "FORECAST_WEEKS",
             "WARMUP_MARGIN = -1\n": "WARMUP_MARGIN",
+            "WARMUP_COLD_START = soon\n": "WARMUP_COLD_START",
             "FORECAST_ONLY = maybe\n": "FORECAST_ONLY",
         }
         for body, key in cases.items():

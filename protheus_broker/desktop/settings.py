@@ -13,7 +13,9 @@ from protheus_broker.kube.settings import KubeSettings, read_kubernetes
 from protheus_broker.nodes.manager import NodePolicy
 from protheus_broker.nodes.settings import nodes_section, read_nodes
 from protheus_broker.scaling.controller import ScaleToZeroPolicy
+from protheus_broker.scaling.forecast import WarmupPolicy
 from protheus_broker.scaling.settings import check_scale_to_zero, read_scale_to_zero
+from protheus_broker.scaling.warmup_settings import read_warmup
 from protheus_broker.monitoring.settings import (AGENT_KEY_RE, MonitoringConfig, MonitoringType, read_monitoring,
                                                  read_monitoring_type)
 from protheus_broker.resume.settings import ResumeConfig, read_resume
@@ -48,6 +50,7 @@ class DesktopBalanceConfig:
     nodes: NodePolicy | None = None  # managed AppServer nodes (NODE_COMMAND or NODES = <section>)
     scale_to_zero: ScaleToZeroPolicy = field(default_factory=ScaleToZeroPolicy)  # SCALE_TO_ZERO etc.
     kubernetes: KubeSettings | None = None  # KUBERNETES = <section>: a Kubernetes scaler
+    warmup: WarmupPolicy | None = None  # WARMUP=1: the scale-to-zero floor from usage history
 
     @property
     def effective_sort_method(self) -> SortMethod:
@@ -103,9 +106,14 @@ def read_desktop(section: Section, sections: Mapping[str, Section],
             raise section.error(key, "server id must be letters and digits after AGENT_SERVER_")
     zero_section = nodes_section(section, sections) or section  # (read before NODES' unknown keys)
     scale_to_zero = read_scale_to_zero(zero_section)
+    warmup = read_warmup(section, sections)
     nodes = read_nodes(section, sections, section.name, warnings)
     kubernetes = read_kubernetes(section, sections, warnings)
     scale_to_zero = check_scale_to_zero(scale_to_zero, zero_section, nodes, warnings, kubernetes is not None)
+    if warmup is not None and not scale_to_zero.enabled:
+        warnings.append(f"{zero_section.path}:{zero_section.line('WARMUP')}: [{zero_section.name}] WARMUP=1 "
+                        "needs SCALE_TO_ZERO=1 (the warm-up is its floor); ignored")
+        warmup = None
     if not servers and nodes is None and kubernetes is None:
         raise ConfigError(
             section.path,
@@ -148,6 +156,7 @@ def read_desktop(section: Section, sections: Mapping[str, Section],
         nodes=nodes,
         scale_to_zero=scale_to_zero,
         kubernetes=kubernetes,
+        warmup=warmup,
     )
     if config.sort_method != config.effective_sort_method:
         warnings.append(

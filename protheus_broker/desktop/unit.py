@@ -29,7 +29,9 @@ from protheus_broker.nodes.remote import make_spawner
 from protheus_broker.nodes.spawner import NodeService
 from protheus_broker.resume.broker import ResumableSessions
 from protheus_broker.scaling.controller import ScaleToZero
+from protheus_broker.scaling.forecast import UsageForecast
 from protheus_broker.scaling.gates import ScaleToZeroService, WakeGate
+from protheus_broker.scaling.history import HistoryStore, HistoryWriter
 from protheus_broker.scaling.local import LocalScaler
 from protheus_broker.stats import ISessionStats, SessionStats
 from protheus_broker.units import IBalanceUnit, listen_or_exit, stop_unit
@@ -106,8 +108,8 @@ class DesktopUnit(MultiService):
         self.scale_to_zero: ScaleToZero | None = None
         scaler = LocalScaler(self.nodes) if self.nodes is not None else self.scaler  # nodes, else Kubernetes
         if scaler is not None and config.scale_to_zero.enabled:
-            controller = ScaleToZero(reactor, scaler, config.scale_to_zero,
-                                     self._open_sessions, name=name)
+            controller = ScaleToZero(reactor, scaler, config.scale_to_zero, self._open_sessions,
+                                     forecast=self._warmup(config, reactor, scaler), name=name)
             self.scale_to_zero = controller
             self.factory.gates.insert(self.factory.gates.index(self.factory.server_gate),
                                       WakeGate(controller, self.pool))
@@ -115,6 +117,30 @@ class DesktopUnit(MultiService):
         self.session_tls = SessionTLS(reactor, config.tls, self.factory)  # ConfigError: bad file
         self.endpoint = endpoint_string(config)
         self.port: Any = None
+
+    def _warmup(self, config: DesktopBalanceConfig, reactor: Any, scaler: Any) -> UsageForecast | None:
+        """WARMUP=1: the usage forecast (its history loaded, saved every 5 minutes and at stop),
+        told the members ready and, with local nodes, each node's spawn-to-ready time."""
+        policy, manager = config.warmup, self.nodes
+        if policy is None:
+            return None
+        store = HistoryStore(policy.history_file, policy.history_weeks)
+        forecast = UsageForecast(policy, store.load(), name=str(self.name))
+        forecast.running = scaler.ready
+        HistoryWriter(store, lambda: forecast.history, reactor).setServiceParent(self)
+        if manager is None:  # Kubernetes: WARMUP_COLD_START stands for the measured cold start
+            return forecast
+        reported: set[int] = set()
+
+        def cold_starts() -> None:
+            for node in manager.nodes.values():
+                if node.ready_at is not None and id(node) not in reported:
+                    reported.add(id(node))
+                    forecast.observe_cold_start(node.ready_at - node.started_at)
+            reported.intersection_update(id(node) for node in manager.nodes.values())
+
+        scaler.subscribe(cold_starts)
+        return forecast
 
     def _open_sessions(self) -> int:
         """Sessions open (scale to zero's activity): SmartClient sessions not held by the wake,

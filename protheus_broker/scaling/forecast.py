@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -77,6 +77,8 @@ class UsageForecast:
         self.cold_starts: list[float] = []
         self._cache: dict[tuple[date, int], tuple[float, int]] = {}
         self._logged_floor: int | None = None
+        #: Nodes running now (the scaler's ready count, set by the unit): recorded with the sessions.
+        self.running: Callable[[], int] | None = None
 
     # -- learning --------------------------------------------------------------------------------
 
@@ -84,6 +86,8 @@ class UsageForecast:
         """Fold the sessions open at *now* (and the nodes running, if given) into now's slot; a
         holiday is not learned from."""
         day, index = slot_of(now, self.tz)
+        if nodes is None and self.running is not None:
+            nodes = self.running()
         if not self.policy.holiday(day):
             self.history.record(day, index, max(0, sessions), nodes=None if nodes is None else max(0, nodes))
 

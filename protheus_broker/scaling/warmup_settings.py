@@ -19,7 +19,8 @@ STATE_DIR = "/var/lib/protheus-broker"
 
 #: The keys this module reads (so a NODES section's reader can leave them out of its unknown keys).
 WARMUP_KEYS = ("WARMUP", "HISTORY_FILE", "HISTORY_WEEKS", "FORECAST_WEEKS", "FORECAST_PERCENTILE",
-               "FORECAST_HEADROOM", "HOLIDAYS", "WARMUP_MARGIN", "FORECAST_ONLY", "SESSIONS_PER_NODE")
+               "FORECAST_HEADROOM", "HOLIDAYS", "WARMUP_MARGIN", "WARMUP_COLD_START", "FORECAST_ONLY",
+               "SESSIONS_PER_NODE")
 
 _HEADROOM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
 
@@ -126,6 +127,7 @@ def read_warmup(unit: Section, sections: Mapping[str, Section],
         holidays=holidays,
         annual_holidays=annual,
         margin=section.number("WARMUP_MARGIN", 120.0, 0.0, 86400.0),
+        cold_start=section.number("WARMUP_COLD_START", 60.0, 0.0, 3600.0),
         forecast_only=section.boolean("FORECAST_ONLY", False),
     )
 

@@ -237,6 +237,17 @@ def unit_scale_to_zero(unit: Any) -> dict[str, Any] | None:
     return controller.snapshot() if controller is not None else None  # type: ignore[no-any-return]
 
 
+def unit_forecast(unit: Any, now: float) -> dict[str, Any] | None:
+    """The warm-up's chart of today (None without WARMUP=1): forecast nodes per 15-minute slot
+    against the sessions and nodes recorded."""
+    controller = getattr(unit, "scale_to_zero", None)
+    if controller is None:
+        controller = getattr(getattr(unit, "wake", None), "controller", None)
+    forecast = getattr(controller, "forecast", None)
+    chart = getattr(forecast, "chart", None)
+    return chart(now) if chart is not None else None  # type: ignore[no-any-return]
+
+
 def servers(broker: Any) -> list[dict[str, Any]]:
     """Every unit's servers; each names its ``pool`` (the unit's section)."""
     now = broker.reactor.seconds()
@@ -283,6 +294,7 @@ def pool_status(unit: Any, admin: Any, history: ConnectionHistory | None, now: f
         "nodes": unit_nodes(unit),
         "scale_to_zero": unit_scale_to_zero(unit),
         "dependencies": unit_dependencies(unit, now),
+        "forecast": unit_forecast(unit, now),
         "totals": unit_counters(unit),
         "license": unit.gate.status() if getattr(unit, "gate", None) is not None else None,
         "history": {

@@ -116,11 +116,15 @@ function buildPools(s){var box=$("pools");box.textContent="";
   if(pool.nodes){sec.appendChild(el("div",{"class":"nodes"}));}
   sec.appendChild(el("div",{"class":"sub"},"Connections per server"));
   var svg=document.createElementNS("http://www.w3.org/2000/svg","svg");svg.setAttribute("id","chart");sec.appendChild(svg);
-  sec.appendChild(el("div",{"class":"legend"}));box.appendChild(sec);});}
+  sec.appendChild(el("div",{"class":"legend"}));
+  if(pool.forecast){sec.appendChild(el("div",{"class":"sub"},"Warm-up today (00:00-24:00, 15-minute slots): forecast vs actual"));
+   var fs=document.createElementNS("http://www.w3.org/2000/svg","svg");fs.setAttribute("class","forecast");sec.appendChild(fs);
+   sec.appendChild(el("div",{"class":"legend forecast-legend"}));}
+  box.appendChild(sec);});}
 // The table is built once per set of pools and servers and then updated in place, so a button
 // under the pointer is never replaced between a press and its release.
 function renderPools(s){var shape=JSON.stringify(s.pools.map(function(p){return [p.name,p.listen,
-  p.servers.map(function(v){return v.id;})];}));
+  p.servers.map(function(v){return v.id;}),!!p.forecast];}));
  if(shape!==poolShape){buildPools(s);poolShape=shape;}
  s.pools.forEach(function(pool,p){var sec=document.querySelector('section[data-pool="'+p+'"]');
   sec.querySelector(".pool-sub").textContent="SORT_METHOD "+pool.sort_method+(pool.sort_method!==pool.sort_method_configured?
@@ -129,7 +133,29 @@ function renderPools(s){var shape=JSON.stringify(s.pools.map(function(p){return 
   renderDeps(sec.querySelector(".pool-deps"),pool.dependencies||[]);renderWake(sec.querySelector(".pool-wake"),pool.scale_to_zero);
   pool.servers.forEach(function(sv){serverCells(sec.querySelector('tr[data-server="'+CSS.escape(sv.id)+'"]'),sv);});
   if(pool.nodes){renderNodes(sec.querySelector(".nodes"),pool);}
-  renderChart(sec.querySelector("svg"),sec.querySelector(".legend"),pool);});}
+  renderChart(sec.querySelector("svg"),sec.querySelector(".legend"),pool);
+  if(pool.forecast){renderForecast(sec.querySelector("svg.forecast"),sec.querySelector(".forecast-legend"),pool.forecast);}});}
+// Warm-up: forecast nodes per slot (dashed step line) against nodes running (bars) and sessions per
+// SESSIONS_PER_NODE (line) recorded so far today; the red line is now.
+function renderForecast(svg,legend,f){var NS="http://www.w3.org/2000/svg",W=600,H=160,P=22,n=f.slots.length,spn=f.sessions_per_node;
+ svg.textContent="";legend.textContent="";svg.setAttribute("viewBox","0 0 "+W+" "+H);svg.setAttribute("preserveAspectRatio","none");
+ var max=1;f.slots.forEach(function(x){max=Math.max(max,x.forecast_nodes,x.nodes||0,(x.sessions||0)/spn);});
+ var bw=(W-2*P)/n;function X(i){return P+bw*i;}function Y(v){return H-P-(H-2*P)*v/max;}
+ function add(tag,attrs){var e=document.createElementNS(NS,tag);for(var k in attrs){e.setAttribute(k,attrs[k]);}svg.appendChild(e);return e;}
+ f.slots.forEach(function(x,i){if(x.nodes){add("rect",{x:X(i).toFixed(1),y:Y(x.nodes).toFixed(1),width:(bw*0.9).toFixed(1),
+  height:(H-P-Y(x.nodes)).toFixed(1),fill:"#cbd5e1","data-slot":i});}});
+ var fc=[],ac=[];f.slots.forEach(function(x,i){var y=Y(x.forecast_nodes).toFixed(1);fc.push(X(i).toFixed(1)+","+y,X(i+1).toFixed(1)+","+y);
+  if(x.sessions!==null){ac.push((X(i)+bw/2).toFixed(1)+","+Y(x.sessions/spn).toFixed(1));}});
+ add("polyline",{points:fc.join(" "),fill:"none",stroke:"#2563eb","stroke-width":2,"stroke-dasharray":"4 3",
+  "vector-effect":"non-scaling-stroke","data-series":"forecast"});
+ if(ac.length){add("polyline",{points:ac.join(" "),fill:"none",stroke:"#16a34a","stroke-width":2,
+  "vector-effect":"non-scaling-stroke","data-series":"sessions"});}
+ var nx=(X(f.current_slot)+bw/2).toFixed(1);add("line",{x1:nx,x2:nx,y1:P,y2:H-P,stroke:"#c62828","stroke-width":1,"vector-effect":"non-scaling-stroke"});
+ [["#2563eb","forecast nodes"],["#cbd5e1","nodes running"],["#16a34a","sessions / "+spn]].forEach(function(k){
+  var key=el("span",null,null),sw=el("i");sw.style.background=k[0];key.appendChild(sw);key.appendChild(document.createTextNode(k[1]));legend.appendChild(key);});
+ legend.appendChild(el("span",{"class":"forecast-meta"},"max "+Math.ceil(max)+" · "+f.weekday+" "+f.date+(f.holiday?" (holiday: forecast 0)":"")+
+  " · floor now "+f.floor+" · lead "+f.lead_seconds+" s (cold start "+f.cold_start_seconds+" s)"+
+  (f.forecast_only?" · FORECAST_ONLY: logged, not applied":"")));}
 // Managed nodes: rebuilt only when a node comes, goes or changes state; persistent ones in bold.
 function renderNodes(box,pool){var n=pool.nodes,q=pool.section?"?pool="+encodeURIComponent(pool.section):"";
  var shape=JSON.stringify(n.nodes.map(function(x){return [x.id,x.state];}));
