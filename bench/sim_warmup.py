@@ -20,35 +20,37 @@ The generator (seeded ``random.Random``; every figure below is a parameter of :c
 - Saturday and the holiday: Poisson 2 logins per hour 08:00-18:00, ``Exp(mean 40 min)`` each;
   Sunday: 0.5 per hour.
 
-The model of the controller and the scaler (naive: written here, see "Honesty" below)
-----------------------------------------------------------------------------------
+The controller and the scaler
+-----------------------------
 - A node takes at most ``SESSIONS_PER_NODE`` (50) sessions; a login goes to the ready node with the
   fewest sessions (the broker's SORT_METHOD=CONNECTION; ``--placement pack``: the fullest with room).
   When every ready node is full the login is *held* until a node becomes ready (counted "cold"),
   otherwise it "found a warm node".  Sessions never move between nodes.
-- The fake scaler starts a node in a cold start of ``U(50, 70)`` s (mean 60 s, ``--cold-start``) and
-  reports each spawn-to-ready time to the forecast (``observe_cold_start``).
-- Every 15 s and at every login the controller computes the need as the node manager does,
-  ``ceil((open + held + 1) / SESSIONS_PER_NODE)`` (one more node whenever every node would be full),
-  and the target ``max(need, forecast.floor(now))``; it starts nodes up to the target at once, and
-  stops a node above the target only once it has had no session for ``idle_time`` (300 s): scale to
-  zero at night.  It records ``(open + held)`` sessions and the nodes running in the forecast's
-  history every 15 s, and counts each login.
-- Policies: ``reactive`` (scale to zero, no forecast: floor 0); ``warm-up`` (the real forecast's floor,
-  p90 of the last 4 same weekdays, no headroom by default, lead = measured cold start + 120 s);
-  ``oracle``: knows every arrival: each node is started exactly one cold start before the login that
-  needs it (ready at that moment, its cold start paid in node-hours), nodes run as many as the load
-  needs without the spare, and a node stops the moment its last session ends; same placement, so
-  it is the floor any controller of this broker can reach.  Two more rows: ``ideal`` (sessions
-  could move between nodes: ``max over [t, t + cold start] of ceil(sessions / 50)``: no broker of
-  sticky TCP sessions reaches it) and ``always on`` (the peak need all week).
+- A node's cold start (spawn to ready) is ``U(50, 70)`` s (mean 60 s, ``--cold-start``); each one is
+  reported to the forecast (``observe_cold_start``), as the desktop unit does from its node manager.
+- ``--controller real`` (the default): the REAL ``protheus_broker.scaling.controller.ScaleToZero``
+  (ZERO_IDLE_TIME 900 s, its default; ticking every 15 s instead of 1 s, for speed) drives a fake
+  ``IScaler`` that models the local scaler over the node manager: ``scale(n)`` sets MIN_NODES, the
+  manager runs ``max(MIN_NODES, ceil((load + 1) / SESSIONS_PER_NODE))`` nodes (none at MIN_NODES=0
+  with no session) and lets a node above that go after 60 s without a session (IDLE_TIME's default).
+  The controller itself records (open + held) sessions in the forecast every tick.
+- ``--controller naive``: a hand-written model instead: target ``max(need, forecast.floor(now))``
+  with the same need, a node above the target stopped after 300 s without a session.
+- Policies: ``reactive`` (scale to zero, no forecast); ``warm-up`` (the real forecast as the
+  controller's floor: p90 of the last 4 same weekdays, no headroom by default, lead = measured cold
+  start + 120 s); ``oracle``: knows every arrival: each node is started exactly one cold start
+  before the login that needs it (ready at that moment, its cold start paid in node-hours), runs as
+  many nodes as the load needs without the spare, and stops a node the moment its last session
+  ends; same placement, so no controller of this broker does better.  Two more rows: ``ideal``
+  (sessions could move between nodes: ``max over [t, t + cold start] of ceil(sessions / 50)``: no
+  broker of sticky TCP sessions reaches it) and ``always on`` (the peak need all week).
 
 Measured on the last week (the first weeks learn): the share of logins in peak hours (08:00-09:00 and
 13:00-14:00 of working days) that found a warm node, and node-hours against the oracle and always on.
 
-Honesty: this controller model is written here, not ``protheus_broker/scaling/controller.py``
-(written in parallel and not on main when this was written); the real one may differ in its idle
-countdown, its spare capacity and its scale-down rule.  Node-hours are sampled every 15 s.
+Honesty: the real controller runs here, but the node manager is a model (no processes, no probes,
+no recycling; its tick is the simulation's 15 s), the wake path is simplified (a login that finds no
+room is held by the simulation, not by ``ScaleToZero.hold``), and node-hours are sampled every 15 s.
 """
 
 from __future__ import annotations
