@@ -101,7 +101,8 @@ class HistoryStoreTests(SynchronousTestCase):
         self.assertEqual([e for e in catcher.events if e.get("log_level").name == "error"], [])
 
     def test_corrupt_file_is_one_line_and_empty(self) -> None:
-        """Garbage, truncated JSON, a wrong version or a bad slot: one error line each, empty history."""
+        """Garbage, truncated JSON, a wrong version or a bad slot: one error line each, empty history,
+        the file kept aside as .corrupt."""
         bodies = [b"\x00\xff garbage", b'{"version": 1, "slot_seconds": 900, "days": {"2026-11-30": [[1, 2',
                   json.dumps({"version": 99}).encode(),
                   json.dumps({"version": 1, "slot_seconds": 900, "days": {"2026-11-30": [[96, 1, 1, 1]]}}).encode(),
@@ -115,6 +116,8 @@ class HistoryStoreTests(SynchronousTestCase):
             errors = [e for e in catcher.events if e.get("log_level").name == "error"]
             self.assertEqual(len(errors), 1, body)
             self.assertIn("starting with an empty history", catcher.texts()[-1])
+            with open(path + ".corrupt", "rb") as kept:
+                self.assertEqual(kept.read(), body)  # kept aside, not erased by the next save
 
     def test_unwritable_folder_is_one_line(self) -> None:
         """A save into a missing folder is one error line and False; nothing raises."""

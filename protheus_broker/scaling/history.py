@@ -139,11 +139,20 @@ class HistoryStore:
         except FileNotFoundError:
             return UsageHistory(self.weeks)
         except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
-            log.error("usage history {path}: cannot read it ({reason}); starting with an empty history",
-                      path=self.path, reason=str(e) or e.__class__.__name__)
+            kept = self._keep_corrupt() if not isinstance(e, OSError) else ""
+            log.error("usage history {path}: cannot read it ({reason}); starting with an empty history{kept}",
+                      path=self.path, reason=str(e) or e.__class__.__name__, kept=kept)
             return UsageHistory(self.weeks)
         log.info("usage history {path}: {days} days loaded", path=self.path, days=len(history.days))
         return history
+
+    def _keep_corrupt(self) -> str:
+        """Move an unreadable file aside (``.corrupt``) so the next save does not erase the evidence."""
+        try:
+            os.replace(self.path, f"{self.path}.corrupt")
+        except OSError:
+            return ""
+        return f" (the file is kept as {self.path}.corrupt)"
 
     def save(self, history: UsageHistory) -> bool:
         """Write *history* to a temp file, fsync, rename over the file, fsync the folder; an error
