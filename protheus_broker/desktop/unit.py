@@ -109,7 +109,8 @@ class DesktopUnit(MultiService):
         scaler = LocalScaler(self.nodes) if self.nodes is not None else self.scaler  # nodes, else Kubernetes
         if scaler is not None and config.scale_to_zero.enabled:
             controller = ScaleToZero(reactor, scaler, config.scale_to_zero, self._open_sessions,
-                                     forecast=self._warmup(config, reactor, scaler), name=name)
+                                     forecast=self._warmup(config, reactor, scaler), name=name,
+                                     dependencies=self.dependencies)  # a wake waits for them
             self.scale_to_zero = controller
             self.factory.gates.insert(self.factory.gates.index(self.factory.server_gate),
                                       WakeGate(controller, self.pool))

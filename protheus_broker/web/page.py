@@ -189,7 +189,8 @@ function renderNodes(box,pool){var n=pool.nodes,q=pool.section?"?pool="+encodeUR
 function renderWake(box,z){box.textContent="";if(!z){return;}
  var st=z.waking?"waking":(z.ready>0?"awake":"asleep");
  box.appendChild(document.createTextNode("scale to zero: "));
- box.appendChild(el("span",{"class":"state s-"+({waking:"suspended",awake:"up",asleep:"draining"})[st],"data-wake":st},st));
+ var w=z.waiting_for&&z.waiting_for.length?"waiting for dependencies: "+z.waiting_for.join(", "):st;
+ box.appendChild(el("span",{"class":"state s-"+(w!==st?"suspended":({waking:"suspended",awake:"up",asleep:"draining"})[st]),"data-wake":st},w));
  box.appendChild(document.createTextNode(" · "+z.held+" held (max "+z.max_held+") · "+z.ready+" ready of "+
   (z.target===null?"?":z.target)+(z.waking?" · waking for "+dur(z.waking_for):"")+
   (z.sleeps_in!==null&&!z.waking&&z.held===0&&z.ready>0?" · sleeps in "+dur(z.sleeps_in):"")+
