@@ -5,7 +5,7 @@ woken first; and ``drains_safely`` (the scaler decides whether the asked count s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -13,15 +13,18 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from protheus_broker.config import parse_config
 from protheus_broker.deps.gates import DependencyDispatcher, DependencyGate
 from protheus_broker.deps.state import DependencyState, IDependency, UnitDependencies, UnitDependency
 from protheus_broker.desktop.lifecycle import GateRefused
 from protheus_broker.http.proxy import Choice, NoBackend, RequestInfo
+from protheus_broker.ini import ConfigError
 from protheus_broker.kube.scaler import KubernetesScaler
 from protheus_broker.scaling.controller import ScaleToZero, ScaleToZeroPolicy, WakeRefused
 from protheus_broker.scaling.gates import WakeDispatcher, WakeGate
 from protheus_broker.scaling.local import LocalScaler
 from tests.helpers import LogCatcher
+from tests.test_deps import DBACCESS, DESKTOP, WEB, broker
 from tests.test_scaling import FakeForecast, FakeScaler
 
 
@@ -59,6 +62,23 @@ class Rig:
         while seconds > 1e-9:
             self.clock.advance(min(step, seconds))
             seconds -= step
+
+
+class UnitOf:
+    """A unit of the broker as UnitDependency sees it: its name, pool and controller (the
+    pool here: can take a session while the fake scaler has a ready member)."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.name = rig.controller.name
+        self.scale_to_zero = rig.controller
+        self.pool = self
+        self.scaler = rig.scaler
+
+    def can_take_session(self) -> bool:
+        return self.scaler.ready() > 0
+
+    def subscribe(self, observer: Callable[[Any], None]) -> Callable[[], None]:
+        return self.scaler.subscribe(lambda: observer(None))
 
 
 def outcome(d: Deferred[Any]) -> list[Any]:
@@ -202,7 +222,7 @@ class DependencyUnitTests(SynchronousTestCase):
         clock = Clock()
         lock_unit = Rig(name="BALANCE_LOCKSERVER", db=True, lock=True, clock=clock)
         lock_unit.deps.use([])
-        lockserver = UnitDependency("LOCKSERVER", lock_unit.controller, clock)
+        lockserver = UnitDependency("LOCKSERVER", UnitOf(lock_unit), clock)
         verifyObject(IDependency, lockserver)
         app = Rig(name="BALANCE_X", db=True, lock=True, clock=clock)
         app.deps.use([app.db, lockserver])
@@ -226,7 +246,7 @@ class DependencyUnitTests(SynchronousTestCase):
         clock = Clock()
         lock_unit = Rig(name="BALANCE_LOCKSERVER", ready=1, clock=clock)
         lock_unit.deps.use([])
-        lockserver = UnitDependency("LOCKSERVER", lock_unit.controller, clock)
+        lockserver = UnitDependency("LOCKSERVER", UnitOf(lock_unit), clock)
         app = Rig(name="BALANCE_X", ready=1, db=True, clock=clock)
         app.deps.use([app.db, lockserver])
         app.sessions = 1
@@ -260,3 +280,33 @@ class DrainsSafelyTests(SynchronousTestCase):
         self.assertEqual((LocalScaler.drains_safely, KubernetesScaler.drains_safely), (True, False))
 
 
+
+
+class UnitConfigTests(SynchronousTestCase):
+    def test_unit_dependency_wired(self) -> None:
+        """UNIT = BALANCE_SMART_CLIENT_DESKTOP in a dependency section: the web-services unit depends on that unit's pool, no TCP check."""
+        text = DESKTOP + WEB + "DEPENDS_ON = LOCKRELAY, DBACCESS\n" + DBACCESS + "[LockRelay]\nUnit = BALANCE_SMART_CLIENT_DESKTOP\n"
+        service, _ = broker(text, self)
+        self.assertEqual(list(service.dependencies.checks), ["DBACCESS"])
+        web = service.unit("BALANCE_WEB_SERVICES")
+        relay = web.dependencies.dependencies[0]
+        self.assertIsInstance(relay, UnitDependency)
+        self.assertIs(relay.unit, service.desktop)
+        self.assertEqual((relay.where, relay.up), ("unit BALANCE_SMART_CLIENT_DESKTOP", service.desktop.pool.can_take_session()))
+        self.assertTrue(service.reload())
+        self.assertIs(web.dependencies.dependencies[0], relay)  # a reload keeps it
+
+    def test_unit_errors(self) -> None:
+        """UNIT must name a unit of the file, and no unit may depend on itself, directly or through another."""
+        cases = [
+            (DESKTOP + "DEPENDS_ON = RELAY\n[RELAY]\nUNIT = BALANCE_LOCKSERVER\n", "UNIT: [BALANCE_LOCKSERVER] is not a balance unit"),
+            (DESKTOP + "DEPENDS_ON = RELAY\n[RELAY]\nUNIT = BALANCE_SMART_CLIENT_DESKTOP\n",
+             "BALANCE_SMART_CLIENT_DESKTOP -> BALANCE_SMART_CLIENT_DESKTOP"),
+            (DESKTOP + "DEPENDS_ON = A\n" + WEB + "DEPENDS_ON = B\n[A]\nUNIT = BALANCE_WEB_SERVICES\n"
+             "[B]\nUNIT = BALANCE_SMART_CLIENT_DESKTOP\n",
+             "BALANCE_SMART_CLIENT_DESKTOP -> BALANCE_WEB_SERVICES -> BALANCE_SMART_CLIENT_DESKTOP"),
+        ]
+        for text, needle in cases:
+            with self.assertRaises(ConfigError) as raised:
+                parse_config(text, "a.ini")
+            self.assertIn(needle, str(raised.exception))

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import ClientCreator, Factory, Protocol
+from twisted.internet.protocol import ClientCreator, Protocol, ServerFactory
 
 from protheus_broker.demo.children import TwistdChild, twistd_argv
 
@@ -79,7 +79,9 @@ class DependencyOrderE2ETests(ProcessTestCase):
         text = broker.text()
         self.assertIsNone(re.search(r"node 1: pid", text), text[-3000:])  # no AppServer without DbAccess
         self.assertEqual((client.data, client.lost), (b"", False))  # held, not refused
-        listener = reactor.listenTCP(db_port, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        dbaccess = ServerFactory()
+        dbaccess.protocol = Protocol
+        listener = reactor.listenTCP(db_port, dbaccess, interface="127.0.0.1")
         self.addCleanup(listener.stopListening)
         opened_at = time.monotonic()
         self.assertTrue(await client.until(1, 30.0), broker.text()[-3000:])

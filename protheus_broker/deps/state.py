@@ -194,27 +194,28 @@ class ChannelDependency:
 
 @implementer(IDependency)
 class UnitDependency:
-    """A unit of this same broker as a dependency (a unit balancing LockServer nodes with scale
-    to zero): up while it has a ready AppServer.  *controller* is that unit's scale-to-zero
-    controller (``scaler.ready()``, ``scaler.subscribe``, ``demand(who, on)``); a unit that
-    depends on it calls :meth:`demand` to wake it and keep it awake."""
+    """A unit of this same broker as a dependency (``UNIT = BALANCE_...`` in the dependency's
+    section: a unit balancing LockServer nodes, say): up while its pool can take a session.
+    *unit* has ``name``, ``pool`` (``can_take_session()``, ``subscribe(observer)``) and
+    ``scale_to_zero`` (its controller, with ``demand(who, on)``, or None: always on).  A unit
+    that depends on it calls :meth:`demand` to wake it and keep it awake."""
 
     checked = True
 
-    def __init__(self, name: str, controller: Any, clock: Any, retry_after: int = 5) -> None:
+    def __init__(self, name: str, unit: Any, clock: Any, retry_after: int = 5) -> None:
         self.name = name
-        self.controller = controller
+        self.unit = unit
         self.clock = clock
-        self.where = f"unit {controller.name}"
+        self.where = f"unit {unit.name}"
         self.retry_after = retry_after
         self._observers = _Observers()
         self._was = self.up
         self.since = clock.seconds()
-        self._unsubscribe = controller.scaler.subscribe(self._changed)
+        self._unsubscribe = unit.pool.subscribe(self._changed)
 
     @property
     def up(self) -> bool:
-        return int(self.controller.scaler.ready()) > 0
+        return bool(self.unit.pool.can_take_session())
 
     @property
     def reason(self) -> str:
@@ -224,8 +225,11 @@ class UnitDependency:
         return self._observers.add(callback)
 
     def demand(self, who: str, on: bool) -> None:
-        """Unit *who* depends on this one and is awake or waking (*on*): wake it, keep it awake."""
-        self.controller.demand(who, on)
+        """Unit *who* depends on this one and is awake or waking (*on*): wake it and keep it
+        awake (a unit without scale to zero is always on: nothing to do)."""
+        controller = getattr(self.unit, "scale_to_zero", None)
+        if controller is not None:
+            controller.demand(who, on)
 
     def close(self) -> None:
         """Stop listening to the unit."""
@@ -236,8 +240,11 @@ class UnitDependency:
             return
         self._was = self.up
         self.since = self.clock.seconds()
-        log.info("dependency {name} ({where}) is {state}", name=self.name, where=self.where,
-                 state="up" if self.up else "down", dependency_up=self.up)
+        if self.up:
+            log.info("dependency {name} ({where}) is up", name=self.name, where=self.where, dependency_up=True)
+        else:
+            log.info("dependency {name} ({where}) is down: {reason}", name=self.name, where=self.where,
+                     reason=self.reason, dependency_up=False)
         self._observers.tell(self)
 
 
