@@ -256,6 +256,25 @@ class DependencyUnitTests(SynchronousTestCase):
         self.assertNotIn(0, [n for n, _ in lock_unit.scaler.asked])
 
 
+    def test_given_up_wake_lets_the_dependency_unit_sleep(self) -> None:
+        """The LockServer unit never gets ready: the held login is refused naming it, and once the wake is over the unit is let go."""
+        clock = Clock()
+        lock_unit = Rig(name="BALANCE_LOCKSERVER", clock=clock)
+        lock_unit.deps.use([])
+        lockserver = UnitDependency("LOCKSERVER", UnitOf(lock_unit), clock)
+        app = Rig(name="BALANCE_X", db=True, clock=clock)
+        app.deps.use([app.db, lockserver])
+        held = outcome(app.controller.hold("a"))
+        self.assertEqual(lock_unit.controller.demands, {"BALANCE_X"})
+        for _ in range(31):
+            clock.advance(1)
+        self.assertEqual(held[0].value.what, "dependency LOCKSERVER (unit BALANCE_LOCKSERVER) down: not woken")
+        for _ in range(200):
+            clock.advance(1)
+        self.assertEqual((app.scaler.asked, lock_unit.controller.demands), ([], set()))
+        self.assertEqual(lock_unit.scaler.asked[-1][0], 0)
+
+
 class DrainsSafelyTests(SynchronousTestCase):
     def shrink(self, drains_safely: bool) -> list[int]:
         scaler = FakeScaler(ready=1)

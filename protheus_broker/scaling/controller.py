@@ -375,8 +375,6 @@ class ScaleToZero:
         self._sleep_timer = None
 
     def _ask(self, replicas: int, why: str) -> None:
-        if replicas == self.target:
-            return
         now = self.clock.seconds()
         current = self.target if self.target is not None else self.scaler.desired()
         if replicas > current:
@@ -397,8 +395,10 @@ class ScaleToZero:
                 log.info("{unit}: {names} up after {took:.1f} s; starting {n} node{s}", unit=self.name,
                          names=", ".join(self.dependencies.names), took=took, n=started,
                          s="" if started == 1 else "s", dependencies_seconds=took)
-        self.deps_waiting_since = None
+        self.deps_waiting_since = None  # started, or no longer wanted (the held sessions gave up)
         self._demand_dependencies(replicas > 0)
+        if replicas == self.target:
+            return
         old, self.target = self.target, replicas
         self._asked = True
         log.info("{unit}: {scaler} scale {old} -> {new}: {why}", unit=self.name, scaler=self.scaler.name,
