@@ -23,6 +23,8 @@ from protheus_broker.kube.scaler import KubernetesScaler
 from protheus_broker.scaling.controller import ScaleToZero, ScaleToZeroPolicy, WakeRefused
 from protheus_broker.scaling.gates import WakeDispatcher, WakeGate
 from protheus_broker.scaling.local import LocalScaler
+from protheus_broker.web import model
+from protheus_broker.web.page import PAGE_HTML
 from tests.helpers import LogCatcher
 from tests.test_deps import DBACCESS, DESKTOP, WEB, broker
 from tests.test_scaling import FakeForecast, FakeScaler
@@ -155,6 +157,22 @@ class WaitForDependenciesTests(SynchronousTestCase):
         self.assertIn("scaling BALANCE_X up 1 -> 2: waiting for LOCKSERVER", logs.texts())
         rig.lock.passed()
         self.assertEqual([n for n, _ in rig.scaler.asked], [2])
+
+
+class ScreenTests(SynchronousTestCase):
+    def test_status_and_page_say_waiting_for_dependencies(self) -> None:
+        """The unit's scale-to-zero status lists what a wake waits for; the page shows "waiting for dependencies"."""
+        rig = Rig(lock=True)
+        rig.controller.hold("a")
+        rig.clock.advance(2)
+
+        class Unit:
+            scale_to_zero = rig.controller
+        status = model.unit_scale_to_zero(Unit())
+        assert status is not None
+        self.assertEqual((status["waking"], status["waiting_for"], status["waiting_for_seconds"], status["target"]),
+                         (True, ["DBACCESS"], 2.0, 0))
+        self.assertIn(b'"waiting for dependencies: "+z.waiting_for.join(", ")', PAGE_HTML)
 
 
 class GateTests(SynchronousTestCase):
