@@ -19,10 +19,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from protheus_broker.config import parse_config
 from protheus_broker.http.unit import HttpUnit, WebServicesUnit
 from protheus_broker.ini import ConfigError
+from protheus_broker.kube.scaler import KubernetesScaler
 from protheus_broker.scaling.controller import ScaleToZero, ScaleToZeroPolicy
 from protheus_broker.scaling.local import LocalScaler
 from protheus_broker.scaling.wiring import build_scale_to_zero
 from tests.test_http_proxy import OK, FakeUpstreams
+from tests.test_kube_config import TESTENV_KUBECONFIG, unit_ini, write
 from tests.test_nodes import FakeSpawner, FixedRandom
 from tests.test_scaling import FakeScaler
 
@@ -263,6 +265,20 @@ class HttpKeysTests(SynchronousTestCase):
         self.assertIsNone(build_scale_to_zero(Clock(), parent, "U", policy, None, None, None, lambda: 0))
         self.assertIsNone(build_scale_to_zero(Clock(), parent, "U", ScaleToZeroPolicy(), None, None, scaler,
                                               lambda: 0))
+
+    def test_http_unit_with_kubernetes(self) -> None:
+        """[BALANCE_HTTP] with KUBERNETES and SCALE_TO_ZERO=1: the controller drives the unit's Kubernetes scaler."""
+        for section, kind in (("BALANCE_HTTP", HttpUnit), ("BALANCE_WEB_SERVICES", WebServicesUnit)):
+            path = write(self, TESTENV_KUBECONFIG)
+            text = unit_ini(f"KUBECONFIG = {path}\nDEPLOYMENT = a\n", unit=section,
+                            servers="SCALE_TO_ZERO = 1\nZERO_IDLE_TIME = 120\n")
+            config = parse_config(text).unit(section)
+            self.assertEqual((config.scale_to_zero.enabled, config.scale_to_zero.wake_timeout), (True, 60.0))
+            unit = kind(MemoryReactorClock(), config, name=section)
+            self.assertIsInstance(unit.scaler, KubernetesScaler)
+            assert unit.scale_to_zero is not None
+            self.assertIs(unit.scale_to_zero.scaler, unit.scaler)
+            self.assertIs(unit.wake.controller, unit.scale_to_zero)
 
     def test_reload_applies_live(self) -> None:
         """A reload changes ZERO_IDLE_TIME, WAKE_TIMEOUT and MAX_HELD live and leaves MIN_NODES to the controller."""
