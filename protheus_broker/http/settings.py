@@ -11,15 +11,13 @@ from typing import Any, Mapping
 from protheus_broker.balancing.methods import SortMethod
 from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.nodes.manager import NodePolicy
-from protheus_broker.nodes.settings import nodes_section, read_nodes
 from protheus_broker.desktop.settings import read_sort_method
 from protheus_broker.http.capacity_settings import parse_capped_server
 from protheus_broker.ini import ConfigError, Section, host_and_port, parse_port
-from protheus_broker.kube.settings import KubeSettings, read_kubernetes
+from protheus_broker.kube.settings import KubeSettings
 from protheus_broker.scaling.controller import ScaleToZeroPolicy
 from protheus_broker.scaling.forecast import WarmupPolicy
-from protheus_broker.scaling.settings import check_scale_to_zero, read_scale_to_zero
-from protheus_broker.scaling.warmup_settings import read_warmup
+from protheus_broker.scaling.unit_settings import read_scaling
 from protheus_broker.tls.settings import SSL_SECTION, SessionTLSConfig, session_tls_config
 from protheus_broker.monitoring.settings import MonitoringConfig, MonitoringType, read_monitoring, read_monitoring_type
 
@@ -136,29 +134,12 @@ def read_servers(section: Section, warnings: list[str], caps: dict[str, int] | N
     return servers
 
 
-def read_scaling(section: Section, sections: Mapping[str, Section], warnings: list[str]) -> dict[str, Any]:
-    """The unit's managed nodes, Kubernetes scaler, scale to zero and warm-up, as the desktop
-    section reads them (the scale-to-zero keys in the NODES section when there is one)."""
-    zero_section = nodes_section(section, sections) or section  # (read before NODES' unknown keys)
-    scale_to_zero = read_scale_to_zero(zero_section)
-    warmup = read_warmup(section, sections)
-    nodes = read_nodes(section, sections, section.name, warnings)
-    kubernetes = read_kubernetes(section, sections, warnings)
-    scale_to_zero = check_scale_to_zero(scale_to_zero, zero_section, nodes, warnings, kubernetes is not None)
-    if warmup is not None and not scale_to_zero.enabled:
-        warnings.append(f"{zero_section.path}:{zero_section.line('WARMUP')}: [{zero_section.name}] WARMUP=1 "
-                        "needs SCALE_TO_ZERO=1 (the warm-up is its floor); ignored")
-        warmup = None
-    return {"nodes": nodes, "kubernetes": kubernetes, "scale_to_zero": scale_to_zero, "warmup": warmup}
-
-
 def read_http(section: Section, sections: Mapping[str, Section], warnings: list[str]) -> HttpBalanceConfig:
     """The ``[BALANCE_HTTP]`` unit's config."""
     scaling = read_scaling(section, sections, warnings)
     return _read_unit(section, sections, warnings, HttpBalanceConfig,
-                      read_servers(section, warnings, required=scaling["nodes"] is None
-                                   and scaling["kubernetes"] is None), {
-        **scaling,
+                      read_servers(section, warnings, required=not scaling.has_source), {
+        **vars(scaling),
         "affinity_timeout": section.integer("AFFINITY_TIMEOUT", 0, 0, 10 * 365 * 86400),
         "affinity_forward_cookie": section.integer("AFFINITY_FORWARD_COOKIE", 0, 0, 1) == 1,
         "secure_cookie": section.integer("SECURE_COOKIE", 0, 0, 1) == 1,
@@ -170,10 +151,9 @@ def read_web_services(section: Section, sections: Mapping[str, Section], warning
     """The ``[BALANCE_WEB_SERVICES]`` unit's config (no affinity cookie: stateless)."""
     caps: dict[str, int] = {}
     scaling = read_scaling(section, sections, warnings)
-    servers = read_servers(section, warnings, caps,
-                           required=scaling["nodes"] is None and scaling["kubernetes"] is None)
+    servers = read_servers(section, warnings, caps, required=not scaling.has_source)
     config = _read_unit(section, sections, warnings, WebServicesConfig, servers, {
-        **scaling,
+        **vars(scaling),
         "caps": caps,
         "queue_length": section.integer("QUEUE_LENGTH", 1000, 0, 1_000_000),
         "queue_timeout": section.number("QUEUE_TIMEOUT", 15.0, 0.0, 3600.0),
