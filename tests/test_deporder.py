@@ -347,3 +347,17 @@ class UnitConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as raised:
                 parse_config(text, "a.ini")
             self.assertIn(needle, str(raised.exception))
+
+
+class UnitWiringTests(SynchronousTestCase):
+    def test_units_hand_their_dependencies_to_the_controller(self) -> None:
+        """The desktop and the HTTP unit with SCALE_TO_ZERO=1 give their controller their DEPENDS_ON."""
+        head = ("[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 7890\nSORT_METHOD = CONNECTION\n"
+                "NODE_COMMAND = appsrv --port {port}\nMIN_NODES = 0\nSCALE_TO_ZERO = 1\nDEPENDS_ON = DBACCESS\n")
+        http = ("[BALANCE_HTTP]\nLOCAL_SERVER_PORT = 8080\nNODE_COMMAND = appsrv --http --port {port}\n"
+                "MIN_NODES = 0\nBASE_PORT = 31000\nSCALE_TO_ZERO = 1\nDEPENDS_ON = DBACCESS\n")
+        service, _ = broker(head + http + DBACCESS, self)
+        for unit in service.units:
+            self.assertIsNotNone(unit.scale_to_zero, unit.name)
+            self.assertIs(unit.scale_to_zero.dependencies, unit.dependencies)
+            self.assertEqual(unit.scale_to_zero.missing()[0].name, "DBACCESS")  # no verdict yet

@@ -22,7 +22,8 @@ from protheus_broker.ini import ConfigError
 from protheus_broker.nodes.lock import PersistentLock
 from protheus_broker.nodes.manager import NodePolicy, NodeSpec, Transport
 from protheus_broker.nodes.settings import default_run_dir
-from protheus_broker.nodes.spawner import SETSID, NodeOutput, NodeService, ProcessSpawner, describe_exit
+from protheus_broker.nodes.spawner import NodeOutput, NodeService, ProcessSpawner
+from protheus_broker.processes import SETSID, describe_exit
 from tests.helpers import LogCatcher
 from tests.test_proxy import HalfCloseTransport
 

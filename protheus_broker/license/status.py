@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -31,10 +31,10 @@ from protheus_broker.license.protocol import UnknownLease
 from protheus_broker.license.server import LicenseServer
 from protheus_broker.web.auth import (
     FailureLimiter,
+    Refused,
     TokenChecker,
     Verifier,
-    VerifierBusy,
-    bearer_token,
+    check_bearer,
     host_allowed,
     is_loopback,
     origin_matches,
@@ -129,10 +129,7 @@ def render_metrics(server: LicenseServer) -> bytes:
     return generate_latest(registry)
 
 
-class _Reply(Exception):
-    def __init__(self, code: int, message: str, headers: dict[bytes, bytes] | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.headers = code, message, headers or {}
+_Reply = Refused
 
 
 def _client_host(request: Request) -> str:
@@ -171,7 +168,7 @@ class StatusResource(Resource):
             if isinstance(error, _Reply):
                 for name, value in error.headers.items():
                     request.setHeader(name, value)
-                return self._json(request, error.code, {"error": error.message, "status": error.code})
+                return self._json(request, error.status, {"error": error.message, "status": error.status})
             log.failure("status: {method} {path} failed", failure, method=request.method, path=request.path)
             return self._json(request, 500, {"error": "internal error (logged)", "status": 500})
 
@@ -221,35 +218,12 @@ class StatusResource(Resource):
 
     def _token(self, request: Request) -> Deferred[bool | None]:
         """True: the right token; False: a wrong one; None: none presented."""
-        header = request.getHeader(b"authorization")
-        token = bearer_token(header)
-        if token is None:
-            if header is not None:
-                raise _Reply(401, "Authorization header is not 'Bearer <token>'", _CHALLENGE)
-            return succeed(None)
-        checker = self.checker()
-        if checker.hash is None:
-            return succeed(False)
-        if checker.known(token):
-            return succeed(True)
-        client, now = _client_host(request), self.license.reactor.seconds()
-        wait = self.limiter.retry_after(client, now)
-        if wait is not None:
-            seconds = max(1, int(wait + 0.999))
-            raise _Reply(429, f"too many wrong tokens from {client}; try again in {seconds}s",
-                         {b"retry-after": str(seconds).encode()})
-        try:
-            checking = self.verifier.verify(checker.hash, token)
-        except VerifierBusy:
-            raise _Reply(503, "too many token checks in progress; try again in a second",
-                         {b"retry-after": b"1"}) from None
-        self.limiter.attempt(client, now)
+        client = _client_host(request)
+        checking = check_bearer(request.getHeader(b"authorization"), client, self.license.reactor.seconds(),
+                                self.checker(), self.limiter, self.verifier, _CHALLENGE)
 
-        def verdict(right: bool) -> bool:
-            if right:
-                self.limiter.forgive(client)
-                checker.remember(token)
-            else:
+        def verdict(right: bool | None) -> bool | None:
+            if right is False:
                 log.warn("status: wrong admin token from {client}", client=client)
             return right
 

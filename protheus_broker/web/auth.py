@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Deque, Iterable
 
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 
 SCHEME = "pbkdf2_sha256"
 DEFAULT_ITERATIONS = 200_000
@@ -242,6 +242,52 @@ def bearer_token(header: bytes | None) -> str | None:
         return value.strip().decode("ascii")
     except UnicodeDecodeError:
         return None
+
+
+class Refused(Exception):
+    """A request answered at once with an HTTP *status*, a message and extra headers (a
+    listener turns it into its JSON error)."""
+
+    def __init__(self, status: int, message: str, headers: dict[bytes, bytes] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def check_bearer(header: bytes | None, client: str, now: float, checker: TokenChecker,
+                 limiter: "FailureLimiter", verifier: "Verifier",
+                 challenge: dict[bytes, bytes]) -> "Deferred[bool | None]":
+    """Whether an ``Authorization`` *header* from *client* carries the admin token: fires True
+    (right), False (wrong: the caller logs it) or None (none presented).  Raises
+    :class:`Refused` for a malformed header (401), an address over its wrong-token budget (429)
+    or a busy verifier (503).  A right token is remembered and forgives its address."""
+    token = bearer_token(header)
+    if token is None:
+        if header is not None:
+            raise Refused(401, "Authorization header is not 'Bearer <token>'", challenge)
+        return succeed(None)
+    if checker.hash is None:
+        return succeed(False)
+    if checker.known(token):
+        return succeed(True)
+    wait = limiter.retry_after(client, now)
+    if wait is not None:
+        seconds = max(1, int(wait + 0.999))
+        raise Refused(429, f"too many wrong tokens from {client}; try again in {seconds}s",
+                      {b"retry-after": str(seconds).encode()})
+    try:
+        checking = verifier.verify(checker.hash, token)
+    except VerifierBusy:
+        raise Refused(503, "too many token checks in progress; try again in a second",
+                      {b"retry-after": b"1"}) from None
+    limiter.attempt(client, now)
+
+    def verdict(right: bool) -> bool:
+        if right:
+            limiter.forgive(client)
+            checker.remember(token)
+        return right
+
+    return checking.addCallback(verdict)
 
 
 def is_loopback(host: str) -> bool:

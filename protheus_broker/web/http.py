@@ -28,7 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from protheus_broker.web.settings import AdminConfig, ReadAccess
 from protheus_broker.web import metrics, model
-from protheus_broker.web.auth import (FailureLimiter, TokenChecker, Verifier, VerifierBusy, bearer_token, host_allowed,
+from protheus_broker.web.auth import (FailureLimiter, Refused, TokenChecker, Verifier, check_bearer, host_allowed,
                    is_loopback, origin_matches, reactor_thread_runner)
 from protheus_broker.web.page import PAGE_CSP, PAGE_HTML
 
@@ -155,12 +155,8 @@ def _client_host(request: Request) -> str:
     return str(getattr(peer, "host", "unix") or "unix")
 
 
-class _Reply(Exception):
-    """Ends a request early with a JSON error."""
-
-    def __init__(self, status: int, message: str, headers: dict[bytes, bytes] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
+#: Ends a request early with a JSON error.
+_Reply = Refused
 
 
 def _host_text(request: Request) -> str:
@@ -212,39 +208,16 @@ class Access:
     def token_ok(self, request: Request) -> "Deferred[bool | None]":
         """Fires True: the right token; False: a wrong one; None: none presented.  Raises (or
         fails with) :class:`_Reply` for a malformed header, a limited address or a busy verifier."""
-        header = request.getHeader(b"authorization")
-        token = bearer_token(header)
-        if token is None:
-            if header is not None:
-                raise _Reply(401, "Authorization header is not 'Bearer <token>'", _CHALLENGE)
-            return succeed(None)
-        checker = self.checker()
-        if checker.hash is None:
-            return succeed(False)
-        if checker.known(token):
-            return succeed(True)
-        client, now = _client_host(request), self.broker.reactor.seconds()
-        wait = self.limiter.retry_after(client, now)
-        if wait is not None:
-            seconds = max(1, int(wait + 0.999))
-            raise _Reply(429, f"too many wrong tokens from {client}; try again in {seconds}s",
-                         {b"retry-after": str(seconds).encode()})
-        try:
-            checking = self.verifier.verify(checker.hash, token)
-        except VerifierBusy:
-            raise _Reply(503, "too many token checks in progress; try again in a second",
-                         {b"retry-after": b"1"}) from None
-        self.limiter.attempt(client, now)
+        client = _client_host(request)
+        checking = check_bearer(request.getHeader(b"authorization"), client, self.broker.reactor.seconds(),
+                                self.checker(), self.limiter, self.verifier, _CHALLENGE)
 
-        def verdict(right: bool) -> bool:
-            if right:
-                self.limiter.forgive(client)
-                checker.remember(token)
-                return True
-            log.warn("admin: wrong token from {client} for {method} {path}", client=client,
-                     method=request.method.decode(errors="replace"),
-                     path=request.path.decode(errors="replace"))
-            return False
+        def verdict(right: bool | None) -> bool | None:
+            if right is False:
+                log.warn("admin: wrong token from {client} for {method} {path}", client=client,
+                         method=request.method.decode(errors="replace"),
+                         path=request.path.decode(errors="replace"))
+            return right
 
         return checking.addCallback(verdict)
 
