@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from protheus_broker.deps.state import DependencyDown, UnitDependencies
 from protheus_broker.desktop.lifecycle import GateRefused, IGate
-from protheus_broker.http.proxy import Choice, Headers, IDispatcher, NoBackend, RequestInfo
+from protheus_broker.http.proxy import Choice, NoBackend, RequestInfo, DispatcherWrapper
 
 
 @implementer(IGate)
@@ -56,19 +56,14 @@ class DependencyGate:
         return f"the first check of {', '.join(self.dependencies.names) or 'no dependency'}"
 
 
-@implementer(IDispatcher)
-class DependencyDispatcher:
+class DependencyDispatcher(DispatcherWrapper):
     """An HTTP unit's dispatcher behind its dependencies: :meth:`choose` fails with
     :class:`NoBackend` (503, Retry-After, the reason in the JSON body) while one is down, else
     asks the dispatcher inside; everything else goes straight to it."""
 
     def __init__(self, inner: Any, dependencies: UnitDependencies) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.dependencies = dependencies
-
-    @property
-    def strip_request_headers(self) -> frozenset[bytes]:
-        return self.inner.strip_request_headers  # type: ignore[no-any-return]
 
     def choose(self, request: RequestInfo) -> Deferred[Choice]:
         if not self.dependencies.dependencies or self._asleep():
@@ -88,30 +83,3 @@ class DependencyDispatcher:
         reason.trap(DependencyDown)
         down: DependencyDown = reason.value  # type: ignore[assignment]
         raise NoBackend(f"{down.what} {down.detail}", retry_after=down.retry_after)
-
-    def opening(self, choice: Choice, backend: Any) -> None:
-        self.inner.opening(choice, backend)
-
-    def connect_failed(self, choice: Choice, backend: Any, reason: str) -> None:
-        self.inner.connect_failed(choice, backend, reason)
-
-    def answered(self, choice: Choice, backend: Any) -> None:
-        self.inner.answered(choice, backend)
-
-    def released(self, choice: Choice, backend: Any, outcome: str) -> None:
-        self.inner.released(choice, backend, outcome)
-
-    def again(self, choice: Choice) -> Deferred[Choice] | None:
-        return self.inner.again(choice)  # type: ignore[no-any-return]
-
-    def abandoned(self, choice: Choice) -> None:
-        self.inner.abandoned(choice)
-
-    def request_headers(self, choice: Choice, headers: Headers) -> Headers:
-        return self.inner.request_headers(choice, headers)  # type: ignore[no-any-return]
-
-    def response_headers(self, choice: Choice, backend: Any) -> Headers:
-        return self.inner.response_headers(choice, backend)  # type: ignore[no-any-return]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)  # forward_cookie, slots, pool, ... of the dispatcher inside

@@ -24,9 +24,8 @@ from urllib.parse import unquote
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from protheus_broker.http.proxy import Choice, Headers, IDispatcher, NoBackend, RequestInfo
+from protheus_broker.http.proxy import Choice, Headers, NoBackend, RequestInfo, DispatcherWrapper
 from protheus_broker.http.settings import LicenseGateConfig
 from protheus_broker.license.pool import NOT_CONFIGURED, REASON_CODES, NoSeat, SeatPool, no_license
 from protheus_broker.license.protocol import DEFAULT_CLASS
@@ -98,15 +97,14 @@ class UriTable:
         return False
 
 
-@implementer(IDispatcher)
-class LicenseGate:
+class LicenseGate(DispatcherWrapper):
     """An :class:`IDispatcher` that takes a license seat for requests under Stateless=1 URIs,
     then asks the unit's own dispatcher (*inner*) for the servers."""
 
     def __init__(self, clock: Any, inner: Any, seats: SeatPool | None, config: LicenseGateConfig,
                  name: str = "") -> None:
+        super().__init__(inner)
         self.clock = clock
-        self.inner = inner
         self.seats = seats
         self.name = name
         self.refused: dict[str, int] = {code: 0 for code in REASON_CODES.values()}
@@ -131,10 +129,6 @@ class LicenseGate:
                      urls=", ".join(rule.url for rule in config.uris if rule.stateless),
                      trusted=", ".join(str(net) for net in self.trusted_networks) or "nobody",
                      timeout=config.queue_timeout, length=config.queue_length, pool=self.name)
-
-    @property
-    def strip_request_headers(self) -> Any:
-        return self.inner.strip_request_headers
 
     # --- trust -----------------------------------------------------------------------------
 
@@ -279,23 +273,7 @@ class LicenseGate:
         log.failure("license gate: error while seating a request", failure, pool=self.name)
         deliver_failure(failure)
 
-    # --- the rest: the unit's dispatcher ---------------------------------------------------
-
-    def opening(self, choice: Choice, backend: Any) -> None:
-        self.inner.opening(choice, backend)
-
-    def connect_failed(self, choice: Choice, backend: Any, reason: str) -> None:
-        self.inner.connect_failed(choice, backend, reason)
-
-    def answered(self, choice: Choice, backend: Any) -> None:
-        self.inner.answered(choice, backend)
-
-    def released(self, choice: Choice, backend: Any, outcome: str) -> None:
-        self.inner.released(choice, backend, outcome)
-
-    def again(self, choice: Choice) -> "Deferred[Choice] | None":
-        result: Deferred[Choice] | None = self.inner.again(choice)
-        return result
+    # --- the end of a request ----------------------------------------------------------------
 
     def abandoned(self, choice: Choice) -> None:
         """The request is over: the unit's dispatcher hears it, and the seat goes back."""
@@ -309,10 +287,6 @@ class LicenseGate:
         if choice.state.get("license_strip"):
             headers = [(name, value) for name, value in headers if name != APPCODE]
         return headers
-
-    def response_headers(self, choice: Choice, backend: Any) -> Headers:
-        result: Headers = self.inner.response_headers(choice, backend)
-        return result
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -132,6 +132,53 @@ class IDispatcher(Interface):
         """Headers to add to the response (e.g. Set-Cookie)."""
 
 
+@implementer(IDispatcher)
+class DispatcherWrapper:
+    """An :class:`IDispatcher` around another (*inner*): every call goes inside unchanged.  The
+    unit's gates (dependencies, scale to zero, licenses) subclass it and override what they add
+    (usually :meth:`choose`); other attributes (``forward_cookie``, ``slots``, ...) are read from
+    the dispatcher inside."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    @property
+    def strip_request_headers(self) -> frozenset[bytes]:
+        return self.inner.strip_request_headers  # type: ignore[no-any-return]
+
+    def choose(self, request: RequestInfo) -> "Deferred[Choice]":
+        return self.inner.choose(request)  # type: ignore[no-any-return]
+
+    def opening(self, choice: Choice, backend: Any) -> None:
+        self.inner.opening(choice, backend)
+
+    def connect_failed(self, choice: Choice, backend: Any, reason: str) -> None:
+        self.inner.connect_failed(choice, backend, reason)
+
+    def answered(self, choice: Choice, backend: Any) -> None:
+        self.inner.answered(choice, backend)
+
+    def released(self, choice: Choice, backend: Any, outcome: str) -> None:
+        self.inner.released(choice, backend, outcome)
+
+    def again(self, choice: Choice) -> "Deferred[Choice] | None":
+        return self.inner.again(choice)  # type: ignore[no-any-return]
+
+    def abandoned(self, choice: Choice) -> None:
+        self.inner.abandoned(choice)
+
+    def request_headers(self, choice: Choice, headers: Headers) -> Headers:
+        return self.inner.request_headers(choice, headers)  # type: ignore[no-any-return]
+
+    def response_headers(self, choice: Choice, backend: Any) -> Headers:
+        return self.inner.response_headers(choice, backend)  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (copy, unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
 @dataclass
 class ProxySettings:
     """The proxy's limits and options (from the unit's section)."""

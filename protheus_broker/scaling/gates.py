@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from protheus_broker.desktop.lifecycle import GateRefused, IGate
-from protheus_broker.http.proxy import Choice, Headers, IDispatcher, NoBackend, RequestInfo
+from protheus_broker.http.proxy import Choice, NoBackend, RequestInfo, DispatcherWrapper
 from protheus_broker.scaling.controller import ScaleToZero, WakeRefused
 
 
@@ -58,20 +58,15 @@ class WakeGate:
                 f"{controller.policy.wake_timeout:g}s")
 
 
-@implementer(IDispatcher)
-class WakeDispatcher:
+class WakeDispatcher(DispatcherWrapper):
     """An HTTP unit's dispatcher behind scale to zero: with a *controller* (None: a plain
     pass-through), :meth:`choose` holds a request while a member wakes, or fails with
     :class:`NoBackend` (503, Retry-After, the reason); everything else goes straight inside."""
 
     def __init__(self, inner: Any, controller: ScaleToZero | None = None, pool: Any = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.controller = controller
         self.pool = pool if pool is not None else getattr(inner, "pool", None)  # a member up: no hold
-
-    @property
-    def strip_request_headers(self) -> frozenset[bytes]:
-        return self.inner.strip_request_headers  # type: ignore[no-any-return]
 
     def would_hold(self) -> bool:
         """True when :meth:`choose` would hold a request now (the unit is asleep or waking): a
@@ -93,33 +88,6 @@ class WakeDispatcher:
         reason.trap(WakeRefused)
         refused: WakeRefused = reason.value  # type: ignore[assignment]
         raise NoBackend(f"{refused.what}: {refused.detail}", retry_after=refused.retry_after)
-
-    def opening(self, choice: Choice, backend: Any) -> None:
-        self.inner.opening(choice, backend)
-
-    def connect_failed(self, choice: Choice, backend: Any, reason: str) -> None:
-        self.inner.connect_failed(choice, backend, reason)
-
-    def answered(self, choice: Choice, backend: Any) -> None:
-        self.inner.answered(choice, backend)
-
-    def released(self, choice: Choice, backend: Any, outcome: str) -> None:
-        self.inner.released(choice, backend, outcome)
-
-    def again(self, choice: Choice) -> Deferred[Choice] | None:
-        return self.inner.again(choice)  # type: ignore[no-any-return]
-
-    def abandoned(self, choice: Choice) -> None:
-        self.inner.abandoned(choice)
-
-    def request_headers(self, choice: Choice, headers: Headers) -> Headers:
-        return self.inner.request_headers(choice, headers)  # type: ignore[no-any-return]
-
-    def response_headers(self, choice: Choice, backend: Any) -> Headers:
-        return self.inner.response_headers(choice, backend)  # type: ignore[no-any-return]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)  # forward_cookie, slots, pool, ... of the dispatcher inside
 
 
 class ScaleToZeroService(Service):
