@@ -85,7 +85,7 @@ class NodesTableTests(NodesHarness):
         self.manager.spawner.auto_ready = False  # type: ignore[attr-defined]
         self.answer("POST", "/api/v1/nodes/scale?min=3")
         text = ctl.render("status", self.answer("GET", "/api/v1/status"))
-        self.assertIn("\nnodes 3..3: 2 active, 1 starting (protheus-broker-ctl nodes)", text)
+        self.assertIn("\nnodes: 2 active, 1 starting (MIN_NODES 3, MAX_NODES 3; protheus-broker-ctl nodes)", text)
 
     def test_no_managed_nodes(self) -> None:
         """`nodes` on a broker without managed nodes says so in one line."""

@@ -232,9 +232,9 @@ def render(command: str, body: Any, arg: str | None = None) -> str:
                 states: dict[str, int] = {}
                 for node in n["nodes"]:
                     states[node["state"]] = states.get(node["state"], 0) + 1
-                out.append(f"nodes {n['min_nodes']}..{n['max_nodes']}: "
-                           + (", ".join(f"{count} {state}" for state, count in sorted(states.items())) or "none")
-                           + " (protheus-broker-ctl nodes)")
+                out.append("nodes: " + (", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+                                        or "none")
+                           + f" (MIN_NODES {n['min_nodes']}, MAX_NODES {n['max_nodes']}; protheus-broker-ctl nodes)")
                 out.extend(_farm_lines(pool.get("farm") or []))
         if body.get("dependencies"):
             out.append("\n" + _dependencies_table(body["dependencies"]))
