@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import random
 import re
+import json
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -18,6 +20,7 @@ from protheus_broker.demo.children import TwistdChild, twistd_argv
 from protheus_broker.web.auth import hash_token
 
 from .helpers import ProcessTestCase
+from .test_farm_e2e import FarmE2ETests
 from .test_nodes_e2e import sleep
 from .test_web_e2e import _SCREEN
 
@@ -28,7 +31,7 @@ NODE = """\
 import socket, sys
 server = socket.socket()
 server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", int(sys.argv[1])))
+server.bind((sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1", int(sys.argv[1])))
 server.listen(16)
 while True:
     connection, _ = server.accept()
@@ -130,3 +133,103 @@ class CtlNodesE2ETests(ProcessTestCase):
         code, out, err = await self.ctl(url, "status")
         self.assertEqual(code, 0)
         self.assertIn("\nnodes: 2 active (MIN_NODES 2, MAX_NODES 3; protheus-broker-ctl nodes)", out)
+
+
+def closed_port(address: str) -> int:
+    """A port on *address* that nothing listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
+class CtlFarmE2ETests(ProcessTestCase):
+    """Farm links as the screen shows them: a real agent on 127.0.0.2, nothing on 127.0.0.3."""
+
+    timeout = 120
+    kill_nodes = FarmE2ETests.kill_nodes
+    wait_for = FarmE2ETests.wait_for
+
+    @defer.inlineCallbacks
+    def test_farm_links_up_down_and_why(self) -> Any:
+        """The agent's link is up with the broker's nodes on it; the host with nothing listening is
+        down with the connect error; the agent stopped: its link goes down with the reason, in the
+        status JSON, `nodes` and /metrics."""
+        yield defer.ensureDeferred(self._farm())
+
+    async def _farm(self) -> None:
+        script = os.path.join(self.mktemp_dir(), "node.py")
+        with open(script, "w") as handle:
+            handle.write(NODE)
+        base = random.randrange(20000, 32000, 10)
+        agent_ini = self.write_ini(
+            "[AGENT]\nPORT = 0\nINTERFACE = 127.0.0.2\nSECRET = farm-e2e-secret-0123456789\n[NODES]\n"
+            f"COMMAND_APPSERVER = {sys.executable} {script} {{port}} 127.0.0.2\nHOST = 127.0.0.2\n"
+            f"BASE_PORT = {base}\nMAX_NODES = 4\nSTOP_GRACE = 2\n", name="agent.ini")
+        agent = self.start("agent", twistd_argv("protheus-agent", "--config", agent_ini))
+        self.addCleanup(self.kill_nodes, agent)
+        agent_port = await agent.listening()
+        nobody = f"127.0.0.3:{closed_port('127.0.0.3')}"
+        path = self.write_ini(
+            "[GENERAL]\nConsoleLog=1\n[BALANCE_SMART_CLIENT_DESKTOP]\nLOCAL_SERVER_PORT = 0\n"
+            "LOCAL_SERVER_INTERFACE = 127.0.0.1\nSORT_METHOD = CONNECTION\nMONITORING_TYPE = DISABLED\n"
+            f"FARM_HOSTS = 127.0.0.2:{agent_port}, {nobody}\nFARM_SECRET = farm-e2e-secret-0123456789\n"
+            "FARM_BROKER_ID = ctl-e2e\nFARM_WAIT = 1\nMIN_NODES = 2\nMAX_NODES = 4\nPOLL_INTERVAL = 0.5\n"
+            f"[BROKER_ADMIN]\nENDPOINT = tcp:0:interface=127.0.0.1\n"
+            f"TOKEN_HASH = {hash_token(TOKEN, iterations=20_000)}\n")
+        started = time.monotonic()
+        broker = self.start("broker", twistd_argv("protheus-broker", "--config", path))
+        await broker.listening()
+        match = _SCREEN.search(broker.text())
+        assert match is not None, broker.text()
+        url = f"http://127.0.0.1:{match.group(1)}"
+        await self.wait_for(broker, r"-> active", 2)
+        print(f"\nfarm: 2 nodes active on the agent {time.monotonic() - started:.2f}s after the broker started")
+        links = await self.farm(url)
+        self.assertEqual([(x["host"], x["state"], x["nodes"]) for x in links],
+                         [(f"127.0.0.2:{agent_port}", "up", [1, 2]), (nobody, "down", [])])
+        self.assertIsNone(links[0]["problem"])
+        self.assertIn("cannot connect: ", links[1]["problem"])
+        self.assertIn("refused", links[1]["problem"])
+        out = await self.ctl(url, "nodes")
+        self.assertIn(f"\nfarm host 127.0.0.2:{agent_port} up since ", out)
+        self.assertIn("2 node(s): 1, 2\n", out)
+        self.assertIn(f"\nfarm host {nobody} down since ", out)
+        metrics = await self.metrics(url)
+        self.assertIn(f'protheus_broker_farm_link_up{{host="127.0.0.2:{agent_port}",'
+                      'pool="BALANCE_SMART_CLIENT_DESKTOP"} 1.0', metrics)
+        self.assertIn(f'protheus_broker_farm_link_up{{host="{nobody}",pool="BALANCE_SMART_CLIENT_DESKTOP"}} 0.0',
+                      metrics)
+
+        stopped = time.monotonic()
+        agent.signal("TERM")
+        await agent.ended
+        deadline = time.monotonic() + 20
+        while (links := await self.farm(url))[0]["state"] != "down":
+            if time.monotonic() > deadline:
+                self.fail(f"the agent's link never went down: {links}")
+            await sleep(0.1)
+        print(f"farm: the agent's link shown down {time.monotonic() - stopped:.2f}s after SIGTERM to the "
+              f"agent; problem {links[0]['problem']!r}")
+        self.assertTrue(links[0]["problem"], links)
+        metrics = await self.metrics(url)
+        self.assertIn(f'protheus_broker_farm_link_up{{host="127.0.0.2:{agent_port}",'
+                      'pool="BALANCE_SMART_CLIENT_DESKTOP"} 0.0', metrics)
+        print(await self.ctl(url, "nodes"))
+
+    async def ctl(self, url: str, *argv: str) -> str:
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "protheus_broker.web.ctl", "--url", url, *argv],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        self.assertEqual((code, err), (0, b""))
+        return str(out.decode())
+
+    async def farm(self, url: str) -> list[dict[str, Any]]:
+        status = json.loads(await self.ctl(url, "--json", "status"))
+        return list(status["pools"][0]["farm"])
+
+    async def metrics(self, url: str) -> str:
+        out, _, _ = await getProcessOutputAndValue(
+            sys.executable, ["-c", "import sys, urllib.request; sys.stdout.write(urllib.request.build_opener("
+                                   "urllib.request.ProxyHandler({})).open(sys.argv[1]).read().decode())",
+                             url + "/metrics"])
+        return str(out.decode())
