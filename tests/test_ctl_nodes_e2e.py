@@ -20,7 +20,6 @@ from protheus_broker.demo.children import TwistdChild, twistd_argv
 from protheus_broker.web.auth import hash_token
 
 from .helpers import ProcessTestCase
-from .test_farm_e2e import FarmE2ETests
 from .test_nodes_e2e import sleep
 from .test_web_e2e import _SCREEN
 
@@ -146,8 +145,19 @@ class CtlFarmE2ETests(ProcessTestCase):
     """Farm links as the screen shows them: a real agent on 127.0.0.2, nothing on 127.0.0.3."""
 
     timeout = 120
-    kill_nodes = FarmE2ETests.kill_nodes
-    wait_for = FarmE2ETests.wait_for
+    def kill_nodes(self, agent: TwistdChild) -> None:
+        for pid in {int(p) for p in re.findall(r"node \d+(?: \(persistent\))?: pid (\d+) on", agent.text())}:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    async def wait_for(self, child: TwistdChild, pattern: str, count: int, patience: float = 30.0) -> None:
+        deadline = time.monotonic() + patience
+        while len(re.findall(pattern, child.text())) < count:
+            if time.monotonic() > deadline:
+                self.fail(f"{child.name}: fewer than {count} of {pattern!r}:\n{child.text()[-4000:]}")
+            await sleep(0.05)
 
     @defer.inlineCallbacks
     def test_farm_links_up_down_and_why(self) -> Any:
