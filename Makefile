@@ -13,7 +13,7 @@ $(VENV)/.done: setup.cfg Makefile
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q twisted pyopenssl service-identity configobj zope.interface \
-		hypothesis cryptography psutil prometheus-client h11 treq selenium mypy mypy-zope import-linter
+		hypothesis cryptography psutil prometheus-client h11 treq pyyaml selenium mypy mypy-zope import-linter
 	$(VENV)/bin/pip install -q --no-deps -e .
 	$(PY) -c 'import sysconfig; open(sysconfig.get_paths()["purelib"] + "/protheus-broker-src.pth", "w").write("$(CURDIR)\n")'
 	touch $@

@@ -202,6 +202,7 @@ class SimScaler:
     (``scale(n)`` sets MIN_NODES; the manager adds nodes by load and lets idle ones go)."""
 
     name = "sim-nodes"
+    drains_safely = True  # the node manager modelled here never stops a node in use
 
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim

@@ -122,6 +122,7 @@ class BrokerService(MultiService):
         self.units: list[Any] = list(units)
         for unit in self.units:
             unit.setServiceParent(self)
+        self.dependencies.provide_units(config.dependencies, self.unit)  # UNIT = BALANCE_...
         self._depend(config)
         if config.admin is not None:  # the broker screen ([BROKER_ADMIN])
             add_admin(self, reactor, config.admin)
@@ -233,6 +234,7 @@ class BrokerService(MultiService):
                 log.info("reload: [{section}] DEPENDS_ON {names} (was {old})", section=unit.name,
                          names=", ".join(names) or "nothing", old=", ".join(old_names) or "nothing")
         self.dependencies.configure(new.dependencies)
+        self.dependencies.provide_units(new.dependencies, self.unit)
         self._depend(new)
         if _admin_shape(self.config) != _admin_shape(new):  # TOKEN_HASH, READ_ACCESS: live
             log.warn("reload: [BROKER_ADMIN] (the section, ENDPOINT, PORT_STATUS or HISTORY_*) "

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from protheus_broker.deps.settings import DependencyConfig
-from protheus_broker.deps.state import DependencyState
+from protheus_broker.deps.state import DependencyState, UnitDependency
 
 log = Logger()
 
@@ -176,6 +176,10 @@ class DependencyRegistry(Service):
                 self.checks.pop(name).stop()
                 log.info("dependency {name}: no unit depends on it any more; not checked", name=name)
         for name, config in dependencies.items():
+            if config.unit:  # a unit of this broker (UNIT = ...): provided by the broker, no check
+                if name in self.checks:
+                    self.checks.pop(name).stop()
+                continue
             check = self.checks.get(name)
             if check is None:
                 check = self.checks[name] = DependencyCheck(self.reactor, config, self.connect)
@@ -191,6 +195,19 @@ class DependencyRegistry(Service):
         check = self.checks.get(name)
         if check is not None:
             check.stop()
+
+    def provide_units(self, dependencies: Mapping[str, DependencyConfig], unit: Callable[[str], Any]) -> None:
+        """Each dependency that is a unit of this broker (``UNIT = ...``) as its
+        :class:`~.state.UnitDependency`; *unit* gives the broker's unit of a section name."""
+        for name, config in dependencies.items():
+            if not config.unit:
+                continue
+            current = self.provided.get(name)
+            if isinstance(current, UnitDependency) and current.unit is unit(config.unit):
+                continue
+            if isinstance(current, UnitDependency):
+                current.close()
+            self.provide(name, UnitDependency(name, unit(config.unit), self.reactor))
 
     def get(self, name: str) -> Any:
         """Section *name*'s dependency (IDependency)."""

@@ -1,17 +1,20 @@
 """Where a unit's dependencies stop new sessions: a gate for the desktop unit's session machine
 and a wrapper around an HTTP unit's dispatcher.
 
-While a dependency is down the desktop unit closes each new SmartClient with the reason in its
+While a dependency is down an awake unit closes each new SmartClient with the reason in its
 log line (:class:`DependencyGate`); the HTTP units answer 503 with Retry-After and a JSON body
 naming the dependency (:class:`DependencyDispatcher`).  Sessions already open carry on: only
-new ones ask.
+new ones ask.  A unit with scale to zero that is asleep or waking holds a new session instead
+and starts no AppServer before its dependencies are up (scaling/controller.py): the gate lets
+the session through to the broker's wake gate (``would_hold``), the dispatcher to the wake
+dispatcher inside.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -30,7 +33,18 @@ class DependencyGate:
         self.dependencies = dependencies
 
     def acquire(self, session: Any) -> Deferred[None]:
+        if self.dependencies.dependencies and self._asleep(session):
+            return succeed(None)
         return self.dependencies.admit().addErrback(self._refused)
+
+    def _asleep(self, session: Any) -> bool:
+        """A later gate of the session's broker will hold it while the unit wakes (scale to
+        zero's ``would_hold``): the wake waits for the dependencies before it starts an AppServer."""
+        for gate in getattr(getattr(session, "broker", None), "gates", ()):
+            would_hold = getattr(gate, "would_hold", None)
+            if callable(would_hold) and would_hold(session):
+                return True
+        return False
 
     @staticmethod
     def _refused(reason: Failure) -> None:
@@ -57,11 +71,17 @@ class DependencyDispatcher:
         return self.inner.strip_request_headers  # type: ignore[no-any-return]
 
     def choose(self, request: RequestInfo) -> Deferred[Choice]:
-        if not self.dependencies.dependencies:
+        if not self.dependencies.dependencies or self._asleep():
             return self.inner.choose(request)  # type: ignore[no-any-return]
         admitted = self.dependencies.admit()
         admitted.addCallbacks(lambda _: self.inner.choose(request), self._refused)
         return admitted  # type: ignore[return-value]
+
+    def _asleep(self) -> bool:
+        """The dispatcher inside holds this request while its unit wakes (scale to zero's
+        ``would_hold``): the wake waits for the dependencies before it starts an AppServer."""
+        would_hold = getattr(self.inner, "would_hold", None)
+        return bool(would_hold()) if callable(would_hold) else False
 
     @staticmethod
     def _refused(reason: Failure) -> None:

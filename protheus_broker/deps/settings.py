@@ -5,6 +5,11 @@ the name of a section of the same file as TOTVS writes it in an AppServer's ``ap
 (``[DBAccess] SERVER=... PORT=7890``, ``[LockServer]``, ``[LicenseClient]``).  The broker uses
 their ``SERVER`` and ``PORT``; the other TOTVS keys there are read and ignored; our own optional
 keys tune the check (:class:`DependencyConfig`).
+
+A dependency may instead be a balance unit of this same broker: ``UNIT = BALANCE_...`` in its
+section (a unit balancing that service's nodes with scale to zero): it is up while that unit can
+take a session, and waking a unit that depends on it wakes it first (see
+``deps.state.UnitDependency``).  No check runs for it; SERVER and PORT are then not needed.
 """
 
 from __future__ import annotations
@@ -43,9 +48,12 @@ class DependencyConfig:
     connect_timeout: float = 3.0  # CONNECT_TIMEOUT: a check without a connection this long failed
     down_after: int = 2  # DOWN_AFTER_FAILURES: failed checks in a row before down
     up_after: int = 2  # UP_AFTER_SUCCESSES: good checks in a row before up again
+    unit: str = ""  # UNIT: a balance unit of this broker that is this service (no check then)
 
     @property
     def where(self) -> str:
+        if self.unit:
+            return f"unit {self.unit}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
@@ -81,6 +89,11 @@ def read_dependency(section: Section) -> DependencyConfig:
     defaults to 5555 as the license client's does) and our check keys."""
     for key in TOTVS_KEYS:
         section.raw(key)
+    unit = section.text("UNIT", "").strip().strip("[]").upper()
+    if unit:  # a unit of this broker: its pool says up or down (SERVER and PORT are not used)
+        section.raw("SERVER")
+        section.raw("PORT")
+        return DependencyConfig(name=section.name, host="", port=0, unit=unit)
     server = section.text("SERVER", "")
     where = section.where.sections.get(section.name)
     if not server:
@@ -107,14 +120,44 @@ def read_dependency(section: Section) -> DependencyConfig:
     )
 
 
+def _cycle(start: str, woken: Mapping[str, list[str]]) -> list[str]:
+    """The path from unit *start* back to itself through the units its dependencies are, or []."""
+    path = [start]
+
+    def visit(unit: str) -> bool:
+        for other in woken.get(unit, []):
+            if other == start:
+                path.append(other)
+                return True
+            if other not in path:
+                path.append(other)
+                if visit(other):
+                    return True
+                path.pop()
+        return False
+    return path if visit(start) else []
+
+
 def read_dependencies(units: Iterable[Section], sections: Mapping[str, Section],
                       reserved: Iterable[str]) -> tuple[dict[str, tuple[str, ...]], dict[str, DependencyConfig]]:
     """DEPENDS_ON of each unit section (unit -> names) and each named section, read once."""
     reserved = tuple(reserved)
+    units = list(units)
     depends_on = {unit.name: read_depends_on(unit, sections, reserved) for unit in units}
     dependencies: dict[str, DependencyConfig] = {}
     for names in depends_on.values():
         for name in names:
             if name not in dependencies:
                 dependencies[name] = read_dependency(sections[name])
+    unit_names = [unit.name for unit in units]
+    for name, config in dependencies.items():
+        if config.unit and config.unit not in unit_names:
+            raise sections[name].error("UNIT", f"[{config.unit}] is not a balance unit of this file "
+                                               f"({', '.join(unit_names) or 'none'})")
+    woken = {unit: [dependencies[n].unit for n in names if dependencies[n].unit] for unit, names in depends_on.items()}
+    for unit in units:
+        cycle = _cycle(unit.name, woken)
+        if cycle:
+            raise unit.error(DEPENDS_ON_KEY, f"a unit cannot depend on itself: {' -> '.join(cycle)} "
+                                             f"(through the UNIT of a dependency section)")
     return {unit: names for unit, names in depends_on.items() if names}, dependencies

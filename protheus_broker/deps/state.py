@@ -192,6 +192,62 @@ class ChannelDependency:
         self._observers.tell(self)
 
 
+@implementer(IDependency)
+class UnitDependency:
+    """A unit of this same broker as a dependency (``UNIT = BALANCE_...`` in the dependency's
+    section: a unit balancing LockServer nodes, say): up while its pool can take a session.
+    *unit* has ``name``, ``pool`` (``can_take_session()``, ``subscribe(observer)``) and
+    ``scale_to_zero`` (its controller, with ``demand(who, on)``, or None: always on).  A unit
+    that depends on it calls :meth:`demand` to wake it and keep it awake."""
+
+    checked = True
+
+    def __init__(self, name: str, unit: Any, clock: Any, retry_after: int = 5) -> None:
+        self.name = name
+        self.unit = unit
+        self.clock = clock
+        self.where = f"unit {unit.name}"
+        self.retry_after = retry_after
+        self._observers = _Observers()
+        self._was = self.up
+        self.since = clock.seconds()
+        self._unsubscribe = unit.pool.subscribe(self._changed)
+
+    @property
+    def up(self) -> bool:
+        return bool(self.unit.pool.can_take_session())
+
+    @property
+    def reason(self) -> str:
+        return "an AppServer ready" if self.up else "no AppServer ready (asleep or waking)"
+
+    def subscribe(self, callback: Callable[[Any], None]) -> Callable[[], None]:
+        return self._observers.add(callback)
+
+    def demand(self, who: str, on: bool) -> None:
+        """Unit *who* depends on this one and is awake or waking (*on*): wake it and keep it
+        awake (a unit without scale to zero is always on: nothing to do)."""
+        controller = getattr(self.unit, "scale_to_zero", None)
+        if controller is not None:
+            controller.demand(who, on)
+
+    def close(self) -> None:
+        """Stop listening to the unit."""
+        self._unsubscribe()
+
+    def _changed(self, *ignored: Any) -> None:
+        if self.up == self._was:
+            return
+        self._was = self.up
+        self.since = self.clock.seconds()
+        if self.up:
+            log.info("dependency {name} ({where}) is up", name=self.name, where=self.where, dependency_up=True)
+        else:
+            log.info("dependency {name} ({where}) is down: {reason}", name=self.name, where=self.where,
+                     reason=self.reason, dependency_up=False)
+        self._observers.tell(self)
+
+
 class DependencyDown(Exception):
     """A unit refuses a new session: *dependency* is down."""
 
@@ -223,6 +279,7 @@ class UnitDependencies:
         self.refused: dict[str, int] = {}
         self._waiting: list[Deferred[None]] = []
         self._unsubscribe: list[Callable[[], None]] = []
+        self._watchers: list[Callable[[], None]] = []
 
     def use(self, dependencies: Iterable[Any]) -> None:
         """Depend on *dependencies* (IDependency) from now on; sessions waiting for a first
@@ -236,6 +293,26 @@ class UnitDependencies:
     @property
     def names(self) -> list[str]:
         return [d.name for d in self.dependencies]
+
+    def missing(self) -> list[Any]:
+        """The dependencies not up now (down, or before their first verdict), in DEPENDS_ON order:
+        what a unit waking from zero waits for before it starts an AppServer."""
+        return [d for d in self.dependencies if not (d.checked and d.up)]
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call *callback()* on each change of any dependency (and on :meth:`use`); returns the
+        function that stops it.  (Scale to zero waits for its dependencies this way.)"""
+        self._watchers.append(callback)
+
+        def unwatch() -> None:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+        return unwatch
+
+    def note_refused(self, dependency: Any) -> None:
+        """A session was refused because of *dependency* elsewhere (a wake that timed out
+        waiting for it): counted with the others for the screen."""
+        self.refused[dependency.name] = self.refused.get(dependency.name, 0) + 1
 
     def blocking(self) -> Any:
         """The first dependency that is down (checked), else None."""
@@ -266,6 +343,11 @@ class UnitDependencies:
             self._waiting.remove(waiting)
 
     def _changed(self, dependency: Any) -> None:
+        for watcher in list(self._watchers):
+            try:
+                watcher()
+            except Exception:
+                log.failure("{unit}: a dependency watcher failed", unit=self.unit)
         if not self._waiting:
             return
         down = self.blocking()
@@ -290,4 +372,4 @@ class UnitDependencies:
 
 
 __all__ = ["ChannelDependency", "DependencyDown", "DependencyState", "IDependency",
-           "LICENSE_CLIENT", "UnitDependencies", "format_since", "snapshot"]
+           "LICENSE_CLIENT", "UnitDependencies", "UnitDependency", "format_since", "snapshot"]

@@ -9,13 +9,11 @@ from typing import Mapping
 from protheus_broker.balancing.methods import SortMethod
 from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.ini import ConfigError, Section, host_and_port, parse_port
-from protheus_broker.kube.settings import KubeSettings, read_kubernetes
+from protheus_broker.kube.settings import KubeSettings
 from protheus_broker.nodes.manager import NodePolicy
-from protheus_broker.nodes.settings import nodes_section, read_nodes
 from protheus_broker.scaling.controller import ScaleToZeroPolicy
 from protheus_broker.scaling.forecast import WarmupPolicy
-from protheus_broker.scaling.settings import check_scale_to_zero, read_scale_to_zero
-from protheus_broker.scaling.warmup_settings import read_warmup
+from protheus_broker.scaling.unit_settings import read_scaling
 from protheus_broker.monitoring.settings import (AGENT_KEY_RE, MonitoringConfig, MonitoringType, read_monitoring,
                                                  read_monitoring_type)
 from protheus_broker.resume.settings import ResumeConfig, read_resume
@@ -104,17 +102,8 @@ def read_desktop(section: Section, sections: Mapping[str, Section],
             raise section.error(key, "server id must be letters and digits after REMOTE_SERVER_")
         elif key.startswith("AGENT_SERVER") and not AGENT_KEY_RE.match(key):
             raise section.error(key, "server id must be letters and digits after AGENT_SERVER_")
-    zero_section = nodes_section(section, sections) or section  # (read before NODES' unknown keys)
-    scale_to_zero = read_scale_to_zero(zero_section)
-    warmup = read_warmup(section, sections)
-    nodes = read_nodes(section, sections, section.name, warnings)
-    kubernetes = read_kubernetes(section, sections, warnings)
-    scale_to_zero = check_scale_to_zero(scale_to_zero, zero_section, nodes, warnings, kubernetes is not None)
-    if warmup is not None and not scale_to_zero.enabled:
-        warnings.append(f"{zero_section.path}:{zero_section.line('WARMUP')}: [{zero_section.name}] WARMUP=1 "
-                        "needs SCALE_TO_ZERO=1 (the warm-up is its floor); ignored")
-        warmup = None
-    if not servers and nodes is None and kubernetes is None:
+    scaling = read_scaling(section, sections, warnings)
+    if not servers and not scaling.has_source:
         raise ConfigError(
             section.path,
             "no REMOTE_SERVER_<id> = host port lines (nor NODE_COMMAND, nor KUBERNETES): the broker has no AppServer "
@@ -146,17 +135,17 @@ def read_desktop(section: Section, sections: Mapping[str, Section],
         max_pending_per_address=section.integer("MAX_PENDING_PER_ADDRESS", 128, 0, 1_000_000),
         max_pending=section.integer("MAX_PENDING", 1024, 0, 1_000_000),
         # With managed nodes a login may arrive while none is ready yet (start, a crash): wait.
-        wait_for_server=section.number("WAIT_FOR_SERVER", 0.0 if nodes is None and kubernetes is None else 10.0, 0.0, 3600.0),
+        wait_for_server=section.number("WAIT_FOR_SERVER", 10.0 if scaling.has_source else 0.0, 0.0, 3600.0),
         metrics_max_age=section.number("METRICS_MAX_AGE", 3.0, 0.1, 3600.0),
         service_name=section.text("SERVICE_NAME", "protheus-broker"),
         service_display_name=section.text("SERVICE_DISPLAY_NAME", "protheus-broker"),
         monitoring=read_monitoring(section, monitoring_type, servers),
         resume=read_resume(section),
         tls=session_tls_config(section, sections.get(SSL_SECTION), warnings),
-        nodes=nodes,
-        scale_to_zero=scale_to_zero,
-        kubernetes=kubernetes,
-        warmup=warmup,
+        nodes=scaling.nodes,
+        scale_to_zero=scaling.scale_to_zero,
+        kubernetes=scaling.kubernetes,
+        warmup=scaling.warmup,
     )
     if config.sort_method != config.effective_sort_method:
         warnings.append(

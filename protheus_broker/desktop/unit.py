@@ -4,7 +4,6 @@ pool, monitor, resumable sessions and counters, and what of a reload applies liv
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 from itertools import count
 from typing import Any
 
@@ -29,10 +28,8 @@ from protheus_broker.nodes.remote import make_spawner
 from protheus_broker.nodes.spawner import NodeService
 from protheus_broker.resume.broker import ResumableSessions
 from protheus_broker.scaling.controller import ScaleToZero
-from protheus_broker.scaling.forecast import UsageForecast
-from protheus_broker.scaling.gates import ScaleToZeroService, WakeGate
-from protheus_broker.scaling.history import HistoryStore, HistoryWriter
-from protheus_broker.scaling.local import LocalScaler
+from protheus_broker.scaling.gates import WakeGate
+from protheus_broker.scaling.wiring import build_scale_to_zero, reload_nodes
 from protheus_broker.stats import ISessionStats, SessionStats
 from protheus_broker.units import IBalanceUnit, listen_or_exit, stop_unit
 
@@ -105,42 +102,15 @@ class DesktopUnit(MultiService):
         self.factory.gates.insert(0, DependencyGate(self.dependencies))
         self.factory.standby = resumable
         #: SCALE_TO_ZERO=1: the nodes sleep after ZERO_IDLE_TIME without a session; a login wakes them
-        self.scale_to_zero: ScaleToZero | None = None
-        scaler = LocalScaler(self.nodes) if self.nodes is not None else self.scaler  # nodes, else Kubernetes
-        if scaler is not None and config.scale_to_zero.enabled:
-            controller = ScaleToZero(reactor, scaler, config.scale_to_zero, self._open_sessions,
-                                     forecast=self._warmup(config, reactor, scaler), name=name)
-            self.scale_to_zero = controller
+        self.scale_to_zero: ScaleToZero | None = build_scale_to_zero(
+            reactor, self, name, config.scale_to_zero, config.warmup, self.nodes, self.scaler,
+            self._open_sessions, dependencies=self.dependencies)  # (a wake waits for DEPENDS_ON)
+        if self.scale_to_zero is not None:
             self.factory.gates.insert(self.factory.gates.index(self.factory.server_gate),
-                                      WakeGate(controller, self.pool))
-            ScaleToZeroService(controller).setServiceParent(self)  # after the nodes' service
+                                      WakeGate(self.scale_to_zero, self.pool))
         self.session_tls = SessionTLS(reactor, config.tls, self.factory)  # ConfigError: bad file
         self.endpoint = endpoint_string(config)
         self.port: Any = None
-
-    def _warmup(self, config: DesktopBalanceConfig, reactor: Any, scaler: Any) -> UsageForecast | None:
-        """WARMUP=1: the usage forecast (its history loaded, saved every 5 minutes and at stop),
-        told the members ready and, with local nodes, each node's spawn-to-ready time."""
-        policy, manager = config.warmup, self.nodes
-        if policy is None:
-            return None
-        store = HistoryStore(policy.history_file, policy.history_weeks)
-        forecast = UsageForecast(policy, store.load(), name=str(self.name))
-        forecast.running = scaler.ready
-        HistoryWriter(store, lambda: forecast.history, reactor).setServiceParent(self)
-        if manager is None:  # Kubernetes: WARMUP_COLD_START stands for the measured cold start
-            return forecast
-        reported: set[int] = set()
-
-        def cold_starts() -> None:
-            for node in manager.nodes.values():
-                if node.ready_at is not None and id(node) not in reported:
-                    reported.add(id(node))
-                    forecast.observe_cold_start(node.ready_at - node.started_at)
-            reported.intersection_update(id(node) for node in manager.nodes.values())
-
-        scaler.subscribe(cold_starts)
-        return forecast
 
     def _open_sessions(self) -> int:
         """Sessions open (scale to zero's activity): SmartClient sessions not held by the wake,
@@ -181,34 +151,6 @@ class DesktopUnit(MultiService):
         port, self.port = self.port, None
         return stop_unit(super().stopService, port)
 
-    def _reload_nodes(self, old: DesktopBalanceConfig, new: DesktopBalanceConfig) -> None:
-        """Sizes, polls and recycle limits apply live; the command, transport, ports, socket
-        directory and persistence need a restart."""
-        if old.scale_to_zero.enabled != new.scale_to_zero.enabled:
-            log.warn("reload: SCALE_TO_ZERO changed; restart to apply", pool=self.name)
-        if old.nodes == new.nodes and old.scale_to_zero == new.scale_to_zero:
-            return
-        if self.nodes is None and new.nodes is None:  # scale to zero around the Kubernetes scaler
-            if self.scale_to_zero is not None and new.scale_to_zero.enabled:
-                self.scale_to_zero.policy = new.scale_to_zero
-            return
-        if self.nodes is None or new.nodes is None:
-            log.warn("reload: node management turned on or off; restart to apply", pool=self.name)
-            return
-        fixed = ("command", "transport", "base_port", "socket_dir", "persistent", "application", "lock_dir", "farm")
-        if any(getattr(old.nodes, k) != getattr(new.nodes, k) for k in fixed):
-            log.warn("reload: NODE_COMMAND, TRANSPORT, BASE_PORT, SOCKET_DIR or PERSISTENT changed; "
-                     "restart to apply", pool=self.name)
-            new_policy = replace(new.nodes, **{k: getattr(old.nodes, k) for k in fixed})
-        else:
-            new_policy = new.nodes
-        if self.scale_to_zero is not None:  # the controller owns MIN_NODES while it runs
-            new_policy = replace(new_policy, min_nodes=self.nodes.policy.min_nodes)
-            if new.scale_to_zero.enabled:
-                self.scale_to_zero.policy = new.scale_to_zero  # ZERO_IDLE_TIME, WAKE_TIMEOUT, MAX_HELD
-        self.nodes.policy = new_policy
-        self.nodes.reconcile()
-
     def reload(self, config: DesktopBalanceConfig) -> bool:
         """Apply a reloaded section without dropping any session.  False (nothing applied) when a
         certificate or key file is bad."""
@@ -241,7 +183,8 @@ class DesktopUnit(MultiService):
         factory.sort_method = desktop.effective_sort_method.value
         if factory.standby is not None:  # new links and drops use the new STANDBY_TIME etc.
             factory.standby.config = desktop.resume
-        self._reload_nodes(old, desktop)
+        reload_nodes(str(self.name), self.nodes, self.scale_to_zero, old.nodes, desktop.nodes,
+                     old.scale_to_zero, desktop.scale_to_zero)
         if desktop.kubernetes != old.kubernetes:
             log.warn("reload: KUBERNETES or its section changed; restart to apply", pool=self.name)
         if desktop.resume.enabled != old.resume.enabled:

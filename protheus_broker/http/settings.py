@@ -11,11 +11,13 @@ from typing import Any, Mapping
 from protheus_broker.balancing.methods import SortMethod
 from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.nodes.manager import NodePolicy
-from protheus_broker.nodes.settings import read_nodes
 from protheus_broker.desktop.settings import read_sort_method
 from protheus_broker.http.capacity_settings import parse_capped_server
 from protheus_broker.ini import ConfigError, Section, host_and_port, parse_port
-from protheus_broker.kube.settings import KubeSettings, read_kubernetes
+from protheus_broker.kube.settings import KubeSettings
+from protheus_broker.scaling.controller import ScaleToZeroPolicy
+from protheus_broker.scaling.forecast import WarmupPolicy
+from protheus_broker.scaling.unit_settings import read_scaling
 from protheus_broker.tls.settings import SSL_SECTION, SessionTLSConfig, session_tls_config
 from protheus_broker.monitoring.settings import MonitoringConfig, MonitoringType, read_monitoring, read_monitoring_type
 
@@ -86,6 +88,8 @@ class HttpBalanceConfig:
     nodes: NodePolicy | None = None  # managed AppServer nodes (NODE_COMMAND, FARM_HOSTS or NODES = <section>)
     license: LicenseGateConfig = field(default_factory=LicenseGateConfig)  # URIS, TRUSTED_API_MANAGERS, ...
     kubernetes: KubeSettings | None = None  # KUBERNETES = <section>: a Kubernetes scaler
+    scale_to_zero: ScaleToZeroPolicy = field(default_factory=ScaleToZeroPolicy)  # SCALE_TO_ZERO etc.
+    warmup: WarmupPolicy | None = None  # WARMUP=1: the scale-to-zero floor from usage history
 
     @property
     def effective_sort_method(self) -> SortMethod:
@@ -132,10 +136,10 @@ def read_servers(section: Section, warnings: list[str], caps: dict[str, int] | N
 
 def read_http(section: Section, sections: Mapping[str, Section], warnings: list[str]) -> HttpBalanceConfig:
     """The ``[BALANCE_HTTP]`` unit's config."""
-    nodes = read_nodes(section, sections, section.name, warnings)
+    scaling = read_scaling(section, sections, warnings)
     return _read_unit(section, sections, warnings, HttpBalanceConfig,
-                      read_servers(section, warnings, required=nodes is None and not section.raw("KUBERNETES")), {
-        "nodes": nodes,
+                      read_servers(section, warnings, required=not scaling.has_source), {
+        **vars(scaling),
         "affinity_timeout": section.integer("AFFINITY_TIMEOUT", 0, 0, 10 * 365 * 86400),
         "affinity_forward_cookie": section.integer("AFFINITY_FORWARD_COOKIE", 0, 0, 1) == 1,
         "secure_cookie": section.integer("SECURE_COOKIE", 0, 0, 1) == 1,
@@ -146,10 +150,10 @@ def read_http(section: Section, sections: Mapping[str, Section], warnings: list[
 def read_web_services(section: Section, sections: Mapping[str, Section], warnings: list[str]) -> WebServicesConfig:
     """The ``[BALANCE_WEB_SERVICES]`` unit's config (no affinity cookie: stateless)."""
     caps: dict[str, int] = {}
-    nodes = read_nodes(section, sections, section.name, warnings)
-    servers = read_servers(section, warnings, caps, required=nodes is None and not section.raw("KUBERNETES"))
+    scaling = read_scaling(section, sections, warnings)
+    servers = read_servers(section, warnings, caps, required=not scaling.has_source)
     config = _read_unit(section, sections, warnings, WebServicesConfig, servers, {
-        "nodes": nodes,
+        **vars(scaling),
         "caps": caps,
         "queue_length": section.integer("QUEUE_LENGTH", 1000, 0, 1_000_000),
         "queue_timeout": section.number("QUEUE_TIMEOUT", 15.0, 0.0, 3600.0),
@@ -258,7 +262,6 @@ def _read_unit(section: Section, sections: Mapping[str, Section], warnings: list
         monitoring=read_monitoring(section, monitoring_type, servers),
         tls=tls,
         license=read_license_gate(section, sections),
-        kubernetes=read_kubernetes(section, sections, warnings),
         **extra,  # type: ignore[arg-type]
     )
     if config.sort_method != config.effective_sort_method:

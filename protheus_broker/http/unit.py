@@ -4,7 +4,6 @@ and counters."""
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 from itertools import count
 from typing import Any
 
@@ -34,7 +33,9 @@ from protheus_broker.nodes.remote import make_spawner
 from protheus_broker.nodes.spawner import NodeService
 from protheus_broker.ini import ConfigError
 from protheus_broker.kube.scaler import make_scaler
+from protheus_broker.scaling.controller import ScaleToZero
 from protheus_broker.scaling.gates import WakeDispatcher
+from protheus_broker.scaling.wiring import build_scale_to_zero, reload_nodes
 from protheus_broker.stats import ISessionStats, SessionStats
 from protheus_broker.units import IBalanceUnit, listen_or_exit, stop_unit
 
@@ -249,6 +250,12 @@ class HttpUnit(MultiService):
         #: scale to zero: a scaler's ScaleToZero set as ``wake.controller`` holds requests while it
         #: wakes (before the license gate: a held request takes no seat)
         self.wake = WakeDispatcher(self.gate, pool=self.pool)
+        #: SCALE_TO_ZERO=1: the nodes (or pods) sleep after ZERO_IDLE_TIME without a request in
+        #: flight (an open WebSocket is one); a request to the empty pool wakes them
+        self.scale_to_zero: ScaleToZero | None = build_scale_to_zero(
+            reactor, self, name, config.scale_to_zero, config.warmup, self.nodes, self.scaler,
+            self._requests_in_flight, dependencies=self.dependencies)  # (a wake waits for DEPENDS_ON)
+        self.wake.controller = self.scale_to_zero
         self.factory = HttpProxyFactory(reactor, DependencyDispatcher(self.wake, self.dependencies),
                                         self.upstreams, proxy_settings(config),
                                         stats=self.stats, name=name,
@@ -293,23 +300,11 @@ class HttpUnit(MultiService):
         self.upstreams.close_all()
         return stop_unit(super().stopService, port)
 
-    def _reload_nodes(self, old: HttpBalanceConfig, new: HttpBalanceConfig) -> None:
-        """As the desktop unit: sizes, polls and recycle limits apply live; the command,
-        transport, ports, sockets, persistence and farm need a restart."""
-        if old.nodes == new.nodes:
-            return
-        if self.nodes is None or new.nodes is None or old.nodes is None:
-            log.warn("reload: [{section}] node management turned on or off; restart to apply", section=self.name)
-            return
-        fixed = ("command", "transport", "base_port", "socket_dir", "persistent", "application", "lock_dir", "farm")
-        if any(getattr(old.nodes, k) != getattr(new.nodes, k) for k in fixed):
-            log.warn("reload: [{section}] NODE_COMMAND, TRANSPORT, BASE_PORT, SOCKET_DIR, PERSISTENT or FARM_* "
-                     "changed; restart to apply", section=self.name)
-            new_policy = replace(new.nodes, **{k: getattr(old.nodes, k) for k in fixed})
-        else:
-            new_policy = new.nodes
-        self.nodes.policy = new_policy
-        self.nodes.reconcile()
+    def _requests_in_flight(self) -> int:
+        """Scale to zero's activity: requests in flight (a WebSocket until it closes), those held
+        by the wake not counted (the controller adds them)."""
+        held = len(self.scale_to_zero.held) if self.scale_to_zero is not None else 0
+        return max(0, self.stats.get("http_in_flight") - held)
 
     def reload(self, config: HttpBalanceConfig) -> bool:
         """Apply a reloaded section; open connections carry on.  False (nothing applied) when a
@@ -334,7 +329,8 @@ class HttpUnit(MultiService):
             self.monitor.health_path = config.health_path
             self.monitor.connect_timeout = config.connect_timeout
         result = self.pool.reconfigure(config.servers)
-        self._reload_nodes(old, config)
+        reload_nodes(str(self.name), self.nodes, self.scale_to_zero, old.nodes, config.nodes,
+                     old.scale_to_zero, config.scale_to_zero)
         if self.monitor is not None and config.monitoring_type == old.monitoring_type:
             self.monitor.reconfigure(config.monitoring)  # type: ignore[attr-defined]  # watch added servers
         self.pool.balancer = make_balancer(config.effective_sort_method, config.metrics_max_age)

@@ -1,19 +1,19 @@
 """Where the Kubernetes API is and how to authenticate to it: in-cluster (the pod's service
 account) or a kubeconfig file.  Pure data and parsing; the token file is re-read by the client.
 
-A kubeconfig is YAML (or JSON).  PyYAML is not a dependency of the broker, so :func:`parse_yaml`
-reads the subset kubectl and the usual generators write: block mappings and sequences, flow
-mappings and sequences on one line, plain and quoted scalars, comments.
+A kubeconfig is YAML (or JSON, which is YAML too): read with PyYAML's ``safe_load`` (plain data,
+no object construction), from a file capped at :data:`MAX_FILE_BYTES`.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+import yaml
 
 #: The service account's files in a pod.
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -109,8 +109,8 @@ def from_kubeconfig(text: str, path: str, context: str = "") -> KubeConnection:
     """The connection of *context* (default: current-context) in a kubeconfig's *text*; relative
     file names are taken from *path*'s folder."""
     try:
-        document = json.loads(text) if text.lstrip().startswith("{") else parse_yaml(text)
-    except (ValueError, YamlError) as e:
+        document = parse_yaml(text)
+    except YamlError as e:
         raise KubeConfigError(f"cannot parse it: {e}") from None
     if not isinstance(document, dict):
         raise KubeConfigError("not a kubeconfig (no mapping at the top)")
@@ -153,160 +153,14 @@ def load_kubeconfig(path: str, context: str = "") -> KubeConnection:
     return from_kubeconfig(text, path, context)
 
 
-# --- the YAML subset ---------------------------------------------------------------------------
-
 class YamlError(ValueError):
-    """Text outside the YAML subset :func:`parse_yaml` reads."""
-
-
-def _strip_comment(line: str) -> str:
-    quote = ""
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i].rstrip()
-    return line.rstrip()
-
-
-def _scalar(text: str) -> Any:
-    text = text.strip()
-    if text.startswith('"'):
-        if not text.endswith('"') or len(text) < 2:
-            raise YamlError(f"unterminated string {text!r}")
-        return json.loads(text)  # YAML's double-quoted escapes are JSON's for what we read
-    if text.startswith("'"):
-        if not text.endswith("'") or len(text) < 2:
-            raise YamlError(f"unterminated string {text!r}")
-        return text[1:-1].replace("''", "'")
-    if text.startswith("{") or text.startswith("["):
-        return _flow(text)
-    if text in ("true", "True"):
-        return True
-    if text in ("false", "False"):
-        return False
-    if text in ("null", "~", ""):
-        return None
-    if re.fullmatch(r"-?[0-9]+", text):
-        return int(text)
-    return text
-
-
-def _split_flow(body: str) -> list[str]:
-    parts, depth, quote, start = [], 0, "", 0
-    for i, ch in enumerate(body):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(body[start:i])
-            start = i + 1
-    parts.append(body[start:])
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _key_value(text: str) -> tuple[str, str] | None:
-    """``key: value`` split at the first ': ' (or a trailing ':') outside quotes."""
-    quote = ""
-    for i, ch in enumerate(text):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-        elif ch == ":" and (i + 1 == len(text) or text[i + 1] in " \t"):
-            key = text[:i].strip()
-            return str(_scalar(key)) if key[:1] in "'\"" else key, text[i + 1:].strip()
-    return None
-
-
-def _flow(text: str) -> Any:
-    if text.startswith("{"):
-        if not text.endswith("}"):
-            raise YamlError(f"unterminated flow mapping {text!r}")
-        result: dict[str, Any] = {}
-        for part in _split_flow(text[1:-1]):
-            pair = _key_value(part)
-            if pair is None:
-                raise YamlError(f"not 'key: value' in {text!r}")
-            result[pair[0]] = _scalar(pair[1])
-        return result
-    if not text.endswith("]"):
-        raise YamlError(f"unterminated flow sequence {text!r}")
-    return [_scalar(part) for part in _split_flow(text[1:-1])]
+    """Text that is not YAML."""
 
 
 def parse_yaml(text: str) -> Any:
-    """The YAML subset of kubeconfig files (see the module docstring); :class:`YamlError` beyond it."""
-    lines: list[tuple[int, str]] = []
-    for raw in text.splitlines():
-        if raw.strip() in ("---", "..."):
-            continue
-        if "\t" in raw[:len(raw) - len(raw.lstrip())]:
-            raise YamlError("tab in indentation")
-        line = _strip_comment(raw)
-        if line.strip():
-            lines.append((len(line) - len(line.lstrip(" ")), line.strip()))
-    if not lines:
-        return None
-    value, end = _block(lines, 0, lines[0][0])
-    if end != len(lines):
-        raise YamlError(f"unexpected indentation at {lines[end][1]!r}")
-    return value
-
-
-def _block(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[Any, int]:
-    if lines[i][1].startswith("- ") or lines[i][1] == "-":
-        items: list[Any] = []
-        while i < len(lines) and lines[i][0] == indent and (lines[i][1].startswith("- ") or lines[i][1] == "-"):
-            rest = lines[i][1][1:].lstrip(" ")
-            inner = indent + (len(lines[i][1]) - len(rest))
-            if not rest:  # "-" then a nested block
-                i += 1
-                if i < len(lines) and lines[i][0] > indent:
-                    value, i = _block(lines, i, lines[i][0])
-                else:
-                    value = None
-                items.append(value)
-                continue
-            # the item's first line is at column *inner*: parse it and its continuation as a block
-            sub = [(inner, rest)]
-            j = i + 1
-            while j < len(lines) and lines[j][0] > indent:
-                sub.append(lines[j])
-                j += 1
-            value, used = _block(sub, 0, inner)
-            if used != len(sub):
-                raise YamlError(f"unexpected indentation at {sub[used][1]!r}")
-            items.append(value)
-            i = j
-        return items, i
-    mapping: dict[str, Any] = {}
-    if _key_value(lines[i][1]) is None:
-        if i + 1 < len(lines) and lines[i + 1][0] > indent:
-            raise YamlError(f"expected 'key: value' at {lines[i][1]!r}")
-        return _scalar(lines[i][1]), i + 1
-    while i < len(lines) and lines[i][0] == indent:
-        pair = _key_value(lines[i][1])
-        if pair is None:
-            raise YamlError(f"expected 'key: value' at {lines[i][1]!r}")
-        key, rest = pair
-        i += 1
-        if rest:
-            if rest[:1] in "|>":
-                raise YamlError("block scalars (| and >) are not supported")
-            mapping[key] = _scalar(rest)
-        elif i < len(lines) and (lines[i][0] > indent or (lines[i][0] == indent and lines[i][1].startswith("-"))):
-            mapping[key], i = _block(lines, i, lines[i][0])
-        else:
-            mapping[key] = None
-    return mapping, i
+    """The plain data of a YAML document (mappings, sequences, scalars); :class:`YamlError` if
+    *text* is not YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise YamlError(str(e).replace("\n", " ")) from None

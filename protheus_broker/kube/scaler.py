@@ -64,6 +64,7 @@ class KubernetesScaler(Service):
     """Scales one workload and follows its Service's ready endpoints into *pool*."""
 
     name = SOURCE
+    drains_safely = False  # a scale-down lets Kubernetes pick which pod stops: one in use may
 
     def __init__(self, clock: Any, client: KubeClient, pool: ServerPool, settings: KubeSettings,
                  unit: str = "") -> None:

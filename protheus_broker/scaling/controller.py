@@ -18,6 +18,13 @@ A :class:`ScaleToZero` drives an :class:`~protheus_broker.scaling.interfaces.ISc
   (:meth:`hold`) and the scaler asked for a member at once (``scale(>=1, "wake")``); every held
   session is released as soon as one is ready.  At most ``MAX_HELD`` are held (beyond: refused
   with a reason); one held longer than ``WAKE_TIMEOUT`` is refused with its reason.
+* **Dependency order** (``DEPENDS_ON``, seed 003: an AppServer started without its DbAccess
+  fails): with *dependencies* (the unit's ``deps.state.UnitDependencies``) the controller starts
+  no AppServer (asks the scaler for no more than it has) before every dependency is up; a wake
+  waits for them (logged once: "waking X: waiting for DBACCESS, LOCKSERVER", then "... up after
+  1.2 s; starting 1 node"), its held sessions with it, within ``WAKE_TIMEOUT``; past it they are
+  refused naming the dependency that kept them.  A dependency that is itself a unit of this
+  broker (one with ``demand``) is asked to stay awake while this unit is awake or waking.
 * **Never below** the forecast's ``floor(now)`` (the warm-up), nor below what current load
   needs (``ceil(sessions / SESSIONS_PER_MEMBER)`` when the scaler does not size by load
   itself).
@@ -78,7 +85,7 @@ class ScaleToZero:
 
     def __init__(self, clock: Any, scaler: IScaler, policy: ScaleToZeroPolicy,
                  activity: Callable[[], int], forecast: IUsageForecast | None = None,
-                 name: str = "") -> None:
+                 name: str = "", dependencies: Any = None) -> None:
         self.clock = clock
         self.scaler = scaler
         self.policy = policy
@@ -98,6 +105,16 @@ class ScaleToZero:
         self._loop: LoopingCall | None = None
         self._sleep_timer: Any = None  # the countdown's end, to the moment (not the next tick)
         self._unsubscribe: Callable[[], None] | None = None
+        #: the unit's dependencies (deps.state.UnitDependencies: ``missing()``, ``watch()``), or None
+        self.dependencies: Any = None
+        self._unwatch: Callable[[], None] | None = None
+        self.deps_waiting_since: float | None = None  # a scale-up held back for dependencies
+        self.deps_waits: list[float] = []  # seconds each wait for dependencies took
+        #: units of this broker that depend on this one and are awake or waking: keep it awake
+        self.demands: set[str] = set()
+        self._demanding: set[str] = set()  # the dependencies this controller asked to stay awake
+        if dependencies is not None:
+            self.use_dependencies(dependencies)
 
     # --- life ---------------------------------------------------------------------------
 
@@ -110,10 +127,13 @@ class ScaleToZero:
         if self.target is None:
             self.target = self.scaler.desired()  # what runs now: only a change is asked for
         self._unsubscribe = self.scaler.subscribe(self._scaler_changed)
+        if self.dependencies is not None and self._unwatch is None:
+            self._unwatch = self.dependencies.watch(self._dependencies_changed)
         log.info("{unit}: scale to zero after {idle:g}s without a session; a login wakes a node "
                  "(WAKE_TIMEOUT={wake:g}s, MAX_HELD={held})", unit=self.name, idle=self.policy.idle_time,
                  wake=self.policy.wake_timeout, held=self.policy.max_held)
         self.evaluate()
+        self._demand_dependencies((self.target or 0) > 0)
         loop = LoopingCall(self.tick)
         loop.clock = self.clock
         loop.start(self.policy.tick, now=False)
@@ -128,8 +148,62 @@ class ScaleToZero:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+        self._demand_dependencies(False)
         for held in list(self.held):
             self._refuse(held, WakeRefused("no AppServer woke", "the broker is stopping"))
+
+    # --- dependencies -------------------------------------------------------------------
+
+    def use_dependencies(self, dependencies: Any) -> None:
+        """Wait for *dependencies* (``missing() -> list``, ``watch(callback) -> unwatch``; the
+        unit's UnitDependencies) before starting an AppServer."""
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+        self.dependencies = dependencies
+        if self.running and dependencies is not None:
+            self._unwatch = dependencies.watch(self._dependencies_changed)
+
+    def missing(self) -> list[Any]:
+        """The dependencies not up now (none without DEPENDS_ON)."""
+        return [] if self.dependencies is None else list(self.dependencies.missing())
+
+    def demand(self, who: str, on: bool) -> None:
+        """Unit *who*, which depends on this one, is awake or waking (*on*) or asleep: while any
+        is, this unit counts as active (it wakes, and does not sleep)."""
+        if on == (who in self.demands):
+            return
+        if on:
+            self.demands.add(who)
+            self.idle_since = None
+            log.info("{unit}: woken for {who}, which depends on it", unit=self.name, who=who)
+        else:
+            self.demands.discard(who)
+        if self.running:
+            self.evaluate()
+
+    def _demand_dependencies(self, on: bool) -> None:
+        """Ask the dependencies that are units of this broker to stay awake (or let them go)."""
+        for dependency in [] if self.dependencies is None else self.dependencies.dependencies:
+            demand = getattr(dependency, "demand", None)
+            if demand is None or on == (dependency.name in self._demanding):
+                continue
+            if on:
+                self._demanding.add(dependency.name)
+            else:
+                self._demanding.discard(dependency.name)
+            try:
+                demand(self.name, on)
+            except Exception:
+                log.failure("{unit}: cannot wake {dependency}", unit=self.name, dependency=dependency.name)
+
+    def _dependencies_changed(self) -> None:
+        if self.running:
+            self.evaluate()
+            self._demand_dependencies((self.target or 0) > 0 or self.deps_waiting_since is not None)
 
     # --- holding --------------------------------------------------------------------------
 
@@ -184,6 +258,16 @@ class ScaleToZero:
         self.refused_timeout += 1
         waited = self.clock.seconds() - held.since
         scaler = self.scaler
+        missing = self.missing() if self.scaler.ready() == 0 else []
+        if missing:  # the wake never started: a dependency kept it
+            dependency = missing[0]
+            self.dependencies.note_refused(dependency)
+            state = "down" if dependency.checked else "not checked yet"
+            self._refuse(held, WakeRefused(
+                f"dependency {dependency.name} ({dependency.where}) {state}: not woken",
+                f"{dependency.reason}; waited {waited:.1f}s (WAKE_TIMEOUT={self.policy.wake_timeout:g}s) "
+                f"for {', '.join(d.name for d in missing)}", max(1, int(getattr(dependency, "retry_after", 5)))))
+            return
         self._refuse(held, WakeRefused(
             "no AppServer woke in time",
             f"none ready within WAKE_TIMEOUT={self.policy.wake_timeout:g}s (waited {waited:.1f}s; "
@@ -256,12 +340,16 @@ class ScaleToZero:
         floor = self._floor(now)
         policy = self.policy
         asked = self.target if self.target is not None else self.scaler.desired()
-        if sessions:
+        if sessions or self.demands:
             self.idle_since = None
             self._cancel_sleep_timer()
             need = math.ceil(sessions / policy.sessions_per_member) if policy.sessions_per_member else 1
             # never down while a session is open: it may be on any member
-            target, why = max(floor, need, 1, policy.min_awake, asked), "sessions open"
+            # (a scaler that does not drain safely, Kubernetes, may stop a pod in use on a scale-down:
+            # what was asked stays the minimum; the local node manager never stops a node in use)
+            keep = 0 if getattr(self.scaler, "drains_safely", False) else asked
+            target = max(floor, need, 1, policy.min_awake, keep)
+            why = "sessions open" if sessions else f"{', '.join(sorted(self.demands))} depends on it"
         else:
             if self.idle_since is None:
                 self.idle_since = now  # the last session has just ended: the countdown starts
@@ -287,6 +375,28 @@ class ScaleToZero:
         self._sleep_timer = None
 
     def _ask(self, replicas: int, why: str) -> None:
+        now = self.clock.seconds()
+        current = self.target if self.target is not None else self.scaler.desired()
+        if replicas > current:
+            missing = self.missing()
+            if missing:  # no AppServer before its DbAccess, LockServer, ...: wait for them
+                if self.deps_waiting_since is None:
+                    self.deps_waiting_since = now
+                    log.info("{what}: waiting for {names}", unit=self.name, what=(
+                        f"waking {self.name}" if current == 0 else f"scaling {self.name} up {current} -> {replicas}"),
+                        names=", ".join(d.name for d in missing), waiting_for=[d.name for d in missing])
+                self._demand_dependencies(True)
+                return
+            if self.deps_waiting_since is not None:
+                took = now - self.deps_waiting_since
+                self.deps_waits.append(took)
+                del self.deps_waits[:-100]
+                started = replicas - current
+                log.info("{unit}: {names} up after {took:.1f} s; starting {n} node{s}", unit=self.name,
+                         names=", ".join(self.dependencies.names), took=took, n=started,
+                         s="" if started == 1 else "s", dependencies_seconds=took)
+        self.deps_waiting_since = None  # started, or no longer wanted (the held sessions gave up)
+        self._demand_dependencies(replicas > 0)
         if replicas == self.target:
             return
         old, self.target = self.target, replicas
@@ -308,4 +418,8 @@ class ScaleToZero:
             "sleeps_in": None if idle is None or self.target == 0 else round(max(0.0, self.policy.idle_time - idle), 3),
             "wakes": self.wakes, "refused_full": self.refused_full, "refused_timeout": self.refused_timeout,
             "last_wake_seconds": self.wake_latencies[-1] if self.wake_latencies else None,
+            "waiting_for": ([d.name for d in self.missing()] if self.deps_waiting_since is not None else []),
+            "waiting_for_seconds": (None if self.deps_waiting_since is None
+                                    else round(now - self.deps_waiting_since, 3)),
+            "woken_for": sorted(self.demands),
         }

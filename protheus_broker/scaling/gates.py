@@ -4,7 +4,10 @@ unit's session machine and a wrapper around an HTTP unit's dispatcher.
 Desktop (:class:`WakeGate`): a SmartClient login that finds no ready AppServer waits in its
 session's *waiting* state (client paused: its first bytes stay in the kernel or the replay
 buffer, as with ``WAIT_FOR_SERVER``) while :class:`~.controller.ScaleToZero` wakes a node, then
-goes on to the next gate and connects; refused (``MAX_HELD``, ``WAKE_TIMEOUT``), it is closed
+goes on to the next gate and connects (while the unit is asleep or waking, :meth:`WakeGate.would_hold`,
+the dependency gate before it lets the session through: a dependency that is down is waited for
+by the wake, see :class:`~.controller.ScaleToZero`; awake, the dependency gate refuses at once);
+refused (``MAX_HELD``, ``WAKE_TIMEOUT``), it is closed
 with the reason in its log line.  A client that leaves cancels its hold.
 
 HTTP (:class:`WakeDispatcher`): a request that finds no ready member waits the same way inside
@@ -33,6 +36,10 @@ class WakeGate:
     def __init__(self, controller: ScaleToZero, pool: Any = None) -> None:
         self.controller = controller
         self.pool = pool  # a fixed server (REMOTE_SERVER_xx) that can take the session: no hold
+
+    def would_hold(self, session: Any = None) -> bool:
+        """True when :meth:`acquire` would hold a session now (the unit is asleep or waking)."""
+        return self.controller.must_hold() and not (self.pool is not None and self.pool.can_take_session())
 
     def acquire(self, session: Any) -> Deferred[None]:
         if self.pool is not None and self.pool.can_take_session():
@@ -66,10 +73,16 @@ class WakeDispatcher:
     def strip_request_headers(self) -> frozenset[bytes]:
         return self.inner.strip_request_headers  # type: ignore[no-any-return]
 
+    def would_hold(self) -> bool:
+        """True when :meth:`choose` would hold a request now (the unit is asleep or waking): a
+        dependency that is down is then waited for by the wake, not refused at once."""
+        controller, pool = self.controller, self.pool
+        return (controller is not None and controller.must_hold()
+                and not (pool is not None and pool.can_take_session()))
+
     def choose(self, request: RequestInfo) -> Deferred[Choice]:
         controller = self.controller
-        pool = self.pool
-        if controller is None or not controller.must_hold() or (pool is not None and pool.can_take_session()):
+        if controller is None or not self.would_hold():
             return self.inner.choose(request)  # type: ignore[no-any-return]
         held = controller.hold(request.client)
         held.addCallbacks(lambda _: self.inner.choose(request), self._refused)

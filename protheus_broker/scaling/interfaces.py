@@ -19,6 +19,11 @@ class IScaler(Interface):
     """Starts and stops the AppServers of one unit."""
 
     name = Attribute("What it is, for logs and the screen: 'nodes', 'kubernetes'.")
+    drains_safely = Attribute(
+        "True when a scale-down never stops an AppServer that has sessions (the local node manager "
+        "stops idle nodes only), so the controller may ask for what load needs while sessions are "
+        "open; False when the platform picks which one stops (Kubernetes): then, while sessions are "
+        "open, the controller never asks for fewer than it asked before.")
 
     def desired() -> int:
         """The number of AppServers last asked for."""

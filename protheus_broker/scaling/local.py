@@ -26,6 +26,7 @@ class LocalScaler:
     """Scale a unit's managed nodes (see the module docstring)."""
 
     name = "nodes"
+    drains_safely = True  # the node manager never stops a node that has sessions
 
     def __init__(self, manager: NodeManager) -> None:
         self.manager = manager

@@ -10,7 +10,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from protheus_broker import __version__
 from protheus_broker.nodes.manager import NodeState
 from protheus_broker.web.model import (STATES, Broker, license_status, unit_counters, unit_dependencies,
-                                         unit_farm, unit_scale_to_zero, units_of)
+                                         unit_farm, unit_scale_to_zero, unit_scaler, units_of)
 
 __all__ = ["BrokerCollector", "CONTENT_TYPE_LATEST", "render"]
 
@@ -163,6 +163,7 @@ class BrokerCollector:
                     memory.add_metric(values, row["memory_bytes"])
         yield from (state, sessions, memory, streak)
         yield from self._scale_to_zero(units)
+        yield from self._kubernetes(units)
 
     def _scale_to_zero(self, units: list[Any]) -> Iterator[Any]:
         """Scale to zero: waking, held sessions, target, wakes and refusals per pool."""
@@ -185,6 +186,31 @@ class BrokerCollector:
             refused.add_metric([unit.name, "max_held"], snap["refused_full"])
             refused.add_metric([unit.name, "wake_timeout"], snap["refused_timeout"])
         yield from (waking, held, target, wakes, refused)
+
+    def _kubernetes(self, units: list[Any]) -> Iterator[Any]:
+        """The Kubernetes scaler per pool: replicas asked for and ready, watch restarts, 410s, errors."""
+        desired = GaugeMetricFamily(f"{_PREFIX}_kube_desired_replicas",
+                                    "Replicas the Kubernetes scaler last asked for", labels=["pool", "workload"])
+        ready = GaugeMetricFamily(f"{_PREFIX}_kube_ready_replicas",
+                                  "Ready endpoints of the Service (pool members)", labels=["pool", "workload"])
+        restarts = CounterMetricFamily(f"{_PREFIX}_kube_watch_restarts",
+                                       "EndpointSlice watches opened after the first", labels=["pool", "workload"])
+        gone = CounterMetricFamily(f"{_PREFIX}_kube_watch_gone",
+                                   "Watches ended by 410 Gone (then re-listed)", labels=["pool", "workload"])
+        errors = CounterMetricFamily(f"{_PREFIX}_kube_errors", "Kubernetes API errors (list, watch, scale)",
+                                     labels=["pool", "workload"])
+        for unit in units:
+            snap = unit_scaler(unit)
+            if snap is None:
+                continue
+            labels = [unit.name, str(snap.get("workload", ""))]
+            counts: Any = snap.get("counts") or {}
+            desired.add_metric(labels, snap.get("desired") or 0)
+            ready.add_metric(labels, snap.get("ready") or 0)
+            restarts.add_metric(labels, max(0, counts.get("watches", 0) - 1))
+            gone.add_metric(labels, counts.get("gone", 0))
+            errors.add_metric(labels, counts.get("errors", 0))
+        yield from (desired, ready, restarts, gone, errors)
 
 
 def _license_families(broker: Any, units: list[Any]) -> Iterator[Any]:

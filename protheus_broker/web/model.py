@@ -237,6 +237,15 @@ def unit_scale_to_zero(unit: Any) -> dict[str, Any] | None:
     return controller.snapshot() if controller is not None else None  # type: ignore[no-any-return]
 
 
+def unit_scaler(unit: Any) -> dict[str, Any] | None:
+    """The unit's Kubernetes scaler (None without ``KUBERNETES``): workload, replicas asked for and
+    ready, the EndpointSlice watch (API version, resourceVersion) and its counts (lists, watches,
+    410s, errors, patches)."""
+    scaler = getattr(unit, "scaler", None)
+    snapshot = getattr(scaler, "snapshot", None)
+    return snapshot() if snapshot is not None else None  # type: ignore[no-any-return]
+
+
 def unit_forecast(unit: Any, now: float) -> dict[str, Any] | None:
     """The warm-up's chart of today (None without WARMUP=1): forecast nodes per 15-minute slot
     against the sessions and nodes recorded."""
@@ -301,6 +310,7 @@ def pool_status(unit: Any, admin: Any, history: ConnectionHistory | None, now: f
         "servers": unit_servers(unit, now),
         "nodes": unit_nodes(unit),
         "scale_to_zero": unit_scale_to_zero(unit),
+        "scaler": unit_scaler(unit),
         "dependencies": unit_dependencies(unit, now),
         "forecast": unit_forecast(unit, now),
         "farm": unit_farm(unit),

@@ -99,6 +99,7 @@ function buildPools(s){var box=$("pools");box.textContent="";
  s.pools.forEach(function(pool,p){var sec=el("section",{"class":"pool","data-pool":p});
   sec.appendChild(el("h2",null,"Pool "+pool.name+" ("+pool.listen+")"));sec.appendChild(el("div",{"class":"sub pool-sub"}));
   sec.appendChild(el("div",{"class":"sub pool-deps"}));sec.appendChild(el("div",{"class":"sub pool-wake"}));
+  sec.appendChild(el("div",{"class":"sub pool-scaler"}));
   var wrap=el("div",{"class":"scroll"}),tab=el("table",{id:"servers"}),hr=el("tr");
   ["Server","Address","State","Connections","Standby","Total","Failures","Memory","Users","Threads","CPU %","Age","Actions"]
    .forEach(function(h){hr.appendChild(el("th",null,h));});var th=el("thead");th.appendChild(hr);tab.appendChild(th);
@@ -132,6 +133,7 @@ function renderPools(s){var shape=JSON.stringify(s.pools.map(function(p){return 
    " (configured "+pool.sort_method_configured+")":"")+" · MONITORING_TYPE "+pool.monitoring_type+" · "+pool.sessions+
    " sessions"+(pool.max_sessions?" of "+pool.max_sessions:"");
   renderDeps(sec.querySelector(".pool-deps"),pool.dependencies||[]);renderWake(sec.querySelector(".pool-wake"),pool.scale_to_zero);
+  renderScaler(sec.querySelector(".pool-scaler"),pool.scaler);
   pool.servers.forEach(function(sv){serverCells(sec.querySelector('tr[data-server="'+CSS.escape(sv.id)+'"]'),sv);});
   if(pool.nodes){renderNodes(sec.querySelector(".nodes"),pool);}
   if(pool.farm&&sec.querySelector(".farm")){renderFarm(sec.querySelector(".farm"),pool.farm);}
@@ -198,12 +200,21 @@ function renderFarm(box,farm){box.textContent="";farm.forEach(function(h){var li
 function renderWake(box,z){box.textContent="";if(!z){return;}
  var st=z.waking?"waking":(z.ready>0?"awake":"asleep");
  box.appendChild(document.createTextNode("scale to zero: "));
- box.appendChild(el("span",{"class":"state s-"+({waking:"suspended",awake:"up",asleep:"draining"})[st],"data-wake":st},st));
+ var w=z.waiting_for&&z.waiting_for.length?"waiting for dependencies: "+z.waiting_for.join(", "):st;
+ box.appendChild(el("span",{"class":"state s-"+(w!==st?"suspended":({waking:"suspended",awake:"up",asleep:"draining"})[st]),"data-wake":st},w));
  box.appendChild(document.createTextNode(" · "+z.held+" held (max "+z.max_held+") · "+z.ready+" ready of "+
   (z.target===null?"?":z.target)+(z.waking?" · waking for "+dur(z.waking_for):"")+
   (z.sleeps_in!==null&&!z.waking&&z.held===0&&z.ready>0?" · sleeps in "+dur(z.sleeps_in):"")+
   " · "+z.wakes+" wakes"+(z.last_wake_seconds!==null?" (last "+z.last_wake_seconds.toFixed(2)+" s)":"")+
   (z.refused_full+z.refused_timeout?" · refused "+z.refused_full+" over MAX_HELD, "+z.refused_timeout+" past WAKE_TIMEOUT":"")));}
+// KUBERNETES: the workload, replicas asked for and ready, the EndpointSlice watch and its troubles.
+function renderScaler(box,k){box.textContent="";if(!k){return;}var c=k.counts||{};
+ box.appendChild(document.createTextNode("Kubernetes "+k.workload+" in "+k.namespace+" (service "+k.service+"): "));
+ box.appendChild(el("span",{"class":"state s-"+(k.ready>0?"up":(k.desired>0?"suspended":"draining")),"data-kube":"replicas"},
+  k.ready+" ready of "+k.desired));
+ box.appendChild(document.createTextNode((k.pending_scale?" · scaling":"")+" · "+k.endpointslices+" watch"+
+  (k.resource_version?" at "+k.resource_version:"")+" · "+Math.max(0,(c.watches||0)-1)+" watch restarts · "+
+  (c.gone||0)+" × 410 · "+(c.errors||0)+" errors"));}
 // DEPENDS_ON: each dependency's state; one that is down says since when and why (no new session meanwhile).
 function renderDeps(box,deps){box.textContent="";if(!deps.length){return;}box.appendChild(document.createTextNode("depends on "));
  deps.forEach(function(d){var st=el("span",{"class":"state s-"+(d.state==="unchecked"?"suspended":d.state),"data-dependency":d.name,
