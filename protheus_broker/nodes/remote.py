@@ -23,6 +23,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -178,12 +179,15 @@ class FarmHost:
         self.orphans: dict[int, dict[str, Any]] = {}  # listed by the agent, not (yet) adopted
         self.attached_once = False
         self.last_problem = ""
+        self.since = spawner.reactor.seconds()  # when the link last went up or down (the screen)
 
     @property
     def name(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"
 
     def up(self, channel: FarmChannel, node_host: str, rows: list[dict[str, Any]]) -> None:
+        if self.channel is None:
+            self.since = self.spawner.reactor.seconds()
         self.channel = channel
         self.node_host = node_host or self.address[0]
         self.last_problem = ""
@@ -195,8 +199,18 @@ class FarmHost:
     def down(self, channel: FarmChannel, why: str) -> None:
         if self.channel is channel:
             self.channel = None
+            self.since = self.spawner.reactor.seconds()
+            self.last_problem = self.last_problem or f"channel lost: {why}"
             log.warn("{unit}: farm host {host} channel lost ({why}); its nodes keep running",
                      unit=self.spawner.unit, host=self.name, why=why)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The link as the screen shows it: up or down, since when, the last problem, our nodes
+        placed there (ids)."""
+        nodes = sorted(n.spec.node_id for n in self.spawner.nodes.values() if n.host is self and not n.ended)
+        return {"host": self.name, "state": "up" if self.channel is not None else "down",
+                "since": round(self.since, 3), "for_seconds": round(max(0.0, now - self.since), 3),
+                "problem": self.last_problem or None, "nodes": nodes}
 
     def problem(self, why: str) -> None:
         if why != self.last_problem:
@@ -224,6 +238,11 @@ class FarmSpawner:
         #: it says the application is free again (asked every PERSISTENT_RETRY seconds)
         self.persistent_refused: str | None = None
         self._retry: Any = None
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Each farm host's link, in FARM_HOSTS order (status JSON ``pools[].farm``, /metrics)."""
+        now = self.reactor.seconds()
+        return [host.snapshot(now) for host in self.hosts]
 
     # --- placing --------------------------------------------------------------------------
 
@@ -448,6 +467,22 @@ def _attached(channel: Any) -> defer.Deferred[None]:
     return attached
 
 
+@implementer(IStreamClientEndpoint)
+class _Reporting:
+    """The farm host's endpoint: a failed connect is the host's last problem (the screen)."""
+
+    def __init__(self, endpoint: Any, host: FarmHost) -> None:
+        self.endpoint = endpoint
+        self.host = host
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        def failed(failure: Failure) -> Failure:
+            self.host.problem(f"cannot connect: {_why(failure)}")
+            return failure
+        connecting: defer.Deferred[Any] = self.endpoint.connect(factory)
+        return connecting.addErrback(failed)
+
+
 class FarmService(MultiService):
     """The farm channels of one unit (reconnected with backoff).  Add it to the unit after the
     NodeService: it stops first, so the manager's stop leaves the farm nodes running."""
@@ -460,7 +495,7 @@ class FarmService(MultiService):
         for host in spawner.hosts:
             backoff = backoffPolicy(initialDelay=0.25, maxDelay=10.0, factor=1.5)
             service = ClientService(
-                HostnameEndpoint(reactor, host.address[0], host.address[1], timeout=5),
+                _Reporting(HostnameEndpoint(reactor, host.address[0], host.address[1], timeout=5), host),
                 _ChannelFactory(host), retryPolicy=backoff, clock=reactor,
                 prepareConnection=_attached)
             service.setServiceParent(self)

@@ -1,8 +1,8 @@
 """``protheus-broker-ctl``: the broker screen's API from a terminal, as tables.
 
-    protheus-broker-ctl [--url URL] [--token TOKEN | --token-file PATH] COMMAND [ARG]
+    protheus-broker-ctl [--url URL] [--token TOKEN | --token-file PATH] [--pool SECTION] COMMAND [ARG]
     commands: status | servers | sessions [PAGE] | drain ID | ready ID | down ID | close SID |
-              reload | hash-token
+              nodes | recycle NODE | discard NODE | scale MIN | reload | hash-token
 
 URL defaults to $PROTHEUS_BROKER_URL or http://127.0.0.1:8480; the token to
 $PROTHEUS_BROKER_TOKEN.  ``hash-token`` prints a new random token and the TOKEN_HASH line for
@@ -20,6 +20,7 @@ import http.client
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -139,7 +140,80 @@ def _servers_table(servers: list[dict[str, Any]]) -> str:
                   "THREADS", "CPU%", "AGE", "REASON"], rows)
 
 
-def render(command: str, body: Any) -> str:
+def since(moment: float) -> str:
+    """A clock time as UTC text, as the broker's messages say it: ``2026-11-30 13:05:12Z``."""
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(moment))
+
+
+def _age(seconds: float | None) -> str | None:
+    return None if seconds is None else f"{seconds:.0f}s"
+
+
+def _dependencies_table(dependencies: list[dict[str, Any]]) -> str:
+    rows = [[d["name"], d["state"], since(d["since"]), _age(d["for_seconds"]), d["refused"],
+             ",".join(d.get("pools") or []) or None, d["reason"] or None] for d in dependencies]
+    return table(["DEPENDENCY", "STATE", "SINCE", "FOR", "REFUSED", "POOLS", "REASON"], rows)
+
+
+def _license_lines(client: dict[str, Any]) -> list[str]:
+    state = "connected" if client["connected"] else "not connected"
+    out = [f"license client {client['client_name']}: {state} to {client['server']} since {since(client['since'])}"
+           + (f" ({client['reason']})" if client["reason"] else "")]
+    rows = [[name, c["held"], c["in_use"], c["free"], c["waiting"], c["leases"]]
+            for name, c in client["classes"].items()]
+    if rows:
+        out.append(table(["CLASS", "HELD", "IN USE", "FREE", "WAITING", "LEASES"], rows))
+    return out
+
+
+def _nodes_table(nodes: list[dict[str, Any]]) -> str:
+    rows = [[n["id"], n["state"] + (" (recycling)" if n.get("recycling") else ""),
+             "yes" if n["persistent"] else "no", n["sessions"], n["memory_bytes"], _age(n["age_seconds"]),
+             n["endpoint"]] for n in nodes]
+    return table(["ID", "STATE", "PERSISTENT", "SESSIONS", "MEMORY", "AGE", "ENDPOINT"], rows)
+
+
+def _farm_lines(farm: list[dict[str, Any]]) -> list[str]:
+    return [f"farm host {h['host']} {h['state']} since {since(h['since'])} (for {_age(h['for_seconds'])}), "
+            f"{len(h['nodes'])} node(s)" + (f": {', '.join(str(i) for i in h['nodes'])}" if h["nodes"] else "")
+            + (f"; last problem: {h['problem']}" if h.get("problem") else "") for h in farm]
+
+
+def _nodes(body: Any) -> str:
+    """``nodes``: a table per pool with managed nodes, its farm hosts under it."""
+    pools = [pool for pool in body["pools"] if pool.get("nodes") is not None]
+    if not pools:
+        return "no managed nodes (no pool has NODE_COMMAND or FARM_HOSTS)"
+    out = []
+    for pool in pools:
+        n = pool["nodes"]
+        head = (f"pool {pool['name']} [{pool['section']}]: MIN_NODES {n['min_nodes']}, MAX_NODES {n['max_nodes']}, "
+                f"{n['transport']}, {len(n['nodes'])} node(s)")
+        if n["crash_streak"] > 1:
+            head += f", crash loop: {n['crash_streak']} failures in a row"
+        if n.get("persistent_refused"):
+            head += f", no persistent node: {n['persistent_refused']}"
+        out.append("\n".join([head, _nodes_table(n["nodes"])] + _farm_lines(pool.get("farm") or [])))
+    return "\n\n".join(out)
+
+
+def _nodes_now(nodes: list[dict[str, Any]]) -> str:
+    return f"{len(nodes)} node(s) now: " + (", ".join(f"{n['id']} {n['state']}" for n in nodes) or "none")
+
+
+def _node_action(body: Any, node_id: str) -> str:
+    """recycle/discard: done, and the pool's nodes now (an idle node is gone at once, and its id
+    may already name its replacement)."""
+    return f"{body['action']}: node {node_id} of {body['pool']}: done; {_nodes_now(body['nodes'])}"
+
+
+def render(command: str, body: Any, arg: str | None = None) -> str:
+    if command == "nodes":
+        return _nodes(body)
+    if command in ("recycle", "discard"):
+        return _node_action(body, arg or "")
+    if command == "scale":
+        return f"scale: MIN_NODES of {body['pool']} is {body['min_nodes']} for this run; {_nodes_now(body['nodes'])}"
     if command == "status":
         t = body["totals"]
         out = [f"protheus-broker {body['version']}, up {body['uptime_seconds']:.0f}s, config {body['config_path']}",
@@ -153,6 +227,20 @@ def render(command: str, body: Any) -> str:
             out.append(f"\npool {pool['name']}{section} on {pool['listen']}: SORT_METHOD {pool['sort_method']}, "
                        f"MONITORING_TYPE {pool['monitoring_type']}")
             out.append(_servers_table(pool["servers"]))
+            if pool.get("nodes") is not None:
+                n = pool["nodes"]
+                states: dict[str, int] = {}
+                for node in n["nodes"]:
+                    states[node["state"]] = states.get(node["state"], 0) + 1
+                out.append("nodes: " + (", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+                                        or "none")
+                           + f" (MIN_NODES {n['min_nodes']}, MAX_NODES {n['max_nodes']}; protheus-broker-ctl nodes)")
+                out.extend(_farm_lines(pool.get("farm") or []))
+        if body.get("dependencies"):
+            out.append("\n" + _dependencies_table(body["dependencies"]))
+        if body.get("license_client"):
+            out.append("")
+            out.extend(_license_lines(body["license_client"]))
         return "\n".join(out)
     if command == "servers":
         pools: dict[str, list[dict[str, Any]]] = {}
@@ -187,10 +275,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
     p.add_argument("--stdin", action="store_true", help="hash-token: hash the token read from stdin")
     p.add_argument("--pool", help="drain/ready/down: the pool (its [BALANCE_*] section) when several "
-                                  "have a server of that ID")
+                                  "have a server of that ID; recycle/discard/scale: when several "
+                                  "pools have managed nodes")
     p.add_argument("command", choices=["status", "servers", "sessions", "drain", "ready", "down", "close",
-                                       "reload", "hash-token"])
-    p.add_argument("arg", nargs="?", help="server ID, session id, or page number for sessions")
+                                       "nodes", "recycle", "discard", "scale", "reload", "hash-token"])
+    p.add_argument("arg", nargs="?", help="server ID, session id, node id, MIN_NODES for scale, "
+                                          "or page number for sessions")
     return p
 
 
@@ -209,10 +299,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     token = check_token(args.token, "--token")
     if args.token_file:
         token = check_token(read_token_file(args.token_file), f"--token-file {args.token_file}")
-    needs_arg = args.command in ("drain", "ready", "down", "close")
-    if needs_arg and not args.arg:
-        raise usage_error(f"{args.command} needs {'a session id' if args.command == 'close' else 'a server ID'}")
-    if args.command == "status":
+    needs = {"close": "a session id", "recycle": "a node id", "discard": "a node id",
+             "scale": "MIN (the number of nodes to keep)"}
+    if args.command in ("drain", "ready", "down", "close", "recycle", "discard", "scale") and not args.arg:
+        raise usage_error(f"{args.command} needs {needs.get(args.command, 'a server ID')}")
+    pool = "?" + urllib.parse.urlencode({"pool": args.pool}) if args.pool else ""
+    if args.command == "status" or args.command == "nodes":
         method, path = "GET", "/api/v1/status"
     elif args.command == "servers":
         method, path = "GET", "/api/v1/servers"
@@ -221,20 +313,27 @@ def run(argv: Sequence[str] | None = None) -> int:
         if not page.isdigit():
             raise usage_error(f"sessions: page must be a number, got {page!r}")
         method, path = "GET", f"/api/v1/sessions?page={page}"
+    elif args.command in ("recycle", "discard"):
+        if not (args.arg.isascii() and args.arg.isdigit()):
+            raise usage_error(f"{args.command}: node id must be a number, got {args.arg!r}")
+        method, path = "POST", f"/api/v1/nodes/{args.arg}/{args.command}{pool}"
+    elif args.command == "scale":
+        if not (args.arg.isascii() and args.arg.isdigit()):
+            raise usage_error(f"scale: MIN must be a whole number, got {args.arg!r}")
+        method, path = "POST", "/api/v1/nodes/scale?" + urllib.parse.urlencode(
+            {"min": args.arg, **({"pool": args.pool} if args.pool else {})})
     elif args.command == "reload":
         method, path = "POST", "/api/v1/reload"
     elif args.command == "close":
         method, path = "POST", f"/api/v1/sessions/{urllib.parse.quote(args.arg)}/close"
     else:
-        method, path = "POST", f"/api/v1/servers/{urllib.parse.quote(args.arg, safe='')}/{args.command}"
-        if args.pool:
-            path += "?" + urllib.parse.urlencode({"pool": args.pool})
+        method, path = "POST", f"/api/v1/servers/{urllib.parse.quote(args.arg, safe='')}/{args.command}{pool}"
     body = call(url, token, method, path)
     if args.json:
         print(json.dumps(body, indent=2, sort_keys=True))
         return 0
     try:
-        text = render(args.command, body)
+        text = render(args.command, body, args.arg)
     except (KeyError, TypeError, AttributeError, ValueError):  # JSON, but not the broker's API
         raise CtlError(f"{url} answered {method} {path} with JSON that is not the broker's "
                        "(another service on that port?)") from None

@@ -10,7 +10,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from protheus_broker import __version__
 from protheus_broker.nodes.manager import NodeState
 from protheus_broker.web.model import (STATES, Broker, license_status, unit_counters, unit_dependencies,
-                                         unit_scale_to_zero, unit_scaler, units_of)
+                                         unit_farm, unit_scale_to_zero, unit_scaler, units_of)
 
 __all__ = ["BrokerCollector", "CONTENT_TYPE_LATEST", "render"]
 
@@ -89,6 +89,7 @@ class BrokerCollector:
             yield gauge
 
         yield from _license_families(broker, units)
+        yield from _farm_families(units)
 
         labels = ["pool", "server", "address"]
         state = GaugeMetricFamily(f"{_PREFIX}_server_state", "1 for the server's current state",
@@ -238,6 +239,21 @@ def _license_families(broker: Any, units: list[Any]) -> Iterator[Any]:
         waiting.add_metric([name], figures["waiting"])
     yield seats
     yield waiting
+
+
+def _farm_families(units: list[Any]) -> Iterator[Any]:
+    """FARM_HOSTS: 1 while the broker's channel to the farm host's agent is up, and the nodes
+    placed there."""
+    up = GaugeMetricFamily(f"{_PREFIX}_farm_link_up", "1 while the channel to the farm host's agent "
+                           "is up (its nodes keep running while it is down)", labels=["pool", "host"])
+    nodes = GaugeMetricFamily(f"{_PREFIX}_farm_nodes", "Managed nodes this broker placed on the farm host",
+                              labels=["pool", "host"])
+    for unit in units:
+        for link in unit_farm(unit) or []:
+            up.add_metric([unit.name, link["host"]], 1 if link["state"] == "up" else 0)
+            nodes.add_metric([unit.name, link["host"]], len(link["nodes"]))
+    yield up
+    yield nodes
 
 
 def render(broker: Broker) -> bytes:

@@ -257,6 +257,14 @@ def unit_forecast(unit: Any, now: float) -> dict[str, Any] | None:
     return chart(now) if chart is not None else None  # type: ignore[no-any-return]
 
 
+def unit_farm(unit: Any) -> list[dict[str, Any]] | None:
+    """The unit's farm links (FARM_HOSTS): host, up or down, since, last problem, node ids on
+    it; None without a farm."""
+    spawner = getattr(getattr(unit, "nodes", None), "spawner", None)
+    links = getattr(spawner, "snapshot", None)
+    return links() if callable(links) else None
+
+
 def servers(broker: Any) -> list[dict[str, Any]]:
     """Every unit's servers; each names its ``pool`` (the unit's section)."""
     now = broker.reactor.seconds()
@@ -305,6 +313,7 @@ def pool_status(unit: Any, admin: Any, history: ConnectionHistory | None, now: f
         "scaler": unit_scaler(unit),
         "dependencies": unit_dependencies(unit, now),
         "forecast": unit_forecast(unit, now),
+        "farm": unit_farm(unit),
         "totals": unit_counters(unit),
         "license": unit.gate.status() if getattr(unit, "gate", None) is not None else None,
         "history": {

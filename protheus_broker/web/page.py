@@ -115,6 +115,7 @@ function buildPools(s){var box=$("pools");box.textContent="";
     a.appendChild(b);});tr.appendChild(a);tb.appendChild(tr);});
   tab.appendChild(tb);wrap.appendChild(tab);sec.appendChild(wrap);
   if(pool.nodes){sec.appendChild(el("div",{"class":"nodes"}));}
+  if(pool.farm){sec.appendChild(el("div",{"class":"sub farm"}));}
   sec.appendChild(el("div",{"class":"sub"},"Connections per server"));
   var svg=document.createElementNS("http://www.w3.org/2000/svg","svg");svg.setAttribute("id","chart");sec.appendChild(svg);
   sec.appendChild(el("div",{"class":"legend"}));
@@ -135,6 +136,7 @@ function renderPools(s){var shape=JSON.stringify(s.pools.map(function(p){return 
   renderScaler(sec.querySelector(".pool-scaler"),pool.scaler);
   pool.servers.forEach(function(sv){serverCells(sec.querySelector('tr[data-server="'+CSS.escape(sv.id)+'"]'),sv);});
   if(pool.nodes){renderNodes(sec.querySelector(".nodes"),pool);}
+  if(pool.farm&&sec.querySelector(".farm")){renderFarm(sec.querySelector(".farm"),pool.farm);}
   renderChart(sec.querySelector("svg"),sec.querySelector(".legend"),pool);
   if(pool.forecast){renderForecast(sec.querySelector("svg.forecast"),sec.querySelector(".forecast-legend"),pool.forecast);}});}
 // Warm-up: forecast nodes per slot (dashed step line) against nodes running (bars) and sessions per
@@ -187,6 +189,13 @@ function renderNodes(box,pool){var n=pool.nodes,q=pool.section?"?pool="+encodeUR
   tr.querySelector(".sessions").textContent=String(x.sessions);tr.querySelector(".total").textContent=String(x.total_sessions);
   tr.querySelector(".age").textContent=x.age_seconds===null?"–":dur(x.age_seconds);
   tr.querySelector(".memory").textContent=x.memory_bytes===null?"–":bytes(x.memory_bytes);});}
+// FARM_HOSTS: a line per farm host: its agent's link up or down, since when, the last problem, our nodes on it.
+function renderFarm(box,farm){box.textContent="";farm.forEach(function(h){var line=el("div",{"data-farm-host":h.host});
+ line.appendChild(document.createTextNode("farm host "+h.host+" "));
+ line.appendChild(el("span",{"class":"state s-"+(h.state==="up"?"up":"down")},h.state));
+ line.appendChild(document.createTextNode(" since "+new Date(h.since*1000).toLocaleTimeString()+" ("+dur(h.for_seconds)+") · "+
+  h.nodes.length+" node"+(h.nodes.length===1?"":"s")+(h.nodes.length?" ("+h.nodes.join(", ")+")":"")+
+  (h.problem?" · last problem: "+h.problem:"")));box.appendChild(line);});}
 // SCALE_TO_ZERO: "waking" with the held sessions, asleep, or the countdown to sleep.
 function renderWake(box,z){box.textContent="";if(!z){return;}
  var st=z.waking?"waking":(z.ready>0?"awake":"asleep");
