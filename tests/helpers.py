@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import time
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import ClientCreator, Protocol
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -109,3 +111,23 @@ async def login(port: int, number: int, source: str = "127.0.0.1",
     if timer.active():
         timer.cancel()
     return answered, time.monotonic() - started
+
+
+#: How a broker logs a node's pid (nodes/spawner.py) and how an agent logs a farm node's.
+NODE_PID = r"node \d+: pid (\d+):"
+FARM_NODE_PID = r"node \d+(?: \(persistent\))?: pid (\d+) on"
+
+
+def sleep(seconds: float) -> defer.Deferred[None]:
+    """A Deferred that fires after *seconds* on the global reactor."""
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+def kill_logged_groups(text: str, pattern: str = NODE_PID) -> None:
+    """SIGKILL the process group of every pid *pattern* finds in a daemon's log *text* (the nodes it
+    started: cleanup that holds even when the daemon itself was killed)."""
+    for pid in {int(p) for p in re.findall(pattern, text)}:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass

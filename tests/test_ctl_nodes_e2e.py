@@ -7,7 +7,6 @@ import os
 import random
 import re
 import json
-import signal
 import socket
 import sys
 import time
@@ -19,8 +18,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from protheus_broker.demo.children import TwistdChild, twistd_argv
 from protheus_broker.web.auth import hash_token
 
-from .helpers import ProcessTestCase
-from .test_nodes_e2e import sleep
+from .helpers import FARM_NODE_PID, ProcessTestCase, kill_logged_groups, sleep
 from .test_web_e2e import _SCREEN
 
 TOKEN = "e2e-token-0123456789-abcdef"
@@ -61,11 +59,7 @@ class CtlNodesE2ETests(ProcessTestCase):
         return broker, f"http://127.0.0.1:{match.group(1)}"
 
     def kill_nodes(self, broker: TwistdChild) -> None:
-        for pid in {int(p) for p in re.findall(r"node \d+: pid (\d+):", broker.text())}:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_logged_groups(broker.text())
 
     async def ctl(self, url: str, *argv: str) -> tuple[int, str, str]:
         started = time.monotonic()
@@ -146,11 +140,7 @@ class CtlFarmE2ETests(ProcessTestCase):
 
     timeout = 120
     def kill_nodes(self, agent: TwistdChild) -> None:
-        for pid in {int(p) for p in re.findall(r"node \d+(?: \(persistent\))?: pid (\d+) on", agent.text())}:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_logged_groups(agent.text(), FARM_NODE_PID)
 
     async def wait_for(self, child: TwistdChild, pattern: str, count: int, patience: float = 30.0) -> None:
         deadline = time.monotonic() + patience

@@ -18,8 +18,8 @@ from twisted.internet.protocol import ClientCreator, Protocol, ServerFactory
 
 from protheus_broker.demo.children import TwistdChild, twistd_argv
 
-from .helpers import ProcessTestCase
-from .test_scaling_e2e import TWISTD, TimedLogin, sleep, wait_for
+from .helpers import ProcessTestCase, sleep
+from .test_scaling_e2e import TWISTD, TimedLogin, wait_for
 
 
 def closed_port() -> int:

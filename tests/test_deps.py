@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from protheus_broker.config import parse_config
-from protheus_broker.deps.checker import DependencyCheck, DependencyRegistry, tcp_connect
+from protheus_broker.deps.checker import DependencyCheck, tcp_connect
 from protheus_broker.deps.gates import DependencyDispatcher, DependencyGate
 from protheus_broker.deps.settings import DependencyConfig
 from protheus_broker.deps.state import (ChannelDependency, DependencyDown, DependencyState, IDependency,

@@ -6,25 +6,20 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import sys
 import tempfile
 import shutil
 import time
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 
 from protheus_broker.demo.children import TwistdChild, twistd_argv
 
-from .helpers import ProcessTestCase, login
+from .helpers import FARM_NODE_PID, ProcessTestCase, kill_logged_groups, login, sleep
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
 SECRET = "farm-e2e-secret-0123456789"
-
-
-def sleep(seconds: float) -> defer.Deferred[None]:
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 class FarmE2ETests(ProcessTestCase):
@@ -49,11 +44,7 @@ class FarmE2ETests(ProcessTestCase):
         return agent
 
     def kill_nodes(self, agent: TwistdChild) -> None:
-        for pid in {int(p) for p in re.findall(r"node \d+(?: \(persistent\))?: pid (\d+) on", agent.text())}:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_logged_groups(agent.text(), FARM_NODE_PID)
 
     def broker(self, hosts: str, extra: str = "", broker_id: str = "e2e-broker") -> TwistdChild:
         path = self.write_ini(

@@ -7,7 +7,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -18,7 +17,7 @@ from twisted.web.client import Agent, readBody
 
 from protheus_broker.demo.children import TwistdChild, twistd_argv
 
-from .helpers import ProcessTestCase
+from .helpers import ProcessTestCase, kill_logged_groups
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
 _HTTP_LISTENING = re.compile(r"\[BALANCE_HTTP\] HTTP listening on 127\.0\.0\.1:(\d+)")
@@ -50,11 +49,7 @@ class HttpNodesE2ETests(ProcessTestCase):
         return broker, int(match.group(1))
 
     def kill_nodes(self, broker: TwistdChild) -> None:
-        for pid in {int(p) for p in re.findall(r"node \d+: pid (\d+):", broker.text())}:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_logged_groups(broker.text())
 
     def command(self, where: str) -> str:
         script = os.path.join(self.node_dir(), "twistd.py")

@@ -13,13 +13,13 @@ import tempfile
 import time
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.protocol import ClientCreator, Protocol
 from twisted.python.failure import Failure
 
 from protheus_broker.demo.children import TwistdChild, twistd_argv
 
-from .helpers import ProcessTestCase
+from .helpers import ProcessTestCase, kill_logged_groups, sleep
 
 #: Starts twistd with this Python (the node command's first words).
 TWISTD = "from twisted.scripts.twistd import run; run()"
@@ -45,10 +45,6 @@ def alive(pid: int) -> bool:
             return handle.read().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return False
-
-
-def sleep(seconds: float) -> defer.Deferred[None]:
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 class HeldSession(Protocol):
@@ -99,11 +95,7 @@ class NodesE2ETests(ProcessTestCase):
         return broker
 
     def kill_nodes(self, broker: TwistdChild) -> None:
-        for pid in {int(p) for p in re.findall(r"node \d+: pid (\d+):", broker.text())}:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_logged_groups(broker.text())
 
     def sim_command(self, transport: str) -> str:
         """NODE_COMMAND running the sample AppServer (a script file: ';' starts an ini comment)."""

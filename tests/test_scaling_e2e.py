@@ -7,24 +7,19 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import sys
 import time
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.protocol import ClientCreator, Protocol
 from twisted.python.failure import Failure
 
 from protheus_broker.demo.children import TwistdChild, twistd_argv
 
-from .helpers import ProcessTestCase
+from .helpers import ProcessTestCase, kill_logged_groups, sleep
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
-
-
-def sleep(seconds: float) -> defer.Deferred[None]:
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 class TimedLogin(Protocol):
@@ -84,11 +79,7 @@ class ScaleToZeroE2ETests(ProcessTestCase):
         return broker
 
     def kill_nodes(self, broker: TwistdChild) -> None:
-        for pid in {int(p) for p in re.findall(r"node \d+: pid (\d+):", broker.text())}:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_logged_groups(broker.text())
 
     async def login(self, port: int, payload: bytes) -> TimedLogin:
         """Connect and send *payload* at once (the pool may be asleep); wait for greeting + echo."""

@@ -7,24 +7,19 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import sys
 import time
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.web.client import Agent, readBody
 
 from protheus_broker.demo.children import TwistdChild, twistd_argv
 
-from .helpers import ProcessTestCase
+from .helpers import ProcessTestCase, kill_logged_groups, sleep
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
 _HTTP_LISTENING = re.compile(r"\[BALANCE_HTTP\] HTTP listening on 127\.0\.0\.1:(\d+)")
-
-
-def sleep(seconds: float) -> defer.Deferred[None]:
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 async def wait_for(broker: TwistdChild, pattern: str, count: int = 1, patience: float = 30.0) -> float:
@@ -61,11 +56,7 @@ class HttpScaleToZeroE2ETests(ProcessTestCase):
         return broker, int(match.group(1))
 
     def kill_nodes(self, broker: TwistdChild) -> None:
-        for pid in {int(p) for p in re.findall(r"node \d+: pid (\d+):", broker.text())}:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_logged_groups(broker.text())
 
     async def get(self, port: int, path: str) -> tuple[int, str, float]:
         """GET *path*: the status, the body and the seconds from sending to the whole answer."""
