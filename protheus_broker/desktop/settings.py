@@ -9,53 +9,26 @@ from typing import Mapping
 from protheus_broker.balancing.methods import SortMethod
 from protheus_broker.balancing.servers import RemoteServer
 from protheus_broker.ini import ConfigError, Section, host_and_port, parse_port
-from protheus_broker.kube.settings import KubeSettings
-from protheus_broker.nodes.manager import NodePolicy
-from protheus_broker.scaling.controller import ScaleToZeroPolicy
-from protheus_broker.scaling.forecast import WarmupPolicy
 from protheus_broker.scaling.unit_settings import read_scaling
-from protheus_broker.monitoring.settings import (AGENT_KEY_RE, MonitoringConfig, MonitoringType, read_monitoring,
-                                                 read_monitoring_type)
+from protheus_broker.monitoring.settings import (AGENT_KEY_RE, read_monitoring, read_monitoring_type)
 from protheus_broker.resume.settings import ResumeConfig, read_resume
-from protheus_broker.tls.settings import SSL_SECTION, SessionTLSConfig, session_tls_config
+from protheus_broker.tls.settings import SSL_SECTION, session_tls_config
+from protheus_broker.unit_config import UnitConfig
 
 
 DESKTOP_SECTION = "BALANCE_SMART_CLIENT_DESKTOP"
 
 
 @dataclass(frozen=True)
-class DesktopBalanceConfig:
+class DesktopBalanceConfig(UnitConfig):
     """``[BALANCE_SMART_CLIENT_DESKTOP]``: the SmartClient desktop broker."""
 
-    local_port: int
-    servers: tuple[RemoteServer, ...]
-    local_interface: str = ""
     sort_method: SortMethod = SortMethod.SERVER_MEMORY
-    monitoring_type: MonitoringType = MonitoringType.CONNECTION
-    connect_timeout: float = 5.0
-    max_sessions: int = 10000
     first_bytes_wait: float = 0.5  # FIRST_BYTES_WAIT: silent client -> plain SmartClient after this
     first_response_timeout: float = 5.0  # FIRST_RESPONSE_TIMEOUT: no AppServer byte -> replay (0: off)
-    max_pending_per_address: int = 128  # MAX_PENDING_PER_ADDRESS: not yet established, one address
-    max_pending: int = 1024  # MAX_PENDING: not yet established, all addresses
     wait_for_server: float = 0.0  # WAIT_FOR_SERVER: no server can take a session -> wait this long (0: fail at once)
-    metrics_max_age: float = 3.0
-    service_name: str = "protheus-broker"
     service_display_name: str = "protheus-broker"
-    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
-    tls: SessionTLSConfig = field(default_factory=SessionTLSConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)  # resumable sessions (connector)
-    nodes: NodePolicy | None = None  # managed AppServer nodes (NODE_COMMAND or NODES = <section>)
-    scale_to_zero: ScaleToZeroPolicy = field(default_factory=ScaleToZeroPolicy)  # SCALE_TO_ZERO etc.
-    kubernetes: KubeSettings | None = None  # KUBERNETES = <section>: a Kubernetes scaler
-    warmup: WarmupPolicy | None = None  # WARMUP=1: the scale-to-zero floor from usage history
-
-    @property
-    def effective_sort_method(self) -> SortMethod:
-        """The method actually used: SERVER_* need active monitoring, else CONNECTION (as TOTVS)."""
-        if self.sort_method.needs_metrics and not self.monitoring_type.is_active:
-            return SortMethod.CONNECTION
-        return self.sort_method
 
 
 _SERVER_KEY_RE = re.compile(r"^REMOTE_SERVER_([A-Z0-9]+)$")

@@ -10,16 +10,13 @@ from typing import Any, Mapping
 
 from protheus_broker.balancing.methods import SortMethod
 from protheus_broker.balancing.servers import RemoteServer
-from protheus_broker.nodes.manager import NodePolicy
 from protheus_broker.desktop.settings import read_sort_method
 from protheus_broker.http.capacity_settings import parse_capped_server
 from protheus_broker.ini import ConfigError, Section, host_and_port, parse_port
-from protheus_broker.kube.settings import KubeSettings
-from protheus_broker.scaling.controller import ScaleToZeroPolicy
-from protheus_broker.scaling.forecast import WarmupPolicy
 from protheus_broker.scaling.unit_settings import read_scaling
-from protheus_broker.tls.settings import SSL_SECTION, SessionTLSConfig, session_tls_config
-from protheus_broker.monitoring.settings import MonitoringConfig, MonitoringType, read_monitoring, read_monitoring_type
+from protheus_broker.tls.settings import SSL_SECTION, session_tls_config
+from protheus_broker.monitoring.settings import MonitoringType, read_monitoring, read_monitoring_type
+from protheus_broker.unit_config import UnitConfig
 
 HTTP_SECTION = "BALANCE_HTTP"
 WEB_SERVICES_SECTION = "BALANCE_WEB_SERVICES"
@@ -55,20 +52,12 @@ class LicenseGateConfig:
 
 
 @dataclass(frozen=True)
-class HttpBalanceConfig:
-    """``[BALANCE_HTTP]``: SmartClient HTML / WebApp and portals, with session affinity."""
+class HttpBalanceConfig(UnitConfig):
+    """``[BALANCE_HTTP]``: SmartClient HTML / WebApp and portals, with session affinity.  (Its
+    MAX_SESSIONS counts open client connections, each holding at most one upstream; 0 = no cap;
+    SERVER_* sort methods fall back to CONNECTION: HTTP units have no active monitoring.)"""
 
-    local_port: int
-    servers: tuple[RemoteServer, ...]
-    local_interface: str = ""
-    sort_method: SortMethod = SortMethod.CONNECTION
-    monitoring_type: MonitoringType = MonitoringType.CONNECTION
     health_path: str = ""  # HEALTH_PATH: the CONNECTION probe GETs it (2xx/3xx = up); empty = connect only
-    connect_timeout: float = 5.0
-    max_sessions: int = 10000  # MAX_SESSIONS: open client connections (each may hold one upstream); 0 = no cap
-    max_pending_per_address: int = 128  # MAX_PENDING_PER_ADDRESS: connections without a request yet
-    max_pending: int = 1024  # MAX_PENDING
-    metrics_max_age: float = 3.0
     header_timeout: float = 10.0  # HEADER_TIMEOUT (408)
     keepalive_timeout: float = 60.0  # KEEPALIVE_TIMEOUT
     max_header_bytes: int = 65536  # MAX_HEADER_BYTES (431)
@@ -83,20 +72,7 @@ class HttpBalanceConfig:
     affinity_forward_cookie: bool = False  # AFFINITY_FORWARD_COOKIE: send the cookie upstream too
     secure_cookie: bool = False  # SECURE_COOKIE: mark it Secure (behind a TLS front)
     service_name: str = "protheus-broker-http"
-    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
-    tls: SessionTLSConfig = field(default_factory=SessionTLSConfig)  # SSL_CERTIFICATE/SSL_KEY: terminate TLS
-    nodes: NodePolicy | None = None  # managed AppServer nodes (NODE_COMMAND, FARM_HOSTS or NODES = <section>)
     license: LicenseGateConfig = field(default_factory=LicenseGateConfig)  # URIS, TRUSTED_API_MANAGERS, ...
-    kubernetes: KubeSettings | None = None  # KUBERNETES = <section>: a Kubernetes scaler
-    scale_to_zero: ScaleToZeroPolicy = field(default_factory=ScaleToZeroPolicy)  # SCALE_TO_ZERO etc.
-    warmup: WarmupPolicy | None = None  # WARMUP=1: the scale-to-zero floor from usage history
-
-    @property
-    def effective_sort_method(self) -> SortMethod:
-        """SERVER_* need active monitoring, which HTTP units do not have: CONNECTION then."""
-        if self.sort_method.needs_metrics and not self.monitoring_type.is_active:
-            return SortMethod.CONNECTION
-        return self.sort_method
 
 
 @dataclass(frozen=True)
